@@ -1,0 +1,1 @@
+"""Airflow adapters for Mailroom: connections, variables, the approval gate's setup."""

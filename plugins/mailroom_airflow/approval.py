@@ -1,0 +1,44 @@
+"""The approval gate: Airflow's ApprovalOperator, with approvers resolved when the run starts.
+
+Approvers come from the run's campaign (so they cannot be known while the DAG file is parsed):
+the campaign spec, overridden by the Variable ``mailroom_approvers__<campaign>``, minus the user
+who triggered the run: nobody approves their own send.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from airflow.providers.standard.operators.hitl import ApprovalOperator
+
+from mailroom.errors import MailroomError
+from mailroom_airflow import settings
+
+
+class CampaignApprovalOperator(ApprovalOperator):
+    def __init__(self, *, prepare_task_id: str, **kwargs: Any) -> None:
+        kwargs.setdefault("defaults", ApprovalOperator.REJECT)  # a timeout counts as Reject
+        kwargs.setdefault("response_timeout", timedelta(hours=24))
+        super().__init__(**kwargs)
+        self.prepare_task_id = prepare_task_id
+
+    def execute(self, context: Any) -> Any:
+        prepared = context["ti"].xcom_pull(task_ids=self.prepare_task_id)
+        campaign = prepared["campaign"]
+        triggering_user = getattr(context["dag_run"], "triggering_user_name", None)
+        eligible = [
+            user for user in settings.approvers(campaign, list(prepared["approvers"]))
+            if user != triggering_user
+        ]
+        if not eligible:
+            raise MailroomError(
+                f"no eligible approver for campaign {campaign!r}: the approvers are "
+                f"{prepared['approvers']} and {triggering_user!r} triggered this run "
+                "(nobody may approve their own run)"
+            )
+        self.assigned_users = [{"id": user, "name": user} for user in eligible]
+        self.response_timeout = timedelta(hours=float(prepared["response_timeout_hours"]))
+        self.log.info("approval: %d eligible approver(s); triggered by %s", len(eligible),
+                      triggering_user or "unknown")
+        return super().execute(context)

@@ -1,0 +1,110 @@
+"""Everything Mailroom reads from Airflow: connections, variables and folders.
+
+Called only inside running tasks, never while a DAG file is parsed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from urllib.parse import quote
+
+from airflow.sdk import Connection, Variable
+
+from mailroom.errors import MailroomError
+from mailroom.pipeline import ProjectPaths
+from mailroom.transports.base import Transport
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SENDGRID_DEFAULT_HOST = "https://api.sendgrid.com"
+
+
+def project_paths() -> ProjectPaths:
+    return ProjectPaths.under(Path(os.environ.get("MAILROOM_INCLUDE_DIR", REPO_ROOT / "include")))
+
+
+def staging_root() -> Path:
+    default = os.environ.get("MAILROOM_STAGING_ROOT") or str(
+        Path(os.environ.get("AIRFLOW_HOME", "~/airflow")).expanduser() / "mailroom" / "staging"
+    )
+    return Path(Variable.get("mailroom_staging_root", default=default))
+
+
+def sql_url(conn_id: str) -> str:
+    """A SQLAlchemy URL for a database connection (extra ``sqlalchemy_url`` wins)."""
+    conn = _connection(conn_id)
+    extra = conn.extra_dejson or {}
+    if extra.get("sqlalchemy_url"):
+        return str(extra["sqlalchemy_url"])
+    kind = (conn.conn_type or "").lower()
+    if kind == "sqlite":
+        return f"sqlite:///{conn.host}"
+    if kind in {"postgres", "postgresql"}:
+        auth = ""
+        if conn.login:
+            auth = quote(conn.login, safe="")
+            if conn.password:
+                auth += ":" + quote(conn.password, safe="")
+            auth += "@"
+        port = f":{conn.port}" if conn.port else ""
+        return f"postgresql+psycopg2://{auth}{conn.host}{port}/{conn.schema or ''}"
+    raise MailroomError(
+        f"connection {conn_id!r} has type {kind!r}; use sqlite, postgres, or set extra.sqlalchemy_url"
+    )
+
+
+def outbox_url() -> str:
+    """The outbox database: connection ``mailroom_outbox`` if defined, else SQLite in staging."""
+    try:
+        return sql_url("mailroom_outbox")
+    except _MissingConnection:
+        path = staging_root() / "outbox.sqlite"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{path}"
+
+
+def unsubscribe_secret() -> bytes:
+    secret = Variable.get("mailroom_unsubscribe_secret", default=None)
+    if not secret:
+        raise MailroomError(
+            "Airflow Variable 'mailroom_unsubscribe_secret' is not set: it signs unsubscribe links"
+        )
+    return str(secret).encode("utf-8")
+
+
+def approvers(campaign: str, from_spec: list[str]) -> list[str]:
+    override = Variable.get(f"mailroom_approvers__{campaign}", default=None)
+    if override:
+        return [a.strip() for a in str(override).split(",") if a.strip()]
+    return from_spec
+
+
+def transport(conn_id: str, *, dry_run: bool, dry_run_dir: Path) -> Transport:
+    if dry_run:
+        from mailroom.transports.file import FileTransport
+
+        return FileTransport(dry_run_dir)
+    from mailroom.transports.sendgrid import SendGridSettings, SendGridTransport
+
+    conn = _connection(conn_id)
+    host = conn.host or SENDGRID_DEFAULT_HOST
+    if "://" not in host:
+        host = f"{conn.schema or 'https'}://{host}"
+    if conn.port and host.count(":") < 2:
+        host = f"{host}:{conn.port}"
+    timeout = float((conn.extra_dejson or {}).get("timeout", 30))
+    return SendGridTransport(SendGridSettings(api_key=conn.password or "", host=host,
+                                              timeout_seconds=timeout))
+
+
+class _MissingConnection(MailroomError):
+    pass
+
+
+def _connection(conn_id: str) -> Connection:
+    try:
+        return Connection.get(conn_id)
+    except Exception as exc:
+        if "not found" in str(exc).lower() or "isn't defined" in str(exc).lower():
+            raise _MissingConnection(f"Airflow connection {conn_id!r} is not defined") from exc
+        raise

@@ -1,0 +1,102 @@
+"""Task bodies: resolve Airflow connections and variables, then call the domain pipeline."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from mailroom import pipeline
+from mailroom.errors import MailroomError
+from mailroom.approval_summary import approval_markdown, approval_summary
+from mailroom.outbox import Outbox
+from mailroom.pipeline import Run
+from mailroom_airflow import settings
+
+log = logging.getLogger(__name__)
+
+
+def prepare(campaign: str, dry_run: bool, shard_count: int, run_id: str) -> dict[str, Any]:
+    run = pipeline.prepare_run(
+        settings.project_paths(), campaign=campaign, run_id=run_id,
+        staging_root=settings.staging_root(), shard_count=shard_count, dry_run=dry_run,
+    )
+    spec = run.spec()
+    return {**run.to_xcom(), "approvers": list(spec.approvers),
+            "response_timeout_hours": spec.response_timeout_hours}
+
+
+def extract(prepared: dict[str, Any]) -> dict[str, Any]:
+    run = Run.from_xcom(prepared)
+    conn_id = run.spec().audience.connection_id
+    return pipeline.extract(run, sql_url=settings.sql_url(conn_id) if conn_id else None)
+
+
+def validate(prepared: dict[str, Any]) -> dict[str, Any]:
+    return pipeline.validate(Run.from_xcom(prepared))
+
+
+def render(prepared: dict[str, Any]) -> dict[str, Any]:
+    return pipeline.render(Run.from_xcom(prepared), settings.project_paths())
+
+
+def build(prepared: dict[str, Any]) -> dict[str, Any]:
+    return pipeline.build(Run.from_xcom(prepared), secret=settings.unsubscribe_secret())
+
+
+def freeze(prepared: dict[str, Any]) -> dict[str, Any]:
+    outbox = Outbox(settings.outbox_url())
+    try:
+        return pipeline.freeze(Run.from_xcom(prepared), outbox=outbox)
+    finally:
+        outbox.dispose()
+
+
+def gate(prepared: dict[str, Any]) -> dict[str, Any]:
+    return pipeline.gate(Run.from_xcom(prepared), secret=settings.unsubscribe_secret())
+
+
+def summarise(prepared: dict[str, Any], triggered_by: str | None) -> str:
+    return approval_markdown(approval_summary(Run.from_xcom(prepared), triggered_by=triggered_by))
+
+
+def send(prepared: dict[str, Any], frozen: dict[str, Any], shard: int) -> dict[str, Any]:
+    run = Run.from_xcom(prepared)
+    transport = settings.transport(run.spec().connection_id, dry_run=run.dry_run,
+                                   dry_run_dir=run.staging.root / "dry_run_outbox")
+    outbox = Outbox(settings.outbox_url())
+    try:
+        return pipeline.send(run, shard=shard, manifest_sha256=frozen["manifest_sha256"],
+                             transport=transport, outbox=outbox, shard_count=len(frozen["shards"]))
+    finally:
+        outbox.dispose()
+
+
+def reconcile(prepared: dict[str, Any], approval: dict[str, Any] | None) -> dict[str, Any]:
+    run = Run.from_xcom(prepared)
+    outbox = Outbox(settings.outbox_url())
+    try:
+        report = pipeline.report(run, outbox=outbox, approval=approval_record(approval))
+    finally:
+        outbox.dispose()
+    if report["status"] not in {"sent", "rejected", "not_approved"}:
+        raise MailroomError(
+            f"campaign run ended {report['status']}: {report.get('equation') or 'nothing was sent'}; "
+            f"see {run.staging.report}"
+        )
+    return report
+
+
+def approval_record(answer: dict[str, Any] | None) -> dict[str, Any]:
+    """The approver's answer as the report states it: who, what, when, or a timeout."""
+    if not answer:
+        return {"decision": "none", "detail": "the approval gate did not complete"}
+    chosen = (answer.get("chosen_options") or [None])[0]
+    user = answer.get("responded_by_user") or {}
+    by = user.get("name") or user.get("id") if isinstance(user, dict) else None
+    if chosen == "Approve":
+        decision = "approved"
+    elif by:
+        decision = "rejected"
+    else:
+        decision = "timed_out"
+    return {"decision": decision, "by": by, "at": str(answer.get("responded_at") or "")}

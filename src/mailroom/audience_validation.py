@@ -1,0 +1,122 @@
+"""validate_audience: the Great Expectations suite on the audience snapshot.
+
+GX itself names the failing rows (by user id); those rows go to the quarantine file with the
+expectation that caught them as the reason. Above the campaign's threshold the run fails.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from mailroom.addresses import SINGLE_ADDRESS_PATTERN
+from mailroom.campaign_spec import CampaignSpec
+from mailroom.errors import ValidationFailed
+from mailroom.gx_runtime import summarise, validate_frame
+
+log = logging.getLogger(__name__)
+
+SEPARATORS_PATTERN = r"[,;\s<>\"]"
+
+
+@dataclass(frozen=True)
+class AudienceValidation:
+    total: int
+    valid: int
+    quarantined: int
+    quarantined_by_reason: dict[str, int]
+    per_locale: dict[str, int]
+    gx: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "total": self.total,
+            "valid": self.valid,
+            "quarantined": self.quarantined,
+            "quarantined_by_reason": self.quarantined_by_reason,
+            "per_locale": self.per_locale,
+            "gx": self.gx,
+        }
+
+
+def audience_expectations(spec: CampaignSpec) -> list[Any]:
+    import great_expectations.expectations as gxe
+
+    expectations: list[Any] = [
+        gxe.ExpectColumnValuesToNotBeNull(column="user_id"),
+        gxe.ExpectColumnValuesToBeUnique(column="user_id"),
+        gxe.ExpectColumnValuesToNotBeNull(column="email"),
+        gxe.ExpectColumnValuesToNotMatchRegex(column="email", regex=SEPARATORS_PATTERN),
+        gxe.ExpectColumnValuesToMatchRegex(column="email", regex=SINGLE_ADDRESS_PATTERN),
+        gxe.ExpectColumnValuesToBeUnique(column="email_key"),
+        gxe.ExpectColumnValuesToBeInSet(column="locale", value_set=list(spec.locales)),
+    ]
+    for field in spec.fields:
+        expectations.append(gxe.ExpectColumnValuesToNotBeNull(column=field))
+        expectations.append(gxe.ExpectColumnValueLengthsToBeBetween(column=field, min_value=1))
+    return expectations
+
+
+def validate_audience(
+    spec: CampaignSpec, *, snapshot: Path, valid_out: Path, quarantine_out: Path
+) -> AudienceValidation:
+    frame = pd.read_parquet(snapshot)
+    frame["email_key"] = frame["email"].str.lower()
+    result = validate_frame(
+        frame,
+        suite_name="audience",
+        expectations=audience_expectations(spec),
+        index_columns=["user_id"],
+    )
+    reasons = _reasons_by_user(result)
+    bad = frame["user_id"].isin(reasons.keys()) | frame["user_id"].isna()
+    quarantine = frame[bad].drop(columns=["email_key"]).copy()
+    quarantine["reason"] = [
+        reasons.get(uid, "user_id missing") if isinstance(uid, str) else "user_id missing"
+        for uid in quarantine["user_id"]
+    ]
+    valid = frame[~bad].drop(columns=["email_key"])
+    valid.to_parquet(valid_out, index=False)
+    quarantine.to_parquet(quarantine_out, index=False)
+
+    outcome = AudienceValidation(
+        total=len(frame),
+        valid=len(valid),
+        quarantined=len(quarantine),
+        quarantined_by_reason=quarantine["reason"].value_counts().sort_index().to_dict(),
+        per_locale=valid["locale"].value_counts().sort_index().to_dict(),
+        gx=summarise(result),
+    )
+    log.info(
+        "validate: %d rows, %d valid, %d quarantined %s",
+        outcome.total, outcome.valid, outcome.quarantined, outcome.quarantined_by_reason,
+    )
+    fraction = outcome.quarantined / outcome.total if outcome.total else 0.0
+    if outcome.total == 0:
+        raise ValidationFailed("the audience is empty: nothing to send")
+    if fraction > spec.max_invalid_fraction:
+        raise ValidationFailed(
+            f"{outcome.quarantined} of {outcome.total} recipients ({fraction:.1%}) failed "
+            f"validation, above the campaign's limit of {spec.max_invalid_fraction:.1%}: "
+            f"{outcome.quarantined_by_reason}"
+        )
+    return outcome
+
+
+def _reasons_by_user(result: Any) -> dict[str, str]:
+    """user_id → the first expectation that failed for it (uniqueness names every copy)."""
+    reasons: dict[str, str] = {}
+    for item in result.results:
+        if item.success:
+            continue
+        config = item.expectation_config
+        reason = f"{config.type}({config.kwargs.get('column')})"
+        for row in item.result.get("unexpected_index_list") or ():
+            uid = row.get("user_id")
+            if isinstance(uid, str):
+                reasons.setdefault(uid, reason)
+    return reasons

@@ -1,0 +1,230 @@
+"""The campaign's stages as functions over one run's staging directory.
+
+Each function is what one DAG task does: it reads the run's files, writes its own, and returns a
+small JSON-able dict (paths, counts, digests) for XCom. Secrets and database URLs are passed in
+by the caller, which resolves them from Airflow connections; nothing here knows about Airflow.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mailroom.audience import extract_audience
+from mailroom.audience_validation import validate_audience
+from mailroom.campaign_spec import CampaignSpec, campaign_path, load_campaign, parse_campaign
+from mailroom.content import LocaleContent, render_all
+from mailroom.envelopes import build_envelopes
+from mailroom.errors import ValidationFailed
+from mailroom.outbox import Outbox, StagedBatch
+from mailroom.payloads import Manifest, freeze_batches, load_manifest
+from mailroom.quality_gate import check_envelopes
+from mailroom.report import reconcile
+from mailroom.sending import RateLimiter, send_shard
+from mailroom.staging import RunStaging, read_json, write_json
+from mailroom.transports.base import Transport
+
+log = logging.getLogger(__name__)
+
+MAX_SHARDS = 256
+
+
+@dataclass(frozen=True)
+class ProjectPaths:
+    """Where campaign specs, templates and catalogs live (``include/`` in this repository)."""
+
+    campaigns: Path
+    templates: Path
+    translations: Path
+
+    @classmethod
+    def under(cls, include_dir: Path) -> ProjectPaths:
+        return cls(include_dir / "campaigns", include_dir / "templates", include_dir / "translations")
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run's identity and folder, rebuilt in every task from the XCom dict."""
+
+    campaign: str
+    run_id: str
+    staging: RunStaging
+    shard_count: int
+    dry_run: bool
+
+    @property
+    def run_key(self) -> str:
+        return f"{self.campaign}/{self.run_id}"
+
+    @property
+    def spec_copy(self) -> Path:
+        return self.staging.root / "campaign.yaml"
+
+    def spec(self) -> CampaignSpec:
+        import yaml
+
+        return parse_campaign(yaml.safe_load(self.spec_copy.read_text("utf-8")), source=str(self.spec_copy))
+
+    def to_xcom(self) -> dict[str, Any]:
+        return {"campaign": self.campaign, "run_id": self.run_id, "run_dir": str(self.staging.root),
+                "shard_count": self.shard_count, "dry_run": self.dry_run}
+
+    @classmethod
+    def from_xcom(cls, data: dict[str, Any]) -> Run:
+        return cls(data["campaign"], data["run_id"], RunStaging(Path(data["run_dir"])),
+                   int(data["shard_count"]), bool(data["dry_run"]))
+
+
+def prepare_run(
+    paths: ProjectPaths, *, campaign: str, run_id: str, staging_root: Path, shard_count: int,
+    dry_run: bool,
+) -> Run:
+    """Check the campaign and freeze a copy of its spec into the run folder."""
+    spec = load_campaign(paths.campaigns, campaign)
+    if not 1 <= shard_count <= MAX_SHARDS:
+        raise ValidationFailed(f"shard count must be 1..{MAX_SHARDS}, got {shard_count}")
+    staging = RunStaging.for_run(staging_root, spec.name, run_id).create()
+    run = Run(spec.name, run_id, staging, shard_count, dry_run)
+    shutil.copyfile(campaign_path(paths.campaigns, campaign), run.spec_copy)
+    log.info("prepare: campaign %s, run folder %s, %d shard(s), dry_run=%s",
+             spec.name, staging.root, shard_count, dry_run)
+    return run
+
+
+def extract(run: Run, *, sql_url: str | None) -> dict[str, Any]:
+    counts = extract_audience(run.spec(), sql_url=sql_url, snapshot=run.staging.snapshot)
+    write_json(run.staging.extract_counts, counts.to_dict())
+    return counts.to_dict()
+
+
+def validate(run: Run) -> dict[str, Any]:
+    st = run.staging
+    outcome = validate_audience(
+        run.spec(), snapshot=st.snapshot, valid_out=st.valid_audience, quarantine_out=st.quarantine
+    )
+    write_json(st.audience_validation, outcome.to_dict())
+    return {k: v for k, v in outcome.to_dict().items() if k != "gx"}
+
+
+def render(run: Run, paths: ProjectPaths) -> dict[str, Any]:
+    spec = run.spec()
+    contents = render_all(
+        paths.templates, paths.translations, spec.template, locales=spec.locales, fields=spec.fields,
+        campaign={"name": spec.name, "sender_name": spec.sender.name,
+                  "company_address": spec.company_address},
+    )
+    for locale, content in contents.items():
+        write_json(run.staging.content_file(locale), content.to_dict())
+    return {locale: {"subject": c.subject, "untranslated": len(c.untranslated)}
+            for locale, c in contents.items()}
+
+
+def load_contents(run: Run) -> dict[str, LocaleContent]:
+    return {loc: LocaleContent.from_dict(read_json(run.staging.content_file(loc)))
+            for loc in run.spec().locales}
+
+
+def build(run: Run, *, secret: bytes) -> dict[str, Any]:
+    count = build_envelopes(run.spec(), valid_audience=run.staging.valid_audience,
+                            out=run.staging.envelopes, secret=secret)
+    return {"envelopes": count}
+
+
+def freeze(run: Run, *, outbox: Outbox, build_body: Any = None) -> dict[str, Any]:
+    """Write the request bodies and manifest, and stage every batch in the outbox."""
+    import pyarrow.parquet as pq
+
+    st = run.staging
+    kwargs = {"build_body": build_body} if build_body is not None else {}
+    manifest = freeze_batches(
+        run.spec(), run_id=run.run_id, envelopes=st.envelopes, contents=load_contents(run),
+        payloads_dir=st.payloads_dir, manifest_path=st.manifest, **kwargs,
+    )
+    members = _members_by_envelope(manifest, pq.read_table(st.envelopes, columns=["email", "user_id", "locale"]))
+    outbox.stage(
+        run.run_key, manifest.sha256,
+        [StagedBatch(b.batch_id, b.index, b.locale, b.sha256, b.recipients) for b in manifest.batches],
+        members,
+    )
+    log.info("freeze: %d requests, %d recipients, manifest %s", len(manifest.batches),
+             manifest.recipients, manifest.sha256)
+    return manifest_summary(manifest, run.shard_count)
+
+
+def _members_by_envelope(manifest: Manifest, table: Any) -> list[tuple[str, str, str]]:
+    """Who each batch is for, from the envelopes (not from the bodies), in freeze order."""
+    members: list[tuple[str, str, str]] = []
+    by_locale: dict[str, list[tuple[str, str]]] = {}
+    for email, user_id, locale in zip(table["email"].to_pylist(), table["user_id"].to_pylist(),
+                                      table["locale"].to_pylist(), strict=True):
+        by_locale.setdefault(locale, []).append((email, user_id))
+    offsets: dict[str, int] = {}
+    for b in manifest.batches:
+        start = offsets.get(b.locale, 0)
+        for email, user_id in by_locale.get(b.locale, [])[start:start + b.recipients]:
+            members.append((email, user_id, b.batch_id))
+        offsets[b.locale] = start + b.recipients
+    return members
+
+
+def manifest_summary(manifest: Manifest, shard_count: int) -> dict[str, Any]:
+    shards = min(shard_count, max(len(manifest.batches), 1))
+    return {"manifest_sha256": manifest.sha256, "requests": len(manifest.batches),
+            "recipients": manifest.recipients, "per_locale": manifest.per_locale(),
+            "shards": list(range(shards))}
+
+
+def gate(run: Run, *, secret: bytes) -> dict[str, Any]:
+    st = run.staging
+    valid = read_json(st.audience_validation)["valid"]
+    result = check_envelopes(run.spec(), manifest_path=st.manifest, valid_audience=st.valid_audience,
+                             secret=secret, expected_recipients=valid)
+    write_json(st.gate_result, result.to_dict())
+    if not result.success:
+        raise ValidationFailed(
+            "the data-quality gate failed on the frozen payloads; nothing will be sent: "
+            + "; ".join(result.failures())
+        )
+    return {"success": True, "personalizations": result.personalizations, "requests": result.requests}
+
+
+def send(
+    run: Run, *, shard: int, manifest_sha256: str, transport: Transport, outbox: Outbox,
+    shard_count: int,
+) -> dict[str, Any]:
+    spec = run.spec()
+    manifest = load_manifest(run.staging.manifest, expected_sha256=manifest_sha256)
+    staged_sha = outbox.manifest_sha256(run.run_key)
+    if staged_sha != manifest_sha256:
+        raise ValidationFailed(f"the outbox holds manifest {staged_sha}, not the approved one")
+    # The campaign's rate is shared evenly by its shards.
+    share = 1.0 / shard_count
+    limiter = RateLimiter(
+        spec.rate.requests_per_second * share if spec.rate.requests_per_second else None,
+        spec.rate.recipients_per_second * share if spec.rate.recipients_per_second else None,
+    )
+    with transport:
+        return send_shard(run_key=run.run_key, manifest=manifest, payloads_dir=run.staging.payloads_dir,
+                          shard_index=shard, shard_count=shard_count, transport=transport,
+                          outbox=outbox, limiter=limiter)
+
+
+def report(run: Run, *, outbox: Outbox | None, approval: dict[str, Any]) -> dict[str, Any]:
+    st = run.staging
+    manifest = load_manifest(st.manifest) if st.manifest.exists() else None
+    result = reconcile(
+        run_key=run.run_key,
+        manifest=manifest,
+        outbox=outbox if manifest is not None else None,
+        extract_counts=read_json(st.extract_counts) if st.extract_counts.exists() else None,
+        validation=read_json(st.audience_validation) if st.audience_validation.exists() else None,
+        approval=approval,
+        quarantine=st.quarantine if st.quarantine.exists() else None,
+        not_sent_csv=st.root / "not_sent.csv",
+    )
+    write_json(st.report, result)
+    log.info("report: status %s, %s", result["status"], result.get("equation"))
+    return result

@@ -1,0 +1,32 @@
+"""A SendGrid-compatible local server, like Mailpit is for SMTP, for demos and tests.
+
+Point the official SDK at it with ``SendGridAPIClient(key, host=server.url)``; inspect what
+arrived with ``server.accepted()``, ``read_accepted(data_dir)`` or the ``/_dev`` endpoints.
+"""
+
+from mailroom.sendgrid_dev_server.errors import DevServerError
+from mailroom.sendgrid_dev_server.faults import Faults
+from mailroom.sendgrid_dev_server.rendering import apply_substitutions, render_personalization
+from mailroom.sendgrid_dev_server.server import DevServerStats, SendGridDevServer
+from mailroom.sendgrid_dev_server.store import (
+    ACCEPTED_FILE_NAME,
+    AcceptedRecord,
+    accepted_recipients,
+    read_accepted,
+)
+from mailroom.sendgrid_dev_server.validation import FieldError, validate_mail_send
+
+__all__ = [
+    "ACCEPTED_FILE_NAME",
+    "AcceptedRecord",
+    "DevServerError",
+    "DevServerStats",
+    "Faults",
+    "FieldError",
+    "SendGridDevServer",
+    "accepted_recipients",
+    "apply_substitutions",
+    "read_accepted",
+    "render_personalization",
+    "validate_mail_send",
+]

@@ -1,0 +1,178 @@
+"""send_shard: send one shard's frozen batches, each exactly once or accounted for.
+
+Before every request the shard checks for a halt, claims the batch in the outbox
+(compare-and-set), and sends the frozen bytes through a transport (which runs the envelope
+guard). Outcomes go back to the outbox; a request whose answer was lost becomes ``unknown`` and
+is never resent here.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mailroom.addresses import mask_addresses
+from mailroom.envelope_guard import ApprovedManifest
+from mailroom.errors import EnvelopeViolation, TransportError
+from mailroom.outbox import FAILED, SENT, UNKNOWN, Outbox
+from mailroom.payloads import BatchEntry, Manifest
+from mailroom.transports.base import Transport
+
+log = logging.getLogger(__name__)
+
+
+class RateLimiter:
+    """A token bucket over requests and recipients per second (``None`` = unlimited)."""
+
+    def __init__(
+        self,
+        requests_per_second: float | None,
+        recipients_per_second: float | None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.rates = (requests_per_second, recipients_per_second)
+        self._clock, self._sleep = clock, sleep
+        self._next = [clock(), clock()]
+        self._lock = threading.Lock()
+
+    def acquire(self, recipients: int) -> None:
+        with self._lock:
+            now = self._clock()
+            wait = 0.0
+            for i, (rate, cost) in enumerate(zip(self.rates, (1, recipients), strict=True)):
+                if rate is None:
+                    continue
+                start = max(now, self._next[i])
+                self._next[i] = start + cost / rate
+                wait = max(wait, start - now)
+        if wait > 0:
+            self._sleep(wait)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int = 5
+    base_delay: float = 0.5
+    max_delay: float = 30.0
+
+    def delay(self, attempt: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            return min(max(retry_after, 0.0), self.max_delay)
+        backoff = min(self.max_delay, self.base_delay * 2 ** (attempt - 1))
+        return random.uniform(backoff / 2, backoff)  # noqa: S311 - jitter, not security
+
+
+@dataclass
+class ShardProgress:
+    total: int
+    started: float = field(default_factory=time.monotonic)
+    done: int = 0
+    recipients_sent: int = 0
+    skipped: int = 0
+    states: dict[str, int] = field(default_factory=dict)
+
+    def record(self, state: str, recipients: int) -> None:
+        self.done += 1
+        self.states[state] = self.states.get(state, 0) + 1
+        if state == SENT:
+            self.recipients_sent += recipients
+
+    def line(self) -> str:
+        elapsed = max(time.monotonic() - self.started, 1e-6)
+        rate = self.done / elapsed
+        remaining = self.total - self.done - self.skipped
+        eta = remaining / rate if rate > 0 else float("inf")
+        return (
+            f"batches {self.done + self.skipped}/{self.total}, recipients sent {self.recipients_sent}, "
+            f"{rate:.1f} req/s, {self.recipients_sent / elapsed:.0f} recipients/s, ETA {eta:.0f}s, "
+            f"states {self.states}"
+        )
+
+
+def send_shard(
+    *,
+    run_key: str,
+    manifest: Manifest,
+    payloads_dir: Path,
+    shard_index: int,
+    shard_count: int,
+    transport: Transport,
+    outbox: Outbox,
+    limiter: RateLimiter,
+    retry: RetryPolicy = RetryPolicy(),
+    log_every: int = 10,
+) -> dict[str, Any]:
+    """Send this shard's batches; returns counts per final state for this shard."""
+    mine = manifest.shard(shard_index, shard_count)
+    approved = ApprovedManifest(manifest.sha256, manifest.digests)
+    interrupted = outbox.mark_interrupted(run_key, [b.batch_id for b in mine])
+    if interrupted:
+        log.warning("shard %d: %d batch(es) were interrupted mid-request: now 'unknown'",
+                    shard_index, interrupted)
+    progress = ShardProgress(total=len(mine))
+    log.info("shard %d/%d: %d batches, %d recipients", shard_index, shard_count, len(mine),
+             sum(b.recipients for b in mine))
+    for position, entry in enumerate(mine):
+        if outbox.halt_requested(run_key):
+            halted = outbox.halt_remaining(run_key, [b.batch_id for b in mine[position:]])
+            log.warning("shard %d: halt requested, %d batch(es) left 'halted'", shard_index, halted)
+            break
+        if not outbox.claim(run_key, entry.batch_id):
+            progress.skipped += 1
+            continue
+        state = _send_batch(run_key, entry, payloads_dir, approved, transport, outbox, limiter, retry)
+        progress.record(state, entry.recipients)
+        if progress.done % log_every == 0 or position == len(mine) - 1:
+            log.info("shard %d: %s", shard_index, progress.line())
+    states = outbox.states(run_key, [b.batch_id for b in mine])
+    summary: dict[str, int] = {}
+    for st in states.values():
+        summary[st.state] = summary.get(st.state, 0) + 1
+    return {"shard": shard_index, "batches": len(mine), "states": summary,
+            "recipients_sent": progress.recipients_sent, "skipped_already_done": progress.skipped}
+
+
+def _send_batch(
+    run_key: str,
+    entry: BatchEntry,
+    payloads_dir: Path,
+    approved: ApprovedManifest,
+    transport: Transport,
+    outbox: Outbox,
+    limiter: RateLimiter,
+    retry: RetryPolicy,
+) -> str:
+    body = (payloads_dir / entry.file).read_bytes()
+    members = outbox.batch_members(run_key, entry.batch_id)
+    attempt = 0
+    while True:
+        attempt += 1
+        limiter.acquire(entry.recipients)
+        try:
+            delivery = transport.send(body, approved, expected_recipients=members)
+        except EnvelopeViolation as exc:
+            outbox.finish(run_key, entry.batch_id, FAILED, error=f"envelope guard: {exc}")
+            raise
+        except TransportError as exc:
+            message = mask_addresses(str(exc))
+            if exc.outcome_unknown:
+                outbox.finish(run_key, entry.batch_id, UNKNOWN, error=message)
+                log.warning("batch %s: outcome unknown (%s); not resending", entry.batch_id, message)
+                return UNKNOWN
+            if exc.retryable and attempt < retry.max_attempts:
+                pause = retry.delay(attempt, exc.retry_after)
+                log.warning("batch %s: %s; retry %d in %.1fs", entry.batch_id, message, attempt, pause)
+                time.sleep(pause)
+                continue
+            outbox.finish(run_key, entry.batch_id, FAILED, error=message)
+            log.error("batch %s: failed after %d attempt(s): %s", entry.batch_id, attempt, message)
+            return FAILED
+        outbox.finish(run_key, entry.batch_id, SENT, message_id=delivery.message_id)
+        return SENT

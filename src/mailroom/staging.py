@@ -1,0 +1,96 @@
+"""The staging area: where one run's files live between tasks.
+
+Tasks hand each other a run directory (a path in XCom), never data. Every file a stage writes
+has one fixed place here, so any later stage, the approver's summary and an operator can find it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class RunStaging:
+    root: Path
+
+    @classmethod
+    def for_run(cls, staging_root: Path, campaign: str, run_id: str) -> RunStaging:
+        safe_run = re.sub(r"[^A-Za-z0-9._-]+", "_", run_id).strip("_") or "run"
+        return cls(staging_root / campaign / safe_run)
+
+    def create(self) -> RunStaging:
+        for folder in (self.audience_dir, self.content_dir, self.payloads_dir, self.gate_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        return self
+
+    @property
+    def audience_dir(self) -> Path:
+        return self.root / "audience"
+
+    @property
+    def snapshot(self) -> Path:
+        return self.audience_dir / "snapshot.parquet"
+
+    @property
+    def valid_audience(self) -> Path:
+        return self.audience_dir / "valid.parquet"
+
+    @property
+    def quarantine(self) -> Path:
+        return self.audience_dir / "quarantine.parquet"
+
+    @property
+    def extract_counts(self) -> Path:
+        return self.audience_dir / "extract.json"
+
+    @property
+    def audience_validation(self) -> Path:
+        return self.audience_dir / "validation.json"
+
+    @property
+    def content_dir(self) -> Path:
+        return self.root / "content"
+
+    def content_file(self, locale: str) -> Path:
+        return self.content_dir / f"{locale}.json"
+
+    @property
+    def envelopes(self) -> Path:
+        return self.root / "envelopes.parquet"
+
+    @property
+    def payloads_dir(self) -> Path:
+        return self.root / "payloads"
+
+    @property
+    def manifest(self) -> Path:
+        return self.payloads_dir / "manifest.json"
+
+    @property
+    def gate_dir(self) -> Path:
+        return self.root / "gate"
+
+    @property
+    def gate_result(self) -> Path:
+        return self.gate_dir / "result.json"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.json"
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Write atomically: a reader never sees half a file, even if the task is killed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2, sort_keys=True, default=str), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))

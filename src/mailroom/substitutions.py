@@ -1,0 +1,26 @@
+"""Substitution tags: the per-recipient holes left in content rendered once per locale.
+
+Content is rendered once per locale; every per-recipient value stays a tag that the provider
+fills from the recipient's own personalization. A field has two tags: the HTML one carries the
+HTML-escaped value, the plain one the raw value (for the subject and the text part).
+"""
+
+import re
+
+TAG_PATTERN = re.compile(r"%%([A-Za-z_][A-Za-z0-9_]*)(\|html)?%%")
+# Anything that looks like a tag or a Jinja marker, even a malformed one, is suspect in output.
+LEFTOVER_MARKER = re.compile(r"%%|\{\{|\}\}|\{%|%\}|\{#|#\}")
+
+UNSUBSCRIBE_FIELD = "unsubscribe_url"
+
+
+def substitution_tag(field: str, *, html: bool) -> str:
+    """The tag that stands for ``field`` in the HTML part (``html=True``) or elsewhere."""
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", field):
+        raise ValueError(f"not a valid substitution field name: {field!r}")
+    return f"%%{field}|html%%" if html else f"%%{field}%%"
+
+
+def tags_in(text: str) -> set[str]:
+    """Every substitution tag that occurs in ``text``."""
+    return {m.group(0) for m in TAG_PATTERN.finditer(text)}

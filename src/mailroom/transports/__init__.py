@@ -1,0 +1,5 @@
+"""Transports: one interface, several implementations chosen by name."""
+
+from mailroom.transports.base import Delivery, Transport
+
+__all__ = ["Delivery", "Transport"]
