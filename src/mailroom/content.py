@@ -23,7 +23,7 @@ from typing import Any
 
 import css_inline
 from babel import Locale, UnknownLocaleError
-from babel.messages.catalog import Catalog
+from babel.messages.catalog import Catalog, Message
 from babel.messages.mofile import write_mo
 from babel.messages.pofile import PoFileError, read_po
 from babel.support import Translations
@@ -102,8 +102,9 @@ class LocaleContent:
         expected = {"locale", "subject", "html", "text", "untranslated"}
         if not isinstance(data, Mapping) or set(data) != expected:
             keys = sorted(data) if isinstance(data, Mapping) else type(data).__name__
-            raise ContentError(f"not a rendered locale content: expected keys {sorted(expected)},"
-                               f" got {keys}")
+            raise ContentError(
+                f"not a rendered locale content: expected keys {sorted(expected)}, got {keys}"
+            )
         for key in ("locale", "subject", "html", "text"):
             if not isinstance(data[key], str):
                 raise ContentError(f"rendered locale content: {key!r} must be a string")
@@ -339,7 +340,7 @@ def _load_translations(
     return Translations(fp=buffer, domain=CATALOG_DOMAIN), _untranslated(catalog)
 
 
-def _msgid(message: Any) -> str:
+def _msgid(message: Message) -> str:
     return message.id if isinstance(message.id, str) else message.id[0]
 
 
@@ -348,7 +349,7 @@ def _untranslated(catalog: Catalog) -> list[str]:
     for message in catalog:
         if not message.id:  # the header
             continue
-        strings = [message.string] if isinstance(message.string, str) else message.string
+        strings = message.string if isinstance(message.string, tuple) else (message.string,)
         if message.fuzzy or not all(strings):
             result.append(_msgid(message))
     return result

@@ -12,6 +12,7 @@ import hmac
 import html
 import json
 import logging
+import selectors
 import socket
 import socketserver
 import threading
@@ -524,7 +525,28 @@ class _DevHTTPServer(ThreadingHTTPServer):
             self.address_family = socket.AF_INET6
         self._connections: set[socket.socket] = set()
         self._connections_changed = threading.Condition()
+        self._wake_reader, self._wake_writer = socket.socketpair()
         super().__init__(address, _RequestHandler)
+
+    def serve_until_woken(self) -> None:
+        """Accept connections until ``wake``; unlike ``serve_forever`` it never polls, so an
+        idle server costs nothing and stopping is immediate."""
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.socket, selectors.EVENT_READ)
+            selector.register(self._wake_reader, selectors.EVENT_READ)
+            while True:
+                ready = {key.fileobj for key, _ in selector.select()}
+                if self._wake_reader in ready:
+                    return
+                self.handle_request()
+
+    def wake(self) -> None:
+        self._wake_writer.send(b"\0")
+
+    def server_close(self) -> None:
+        super().server_close()
+        self._wake_reader.close()
+        self._wake_writer.close()
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind does a reverse DNS lookup of the host, which can stall startup.
@@ -595,8 +617,7 @@ class SendGridDevServer:
             self._store.close()
             raise
         self._thread = threading.Thread(
-            target=self._httpd.serve_forever,
-            kwargs={"poll_interval": 0.1},
+            target=self._httpd.serve_until_woken,
             name="sendgrid-dev-server",
             daemon=True,
         )
@@ -607,7 +628,7 @@ class SendGridDevServer:
         httpd, thread = self._httpd, self._thread
         if httpd is None or thread is None:
             return
-        httpd.shutdown()
+        httpd.wake()
         thread.join()
         httpd.close_connections(STOP_GRACE_SECONDS)
         httpd.server_close()

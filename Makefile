@@ -1,0 +1,67 @@
+# Mailroom: `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+PYTEST := $(BIN)/python -m pytest
+USERS ?= 10000
+export PYTHONPATH := $(CURDIR)/src:$(CURDIR)/plugins:$(CURDIR)/dags
+
+.DEFAULT_GOAL := help
+.PHONY: help venv demo test test-unit test-dag test-integration test-e2e lint typecheck check lock translations dev-server clean
+
+help: ## List the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(STAMP): requirements.txt pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip 2> >(grep -v "is ignored: it is neither" >&2)
+	$(BIN)/python -m pip install --quiet -r requirements.txt 2> >(grep -v "is ignored: it is neither" >&2)
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e . 2> >(grep -v "is ignored: it is neither" >&2)
+	$(BIN)/python -m pip check
+	@touch $@
+
+venv: $(STAMP) ## Create .venv from the pinned lock (requirements.txt)
+
+demo: $(STAMP) ## Run the example campaign end to end on SQLite (YES=1 approves without asking, USERS=N)
+	$(BIN)/mailroom demo --users $(USERS) $(if $(YES),--yes) $(if $(SENDGRID_API_HOST),--sendgrid-api-host $(SENDGRID_API_HOST))
+
+test: $(STAMP) ## All test tiers: unit, DAG integrity, integration (dag.test), end-to-end (real Airflow)
+	$(PYTEST) -m "unit or dag" -q
+	$(PYTEST) -m integration -q
+	$(PYTEST) -m e2e -q
+
+test-unit: $(STAMP) ## Domain package only, no Airflow
+	$(PYTEST) -m unit -q
+
+test-dag: $(STAMP) ## DAG integrity: imports, no connections at parse time, policy
+	$(PYTEST) -m dag -q
+
+test-integration: $(STAMP) ## The whole DAG through dag.test() against the local SendGrid-compatible server
+	$(PYTEST) -m integration -q
+
+test-e2e: $(STAMP) ## Real Airflow processes and REST approval: the non-interactive demo path
+	$(PYTEST) -m e2e -q
+
+lint: $(STAMP) ## ruff check and format check (never rewrites)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP) ## mypy on the domain package
+	$(BIN)/mypy src
+
+check: lint typecheck ## Lint and type checks
+
+lock: ## Recompile requirements.txt from requirements.in
+	$(BIN)/pip-compile --quiet --no-header --strip-extras --no-emit-index-url --no-emit-find-links -o requirements.txt requirements.in
+
+translations: $(STAMP) ## Re-extract messages and update every locale's catalog
+	$(BIN)/pybabel extract -F babel.cfg -o include/translations/messages.pot --no-location --sort-output include/templates
+	$(BIN)/pybabel update -i include/translations/messages.pot -d include/translations -D messages --no-fuzzy-matching
+
+dev-server: $(STAMP) ## Start the SendGrid-compatible dev server on :3030 (records to var/sendgrid-dev)
+	$(BIN)/mailroom-sendgrid-dev --port 3030 --data-dir var/sendgrid-dev
+
+clean: ## Remove the virtualenv, the demo's Airflow home and staging
+	rm -rf $(VENV) .airflow var

@@ -1,0 +1,1 @@
+"""The ``mailroom`` command: the demo, and operator and approver commands."""

@@ -1,0 +1,166 @@
+"""A project-local Airflow on the embedded default: SQLite, LocalExecutor, real processes.
+
+It writes nothing outside its home folder, starts api-server, scheduler and dag-processor as
+child processes in their own process groups, and stops all of them on exit or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+USERS = {"analyst": "user", "approver": "user", "admin": "admin"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class LocalAirflow:
+    repo: Path
+    home: Path
+    port: int = 28080
+    parallelism: int = 4
+    extra_env: dict[str, str] = field(default_factory=dict)
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def passwords_file(self) -> Path:
+        return self.home / "passwords.json"
+
+    def passwords(self) -> dict[str, str]:
+        if not self.passwords_file.exists():
+            self.home.mkdir(parents=True, exist_ok=True)
+            values = {user: secrets.token_urlsafe(12) for user in USERS}
+            self.passwords_file.write_text(json.dumps(values, indent=2))
+            self.passwords_file.chmod(0o600)
+        return dict(json.loads(self.passwords_file.read_text()))
+
+    def env(self) -> dict[str, str]:
+        secret_file = self.home / "secret_key"
+        if not secret_file.exists():
+            self.home.mkdir(parents=True, exist_ok=True)
+            secret_file.write_text(secrets.token_urlsafe(32))
+        secret = secret_file.read_text().strip()
+        self.passwords()
+        bin_dir = str(Path(sys.executable).parent)
+        env = {
+            **os.environ,
+            "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}",
+            "AIRFLOW_HOME": str(self.home),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(self.repo / "dags"),
+            "AIRFLOW__CORE__PLUGINS_FOLDER": str(self.repo / "plugins"),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            "AIRFLOW__CORE__PARALLELISM": str(self.parallelism),
+            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{self.home / 'airflow.db'}",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": ",".join(f"{u}:{r}" for u, r in USERS.items()),
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(self.passwords_file),
+            "AIRFLOW__API__PORT": str(self.port),
+            "AIRFLOW__API__HOST": "127.0.0.1",
+            "AIRFLOW__API__BASE_URL": self.url,
+            "AIRFLOW__API__SECRET_KEY": secret,
+            "AIRFLOW__API_AUTH__JWT_SECRET": secret,
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.url}/execution/",
+            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+            "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "5",
+            "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
+            "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
+            "PYTHONPATH": os.pathsep.join(
+                [str(self.repo / "src"), str(self.repo / "plugins"), os.environ.get("PYTHONPATH", "")]
+            ),
+            "GX_ANALYTICS_ENABLED": "False",
+            "NO_PROXY": "127.0.0.1,localhost",
+            **self.extra_env,
+        }
+        return env
+
+    def airflow(self, *args: str, timeout: float = 300) -> str:
+        result = subprocess.run(
+            ["airflow", *args], env=self.env(), capture_output=True, text=True, timeout=timeout,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"airflow {' '.join(args)} failed:\n{result.stderr[-3000:]}")
+        return result.stdout
+
+    def migrate(self) -> None:
+        self.airflow("db", "migrate")
+
+    def import_connections(self, connections: dict[str, dict[str, object]]) -> None:
+        path = self.home / "connections.json"
+        path.write_text(json.dumps(connections, indent=2))
+        path.chmod(0o600)
+        self.airflow("connections", "import", "--overwrite", str(path))
+
+    def import_variables(self, variables: dict[str, str]) -> None:
+        path = self.home / "variables.json"
+        path.write_text(json.dumps(variables, indent=2))
+        path.chmod(0o600)
+        self.airflow("variables", "import", "--action-on-existing-key", "overwrite", str(path))
+
+    def start(self, components: tuple[str, ...] = ("api-server", "scheduler", "dag-processor")) -> None:
+        logs = self.home / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        for component in components:
+            args = ["airflow", component]
+            if component == "api-server":
+                args += ["--port", str(self.port), "--host", "127.0.0.1"]
+            out = (logs / f"{component}.out").open("ab")
+            self.processes.append(
+                subprocess.Popen(args, env=self.env(), stdout=out, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+            )
+
+    def wait_healthy(self, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for proc in self.processes:
+                if proc.poll() is not None:
+                    raise RuntimeError(
+                        f"{' '.join(map(str, proc.args))} exited with {proc.returncode}; "  # type: ignore[arg-type]
+                        f"see {self.home / 'logs'}"
+                    )
+            try:
+                if requests.get(f"{self.url}/api/v2/monitor/health", timeout=2).ok:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(1)
+        raise RuntimeError(f"Airflow API did not answer within {timeout:.0f}s; see {self.home / 'logs'}")
+
+    def stop(self) -> None:
+        for proc in self.processes:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        for proc in self.processes:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        self.processes.clear()
+
+    def reset(self) -> None:
+        self.stop()
+        shutil.rmtree(self.home, ignore_errors=True)

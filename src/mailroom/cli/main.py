@@ -1,0 +1,48 @@
+"""``mailroom``: the command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+
+def _repo_root() -> Path:
+    return Path(os.environ.get("MAILROOM_REPO", Path(__file__).resolve().parents[3]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mailroom", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="run the example campaign end to end on a local Airflow")
+    demo.add_argument("--users", type=int, default=10_000, help="sample audience size")
+    demo.add_argument("--yes", action="store_true", help="approve without asking, then exit")
+    demo.add_argument("--sendgrid-api-host", help="send to this SendGrid-compatible endpoint")
+    demo.add_argument("--keep-running", action="store_true",
+                      help="keep Airflow up after the report (default when asking interactively)")
+    demo.add_argument("--shards", type=int, default=2)
+
+    sample = sub.add_parser("sample-audience", help="write the deterministic sample users database")
+    sample.add_argument("path", type=Path)
+    sample.add_argument("--users", type=int, default=10_000)
+
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        from mailroom.cli.demo import Demo
+
+        keep = args.keep_running or not args.yes
+        return Demo(_repo_root(), users=args.users, yes=args.yes,
+                    sendgrid_api_host=args.sendgrid_api_host, keep_running=keep,
+                    shards=args.shards).run()
+    if args.command == "sample-audience":
+        from mailroom.sample_audience import generate
+
+        result = generate(args.path, users=args.users)
+        print(f"{result.path}: {result.users} users, {len(result.expected)} should receive mail")
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,15 @@
+"""Every test belongs to exactly one tier; collection fails for a test without one."""
+
+from __future__ import annotations
+
+import pytest
+
+TIERS = {"unit", "dag", "integration", "e2e"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    unmarked = [item.nodeid for item in items if not TIERS & {m.name for m in item.iter_markers()}]
+    if unmarked:
+        raise pytest.UsageError(
+            "tests without a tier marker (unit, dag, integration, e2e): " + ", ".join(unmarked[:10])
+        )
