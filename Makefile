@@ -57,8 +57,10 @@ lock: ## Recompile requirements.txt from requirements.in
 	$(BIN)/pip-compile --quiet --no-header --strip-extras --no-emit-index-url --no-emit-find-links -o requirements.txt requirements.in
 
 translations: $(STAMP) ## Re-extract messages and update every locale's catalog
-	$(BIN)/pybabel extract -F babel.cfg -o include/translations/messages.pot --no-location --sort-output include/templates
-	$(BIN)/pybabel update -i include/translations/messages.pot -d include/translations -D messages --no-fuzzy-matching
+	$(BIN)/pybabel extract -F babel.cfg --ignore-dirs='.* __pycache__ var .venv .airflow' -c TRANSLATORS: \
+		--no-location --sort-output --project=Mailroom -o include/translations/messages.pot .
+	$(BIN)/pybabel update -i include/translations/messages.pot -d include/translations -D messages \
+		--no-fuzzy-matching --ignore-obsolete
 
 dev-server: $(STAMP) ## Start the SendGrid-compatible dev server on :3030 (records to var/sendgrid-dev)
 	$(BIN)/mailroom-sendgrid-dev --port 3030 --data-dir var/sendgrid-dev

@@ -75,6 +75,10 @@ def mailroom_campaign() -> None:
     def summarise(prepared: dict, _checked: dict) -> str:
         return stages.summarise(prepared, get_current_context()["dag_run"].triggering_user_name)
 
+    @task
+    def plan_shards(frozen: dict) -> list[int]:
+        return list(frozen["shards"])
+
     @task(retries=2, map_index_template="{{ shard_label }}")
     def send_shard(prepared: dict, frozen: dict, shard: int) -> dict:
         get_current_context()["shard_label"] = f"shard {shard + 1} of {len(frozen['shards'])}"
@@ -96,7 +100,7 @@ def mailroom_campaign() -> None:
         subject="Send campaign {{ ti.xcom_pull(task_ids='prepare')['campaign'] }}?",
         body="{{ ti.xcom_pull(task_ids='summarise') }}",
     )
-    sent = send_shard.partial(prepared=prepared, frozen=frozen).expand(shard=frozen["shards"])
+    sent = send_shard.partial(prepared=prepared, frozen=frozen).expand(shard=plan_shards(frozen))
     summary >> approve >> sent
     sent >> reconcile(prepared)
 

@@ -196,9 +196,10 @@ def render_locale(
             f"{template}/{SUBJECT_TEMPLATE} (locale {locale}): the subject must be one line, got "
             f"{subject!r}"
         )
-    html = _inline_css(
-        render(HTML_TEMPLATE, html=True), f"{template}/{HTML_TEMPLATE} (locale {locale})"
-    )
+    html_where = f"{template}/{HTML_TEMPLATE} (locale {locale})"
+    html = _inline_css(render(HTML_TEMPLATE, html=True), html_where)
+    # Checked again after inlining, because what ships is the inliner's serialization.
+    _check_output(html_where, html, allowed[True], html=True)
     text = _tidy_text(render(TEXT_TEMPLATE, html=False))
     return LocaleContent(
         locale=locale,

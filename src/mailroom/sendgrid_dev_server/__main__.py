@@ -33,17 +33,40 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="0 picks a free port")
     parser.add_argument(
-        "--data-dir", type=Path, help="append accepted requests to DIR/accepted.jsonl"
+        "--data-dir",
+        type=Path,
+        metavar="DIR",
+        help="append accepted requests to DIR/accepted.jsonl (default: memory only)",
     )
     parser.add_argument(
-        "--api-key", help="the only bearer token accepted (default: any non-empty one)"
+        "--api-key",
+        metavar="KEY",
+        help="the only bearer token accepted (default: any non-empty one)",
     )
     faults = parser.add_argument_group("fault injection (0 = off)")
-    faults.add_argument("--status-429-every", type=int, default=0, metavar="N")
-    faults.add_argument("--status-5xx-every", type=int, default=0, metavar="N")
-    faults.add_argument("--delay-seconds", type=float, default=0.0, metavar="S")
-    faults.add_argument("--drop-after-accept-every", type=int, default=0, metavar="N")
-    faults.add_argument("--max-requests-per-second", type=float, default=0.0, metavar="R")
+    faults.add_argument(
+        "--status-429-every", type=int, default=0, metavar="N", help="every Nth request: 429"
+    )
+    faults.add_argument(
+        "--status-5xx-every", type=int, default=0, metavar="N", help="every Nth: 500/502/503"
+    )
+    faults.add_argument(
+        "--delay-seconds", type=float, default=0.0, metavar="S", help="wait S before answering"
+    )
+    faults.add_argument(
+        "--drop-after-accept-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="every Nth: record it, then close without answering",
+    )
+    faults.add_argument(
+        "--max-requests-per-second",
+        type=float,
+        default=0.0,
+        metavar="R",
+        help="answer 429 above R requests per second",
+    )
     faults.add_argument(
         "--retry-after-seconds", type=int, default=1, metavar="S", help="Retry-After of a 429"
     )

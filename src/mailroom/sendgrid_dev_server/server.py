@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Literal, Self
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from mailroom.sendgrid_dev_server.errors import DevServerError
@@ -81,6 +81,17 @@ class DevServerStats:
         return asdict(self)
 
 
+_CountedOutcome = Literal[
+    "rejected",
+    "unauthorized",
+    "sandbox",
+    "rate_limited",
+    "status_429_injected",
+    "dropped_after_accept",
+    "delayed",
+]
+
+
 class _TrafficState:
     """Counters, fault settings and rate ceiling shared by every handler thread."""
 
@@ -104,7 +115,7 @@ class _TrafficState:
             self._stats.received += 1
             return self._stats.received, self._faults, self._ceiling
 
-    def count(self, outcome: str) -> None:
+    def count(self, outcome: _CountedOutcome) -> None:
         with self._lock:
             setattr(self._stats, outcome, getattr(self._stats, outcome) + 1)
 
@@ -292,7 +303,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
     def _read_dev_body(self) -> bytes | None:
         length = self._content_length()
         if length is None:
-            self._send_json(411, _error_body("a Content-Length header is required"))
+            self._send_json(411, _error_body("a valid Content-Length header is required"))
             return None
         if length > MAX_DEV_REQUEST_BYTES:
             self.close_connection = True
@@ -315,7 +326,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
         length = self._content_length()
         if length is None:
             traffic.count("rejected")
-            self._send_json(411, _error_body("a Content-Length header is required"))
+            self._send_json(411, _error_body("a valid Content-Length header is required"))
             return
         if length >= MAX_REQUEST_BYTES:
             traffic.count("rejected")
@@ -355,7 +366,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
 
         try:
             body = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             traffic.count("rejected")
             self._send_json(400, _error_body("Bad Request: the body is not valid JSON"))
             return
