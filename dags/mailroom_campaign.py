@@ -10,8 +10,8 @@ import os
 from pathlib import Path
 
 import pendulum
-
 from airflow.sdk import Param, dag, get_current_context, task
+
 from mailroom_airflow import stages
 from mailroom_airflow.approval import CampaignApprovalOperator
 
@@ -31,13 +31,23 @@ CAMPAIGNS = sorted(p.stem for p in (_CAMPAIGNS_DIR / "campaigns").glob("*.yaml")
     default_args={"owner": "mailroom", "retries": 0},
     params={
         "campaign": Param(
-            CAMPAIGNS[0] if CAMPAIGNS else "", type="string", enum=CAMPAIGNS or None,
+            CAMPAIGNS[0] if CAMPAIGNS else "",
+            type="string",
+            enum=CAMPAIGNS or None,
             description="Campaign spec from include/campaigns/",
         ),
-        "dry_run": Param(False, type="boolean",
-                         description="Write the approved requests to files instead of sending"),
-        "shards": Param(4, type="integer", minimum=1, maximum=256,
-                        description="Parallel send tasks (each owns a fixed slice of the batches)"),
+        "dry_run": Param(
+            False,
+            type="boolean",
+            description="Write the approved requests to files instead of sending",
+        ),
+        "shards": Param(
+            4,
+            type="integer",
+            minimum=1,
+            maximum=256,
+            description="Parallel send tasks (each owns a fixed slice of the batches)",
+        ),
     },
 )
 def mailroom_campaign() -> None:
@@ -86,8 +96,7 @@ def mailroom_campaign() -> None:
 
     @task(trigger_rule="all_done")
     def reconcile(prepared: dict) -> dict:
-        answer = get_current_context()["ti"].xcom_pull(task_ids="approve")
-        return stages.reconcile(prepared, answer)
+        return stages.reconcile(prepared)
 
     prepared = prepare()
     validated = validate_audience(prepared, extract_audience(prepared))

@@ -13,7 +13,7 @@ from typing import Any
 from airflow.providers.standard.operators.hitl import ApprovalOperator
 
 from mailroom.errors import MailroomError
-from mailroom_airflow import settings
+from mailroom_airflow import settings, stages
 
 
 class CampaignApprovalOperator(ApprovalOperator):
@@ -28,7 +28,8 @@ class CampaignApprovalOperator(ApprovalOperator):
         campaign = prepared["campaign"]
         triggering_user = getattr(context["dag_run"], "triggering_user_name", None)
         eligible = [
-            user for user in settings.approvers(campaign, list(prepared["approvers"]))
+            user
+            for user in settings.approvers(campaign, list(prepared["approvers"]))
             if user != triggering_user
         ]
         if not eligible:
@@ -39,6 +40,16 @@ class CampaignApprovalOperator(ApprovalOperator):
             )
         self.assigned_users = [{"id": user, "name": user} for user in eligible]
         self.response_timeout = timedelta(hours=float(prepared["response_timeout_hours"]))
-        self.log.info("approval: %d eligible approver(s); triggered by %s", len(eligible),
-                      triggering_user or "unknown")
+        self.log.info(
+            "approval: %d eligible approver(s); triggered by %s",
+            len(eligible),
+            triggering_user or "unknown",
+        )
         return super().execute(context)
+
+    def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
+        # The answer goes into the run's folder first, so the report states who decided what and
+        # when, whatever the operator does next (skip, fail, or carry on).
+        prepared = context["ti"].xcom_pull(task_ids=self.prepare_task_id)
+        stages.record_approval(prepared, event)
+        return super().execute_complete(context, event)

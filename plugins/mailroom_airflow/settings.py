@@ -49,7 +49,8 @@ def sql_url(conn_id: str) -> str:
         port = f":{conn.port}" if conn.port else ""
         return f"postgresql+psycopg2://{auth}{conn.host}{port}/{conn.schema or ''}"
     raise MailroomError(
-        f"connection {conn_id!r} has type {kind!r}; use sqlite, postgres, or set extra.sqlalchemy_url"
+        f"connection {conn_id!r} has type {kind!r}; "
+        "use sqlite, postgres, or set extra.sqlalchemy_url"
     )
 
 
@@ -93,8 +94,9 @@ def transport(conn_id: str, *, dry_run: bool, dry_run_dir: Path) -> Transport:
     if conn.port and host.count(":") < 2:
         host = f"{host}:{conn.port}"
     timeout = float((conn.extra_dejson or {}).get("timeout", 30))
-    return SendGridTransport(SendGridSettings(api_key=conn.password or "", host=host,
-                                              timeout_seconds=timeout))
+    return SendGridTransport(
+        SendGridSettings(api_key=conn.password or "", host=host, timeout_seconds=timeout)
+    )
 
 
 class _MissingConnection(MailroomError):

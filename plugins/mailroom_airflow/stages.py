@@ -6,10 +6,11 @@ import logging
 from typing import Any
 
 from mailroom import pipeline
-from mailroom.errors import MailroomError
 from mailroom.approval_summary import approval_markdown, approval_summary
+from mailroom.errors import MailroomError
 from mailroom.outbox import Outbox
 from mailroom.pipeline import Run
+from mailroom.staging import read_json, write_json
 from mailroom_airflow import settings
 
 log = logging.getLogger(__name__)
@@ -17,12 +18,19 @@ log = logging.getLogger(__name__)
 
 def prepare(campaign: str, dry_run: bool, shard_count: int, run_id: str) -> dict[str, Any]:
     run = pipeline.prepare_run(
-        settings.project_paths(), campaign=campaign, run_id=run_id,
-        staging_root=settings.staging_root(), shard_count=shard_count, dry_run=dry_run,
+        settings.project_paths(),
+        campaign=campaign,
+        run_id=run_id,
+        staging_root=settings.staging_root(),
+        shard_count=shard_count,
+        dry_run=dry_run,
     )
     spec = run.spec()
-    return {**run.to_xcom(), "approvers": list(spec.approvers),
-            "response_timeout_hours": spec.response_timeout_hours}
+    return {
+        **run.to_xcom(),
+        "approvers": list(spec.approvers),
+        "response_timeout_hours": spec.response_timeout_hours,
+    }
 
 
 def extract(prepared: dict[str, Any]) -> dict[str, Any]:
@@ -61,42 +69,60 @@ def summarise(prepared: dict[str, Any], triggered_by: str | None) -> str:
 
 def send(prepared: dict[str, Any], frozen: dict[str, Any], shard: int) -> dict[str, Any]:
     run = Run.from_xcom(prepared)
-    transport = settings.transport(run.spec().connection_id, dry_run=run.dry_run,
-                                   dry_run_dir=run.staging.root / "dry_run_outbox")
+    transport = settings.transport(
+        run.spec().connection_id,
+        dry_run=run.dry_run,
+        dry_run_dir=run.staging.root / "dry_run_outbox",
+    )
     outbox = Outbox(settings.outbox_url())
     try:
-        return pipeline.send(run, shard=shard, manifest_sha256=frozen["manifest_sha256"],
-                             transport=transport, outbox=outbox, shard_count=len(frozen["shards"]))
+        return pipeline.send(
+            run,
+            shard=shard,
+            manifest_sha256=frozen["manifest_sha256"],
+            transport=transport,
+            outbox=outbox,
+            shard_count=len(frozen["shards"]),
+        )
     finally:
         outbox.dispose()
 
 
-def reconcile(prepared: dict[str, Any], approval: dict[str, Any] | None) -> dict[str, Any]:
+def record_approval(prepared: dict[str, Any], event: dict[str, Any]) -> None:
     run = Run.from_xcom(prepared)
+    write_json(run.staging.approval, approval_record(event))
+
+
+def reconcile(prepared: dict[str, Any]) -> dict[str, Any]:
+    run = Run.from_xcom(prepared)
+    approval = (
+        read_json(run.staging.approval)
+        if run.staging.approval.exists()
+        else {"decision": "none", "detail": "the approval gate did not complete"}
+    )
     outbox = Outbox(settings.outbox_url())
     try:
-        report = pipeline.report(run, outbox=outbox, approval=approval_record(approval))
+        report = pipeline.report(run, outbox=outbox, approval=approval)
     finally:
         outbox.dispose()
-    if report["status"] not in {"sent", "rejected", "not_approved"}:
+    if report["status"] not in {"sent", "rejected", "timed_out"}:
         raise MailroomError(
-            f"campaign run ended {report['status']}: {report.get('equation') or 'nothing was sent'}; "
+            f"campaign run ended {report['status']}: "
+            f"{report.get('equation') or 'nothing was sent'}; "
             f"see {run.staging.report}"
         )
     return report
 
 
-def approval_record(answer: dict[str, Any] | None) -> dict[str, Any]:
+def approval_record(event: dict[str, Any]) -> dict[str, Any]:
     """The approver's answer as the report states it: who, what, when, or a timeout."""
-    if not answer:
-        return {"decision": "none", "detail": "the approval gate did not complete"}
-    chosen = (answer.get("chosen_options") or [None])[0]
-    user = answer.get("responded_by_user") or {}
-    by = user.get("name") or user.get("id") if isinstance(user, dict) else None
-    if chosen == "Approve":
-        decision = "approved"
-    elif by:
-        decision = "rejected"
-    else:
+    chosen = (event.get("chosen_options") or [None])[0]
+    user = event.get("responded_by_user") or {}
+    by = (user.get("name") or user.get("id")) if isinstance(user, dict) else None
+    if event.get("timedout") or (chosen != "Approve" and not by):
         decision = "timed_out"
-    return {"decision": decision, "by": by, "at": str(answer.get("responded_at") or "")}
+    elif chosen == "Approve":
+        decision = "approved"
+    else:
+        decision = "rejected"
+    return {"decision": decision, "by": by, "at": str(event.get("responded_at") or "")}

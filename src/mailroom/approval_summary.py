@@ -29,7 +29,9 @@ def approval_summary(run: Run, *, triggered_by: str | None) -> dict[str, Any]:
         "dry_run": run.dry_run,
         "audience": read_json(st.extract_counts),
         "validation": {k: v for k, v in read_json(st.audience_validation).items() if k != "gx"},
-        "gate": {k: read_json(st.gate_result)[k] for k in ("success", "personalizations", "requests")},
+        "gate": {
+            k: read_json(st.gate_result)[k] for k in ("success", "personalizations", "requests")
+        },
         "subjects": {loc: read_json(st.content_file(loc))["subject"] for loc in spec.locales},
         "per_locale": dict(sorted(per_locale.items())),
         "requests": requests,
@@ -68,12 +70,17 @@ def approval_markdown(summary: dict[str, Any]) -> str:
     lines += [
         "",
         "### Data-quality gate on the frozen payloads",
-        f"**{'PASSED' if gate['success'] else 'FAILED'}**: {gate['personalizations']} personalizations "
+        f"**{'PASSED' if gate['success'] else 'FAILED'}**: "
+        f"{gate['personalizations']} personalizations "
         f"in {gate['requests']} requests, one recipient each.",
         "",
         "### Sending",
         f"{summary['requests']} requests over {summary['shards']} shard(s)"
-        + (f", {summary['rate_requests_per_second']} requests/s, about {eta} s." if eta else ", no rate limit."),
+        + (
+            f", {summary['rate_requests_per_second']} requests/s, about {eta} s."
+            if eta
+            else ", no rate limit."
+        ),
         "",
         f"Approving approves exactly the payload manifest `{summary['manifest_sha256']}`.",
     ]

@@ -156,7 +156,11 @@ def _read_suppressions(spec: CampaignSpec, sql_url: str | None) -> dict[str, str
     for frame in frames:
         if "email" not in frame.columns:
             raise AudienceError("suppression source lacks the 'email' column")
-        reasons = frame["reason"] if "reason" in frame.columns else pd.Series("suppressed", index=frame.index)
+        reasons = (
+            frame["reason"]
+            if "reason" in frame.columns
+            else pd.Series("suppressed", index=frame.index)
+        )
         for email, reason in zip(frame["email"].map(normalise), reasons, strict=True):
             if email:
                 result[email.lower()] = str(reason or "suppressed")
@@ -186,7 +190,8 @@ def _sql_chunks(sql_url: str, query: str) -> Iterator[pd.DataFrame]:
     except SQLAlchemyError as exc:
         reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
         raise AudienceError(
-            f"cannot read the audience database ({engine.url.render_as_string(hide_password=True)}): "
+            "cannot read the audience database "
+            f"({engine.url.render_as_string(hide_password=True)}): "
             f"{reason}"
         ) from exc
     finally:

@@ -93,7 +93,10 @@ def validate_audience(
     )
     log.info(
         "validate: %d rows, %d valid, %d quarantined %s",
-        outcome.total, outcome.valid, outcome.quarantined, outcome.quarantined_by_reason,
+        outcome.total,
+        outcome.valid,
+        outcome.quarantined,
+        outcome.quarantined_by_reason,
     )
     fraction = outcome.quarantined / outcome.total if outcome.total else 0.0
     if outcome.total == 0:

@@ -151,11 +151,20 @@ def parse_campaign(raw: object, *, source: str) -> CampaignSpec:
     if not is_valid_single_address(sender_email):
         raise CampaignSpecError(f"{source}: sender.email {sender_email!r} is not a valid address")
 
+    reply_to = reader.optional("reply_to", str)
+    if reply_to is not None and not is_valid_single_address(reply_to):
+        raise CampaignSpecError(f"{source}: field 'reply_to' {reply_to!r} is not a valid address")
+    mailto = unsubscribe.optional("mailto", str)
+    if mailto is not None and not is_valid_single_address(mailto):
+        raise CampaignSpecError(f"{source}: unsubscribe.mailto {mailto!r} is not a valid address")
+
     url_template = unsubscribe.required("url", str)
     if "{token}" not in url_template:
         raise CampaignSpecError(f"{source}: unsubscribe.url must contain '{{token}}'")
 
-    batch_size = reader.optional("batch_size", int) or SENDGRID_MAX_PERSONALIZATIONS
+    batch_size = reader.optional("batch_size", int)
+    if batch_size is None:
+        batch_size = SENDGRID_MAX_PERSONALIZATIONS
     if not 1 <= batch_size <= SENDGRID_MAX_PERSONALIZATIONS:
         raise CampaignSpecError(
             f"{source}: field 'batch_size' must be 1..{SENDGRID_MAX_PERSONALIZATIONS}"
@@ -188,7 +197,7 @@ def parse_campaign(raw: object, *, source: str) -> CampaignSpec:
         description=reader.optional("description", str) or "",
         template=reader.required("template", str),
         sender=Sender(email=sender_email, name=sender.optional("name", str) or ""),
-        reply_to=reader.optional("reply_to", str),
+        reply_to=reply_to,
         company_address=reader.required("company_address", str),
         audience=source_spec,
         fields=fields,
@@ -196,12 +205,12 @@ def parse_campaign(raw: object, *, source: str) -> CampaignSpec:
         default_locale=default_locale,
         approvers=approvers,
         response_timeout_hours=float(reader.optional("response_timeout_hours", (int, float)) or 24),
-        unsubscribe=Unsubscribe(url_template=url_template, mailto=unsubscribe.optional("mailto", str)),
+        unsubscribe=Unsubscribe(url_template=url_template, mailto=mailto),
         max_invalid_fraction=max_invalid,
         batch_size=batch_size,
         rate=Rate(
-            requests_per_second=_positive(rate.optional("requests_per_second", (int, float))),
-            recipients_per_second=_positive(rate.optional("recipients_per_second", (int, float))),
+            requests_per_second=_positive(rate, "requests_per_second"),
+            recipients_per_second=_positive(rate, "recipients_per_second"),
         ),
         transport=transport,
         connection_id=reader.optional("connection_id", str) or "mailroom_sendgrid",
@@ -210,11 +219,12 @@ def parse_campaign(raw: object, *, source: str) -> CampaignSpec:
     )
 
 
-def _positive(value: float | None) -> float | None:
+def _positive(rate: _Fields, key: str) -> float | None:
+    value = rate.optional(key, (int, float))
     if value is None:
         return None
     if value <= 0:
-        raise CampaignSpecError("rate values must be positive")
+        raise CampaignSpecError(f"{rate.source}.{key} must be positive, got {value!r}")
     return float(value)
 
 

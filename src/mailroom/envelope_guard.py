@@ -1,10 +1,14 @@
 """The envelope guard: the last check on the exact bytes a transport is about to send.
 
 It parses the serialised body (never the object that produced it) and refuses it unless every
-personalization has exactly one recipient in ``to`` and nothing in cc/bcc, no address appears
-twice, every address is one valid address, no reserved header is set per personalization, the
-request is within the provider's limits, its SHA-256 is in the approved manifest, and (when the
-outbox says who this batch is for) its recipients are exactly those.
+personalization has exactly one recipient in ``to`` and nothing in cc/bcc (nor a ``bcc`` mail
+setting), no address appears twice, every address is one valid address, no reserved header is
+set, no recipient's address appears in another recipient's personalization or in the parts every
+recipient sees, each personalization's unsubscribe link is its own (the same link in its
+substitutions and its ``List-Unsubscribe`` header, and no other personalization's), every
+substitution tag the content uses is filled and no template marker is left, the request is
+within the provider's limits, its SHA-256 is in the approved manifest, and (when the outbox says
+who this batch is for) its recipients are exactly those.
 
 Transports cannot skip it: ``Transport.send`` runs it and only hands ``GuardedBody`` values to
 the provider-specific code.
@@ -13,13 +17,17 @@ the provider-specific code.
 from __future__ import annotations
 
 import hashlib
+import html
 import json
+import re
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
 from mailroom.addresses import is_valid_single_address
 from mailroom.errors import EnvelopeViolation
+from mailroom.substitutions import LEFTOVER_MARKER, TAG_PATTERN, UNSUBSCRIBE_FIELD, substitution_tag
 
 MAX_PERSONALIZATIONS = 1000
 MAX_RECIPIENTS = 1000
@@ -27,14 +35,34 @@ MAX_BODY_BYTES = 30 * 1024 * 1024  # SendGrid's limit on the total message size
 RESERVED_HEADERS = frozenset(
     h.lower()
     for h in (
-        "x-sg-id", "x-sg-eid", "received", "dkim-signature", "Content-Type",
-        "Content-Transfer-Encoding", "To", "From", "Subject", "Reply-To", "CC", "BCC",
-        "Sender", "Return-Path",
+        "x-sg-id",
+        "x-sg-eid",
+        "received",
+        "dkim-signature",
+        "Content-Type",
+        "Content-Transfer-Encoding",
+        "To",
+        "From",
+        "Subject",
+        "Reply-To",
+        "CC",
+        "BCC",
+        "Sender",
+        "Return-Path",
     )
 )
+# Per-personalization fields that cannot show a recipient anything Mailroom did not put in the
+# shared content: a per-personalization ``subject`` or ``dynamic_template_data`` could carry
+# another user's data past every other rule, and Mailroom never sets them.
 _ALLOWED_PERSONALIZATION_KEYS = frozenset(
-    {"to", "substitutions", "headers", "custom_args", "send_at", "subject", "dynamic_template_data"}
+    {"to", "substitutions", "headers", "custom_args", "send_at"}
 )
+_ALLOWED_TO_KEYS = frozenset({"email", "name"})
+_UNSUBSCRIBE_TAG = substitution_tag(UNSUBSCRIBE_FIELD, html=False)
+_UNSUBSCRIBE_HTML_TAG = substitution_tag(UNSUBSCRIBE_FIELD, html=True)
+# Around an "@": the local part's tail and the domain's head, in lower-cased text.
+_LOCAL_TAIL = re.compile(r"[a-z0-9._+'-]{1,64}\Z")
+_DOMAIN_HEAD = re.compile(r"[a-z0-9-]+(?:\.[a-z0-9-]+)*")
 
 
 @dataclass(frozen=True)
@@ -89,6 +117,11 @@ def recipients_of_body(body: bytes) -> tuple[str, ...]:
     for key in ("cc", "bcc"):
         if key in data:
             raise EnvelopeViolation(f"request sets a top-level {key!r}")
+    mail_settings = data.get("mail_settings")
+    if mail_settings is not None and (
+        not isinstance(mail_settings, dict) or "bcc" in mail_settings
+    ):
+        raise EnvelopeViolation("request sets a 'bcc' mail setting (a copy of every message)")
     _check_headers(data.get("headers"), "request")
     personalizations = data.get("personalizations")
     if not isinstance(personalizations, list) or not personalizations:
@@ -107,6 +140,9 @@ def recipients_of_body(body: bytes) -> tuple[str, ...]:
         seen.add(key)
     if len(recipients) > MAX_RECIPIENTS:
         raise EnvelopeViolation(f"request has {len(recipients)} recipients, over {MAX_RECIPIENTS}")
+    _check_content(data, personalizations)
+    _check_unsubscribe_links(personalizations)
+    _check_no_foreign_addresses(data, personalizations, recipients)
     return tuple(recipients)
 
 
@@ -123,6 +159,8 @@ def _single_recipient(item: Any, i: int) -> str:
         count = len(to) if isinstance(to, list) else 0
         raise EnvelopeViolation(f"personalization {i} has {count} recipients in 'to', not 1")
     entry = to[0]
+    if isinstance(entry, dict) and set(entry) - _ALLOWED_TO_KEYS:
+        raise EnvelopeViolation(f"personalization {i}: 'to' has unexpected fields")
     email = entry.get("email") if isinstance(entry, dict) else None
     if not is_valid_single_address(email):
         raise EnvelopeViolation(f"personalization {i}: 'to' is not exactly one valid address")
@@ -143,3 +181,113 @@ def _check_headers(headers: Any, where: str) -> None:
             raise EnvelopeViolation(f"{where}: sets the reserved header {name!r}")
         if not isinstance(value, str) or "\r" in value or "\n" in value:
             raise EnvelopeViolation(f"{where}: header {name!r} has a line break or is not text")
+
+
+def _check_content(data: dict[str, Any], personalizations: list[Any]) -> None:
+    """Every tag the shared parts use is filled in every personalization; no marker is left."""
+    texts = [data.get("subject")] + [
+        c.get("value") for c in data.get("content") or [] if isinstance(c, dict)
+    ]
+    tags: set[str] = set()
+    for text in texts:
+        if not isinstance(text, str):
+            continue
+        tags.update(m.group(0) for m in TAG_PATTERN.finditer(text))
+        if LEFTOVER_MARKER.search(TAG_PATTERN.sub("", text)):
+            raise EnvelopeViolation("the content has a template marker left in it")
+    for i, item in enumerate(personalizations):
+        subs = item.get("substitutions")
+        if subs is not None and not isinstance(subs, dict):
+            raise EnvelopeViolation(f"personalization {i}: substitutions are not an object")
+        if tags - set(subs or {}):
+            raise EnvelopeViolation(
+                f"personalization {i} leaves {len(tags - set(subs or {}))} substitution tag(s) "
+                "of the content unfilled"
+            )
+
+
+def _check_unsubscribe_links(personalizations: list[Any]) -> None:
+    """Each personalization carries its own unsubscribe link, consistently, and nobody else's."""
+    seen: set[str] = set()
+    for i, item in enumerate(personalizations):
+        subs = item.get("substitutions") or {}
+        headers = item.get("headers") or {}
+        url = subs.get(_UNSUBSCRIBE_TAG)
+        html_url = subs.get(_UNSUBSCRIBE_HTML_TAG)
+        list_unsubscribe = next(
+            (v for k, v in headers.items() if str(k).lower() == "list-unsubscribe"), None
+        )
+        if url is not None:
+            if not isinstance(url, str) or not url:
+                raise EnvelopeViolation(f"personalization {i}: the unsubscribe link is not text")
+            if html_url is not None and html_url != html.escape(url, quote=True):
+                raise EnvelopeViolation(
+                    f"personalization {i}: the HTML unsubscribe link is not its own link"
+                )
+            if list_unsubscribe is not None and f"<{url}>" not in list_unsubscribe:
+                raise EnvelopeViolation(
+                    f"personalization {i}: the List-Unsubscribe header and the unsubscribe link "
+                    "belong to different recipients"
+                )
+        for link in {url, list_unsubscribe} - {None}:
+            if link in seen:
+                raise EnvelopeViolation(
+                    f"personalization {i} carries another personalization's unsubscribe link"
+                )
+            seen.add(str(link))
+
+
+def _check_no_foreign_addresses(
+    data: dict[str, Any], personalizations: list[Any], recipients: list[str]
+) -> None:
+    """No recipient's address shows in another's personalization or in the shared parts."""
+    everyone = {r.lower() for r in recipients}
+    shared = {k: v for k, v in data.items() if k != "personalizations"}
+    if _shows_address(_text_of(shared), everyone):
+        raise EnvelopeViolation("a recipient's address appears in the parts every recipient sees")
+    for i, item in enumerate(personalizations):
+        values = {k: v for k, v in item.items() if k != "to"}
+        if _shows_address(_text_of(values), everyone, own=recipients[i].lower()):
+            raise EnvelopeViolation(
+                f"personalization {i} shows the address of another recipient of the request"
+            )
+
+
+def _text_of(value: Any) -> str:
+    """Every key and string in ``value``, one per line (a line break ends any address)."""
+    parts: list[str] = []
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            parts.append(item)
+        elif isinstance(item, dict):
+            parts.extend(str(k) for k in item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return "\n".join(parts)
+
+
+def _shows_address(text: str, candidates: set[str], own: str | None = None) -> bool:
+    """Whether a candidate address other than ``own`` occurs in ``text``, also HTML-escaped or
+    %-encoded."""
+    low = text.lower()
+    variants = [low]
+    if any(code in low for code in ("%40", "&#", "&commat")):  # an encoded "@"
+        variants.append(unquote(html.unescape(low)).lower())
+    for variant in variants:
+        at = variant.find("@")
+        while at != -1:
+            domain = _DOMAIN_HEAD.match(variant, at + 1)
+            tail = _LOCAL_TAIL.search(variant, max(0, at - 64), at)
+            if domain and tail:
+                # The run of local-part characters before the "@" ("email=a@x" and "mailto:a@x"
+                # hold "a@x"), also without a leading quote ("'a@x'").
+                local = tail.group(0)
+                for candidate in {local, local.lstrip("'.")}:
+                    address = f"{candidate}@{domain.group(0)}"
+                    if address != own and address in candidates:
+                        return True
+            at = variant.find("@", at + 1)
+    return False

@@ -61,7 +61,8 @@ def verify_unsubscribe_token(secret: bytes, campaign: str, token: str) -> str | 
     except (ValueError, UnicodeDecodeError):
         return None
     expected = unsubscribe_token(secret, campaign, user_id)
-    return user_id if hmac.compare_digest(expected, token) else None
+    # Bytes, not str: compare_digest raises TypeError on a str with non-ASCII characters.
+    return user_id if hmac.compare_digest(expected.encode(), token.encode()) else None
 
 
 def envelope_values(
@@ -111,7 +112,9 @@ def build_envelopes(spec: CampaignSpec, *, valid_audience: Path, out: Path, secr
                     "headers": headers_col,
                 }
             )
-            writer.write_table(pa.Table.from_pandas(frame, schema=ENVELOPE_SCHEMA, preserve_index=False))
+            writer.write_table(
+                pa.Table.from_pandas(frame, schema=ENVELOPE_SCHEMA, preserve_index=False)
+            )
             written += len(rows)
             log.info("build_envelopes: %d envelopes", written)
     tmp.replace(out)

@@ -57,7 +57,9 @@ def summarise(result: Any) -> dict[str, Any]:
     checks = []
     for item in result.results:
         config = item.expectation_config
-        kwargs = {k: v for k, v in config.kwargs.items() if k in {"column", "min_value", "max_value"}}
+        kwargs = {
+            k: v for k, v in config.kwargs.items() if k in {"column", "min_value", "max_value"}
+        }
         checks.append(
             {
                 "expectation": config.type,

@@ -20,7 +20,12 @@ import sqlalchemy as sa
 log = logging.getLogger(__name__)
 
 STAGED, SENDING, SENT, FAILED, UNKNOWN, HALTED = (
-    "staged", "sending", "sent", "failed", "unknown", "halted",
+    "staged",
+    "sending",
+    "sent",
+    "failed",
+    "unknown",
+    "halted",
 )
 FINAL_STATES = (SENT, FAILED, UNKNOWN, HALTED)
 ALL_STATES = (STAGED, SENDING, *FINAL_STATES)
@@ -116,9 +121,9 @@ class Outbox:
         now = _now()
         with self.engine.begin() as conn:
             started = conn.execute(
-                sa.select(sa.func.count()).select_from(batches).where(
-                    batches.c.run_key == run_key, batches.c.state != STAGED
-                )
+                sa.select(sa.func.count())
+                .select_from(batches)
+                .where(batches.c.run_key == run_key, batches.c.state != STAGED)
             ).scalar_one()
             if started:
                 raise OutboxConflict(
@@ -128,22 +133,41 @@ class Outbox:
                 conn.execute(table.delete().where(table.c.run_key == run_key))
             conn.execute(
                 runs.insert(),
-                {"run_key": run_key, "manifest_sha256": manifest_sha256,
-                 "halt_requested": False, "created_at": now},
+                {
+                    "run_key": run_key,
+                    "manifest_sha256": manifest_sha256,
+                    "halt_requested": False,
+                    "created_at": now,
+                },
             )
-            conn.execute(
-                batches.insert(),
-                [
-                    {"run_key": run_key, "batch_id": b.batch_id, "batch_index": b.batch_index,
-                     "locale": b.locale, "sha256": b.sha256, "recipients": b.recipients,
-                     "state": STAGED, "attempts": 0, "updated_at": now}
-                    for b in staged
-                ],
-            )
+            if staged:  # an empty list would insert one row of defaults, not none
+                conn.execute(
+                    batches.insert(),
+                    [
+                        {
+                            "run_key": run_key,
+                            "batch_id": b.batch_id,
+                            "batch_index": b.batch_index,
+                            "locale": b.locale,
+                            "sha256": b.sha256,
+                            "recipients": b.recipients,
+                            "state": STAGED,
+                            "attempts": 0,
+                            "updated_at": now,
+                        }
+                        for b in staged
+                    ],
+                )
             chunk: list[dict[str, str]] = []
             for email, user_id, batch_id in members:
-                chunk.append({"run_key": run_key, "email_key": email.lower(),
-                              "user_id": user_id, "batch_id": batch_id})
+                chunk.append(
+                    {
+                        "run_key": run_key,
+                        "email_key": email.lower(),
+                        "user_id": user_id,
+                        "batch_id": batch_id,
+                    }
+                )
                 if len(chunk) >= 20_000:
                     conn.execute(recipients.insert(), chunk)
                     chunk = []
@@ -162,8 +186,13 @@ class Outbox:
         return self._move(run_key, batch_id, (STAGED, HALTED), SENDING, attempts=True)
 
     def finish(
-        self, run_key: str, batch_id: str, state: str, *,
-        message_id: str | None = None, error: str | None = None,
+        self,
+        run_key: str,
+        batch_id: str,
+        state: str,
+        *,
+        message_id: str | None = None,
+        error: str | None = None,
     ) -> None:
         if state not in FINAL_STATES:
             raise ValueError(f"not a final state: {state}")
@@ -179,10 +208,16 @@ class Outbox:
         with self.engine.begin() as conn:
             result = conn.execute(
                 batches.update()
-                .where(batches.c.run_key == run_key, batches.c.batch_id.in_(batch_ids),
-                       batches.c.state == SENDING)
-                .values(state=UNKNOWN, updated_at=_now(),
-                        last_error="interrupted while sending: the provider may have accepted it")
+                .where(
+                    batches.c.run_key == run_key,
+                    batches.c.batch_id.in_(batch_ids),
+                    batches.c.state == SENDING,
+                )
+                .values(
+                    state=UNKNOWN,
+                    updated_at=_now(),
+                    last_error="interrupted while sending: the provider may have accepted it",
+                )
             )
             return int(result.rowcount or 0)
 
@@ -190,8 +225,11 @@ class Outbox:
         with self.engine.begin() as conn:
             result = conn.execute(
                 batches.update()
-                .where(batches.c.run_key == run_key, batches.c.batch_id.in_(batch_ids),
-                       batches.c.state == STAGED)
+                .where(
+                    batches.c.run_key == run_key,
+                    batches.c.batch_id.in_(batch_ids),
+                    batches.c.state == STAGED,
+                )
                 .values(state=HALTED, updated_at=_now(), last_error="halted by an operator")
             )
             return int(result.rowcount or 0)
@@ -228,8 +266,9 @@ class Outbox:
             query = query.where(batches.c.batch_id.in_(batch_ids))
         with self.engine.connect() as conn:
             return {
-                row.batch_id: BatchState(row.batch_id, row.state, row.attempts,
-                                         row.message_id, row.last_error)
+                row.batch_id: BatchState(
+                    row.batch_id, row.state, row.attempts, row.message_id, row.last_error
+                )
                 for row in conn.execute(query)
             }
 
@@ -246,7 +285,11 @@ class Outbox:
     def counts(self, run_key: str) -> dict[str, dict[str, int]]:
         """Per state: how many batches and recipients."""
         query = (
-            sa.select(batches.c.state, sa.func.count(), sa.func.coalesce(sa.func.sum(batches.c.recipients), 0))
+            sa.select(
+                batches.c.state,
+                sa.func.count(),
+                sa.func.coalesce(sa.func.sum(batches.c.recipients), 0),
+            )
             .where(batches.c.run_key == run_key)
             .group_by(batches.c.state)
         )
@@ -259,10 +302,20 @@ class Outbox:
     def not_sent(self, run_key: str) -> Iterator[dict[str, Any]]:
         """Every recipient whose batch did not end ``sent``, with the batch's state and error."""
         query = (
-            sa.select(recipients.c.user_id, recipients.c.email_key, batches.c.batch_id,
-                      batches.c.state, batches.c.last_error)
-            .join(batches, sa.and_(batches.c.run_key == recipients.c.run_key,
-                                   batches.c.batch_id == recipients.c.batch_id))
+            sa.select(
+                recipients.c.user_id,
+                recipients.c.email_key,
+                batches.c.batch_id,
+                batches.c.state,
+                batches.c.last_error,
+            )
+            .join(
+                batches,
+                sa.and_(
+                    batches.c.run_key == recipients.c.run_key,
+                    batches.c.batch_id == recipients.c.batch_id,
+                ),
+            )
             .where(recipients.c.run_key == run_key, batches.c.state != SENT)
             .order_by(batches.c.batch_index)
         )
@@ -271,8 +324,15 @@ class Outbox:
                 yield dict(row._mapping)
 
     def _move(
-        self, run_key: str, batch_id: str, from_states: Sequence[str], to_state: str, *,
-        attempts: bool = False, message_id: str | None = None, error: str | None = None,
+        self,
+        run_key: str,
+        batch_id: str,
+        from_states: Sequence[str],
+        to_state: str,
+        *,
+        attempts: bool = False,
+        message_id: str | None = None,
+        error: str | None = None,
     ) -> bool:
         values: dict[str, Any] = {"state": to_state, "updated_at": _now()}
         if attempts:
@@ -284,8 +344,11 @@ class Outbox:
         with self.engine.begin() as conn:
             result = conn.execute(
                 batches.update()
-                .where(batches.c.run_key == run_key, batches.c.batch_id == batch_id,
-                       batches.c.state.in_(from_states))
+                .where(
+                    batches.c.run_key == run_key,
+                    batches.c.batch_id == batch_id,
+                    batches.c.state.in_(from_states),
+                )
                 .values(**values)
             )
             return result.rowcount == 1

@@ -25,7 +25,9 @@ from mailroom.staging import read_json, write_json
 log = logging.getLogger(__name__)
 
 Envelope = dict[str, Any]
-BodyBuilder = Callable[[CampaignSpec, LocaleContent, Sequence[Envelope], dict[str, str]], dict[str, Any]]
+BodyBuilder = Callable[
+    [CampaignSpec, LocaleContent, Sequence[Envelope], dict[str, str]], dict[str, Any]
+]
 
 
 def personalization(envelope: Envelope) -> dict[str, Any]:
@@ -139,14 +141,22 @@ def freeze_batches(
     for locale in spec.locales:
         if locale not in contents:
             raise EnvelopeViolation(f"no rendered content for locale {locale!r}")
-        for seq, chunk in enumerate(iter_envelopes_by_locale(envelopes, locale, spec.batch_size), 1):
+        for seq, chunk in enumerate(
+            iter_envelopes_by_locale(envelopes, locale, spec.batch_size), 1
+        ):
             batch_id = f"{locale}-{seq:05d}"
-            custom_args = {"mailroom_campaign": spec.name, "mailroom_run": run_id, "mailroom_batch": batch_id}
+            custom_args = {
+                "mailroom_campaign": spec.name,
+                "mailroom_run": run_id,
+                "mailroom_batch": batch_id,
+            }
             data = serialise(build_body(spec, contents[locale], chunk, custom_args))
             name = f"{batch_id}.json"
             (payloads_dir / name).write_bytes(data)
             entries.append(
-                BatchEntry(batch_id, len(entries), locale, name, sha256_hex(data), len(data), len(chunk))
+                BatchEntry(
+                    batch_id, len(entries), locale, name, sha256_hex(data), len(data), len(chunk)
+                )
             )
         log.info("freeze: locale %s done, %d batches so far", locale, len(entries))
     manifest = {

@@ -42,7 +42,9 @@ class ProjectPaths:
 
     @classmethod
     def under(cls, include_dir: Path) -> ProjectPaths:
-        return cls(include_dir / "campaigns", include_dir / "templates", include_dir / "translations")
+        return cls(
+            include_dir / "campaigns", include_dir / "templates", include_dir / "translations"
+        )
 
 
 @dataclass(frozen=True)
@@ -66,20 +68,37 @@ class Run:
     def spec(self) -> CampaignSpec:
         import yaml
 
-        return parse_campaign(yaml.safe_load(self.spec_copy.read_text("utf-8")), source=str(self.spec_copy))
+        return parse_campaign(
+            yaml.safe_load(self.spec_copy.read_text("utf-8")), source=str(self.spec_copy)
+        )
 
     def to_xcom(self) -> dict[str, Any]:
-        return {"campaign": self.campaign, "run_id": self.run_id, "run_dir": str(self.staging.root),
-                "shard_count": self.shard_count, "dry_run": self.dry_run}
+        return {
+            "campaign": self.campaign,
+            "run_id": self.run_id,
+            "run_dir": str(self.staging.root),
+            "shard_count": self.shard_count,
+            "dry_run": self.dry_run,
+        }
 
     @classmethod
     def from_xcom(cls, data: dict[str, Any]) -> Run:
-        return cls(data["campaign"], data["run_id"], RunStaging(Path(data["run_dir"])),
-                   int(data["shard_count"]), bool(data["dry_run"]))
+        return cls(
+            data["campaign"],
+            data["run_id"],
+            RunStaging(Path(data["run_dir"])),
+            int(data["shard_count"]),
+            bool(data["dry_run"]),
+        )
 
 
 def prepare_run(
-    paths: ProjectPaths, *, campaign: str, run_id: str, staging_root: Path, shard_count: int,
+    paths: ProjectPaths,
+    *,
+    campaign: str,
+    run_id: str,
+    staging_root: Path,
+    shard_count: int,
     dry_run: bool,
 ) -> Run:
     """Check the campaign and freeze a copy of its spec into the run folder."""
@@ -89,8 +108,13 @@ def prepare_run(
     staging = RunStaging.for_run(staging_root, spec.name, run_id).create()
     run = Run(spec.name, run_id, staging, shard_count, dry_run)
     shutil.copyfile(campaign_path(paths.campaigns, campaign), run.spec_copy)
-    log.info("prepare: campaign %s, run folder %s, %d shard(s), dry_run=%s",
-             spec.name, staging.root, shard_count, dry_run)
+    log.info(
+        "prepare: campaign %s, run folder %s, %d shard(s), dry_run=%s",
+        spec.name,
+        staging.root,
+        shard_count,
+        dry_run,
+    )
     return run
 
 
@@ -112,24 +136,39 @@ def validate(run: Run) -> dict[str, Any]:
 def render(run: Run, paths: ProjectPaths) -> dict[str, Any]:
     spec = run.spec()
     contents = render_all(
-        paths.templates, paths.translations, spec.template, locales=spec.locales, fields=spec.fields,
-        campaign={"name": spec.name, "sender_name": spec.sender.name,
-                  "company_address": spec.company_address},
+        paths.templates,
+        paths.translations,
+        spec.template,
+        locales=spec.locales,
+        fields=spec.fields,
+        campaign={
+            "name": spec.name,
+            "sender_name": spec.sender.name,
+            "company_address": spec.company_address,
+        },
     )
     for locale, content in contents.items():
         write_json(run.staging.content_file(locale), content.to_dict())
-    return {locale: {"subject": c.subject, "untranslated": len(c.untranslated)}
-            for locale, c in contents.items()}
+    return {
+        locale: {"subject": c.subject, "untranslated": len(c.untranslated)}
+        for locale, c in contents.items()
+    }
 
 
 def load_contents(run: Run) -> dict[str, LocaleContent]:
-    return {loc: LocaleContent.from_dict(read_json(run.staging.content_file(loc)))
-            for loc in run.spec().locales}
+    return {
+        loc: LocaleContent.from_dict(read_json(run.staging.content_file(loc)))
+        for loc in run.spec().locales
+    }
 
 
 def build(run: Run, *, secret: bytes) -> dict[str, Any]:
-    count = build_envelopes(run.spec(), valid_audience=run.staging.valid_audience,
-                            out=run.staging.envelopes, secret=secret)
+    count = build_envelopes(
+        run.spec(),
+        valid_audience=run.staging.valid_audience,
+        out=run.staging.envelopes,
+        secret=secret,
+    )
     return {"envelopes": count}
 
 
@@ -140,17 +179,32 @@ def freeze(run: Run, *, outbox: Outbox, build_body: Any = None) -> dict[str, Any
     st = run.staging
     kwargs = {"build_body": build_body} if build_body is not None else {}
     manifest = freeze_batches(
-        run.spec(), run_id=run.run_id, envelopes=st.envelopes, contents=load_contents(run),
-        payloads_dir=st.payloads_dir, manifest_path=st.manifest, **kwargs,
+        run.spec(),
+        run_id=run.run_id,
+        envelopes=st.envelopes,
+        contents=load_contents(run),
+        payloads_dir=st.payloads_dir,
+        manifest_path=st.manifest,
+        **kwargs,
     )
-    members = _members_by_envelope(manifest, pq.read_table(st.envelopes, columns=["email", "user_id", "locale"]))
+    members = _members_by_envelope(
+        manifest, pq.read_table(st.envelopes, columns=["email", "user_id", "locale"])
+    )
     outbox.stage(
-        run.run_key, manifest.sha256,
-        [StagedBatch(b.batch_id, b.index, b.locale, b.sha256, b.recipients) for b in manifest.batches],
+        run.run_key,
+        manifest.sha256,
+        [
+            StagedBatch(b.batch_id, b.index, b.locale, b.sha256, b.recipients)
+            for b in manifest.batches
+        ],
         members,
     )
-    log.info("freeze: %d requests, %d recipients, manifest %s", len(manifest.batches),
-             manifest.recipients, manifest.sha256)
+    log.info(
+        "freeze: %d requests, %d recipients, manifest %s",
+        len(manifest.batches),
+        manifest.recipients,
+        manifest.sha256,
+    )
     return manifest_summary(manifest, run.shard_count)
 
 
@@ -158,13 +212,17 @@ def _members_by_envelope(manifest: Manifest, table: Any) -> list[tuple[str, str,
     """Who each batch is for, from the envelopes (not from the bodies), in freeze order."""
     members: list[tuple[str, str, str]] = []
     by_locale: dict[str, list[tuple[str, str]]] = {}
-    for email, user_id, locale in zip(table["email"].to_pylist(), table["user_id"].to_pylist(),
-                                      table["locale"].to_pylist(), strict=True):
+    for email, user_id, locale in zip(
+        table["email"].to_pylist(),
+        table["user_id"].to_pylist(),
+        table["locale"].to_pylist(),
+        strict=True,
+    ):
         by_locale.setdefault(locale, []).append((email, user_id))
     offsets: dict[str, int] = {}
     for b in manifest.batches:
         start = offsets.get(b.locale, 0)
-        for email, user_id in by_locale.get(b.locale, [])[start:start + b.recipients]:
+        for email, user_id in by_locale.get(b.locale, [])[start : start + b.recipients]:
             members.append((email, user_id, b.batch_id))
         offsets[b.locale] = start + b.recipients
     return members
@@ -172,27 +230,45 @@ def _members_by_envelope(manifest: Manifest, table: Any) -> list[tuple[str, str,
 
 def manifest_summary(manifest: Manifest, shard_count: int) -> dict[str, Any]:
     shards = min(shard_count, max(len(manifest.batches), 1))
-    return {"manifest_sha256": manifest.sha256, "requests": len(manifest.batches),
-            "recipients": manifest.recipients, "per_locale": manifest.per_locale(),
-            "shards": list(range(shards))}
+    return {
+        "manifest_sha256": manifest.sha256,
+        "requests": len(manifest.batches),
+        "recipients": manifest.recipients,
+        "per_locale": manifest.per_locale(),
+        "shards": list(range(shards)),
+    }
 
 
 def gate(run: Run, *, secret: bytes) -> dict[str, Any]:
     st = run.staging
     valid = read_json(st.audience_validation)["valid"]
-    result = check_envelopes(run.spec(), manifest_path=st.manifest, valid_audience=st.valid_audience,
-                             secret=secret, expected_recipients=valid)
+    result = check_envelopes(
+        run.spec(),
+        manifest_path=st.manifest,
+        valid_audience=st.valid_audience,
+        secret=secret,
+        expected_recipients=valid,
+    )
     write_json(st.gate_result, result.to_dict())
     if not result.success:
         raise ValidationFailed(
             "the data-quality gate failed on the frozen payloads; nothing will be sent: "
             + "; ".join(result.failures())
         )
-    return {"success": True, "personalizations": result.personalizations, "requests": result.requests}
+    return {
+        "success": True,
+        "personalizations": result.personalizations,
+        "requests": result.requests,
+    }
 
 
 def send(
-    run: Run, *, shard: int, manifest_sha256: str, transport: Transport, outbox: Outbox,
+    run: Run,
+    *,
+    shard: int,
+    manifest_sha256: str,
+    transport: Transport,
+    outbox: Outbox,
     shard_count: int,
 ) -> dict[str, Any]:
     spec = run.spec()
@@ -207,9 +283,16 @@ def send(
         spec.rate.recipients_per_second * share if spec.rate.recipients_per_second else None,
     )
     with transport:
-        return send_shard(run_key=run.run_key, manifest=manifest, payloads_dir=run.staging.payloads_dir,
-                          shard_index=shard, shard_count=shard_count, transport=transport,
-                          outbox=outbox, limiter=limiter)
+        return send_shard(
+            run_key=run.run_key,
+            manifest=manifest,
+            payloads_dir=run.staging.payloads_dir,
+            shard_index=shard,
+            shard_count=shard_count,
+            transport=transport,
+            outbox=outbox,
+            limiter=limiter,
+        )
 
 
 def report(run: Run, *, outbox: Outbox | None, approval: dict[str, Any]) -> dict[str, Any]:

@@ -8,24 +8,35 @@ so a broken payload builder cannot vouch for itself.
 
 from __future__ import annotations
 
+import html
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import pandas as pd
 
 from mailroom.addresses import SINGLE_ADDRESS_PATTERN
 from mailroom.campaign_spec import CampaignSpec
-from mailroom.envelope_guard import MAX_BODY_BYTES, MAX_PERSONALIZATIONS, MAX_RECIPIENTS, RESERVED_HEADERS
+from mailroom.envelope_guard import (
+    MAX_BODY_BYTES,
+    MAX_PERSONALIZATIONS,
+    MAX_RECIPIENTS,
+    RESERVED_HEADERS,
+)
 from mailroom.envelopes import envelope_values
-from mailroom.errors import ValidationFailed
 from mailroom.gx_runtime import summarise, validate_frame
 from mailroom.payloads import load_manifest, sha256_hex
 from mailroom.substitutions import LEFTOVER_MARKER, TAG_PATTERN
 
 log = logging.getLogger(__name__)
+
+# Anything shaped like an address in lower-cased text; matched against the audience.
+_ADDRESS_LIKE = re.compile(r"[a-z0-9._%+'-]{1,64}@[a-z0-9-]+(?:\.[a-z0-9-]+)+")
+_NAME_HIDING_AN_ADDRESS = re.compile(r"[\r\n,;<>@]")
 
 
 @dataclass(frozen=True)
@@ -45,7 +56,9 @@ class GateResult:
             for check in part["checks"]:
                 if not check["success"]:
                     column = f"({check['column']})" if check.get("column") else ""
-                    out.append(f"{check['expectation']}{column}: {check['unexpected_count']} unexpected")
+                    out.append(
+                        f"{check['expectation']}{column}: {check['unexpected_count']} unexpected"
+                    )
         return out
 
 
@@ -55,19 +68,45 @@ def explode_payloads(
     """One row per personalization and one row per request, read from the frozen bytes."""
     manifest = load_manifest(manifest_path)
     expected = _expected_by_address(spec, valid_audience, secret)
-    people: dict[str, list[Any]] = {k: [] for k in (
-        "batch_id", "n_to", "n_cc", "n_bcc", "email", "email_key", "in_audience",
-        "values_match", "reserved_headers", "unknown_tags", "extra_fields",
-    )}
-    requests: dict[str, list[Any]] = {k: [] for k in (
-        "batch_id", "personalizations", "recipients", "size", "digest_matches",
-        "top_level_cc_bcc", "top_level_reserved_headers", "unresolved_tags", "leftover_markers",
-    )}
+    people: dict[str, list[Any]] = {
+        k: []
+        for k in (
+            "batch_id",
+            "n_to",
+            "n_cc",
+            "n_bcc",
+            "email",
+            "email_key",
+            "in_audience",
+            "values_match",
+            "reserved_headers",
+            "unknown_tags",
+            "extra_fields",
+            "to_entry_problems",
+        )
+    }
+    requests: dict[str, list[Any]] = {
+        k: []
+        for k in (
+            "batch_id",
+            "personalizations",
+            "recipients",
+            "size",
+            "digest_matches",
+            "top_level_cc_bcc",
+            "top_level_reserved_headers",
+            "unresolved_tags",
+            "leftover_markers",
+            "audience_addresses_shared",
+        )
+    }
     for entry in manifest.batches:
         data = (manifest_path.parent / entry.file).read_bytes()
         body = json.loads(data)
         parts = body.get("personalizations") or []
-        texts = [str(body.get("subject", ""))] + [str(c.get("value", "")) for c in body.get("content") or []]
+        texts = [str(body.get("subject", ""))] + [
+            str(c.get("value", "")) for c in body.get("content") or []
+        ]
         tags_used = set().union(*(set(m.group(0) for m in TAG_PATTERN.finditer(t)) for t in texts))
         leftovers = sum(len(LEFTOVER_MARKER.findall(TAG_PATTERN.sub("", t))) for t in texts)
         unresolved = 0
@@ -88,29 +127,44 @@ def explode_payloads(
             people["email_key"].append(key)
             people["in_audience"].append(own is not None)
             people["values_match"].append(own is not None and own == _canonical(subs, headers))
-            people["reserved_headers"].append(sum(1 for h in headers if str(h).lower() in RESERVED_HEADERS))
+            people["reserved_headers"].append(
+                sum(1 for h in headers if str(h).lower() in RESERVED_HEADERS)
+            )
             people["unknown_tags"].append(len(tags_used - set(subs)))
             people["extra_fields"].append(len(set(item) - {"to", "substitutions", "headers"}))
+            people["to_entry_problems"].append(_to_entry_problems(to))
             unresolved += len(tags_used - set(subs))
         requests["batch_id"].append(entry.batch_id)
         requests["personalizations"].append(len(parts))
         requests["recipients"].append(recipient_count)
         requests["size"].append(len(data))
         requests["digest_matches"].append(sha256_hex(data) == entry.sha256)
-        requests["top_level_cc_bcc"].append(int("cc" in body) + int("bcc" in body))
+        mail_settings = body.get("mail_settings")
+        requests["top_level_cc_bcc"].append(
+            int("cc" in body)
+            + int("bcc" in body)
+            + int(isinstance(mail_settings, dict) and "bcc" in mail_settings)
+        )
         requests["top_level_reserved_headers"].append(
             sum(1 for h in body.get("headers") or {} if str(h).lower() in RESERVED_HEADERS)
         )
         requests["unresolved_tags"].append(unresolved)
         requests["leftover_markers"].append(leftovers)
+        shared = {k: v for k, v in body.items() if k != "personalizations"}
+        requests["audience_addresses_shared"].append(_audience_addresses_in(shared, expected))
     return pd.DataFrame(people), pd.DataFrame(requests)
 
 
 def check_envelopes(
-    spec: CampaignSpec, *, manifest_path: Path, valid_audience: Path, secret: bytes,
+    spec: CampaignSpec,
+    *,
+    manifest_path: Path,
+    valid_audience: Path,
+    secret: bytes,
     expected_recipients: int,
 ) -> GateResult:
-    """Validate the frozen payloads; raises ValidationFailed (nothing may be sent) on any failure."""
+    """Validate the frozen payloads; unless ``success``, nothing may be sent (``pipeline.gate``
+    raises ValidationFailed)."""
     import great_expectations.expectations as gxe
 
     people, requests = explode_payloads(
@@ -132,23 +186,30 @@ def check_envelopes(
             gxe.ExpectColumnValuesToBeBetween(column="reserved_headers", min_value=0, max_value=0),
             gxe.ExpectColumnValuesToBeBetween(column="unknown_tags", min_value=0, max_value=0),
             gxe.ExpectColumnValuesToBeBetween(column="extra_fields", min_value=0, max_value=0),
+            gxe.ExpectColumnValuesToBeBetween(column="to_entry_problems", min_value=0, max_value=0),
         ],
     )
     request_result = validate_frame(
         requests,
         suite_name="requests",
         expectations=[
-            gxe.ExpectColumnValuesToBeBetween(column="personalizations", min_value=1,
-                                              max_value=MAX_PERSONALIZATIONS),
-            gxe.ExpectColumnValuesToBeBetween(column="recipients", min_value=1,
-                                              max_value=MAX_RECIPIENTS),
+            gxe.ExpectColumnValuesToBeBetween(
+                column="personalizations", min_value=1, max_value=MAX_PERSONALIZATIONS
+            ),
+            gxe.ExpectColumnValuesToBeBetween(
+                column="recipients", min_value=1, max_value=MAX_RECIPIENTS
+            ),
             gxe.ExpectColumnValuesToBeBetween(column="size", min_value=1, max_value=MAX_BODY_BYTES),
             gxe.ExpectColumnValuesToBeInSet(column="digest_matches", value_set=[True]),
             gxe.ExpectColumnValuesToBeBetween(column="top_level_cc_bcc", min_value=0, max_value=0),
-            gxe.ExpectColumnValuesToBeBetween(column="top_level_reserved_headers", min_value=0,
-                                              max_value=0),
+            gxe.ExpectColumnValuesToBeBetween(
+                column="top_level_reserved_headers", min_value=0, max_value=0
+            ),
             gxe.ExpectColumnValuesToBeBetween(column="unresolved_tags", min_value=0, max_value=0),
             gxe.ExpectColumnValuesToBeBetween(column="leftover_markers", min_value=0, max_value=0),
+            gxe.ExpectColumnValuesToBeBetween(
+                column="audience_addresses_shared", min_value=0, max_value=0
+            ),
         ],
     )
     result = GateResult(
@@ -160,7 +221,9 @@ def check_envelopes(
     )
     log.info(
         "check_envelopes: %d personalizations in %d requests, success=%s",
-        result.personalizations, result.requests, result.success,
+        result.personalizations,
+        result.requests,
+        result.success,
     )
     return result
 
@@ -176,3 +239,30 @@ def _expected_by_address(spec: CampaignSpec, valid_audience: Path, secret: bytes
 
 def _canonical(subs: Any, headers: Any) -> str:
     return json.dumps([subs, headers], sort_keys=True, ensure_ascii=False)
+
+
+def _to_entry_problems(to: list[Any]) -> int:
+    """A ``to`` entry is ``{"email"}`` with at most a display name that cannot hide an address."""
+    problems = 0
+    for entry in to:
+        if not isinstance(entry, dict):
+            problems += 1
+            continue
+        problems += len(set(entry) - {"email", "name"})
+        name = entry.get("name")
+        if name is not None and (not isinstance(name, str) or _NAME_HIDING_AN_ADDRESS.search(name)):
+            problems += 1
+    return problems
+
+
+def _audience_addresses_in(shared: dict[str, Any], audience: dict[str, str]) -> int:
+    """How many audience addresses the parts every recipient sees show (also HTML-escaped or
+    %-encoded)."""
+    text = json.dumps(shared, ensure_ascii=False).lower()
+    found = set()
+    for variant in (text, unquote(html.unescape(text)).lower()):
+        for match in _ADDRESS_LIKE.finditer(variant):
+            for candidate in {match.group(0), match.group(0).lstrip("'.%")}:
+                if candidate in audience:
+                    found.add(candidate)
+    return len(found)

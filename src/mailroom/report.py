@@ -1,4 +1,4 @@
-"""reconcile: prove ``staged = sent + failed + unknown + halted`` and say who did not get it, why."""
+"""reconcile: prove ``staged = sent + failed + unknown + halted``; say who did not get it, why."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from typing import Any
 
 import pandas as pd
 
-from mailroom.addresses import mask
 from mailroom.outbox import FAILED, FINAL_STATES, HALTED, SENDING, SENT, STAGED, UNKNOWN, Outbox
 from mailroom.payloads import Manifest
 
@@ -24,7 +23,10 @@ def reconcile(
     quarantine: Path | None,
     not_sent_csv: Path,
 ) -> dict[str, Any]:
-    """The campaign report. ``status`` is one of sent, incomplete, rejected, not_approved, failed_before_send."""
+    """The campaign report.
+
+    ``status`` is one of sent, incomplete, rejected, timed_out, not_approved, failed_before_send.
+    """
     counts = outbox.counts(run_key) if outbox is not None and manifest is not None else None
     staged_total = manifest.recipients if manifest is not None else 0
     report: dict[str, Any] = {
@@ -69,7 +71,8 @@ def reconcile(
         f"{counts[HALTED]['recipients']} + never attempted {pending}"
     )
     if approval.get("decision") != "approved":
-        report["status"] = "rejected" if approval.get("decision") == "rejected" else "not_approved"
+        decision = approval.get("decision")
+        report["status"] = decision if decision in {"rejected", "timed_out"} else "not_approved"
     elif counts[SENT]["recipients"] == staged_total:
         report["status"] = "sent"
     else:
@@ -82,6 +85,3 @@ def _default_reason(state: str, approval: dict[str, Any]) -> str:
         return f"not sent: {approval.get('decision', 'no approval')}"
     return f"batch {state}"
 
-
-def masked_sample(emails: list[str], n: int = 3) -> list[str]:
-    return [mask(e) for e in emails[:n]]

@@ -20,13 +20,24 @@ FIRST_NAMES = {
     "es": ["Lucía", "Mateo", "Sofía", "Martín", "Begoña", "Iñaki", "Valentina"],
     "ja": ["陽翔", "結衣", "蓮", "さくら", "大翔", "美咲", "ゆうと"],
 }
-LOCALE_SPELLINGS = {"en": ["en", "en-GB", "en_US"], "de": ["de", "de-DE"], "fr": ["fr", "fr_FR"],
-                    "es": ["es", "es-ES"], "ja": ["ja", "ja_JP"]}
+LOCALE_SPELLINGS = {
+    "en": ["en", "en-GB", "en_US"],
+    "de": ["de", "de-DE"],
+    "fr": ["fr", "fr_FR"],
+    "es": ["es", "es-ES"],
+    "ja": ["ja", "ja_JP"],
+}
 DOMAINS = ["example.com", "example.org", "mail.example.net", "bücher.example", "例え.jp"]
 TRICKY_NAMES = ["<b>Bold</b>", "Ann\r\nBcc: leak@example.com", 'Quote "Q" Person', "Ünïcödé ✨"]
 INVALID_ADDRESSES = [
-    "no-at-sign.example.com", "two@@example.com", "x@y.com, z@example.com", "semi;colon@example.com",
-    "spaces in@example.com", "trailing@", "@example.com", "",
+    "no-at-sign.example.com",
+    "two@@example.com",
+    "x@y.com, z@example.com",
+    "semi;colon@example.com",
+    "spaces in@example.com",
+    "trailing@",
+    "@example.com",
+    "",
 ]
 
 
@@ -69,16 +80,24 @@ def generate(path: Path, users: int = 10_000, seed: int = 2019) -> SampleAudienc
             email = f"  USER{i - 1}@{DOMAINS[(i - 1) % len(DOMAINS)].upper()} "
             duplicates += 1
         elif roll in (41, 42):  # unsubscribed, bounced or complained
-            suppressions.append((email.upper() if roll == 42 else email,
-                                 ["unsubscribed", "bounced", "complained"][i % 3]))
+            suppressions.append(
+                (
+                    email.upper() if roll == 42 else email,
+                    ["unsubscribed", "bounced", "complained"][i % 3],
+                )
+            )
         else:
             expected.add(_normalised_oracle(email))
         rows.append((uid, email, name, locale))
     with sqlite3.connect(path) as conn:
-        conn.execute("CREATE TABLE users (user_id TEXT PRIMARY KEY, email TEXT, first_name TEXT, "
-                     "locale TEXT, created_at TEXT DEFAULT CURRENT_TIMESTAMP)")
+        conn.execute(
+            "CREATE TABLE users (user_id TEXT PRIMARY KEY, email TEXT, first_name TEXT, "
+            "locale TEXT, created_at TEXT DEFAULT CURRENT_TIMESTAMP)"
+        )
         conn.execute("CREATE TABLE suppressions (email TEXT, reason TEXT)")
-        conn.executemany("INSERT INTO users (user_id, email, first_name, locale) VALUES (?,?,?,?)", rows)
+        conn.executemany(
+            "INSERT INTO users (user_id, email, first_name, locale) VALUES (?,?,?,?)", rows
+        )
         conn.executemany("INSERT INTO suppressions VALUES (?,?)", suppressions)
     return SampleAudience(path, users, len(suppressions), invalid, duplicates, frozenset(expected))
 

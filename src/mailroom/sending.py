@@ -66,7 +66,7 @@ class RetryPolicy:
         if retry_after is not None:
             return min(max(retry_after, 0.0), self.max_delay)
         backoff = min(self.max_delay, self.base_delay * 2 ** (attempt - 1))
-        return random.uniform(backoff / 2, backoff)  # noqa: S311 - jitter, not security
+        return random.uniform(backoff / 2, backoff)
 
 
 @dataclass
@@ -90,7 +90,8 @@ class ShardProgress:
         remaining = self.total - self.done - self.skipped
         eta = remaining / rate if rate > 0 else float("inf")
         return (
-            f"batches {self.done + self.skipped}/{self.total}, recipients sent {self.recipients_sent}, "
+            f"batches {self.done + self.skipped}/{self.total}, "
+            f"recipients sent {self.recipients_sent}, "
             f"{rate:.1f} req/s, {self.recipients_sent / elapsed:.0f} recipients/s, ETA {eta:.0f}s, "
             f"states {self.states}"
         )
@@ -114,11 +115,19 @@ def send_shard(
     approved = ApprovedManifest(manifest.sha256, manifest.digests)
     interrupted = outbox.mark_interrupted(run_key, [b.batch_id for b in mine])
     if interrupted:
-        log.warning("shard %d: %d batch(es) were interrupted mid-request: now 'unknown'",
-                    shard_index, interrupted)
+        log.warning(
+            "shard %d: %d batch(es) were interrupted mid-request: now 'unknown'",
+            shard_index,
+            interrupted,
+        )
     progress = ShardProgress(total=len(mine))
-    log.info("shard %d/%d: %d batches, %d recipients", shard_index, shard_count, len(mine),
-             sum(b.recipients for b in mine))
+    log.info(
+        "shard %d/%d: %d batches, %d recipients",
+        shard_index,
+        shard_count,
+        len(mine),
+        sum(b.recipients for b in mine),
+    )
     for position, entry in enumerate(mine):
         if outbox.halt_requested(run_key):
             halted = outbox.halt_remaining(run_key, [b.batch_id for b in mine[position:]])
@@ -127,7 +136,9 @@ def send_shard(
         if not outbox.claim(run_key, entry.batch_id):
             progress.skipped += 1
             continue
-        state = _send_batch(run_key, entry, payloads_dir, approved, transport, outbox, limiter, retry)
+        state = _send_batch(
+            run_key, entry, payloads_dir, approved, transport, outbox, limiter, retry
+        )
         progress.record(state, entry.recipients)
         if progress.done % log_every == 0 or position == len(mine) - 1:
             log.info("shard %d: %s", shard_index, progress.line())
@@ -135,8 +146,13 @@ def send_shard(
     summary: dict[str, int] = {}
     for st in states.values():
         summary[st.state] = summary.get(st.state, 0) + 1
-    return {"shard": shard_index, "batches": len(mine), "states": summary,
-            "recipients_sent": progress.recipients_sent, "skipped_already_done": progress.skipped}
+    return {
+        "shard": shard_index,
+        "batches": len(mine),
+        "states": summary,
+        "recipients_sent": progress.recipients_sent,
+        "skipped_already_done": progress.skipped,
+    }
 
 
 def _send_batch(
@@ -164,11 +180,15 @@ def _send_batch(
             message = mask_addresses(str(exc))
             if exc.outcome_unknown:
                 outbox.finish(run_key, entry.batch_id, UNKNOWN, error=message)
-                log.warning("batch %s: outcome unknown (%s); not resending", entry.batch_id, message)
+                log.warning(
+                    "batch %s: outcome unknown (%s); not resending", entry.batch_id, message
+                )
                 return UNKNOWN
             if exc.retryable and attempt < retry.max_attempts:
                 pause = retry.delay(attempt, exc.retry_after)
-                log.warning("batch %s: %s; retry %d in %.1fs", entry.batch_id, message, attempt, pause)
+                log.warning(
+                    "batch %s: %s; retry %d in %.1fs", entry.batch_id, message, attempt, pause
+                )
                 time.sleep(pause)
                 continue
             outbox.finish(run_key, entry.batch_id, FAILED, error=message)

@@ -80,6 +80,10 @@ class RunStaging:
         return self.gate_dir / "result.json"
 
     @property
+    def approval(self) -> Path:
+        return self.root / "approval.json"
+
+    @property
     def report(self) -> Path:
         return self.root / "report.json"
 

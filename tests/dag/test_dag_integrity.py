@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from unittest import mock
 
@@ -35,21 +36,33 @@ def test_parsing_fetches_no_connection_and_no_variable() -> None:
     from airflow.sdk.bases.hook import BaseHook
 
     with (
-        mock.patch.object(BaseHook, "get_connection", side_effect=AssertionError("connection")) as hook,
+        mock.patch.object(
+            BaseHook, "get_connection", side_effect=AssertionError("connection")
+        ) as hook,
         mock.patch.object(Connection, "get", side_effect=AssertionError("connection")) as conn,
         mock.patch.object(Variable, "get", side_effect=AssertionError("variable")) as var,
     ):
         bag = _dagbag()
     assert bag.import_errors == {}
-    assert not hook.called and not conn.called and not var.called
+    assert not hook.called
+    assert not conn.called
+    assert not var.called
 
 
 def test_stages_run_in_design_order(dag) -> None:  # type: ignore[no-untyped-def]
     order = [
-        "prepare", "extract_audience", "validate_audience", "build_envelopes", "freeze_batches",
-        "check_envelopes", "summarise", "approve", "send_shard", "reconcile",
+        "prepare",
+        "extract_audience",
+        "validate_audience",
+        "build_envelopes",
+        "freeze_batches",
+        "check_envelopes",
+        "summarise",
+        "approve",
+        "send_shard",
+        "reconcile",
     ]
-    for upstream, downstream in zip(order, order[1:], strict=False):
+    for upstream, downstream in itertools.pairwise(order):
         assert upstream in dag.get_task(downstream).upstream_task_ids or any(
             upstream in dag.get_task(t).get_flat_relative_ids(upstream=True)
             for t in dag.get_task(downstream).upstream_task_ids
@@ -70,7 +83,8 @@ def test_nothing_sends_without_the_approval_gate(dag) -> None:  # type: ignore[n
 def test_policy_owner_retries_tags(dag) -> None:  # type: ignore[no-untyped-def]
     assert "mailroom" in dag.tags
     for task in dag.tasks:
-        assert task.owner and task.owner != "airflow", task.task_id
+        assert task.owner, task.task_id
+        assert task.owner != "airflow", task.task_id
         assert task.retries is not None
     assert dag.get_task("send_shard").retries >= 1, "a killed worker's shard must be retried"
     assert dag.get_task("reconcile").trigger_rule == "all_done"

@@ -35,8 +35,13 @@ def configure_airflow_home() -> Path:
 
 
 def migrate() -> None:
-    subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True,
-                   capture_output=True, env=os.environ.copy(), timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "airflow", "db", "migrate"],
+        check=True,
+        capture_output=True,
+        env=os.environ.copy(),
+        timeout=300,
+    )
 
 
 def set_connections(**connections: dict[str, object]) -> None:

@@ -18,13 +18,20 @@ pytestmark = pytest.mark.unit
         ("   ", None),
     ],
 )
-def test_normalise_trims_lowercases_domain_and_encodes_idna(raw: object, expected: str | None) -> None:
+def test_normalise_trims_lowercases_domain_and_encodes_idna(
+    raw: object, expected: str | None
+) -> None:
     assert normalise(raw) == expected
 
 
 @pytest.mark.parametrize(
     "value",
-    ["a@example.com", "first.last+tag@sub.example.org", "o'brien@example.ie", "u@xn--bcher-kva.example"],
+    [
+        "a@example.com",
+        "first.last+tag@sub.example.org",
+        "o'brien@example.ie",
+        "u@xn--bcher-kva.example",
+    ],
 )
 def test_single_addresses_are_valid(value: str) -> None:
     assert is_valid_single_address(value)
@@ -33,8 +40,18 @@ def test_single_addresses_are_valid(value: str) -> None:
 @pytest.mark.parametrize(
     "value",
     [
-        "a@x.com, b@y.com", "a@x.com;b@y.com", "a@x.com b@y.com", "Anna <a@x.com>", '"a,b"@x.com',
-        "a@x.com\r\nBcc: b@y.com", "no-at.example.com", "a@@x.com", "a@x", "", None, 42,
+        "a@x.com, b@y.com",
+        "a@x.com;b@y.com",
+        "a@x.com b@y.com",
+        "Anna <a@x.com>",
+        '"a,b"@x.com',
+        "a@x.com\r\nBcc: b@y.com",
+        "no-at.example.com",
+        "a@@x.com",
+        "a@x",
+        "",
+        None,
+        42,
         "a" * 250 + "@x.com",
     ],
 )

@@ -37,16 +37,20 @@ class AirflowApi:
             timeout=self.timeout,
         )
         if response.status_code not in (200, 201):
-            raise AirflowApiError(f"login as {self.username!r} refused ({response.status_code})",
-                                  response.status_code)
+            raise AirflowApiError(
+                f"login as {self.username!r} refused ({response.status_code})", response.status_code
+            )
         self._token = response.json()["access_token"]
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
         if self._token is None:
             self.login()
         response = self._session.request(
-            method, f"{self.base_url}/api/v2{path}",
-            headers={"Authorization": f"Bearer {self._token}"}, timeout=self.timeout, **kwargs,
+            method,
+            f"{self.base_url}/api/v2{path}",
+            headers={"Authorization": f"Bearer {self._token}"},
+            timeout=self.timeout,
+            **kwargs,
         )
         if response.status_code == 401:
             self.login()
@@ -67,16 +71,23 @@ class AirflowApi:
         self.request("PATCH", f"/dags/{dag_id}", json={"is_paused": False})
 
     def trigger(self, dag_id: str, conf: dict[str, Any]) -> str:
-        run = self.request("POST", f"/dags/{dag_id}/dagRuns", json={"logical_date": None, "conf": conf})
+        run = self.request(
+            "POST", f"/dags/{dag_id}/dagRuns", json={"logical_date": None, "conf": conf}
+        )
         return str(run["dag_run_id"])
 
     def dag_run(self, dag_id: str, run_id: str) -> dict[str, Any]:
-        result: dict[str, Any] = self.request("GET", f"/dags/{dag_id}/dagRuns/{quote(run_id, safe='')}")
+        result: dict[str, Any] = self.request(
+            "GET", f"/dags/{dag_id}/dagRuns/{quote(run_id, safe='')}"
+        )
         return result
 
     def task_instances(self, dag_id: str, run_id: str) -> list[dict[str, Any]]:
-        data = self.request("GET", f"/dags/{dag_id}/dagRuns/{quote(run_id, safe='')}/taskInstances",
-                            params={"limit": 1000})
+        data = self.request(
+            "GET",
+            f"/dags/{dag_id}/dagRuns/{quote(run_id, safe='')}/taskInstances",
+            params={"limit": 1000},
+        )
         return list(data["task_instances"])
 
     def xcom(self, dag_id: str, run_id: str, task_id: str, map_index: int = -1) -> Any:
@@ -90,14 +101,20 @@ class AirflowApi:
 
     # human-in-the-loop ----------------------------------------------------------------------
     def pending_approvals(self) -> list[dict[str, Any]]:
-        data = self.request("GET", "/dags/~/dagRuns/~/hitlDetails",
-                            params={"response_received": False, "limit": 1000})
+        data = self.request(
+            "GET",
+            "/dags/~/dagRuns/~/hitlDetails",
+            params={"response_received": False, "limit": 1000},
+        )
         return list(data.get("hitl_details", []))
 
-    def answer(self, dag_id: str, run_id: str, task_id: str, option: str, map_index: int = -1) -> Any:
+    def answer(
+        self, dag_id: str, run_id: str, task_id: str, option: str, map_index: int = -1
+    ) -> Any:
         return self.request(
             "PATCH",
-            f"/dags/{dag_id}/dagRuns/{quote(run_id, safe='')}/taskInstances/{task_id}/{map_index}/hitlDetails",
+            f"/dags/{dag_id}/dagRuns/{quote(run_id, safe='')}/taskInstances/{task_id}"
+            f"/{map_index}/hitlDetails",
             json={"chosen_options": [option], "params_input": {}},
         )
 

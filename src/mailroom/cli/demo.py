@@ -32,8 +32,16 @@ FINISHED = {"success", "failed"}
 
 
 class Demo:
-    def __init__(self, repo: Path, *, users: int, yes: bool, sendgrid_api_host: str | None,
-                 keep_running: bool, shards: int = 2) -> None:
+    def __init__(
+        self,
+        repo: Path,
+        *,
+        users: int,
+        yes: bool,
+        sendgrid_api_host: str | None,
+        keep_running: bool,
+        shards: int = 2,
+    ) -> None:
         self.repo = repo
         self.var = repo / "var"
         self.users = users
@@ -59,20 +67,31 @@ class Demo:
         started = time.monotonic()
         say(f"generating {self.users} sample users (with suppressed, invalid and duplicate rows)")
         audience = generate(self.var / "demo" / "users.sqlite", users=self.users)
-        say(f"  {audience.users} users, {audience.suppressed} suppressed, {audience.invalid} invalid, "
-            f"{audience.duplicates} duplicates → {len(audience.expected)} should receive it")
+        say(
+            f"  {audience.users} users, {audience.suppressed} suppressed, "
+            f"{audience.invalid} invalid, "
+            f"{audience.duplicates} duplicates → {len(audience.expected)} should receive it"
+        )
         host = self.sendgrid_api_host or self.start_dev_server()
         say("preparing Airflow (SQLite, LocalExecutor) in .airflow/")
         self.airflow.migrate()
-        self.airflow.import_connections({
-            "mailroom_users": {"conn_type": "sqlite", "host": str(audience.path)},
-            "mailroom_sendgrid": {"conn_type": "http", "host": host,
-                                  "password": "SG.local-dev-key", "extra": json.dumps({"timeout": 30})},
-        })
-        self.airflow.import_variables({
-            "mailroom_staging_root": str(self.var / "staging"),
-            "mailroom_unsubscribe_secret": self._unsubscribe_secret(),
-        })
+        self.airflow.import_connections(
+            {
+                "mailroom_users": {"conn_type": "sqlite", "host": str(audience.path)},
+                "mailroom_sendgrid": {
+                    "conn_type": "http",
+                    "host": host,
+                    "password": "SG.local-dev-key",
+                    "extra": json.dumps({"timeout": 30}),
+                },
+            }
+        )
+        self.airflow.import_variables(
+            {
+                "mailroom_staging_root": str(self.var / "staging"),
+                "mailroom_unsubscribe_secret": self._unsubscribe_secret(),
+            }
+        )
         self.airflow.start()
         self.airflow.wait_healthy()
         passwords = self.airflow.passwords()
@@ -81,7 +100,9 @@ class Demo:
         say(f"Airflow is up at {self.airflow.url}; waiting for the DAG to be parsed")
         analyst.wait_until("the DAG to be parsed", lambda: _exists(analyst, DAG_ID), timeout=180)
         analyst.unpause(DAG_ID)
-        run_id = analyst.trigger(DAG_ID, {"campaign": CAMPAIGN, "dry_run": False, "shards": self.shards})
+        run_id = analyst.trigger(
+            DAG_ID, {"campaign": CAMPAIGN, "dry_run": False, "shards": self.shards}
+        )
         say(f"triggered {DAG_ID} run {run_id} as 'analyst'")
 
         follower = RunFollower(analyst, run_id)
@@ -93,8 +114,9 @@ class Demo:
         approver.answer(DAG_ID, run_id, "approve", "Approve" if approve else "Reject")
         say(f"{'approved' if approve else 'rejected'} as 'approver' through the REST API")
 
-        final = follower.until(lambda _: analyst.dag_run(DAG_ID, run_id)["state"] in FINISHED,
-                               timeout=1800)
+        final = follower.until(
+            lambda _: analyst.dag_run(DAG_ID, run_id)["state"] in FINISHED, timeout=1800
+        )
         state = analyst.dag_run(DAG_ID, run_id)["state"]
         report = _read_report(self.var / "staging", run_id)
         print_report(report)
@@ -112,19 +134,31 @@ class Demo:
     def start_dev_server(self) -> str:
         shutil.rmtree(self.dev_server_dir, ignore_errors=True)
         port = free_port()
-        log = (self.var / "sendgrid-dev.log")
+        log = self.var / "sendgrid-dev.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         self.dev_server = subprocess.Popen(
-            [sys.executable, "-m", "mailroom.sendgrid_dev_server", "--port", str(port),
-             "--data-dir", str(self.dev_server_dir)],
-            stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "mailroom.sendgrid_dev_server",
+                "--port",
+                str(port),
+                "--data-dir",
+                str(self.dev_server_dir),
+            ],
+            stdout=log.open("ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
                 if requests.get(f"{url}/_dev/health", timeout=1).ok:
-                    say(f"SendGrid-compatible dev server at {url} (records to {self.dev_server_dir})")
+                    say(
+                        f"SendGrid-compatible dev server at {url} "
+                        f"(records to {self.dev_server_dir})"
+                    )
                     return url
             except requests.RequestException:
                 time.sleep(0.2)
@@ -139,18 +173,25 @@ class Demo:
         missing = len(audience.expected - set(received))
         extra = len(set(received) - audience.expected)
         per_request = max((len(r["body"]["personalizations"]) for r in records), default=0)
-        one_each = all(len(p["to"]) == 1 and not p.get("cc") and not p.get("bcc")
-                       for r in records for p in r["body"]["personalizations"])
+        one_each = all(
+            len(p["to"]) == 1 and not p.get("cc") and not p.get("bcc")
+            for r in records
+            for p in r["body"]["personalizations"]
+        )
         ok = not twice and not missing and not extra and one_each
-        say(f"dev server received {len(records)} requests, {sum(received.values())} recipients "
+        say(
+            f"dev server received {len(records)} requests, {sum(received.values())} recipients "
             f"(≤{per_request} per request), one recipient per personalization: {one_each}; "
             f"received twice: {twice}, missing: {missing}, not in the audience: {extra} → "
-            f"{'OK' if ok else 'MISMATCH'}")
+            f"{'OK' if ok else 'MISMATCH'}"
+        )
         return ok
 
     def print_access(self, passwords: dict[str, str]) -> None:
-        say(f"Airflow UI: {self.airflow.url}  (users: analyst, approver, admin; passwords in "
-            f"{self.airflow.passwords_file})")
+        say(
+            f"Airflow UI: {self.airflow.url}  (users: analyst, approver, admin; passwords in "
+            f"{self.airflow.passwords_file})"
+        )
 
     def _unsubscribe_secret(self) -> str:
         path = self.airflow.home / "unsubscribe_secret"
@@ -230,7 +271,10 @@ def print_report(report: dict[str, Any] | None) -> None:
         say("no report was written")
         return
     approval = report.get("approval", {})
-    say(f"report: status {report['status']}; approval {approval.get('decision')} by {approval.get('by')}")
+    say(
+        f"report: status {report['status']}; "
+        f"approval {approval.get('decision')} by {approval.get('by')}"
+    )
     if report.get("equation"):
         say(f"  {report['equation']} (balanced: {report['balanced']})")
     for locale, entry in (report.get("staged", {}).get("per_locale") or {}).items():

@@ -73,7 +73,9 @@ class LocalAirflow:
             "AIRFLOW__CORE__PARALLELISM": str(self.parallelism),
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{self.home / 'airflow.db'}",
-            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": ",".join(f"{u}:{r}" for u, r in USERS.items()),
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": ",".join(
+                f"{u}:{r}" for u, r in USERS.items()
+            ),
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(self.passwords_file),
             "AIRFLOW__API__PORT": str(self.port),
             "AIRFLOW__API__HOST": "127.0.0.1",
@@ -86,7 +88,11 @@ class LocalAirflow:
             "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
             "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
             "PYTHONPATH": os.pathsep.join(
-                [str(self.repo / "src"), str(self.repo / "plugins"), os.environ.get("PYTHONPATH", "")]
+                [
+                    str(self.repo / "src"),
+                    str(self.repo / "plugins"),
+                    os.environ.get("PYTHONPATH", ""),
+                ]
             ),
             "GX_ANALYTICS_ENABLED": "False",
             "NO_PROXY": "127.0.0.1,localhost",
@@ -96,7 +102,11 @@ class LocalAirflow:
 
     def airflow(self, *args: str, timeout: float = 300) -> str:
         result = subprocess.run(
-            ["airflow", *args], env=self.env(), capture_output=True, text=True, timeout=timeout,
+            ["airflow", *args],
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
             check=False,
         )
         if result.returncode != 0:
@@ -118,7 +128,9 @@ class LocalAirflow:
         path.chmod(0o600)
         self.airflow("variables", "import", "--action-on-existing-key", "overwrite", str(path))
 
-    def start(self, components: tuple[str, ...] = ("api-server", "scheduler", "dag-processor")) -> None:
+    def start(
+        self, components: tuple[str, ...] = ("api-server", "scheduler", "dag-processor")
+    ) -> None:
         logs = self.home / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         for component in components:
@@ -127,8 +139,13 @@ class LocalAirflow:
                 args += ["--port", str(self.port), "--host", "127.0.0.1"]
             out = (logs / f"{component}.out").open("ab")
             self.processes.append(
-                subprocess.Popen(args, env=self.env(), stdout=out, stderr=subprocess.STDOUT,
-                                 start_new_session=True)
+                subprocess.Popen(
+                    args,
+                    env=self.env(),
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
             )
 
     def wait_healthy(self, timeout: float = 180) -> None:
@@ -146,7 +163,9 @@ class LocalAirflow:
             except requests.RequestException:
                 pass
             time.sleep(1)
-        raise RuntimeError(f"Airflow API did not answer within {timeout:.0f}s; see {self.home / 'logs'}")
+        raise RuntimeError(
+            f"Airflow API did not answer within {timeout:.0f}s; see {self.home / 'logs'}"
+        )
 
     def stop(self) -> None:
         for proc in self.processes:

@@ -19,8 +19,11 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--users", type=int, default=10_000, help="sample audience size")
     demo.add_argument("--yes", action="store_true", help="approve without asking, then exit")
     demo.add_argument("--sendgrid-api-host", help="send to this SendGrid-compatible endpoint")
-    demo.add_argument("--keep-running", action="store_true",
-                      help="keep Airflow up after the report (default when asking interactively)")
+    demo.add_argument(
+        "--keep-running",
+        action="store_true",
+        help="keep Airflow up after the report (default when asking interactively)",
+    )
     demo.add_argument("--shards", type=int, default=2)
 
     sample = sub.add_parser("sample-audience", help="write the deterministic sample users database")
@@ -32,9 +35,14 @@ def main(argv: list[str] | None = None) -> int:
         from mailroom.cli.demo import Demo
 
         keep = args.keep_running or not args.yes
-        return Demo(_repo_root(), users=args.users, yes=args.yes,
-                    sendgrid_api_host=args.sendgrid_api_host, keep_running=keep,
-                    shards=args.shards).run()
+        return Demo(
+            _repo_root(),
+            users=args.users,
+            yes=args.yes,
+            sendgrid_api_host=args.sendgrid_api_host,
+            keep_running=keep,
+            shards=args.shards,
+        ).run()
     if args.command == "sample-audience":
         from mailroom.sample_audience import generate
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import http.client
 import logging
-import socket
 import time
 import urllib.error
 from dataclasses import dataclass
@@ -63,7 +62,7 @@ class SendGridTransport(Transport):
             raise TransportError(
                 f"SendGrid unreachable at {self.settings.host}: {exc.reason}", retryable=True
             ) from None
-        except (TimeoutError, socket.timeout, http.client.HTTPException, ConnectionError) as exc:
+        except (TimeoutError, http.client.HTTPException, ConnectionError) as exc:
             # The request was sent and the answer was lost: it may have been accepted.
             raise TransportError(
                 f"SendGrid answer lost after the request was sent: {type(exc).__name__}",
@@ -74,7 +73,9 @@ class SendGridTransport(Transport):
             raise TransportError(f"SendGrid answered {status}", status=status)
         message_id = response.headers.get("X-Message-Id") or ""
         if not message_id:
-            raise TransportError(f"SendGrid answered {status} without an X-Message-Id", status=status)
+            raise TransportError(
+                f"SendGrid answered {status} without an X-Message-Id", status=status
+            )
         return Delivery(message_id=message_id, status=status)
 
 

@@ -1,0 +1,263 @@
+"""Properties of envelopes and request bodies over generated audiences (hypothesis).
+
+Audiences mix what real ones hold: names in any script (RTL, emoji, combining marks), quotes and
+apostrophes, CR/LF and the other line separators, markup, values of a few KB, and addresses at
+internationalised domains. Whatever the data, an envelope's values stay on one line, the HTML
+ones are escaped, each unsubscribe token is its owner's alone, and the frozen body passes the
+envelope guard with exactly its recipients; any mutation that puts a second address into a
+personalization is refused.
+"""
+
+from __future__ import annotations
+
+import html
+import string
+from functools import cache
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mailroom.addresses import is_valid_single_address, normalise
+from mailroom.campaign_spec import CampaignSpec, load_campaign
+from mailroom.content import LocaleContent, render_all
+from mailroom.envelope_guard import recipients_of_body
+from mailroom.envelopes import envelope_values, unsubscribe_token, verify_unsubscribe_token
+from mailroom.errors import EnvelopeViolation
+from mailroom.payloads import sendgrid_request_body, serialise
+from mailroom.substitutions import substitution_tag
+
+pytestmark = pytest.mark.unit
+
+INCLUDE = Path(__file__).resolve().parents[2] / "include"
+SECRET = b"property-test-secret"
+LINE_BREAKS = ("\r", "\n", "\u2028", "\u2029", "\x85", "\x0b", "\x0c")
+FIRST_NAME = substitution_tag("first_name", html=False)
+FIRST_NAME_HTML = substitution_tag("first_name", html=True)
+UNSUBSCRIBE = substitution_tag("unsubscribe_url", html=False)
+UNSUBSCRIBE_HTML = substitution_tag("unsubscribe_url", html=True)
+
+SETTINGS = settings(
+    max_examples=60,
+    deadline=None,
+    database=None,  # no .hypothesis/ folder in the repository; failures print their example
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+
+@cache
+def spec() -> CampaignSpec:
+    return load_campaign(INCLUDE / "campaigns", "winter_update")
+
+
+@cache
+def contents() -> dict[str, LocaleContent]:
+    s = spec()
+    return render_all(
+        INCLUDE / "templates",
+        INCLUDE / "translations",
+        s.template,
+        locales=s.locales,
+        fields=s.fields,
+        campaign={
+            "name": s.name,
+            "sender_name": s.sender.name,
+            "company_address": s.company_address,
+        },
+    )
+
+
+# --- strategies -------------------------------------------------------------------------------
+TRICKY = [
+    "\r\n",
+    "\r",
+    "\n",
+    "\u2028",
+    "\u2029",
+    "\x85",
+    "\x0b",
+    "\x0c",  # line breaks of every kind
+    "Bcc: leak@example.com",
+    "\r\nTo: all@example.com",  # header injection
+    "<script>alert('x')</script>",
+    "<b>",
+    "</p>",
+    "&amp;",
+    "&lt;",
+    ">",
+    "<",  # markup
+    '"',
+    "'",
+    "’",
+    "O'Brien",
+    '"Q" Person',
+    "«Zoë»",  # quotes and apostrophes
+    "مرحبا",
+    "שלום",
+    "\u202e",
+    "\u200f",
+    "\u200d",  # right-to-left and bidi controls
+    "👩‍👩‍👧",
+    "🎉",
+    "🏳️‍🌈",  # emoji, ZWJ sequences
+    "e\u0301",
+    "Z\u0351\u0359\u0300",
+    "\u0308",  # combining marks
+    "%%first_name%%",
+    "{{ recipient.email }}",
+    "{% if %}",  # look like tags or markers
+    "陽翔",
+    "Jürgen",
+    "   ",
+    "\t",
+]
+piece = st.one_of(st.sampled_from(TRICKY), st.text(max_size=12))
+short_value = st.lists(piece, max_size=8).map("".join)
+long_value = st.builds(lambda p, n: (p * n)[:4096], piece.filter(bool), st.integers(200, 2000))
+first_names = st.one_of(st.none(), short_value, long_value)
+
+ATOM = string.ascii_letters + string.digits + "_+-'"
+local_parts = st.lists(st.text(ATOM, min_size=1, max_size=10), min_size=1, max_size=3).map(".".join)
+domains = st.sampled_from(
+    [
+        "bücher.example",
+        "例え.jp",
+        "sub.例え.jp",
+        "münchen.de",
+        "пример.рф",
+        "xn--bcher-kva.example",
+        "MAIL.Example.NET",
+        "ünïcödé.example.org",
+    ]
+)
+
+
+@st.composite
+def addresses(draw: Any) -> str:
+    email = normalise(f"{draw(local_parts)}@{draw(domains)}")
+    assert email is not None
+    if not is_valid_single_address(email):  # e.g. a local part too long after joining
+        email = normalise(f"user{draw(st.integers(0, 10**6))}@{draw(domains)}")
+    assert email is not None
+    assert is_valid_single_address(email), email
+    return email
+
+
+rows = st.fixed_dictionaries(
+    {
+        "user_id": st.text(min_size=1, max_size=40),
+        "email": addresses(),
+        "first_name": first_names,
+        "locale": st.sampled_from(["en", "de", "fr", "es", "ja"]),
+    }
+)
+audiences = st.lists(
+    rows, min_size=1, max_size=25, unique_by=(lambda r: r["email"].lower(), lambda r: r["user_id"])
+)
+
+
+def envelopes_of(audience: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for row in audience:
+        subs, headers = envelope_values(spec(), SECRET, row)
+        out.append({"email": row["email"], "substitutions": subs, "headers": headers})
+    return out
+
+
+def token_in(url: str) -> str:
+    return parse_qs(urlsplit(url).query)["token"][0]
+
+
+# --- properties -------------------------------------------------------------------------------
+@SETTINGS
+@given(audience=audiences)
+def test_envelope_values_stay_on_one_line_and_html_is_escaped(
+    audience: list[dict[str, Any]],
+) -> None:
+    for row in audience:
+        subs, headers = envelope_values(spec(), SECRET, row)
+        for value in [*subs.values(), *headers.values()]:
+            assert not any(b in value for b in LINE_BREAKS), repr(value)
+        for plain_tag, html_tag in ((FIRST_NAME, FIRST_NAME_HTML), (UNSUBSCRIBE, UNSUBSCRIBE_HTML)):
+            escaped = subs[html_tag]
+            assert not set(escaped) & set("<>\"'"), repr(escaped)
+            assert html.unescape(escaped) == subs[plain_tag]
+        assert headers["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+        assert f"<{subs[UNSUBSCRIBE]}>" in headers["List-Unsubscribe"]
+
+
+@SETTINGS
+@given(audience=audiences, other_campaign=st.text(min_size=1, max_size=30))
+def test_unsubscribe_tokens_verify_only_for_their_own_user_and_campaign(
+    audience: list[dict[str, Any]], other_campaign: str
+) -> None:
+    name = spec().name
+    tokens = {}
+    for row in audience:
+        subs, _headers = envelope_values(spec(), SECRET, row)
+        token = token_in(subs[UNSUBSCRIBE])
+        assert token == unsubscribe_token(SECRET, name, row["user_id"])
+        assert verify_unsubscribe_token(SECRET, name, token) == row["user_id"]
+        if other_campaign != name:
+            assert verify_unsubscribe_token(SECRET, other_campaign, token) is None
+        assert verify_unsubscribe_token(b"another-secret", name, token) is None
+        tokens[row["user_id"]] = token
+    assert len(set(tokens.values())) == len(tokens)
+    # Another user's id with this user's signature never verifies.
+    ids = list(tokens)
+    for a, b in pairwise(ids):
+        forged = f"{tokens[b].partition('.')[0]}.{tokens[a].partition('.')[2]}"
+        assert verify_unsubscribe_token(SECRET, name, forged) is None
+
+
+@SETTINGS
+@given(audience=audiences, locale=st.sampled_from(["en", "de", "fr", "es", "ja"]))
+def test_frozen_bodies_pass_the_guard_with_exactly_their_recipients(
+    audience: list[dict[str, Any]], locale: str
+) -> None:
+    body = sendgrid_request_body(
+        spec(), contents()[locale], envelopes_of(audience), {"mailroom_batch": f"{locale}-00001"}
+    )
+    assert recipients_of_body(serialise(body)) == tuple(r["email"] for r in audience)
+
+
+def _second_address_mutations() -> Any:
+    kinds = st.sampled_from(["to", "cc", "bcc", "joined", "display"])
+    separators = st.sampled_from([", ", ",", ";", "; ", " ", "\n", "\r\n", " , "])
+    return st.tuples(kinds, separators, st.lists(addresses(), min_size=1, max_size=3))
+
+
+@SETTINGS
+@given(
+    audience=audiences,
+    where=st.integers(min_value=0),
+    mutation=_second_address_mutations(),
+    from_batch=st.booleans(),
+)
+def test_the_guard_refuses_a_second_address_in_any_personalization(
+    audience: list[dict[str, Any]],
+    where: int,
+    mutation: tuple[str, str, list[str]],
+    from_batch: bool,
+) -> None:
+    kind, separator, fresh = mutation
+    body = sendgrid_request_body(spec(), contents()["en"], envelopes_of(audience), {})
+    parts = body["personalizations"]
+    i = where % len(parts)
+    own = parts[i]["to"][0]["email"]
+    others = [r["email"] for j, r in enumerate(audience) if j != i]
+    extra = others[:3] if from_batch and others else fresh
+    if kind == "to":
+        parts[i]["to"] += [{"email": e} for e in extra]
+    elif kind in ("cc", "bcc"):
+        parts[i][kind] = [{"email": e} for e in extra]
+    elif kind == "joined":
+        parts[i]["to"] = [{"email": separator.join([own, *extra])}]
+    else:  # a display name carrying the other address
+        parts[i]["to"] = [{"email": own, "name": f"{extra[0]}{separator}"}]
+    with pytest.raises(EnvelopeViolation):
+        recipients_of_body(serialise(body))

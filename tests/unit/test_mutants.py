@@ -1,0 +1,614 @@
+"""Invariant 1, tried for real: mutant payload builders against each layer on its own.
+
+Every mutant breaks the one-recipient-per-envelope rule in one way. Each is frozen into a fresh
+copy of one prepared run and then meets one layer alone:
+
+* ``gate``: the pipeline as deployed: the data-quality gate runs on the frozen payloads and must
+  raise ``ValidationFailed`` (so approval is never reached); had it passed, the run would go on
+  to send, so the dev server's request count shows what would have left.
+* ``guard``: the gate is skipped; the real ``SendGridTransport`` points at the SendGrid-compatible
+  dev server and the envelope guard must refuse the exact bytes (``EnvelopeViolation``) before
+  the mutated request leaves.
+
+The outcome of every (mutant, layer) pair is recorded as it happened and printed as a table at
+the end of the module (through the terminal reporter, so the CI log shows it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import re
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mailroom import pipeline
+from mailroom.addresses import mask_addresses
+from mailroom.campaign_spec import CampaignSpec
+from mailroom.content import LocaleContent
+from mailroom.errors import EnvelopeViolation, MailroomError, ValidationFailed
+from mailroom.outbox import Outbox
+from mailroom.payloads import (
+    BodyBuilder,
+    Envelope,
+    iter_envelopes_by_locale,
+    load_manifest,
+    personalization,
+    sendgrid_request_body,
+)
+from mailroom.pipeline import ProjectPaths, Run
+from mailroom.sample_audience import generate
+from mailroom.sendgrid_dev_server import SendGridDevServer
+from mailroom.staging import RunStaging, read_json
+from mailroom.substitutions import substitution_tag
+from mailroom.transports.sendgrid import SendGridSettings, SendGridTransport
+
+pytestmark = pytest.mark.unit
+
+SECRET = b"mutant-test-secret"
+INCLUDE = Path(__file__).resolve().parents[2] / "include"
+OUTSIDER = "intruder@example.net"
+FIRST_NAME = substitution_tag("first_name", html=False)
+FIRST_NAME_HTML = substitution_tag("first_name", html=True)
+UNSUBSCRIBE = substitution_tag("unsubscribe_url", html=False)
+UNSUBSCRIBE_HTML = substitution_tag("unsubscribe_url", html=True)
+
+Body = dict[str, Any]
+
+
+# --- mutant payload builders ------------------------------------------------------------------
+def clean(spec: CampaignSpec, content: LocaleContent, envelopes: Any, custom_args: Any) -> Body:
+    return sendgrid_request_body(spec, content, envelopes, custom_args)
+
+
+def wrapping(mutate: Callable[[Body, LocaleContent], None]) -> Callable[[Run], BodyBuilder]:
+    """A stateless mutant: the real body with one thing broken in every request."""
+
+    def factory(_run: Run) -> BodyBuilder:
+        def build(spec: CampaignSpec, content: LocaleContent, envelopes: Any, args: Any) -> Body:
+            body = clean(spec, content, envelopes, args)
+            mutate(body, content)
+            return body
+
+        return build
+
+    return factory
+
+
+def _to(body: Body, i: int) -> str:
+    return str(body["personalizations"][i]["to"][0]["email"])
+
+
+def everyone_in_one_to(body: Body, _content: LocaleContent) -> None:
+    """The 2019 change: the whole batch in one personalization's ``to``."""
+    parts = body["personalizations"]
+    body["personalizations"] = [
+        {
+            "to": [p["to"][0] for p in parts],
+            "substitutions": parts[0]["substitutions"],
+            "headers": parts[0]["headers"],
+        }
+    ]
+
+
+def sdk_default(_run: Run) -> BodyBuilder:
+    """The SendGrid SDK's default: ``Mail(to_emails=[...])`` without ``is_multiple``."""
+    from sendgrid.helpers.mail import Mail
+
+    def build(spec: CampaignSpec, content: LocaleContent, envelopes: Any, _args: Any) -> Body:
+        mail = Mail(
+            from_email=spec.sender.email,
+            to_emails=[e["email"] for e in envelopes],
+            subject=content.subject,
+            plain_text_content=content.text,
+            html_content=content.html,
+        )
+        body: Body = mail.get()
+        return body
+
+    return build
+
+
+def cc_other_user(body: Body, _content: LocaleContent) -> None:
+    body["personalizations"][0]["cc"] = [{"email": _to(body, 1)}]
+
+
+def bcc_other_user(body: Body, _content: LocaleContent) -> None:
+    body["personalizations"][0]["bcc"] = [{"email": _to(body, 1)}]
+
+
+def top_level_bcc(body: Body, _content: LocaleContent) -> None:
+    body["bcc"] = [{"email": OUTSIDER}]
+
+
+def mail_settings_bcc(body: Body, _content: LocaleContent) -> None:
+    """SendGrid's ``bcc`` mail setting: a copy of every message of the request to one address."""
+    body["mail_settings"] = {"bcc": {"enable": True, "email": OUTSIDER}}
+
+
+def same_address_twice_in_request(body: Body, _content: LocaleContent) -> None:
+    body["personalizations"][1] = copy.deepcopy(body["personalizations"][0])
+
+
+def _batches(run: Run) -> list[list[Envelope]]:
+    """The envelopes of every request, in the order freeze_batches builds them."""
+    spec = run.spec()
+    return [
+        chunk
+        for locale in spec.locales
+        for chunk in iter_envelopes_by_locale(run.staging.envelopes, locale, spec.batch_size)
+    ]
+
+
+def address_in_two_requests(_run: Run) -> BodyBuilder:
+    """The brief's shape: request 2's first recipient replaced by request 1's first (whole
+    personalization, so only the duplicate itself is wrong). Request 1 is clean."""
+    first: list[Body] = []
+
+    def build(spec: CampaignSpec, content: LocaleContent, envelopes: Any, args: Any) -> Body:
+        body = clean(spec, content, envelopes, args)
+        first.append(body["personalizations"][0])
+        if len(first) == 2:  # the second request; the others stay clean
+            body["personalizations"][0] = copy.deepcopy(first[0])
+        return body
+
+    return build
+
+
+def address_in_two_requests_first(run: Run) -> BodyBuilder:
+    """The same address in two requests, the copy in the first request sent: request 2's first
+    recipient also takes the place of request 1's first."""
+    intruder = _batches(run)[1][0]
+    calls: list[int] = []
+
+    def build(spec: CampaignSpec, content: LocaleContent, envelopes: Any, args: Any) -> Body:
+        body = clean(spec, content, envelopes, args)
+        if not calls:
+            body["personalizations"][0] = personalization(intruder)
+        calls.append(1)
+        return body
+
+    return build
+
+
+def other_users_substitutions(body: Body, _content: LocaleContent) -> None:
+    """User B's envelope carries user A's substitution values (a shared or shifted dict)."""
+    parts = body["personalizations"]
+    parts[1]["substitutions"] = copy.deepcopy(parts[0]["substitutions"])
+
+
+def first_name_only(body: Body, _content: LocaleContent) -> None:
+    """Only user A's first name in user B's envelope, B's own link and headers kept."""
+    parts = body["personalizations"]
+    a = parts[0]["substitutions"]
+    b = next(p for p in parts[1:] if p["substitutions"][FIRST_NAME] != a[FIRST_NAME])
+    b["substitutions"][FIRST_NAME] = a[FIRST_NAME]
+    b["substitutions"][FIRST_NAME_HTML] = a[FIRST_NAME_HTML]
+
+
+def other_users_unsubscribe(body: Body, _content: LocaleContent) -> None:
+    """User A's unsubscribe link in user B's envelope: substitutions and List-Unsubscribe."""
+    a, b = body["personalizations"][0], body["personalizations"][1]
+    for tag in (UNSUBSCRIBE, UNSUBSCRIBE_HTML):
+        b["substitutions"][tag] = a["substitutions"][tag]
+    b["headers"]["List-Unsubscribe"] = a["headers"]["List-Unsubscribe"]
+
+
+def comma_joined_address(body: Body, _content: LocaleContent) -> None:
+    parts = body["personalizations"]
+    parts[0]["to"] = [{"email": f"{_to(body, 0)}, {_to(body, 1)}"}]
+    del parts[1]
+
+
+def reserved_bcc_header(body: Body, _content: LocaleContent) -> None:
+    body["personalizations"][0]["headers"]["Bcc"] = _to(body, 1)
+
+
+def header_with_other_users_address(body: Body, _content: LocaleContent) -> None:
+    """A non-reserved header that shows (and mails read receipts to) another recipient."""
+    body["personalizations"][1]["headers"]["Disposition-Notification-To"] = _to(body, 0)
+
+
+def address_in_shared_content(body: Body, _content: LocaleContent) -> None:
+    """The shared HTML rendered with the first recipient's address instead of a tag."""
+    html = next(c for c in body["content"] if c["type"] == "text/html")
+    html["value"] += f"<p>This message was sent to {_to(body, 0)}</p>"
+
+
+def display_name_hides_address(body: Body, _content: LocaleContent) -> None:
+    body["personalizations"][0]["to"][0]["name"] = _to(body, 1)
+
+
+def personal_subject_with_other_users_name(body: Body, content: LocaleContent) -> None:
+    parts = body["personalizations"]
+    parts[1]["subject"] = content.subject.replace(FIRST_NAME, parts[0]["substitutions"][FIRST_NAME])
+
+
+def leftover_jinja_marker(body: Body, _content: LocaleContent) -> None:
+    html = next(c for c in body["content"] if c["type"] == "text/html")
+    html["value"] += "<p>{{ recipient.first_name }}</p>"
+
+
+def unresolved_tag(body: Body, _content: LocaleContent) -> None:
+    body["subject"] = f"{body['subject']} %%account_balance%%"
+
+
+def recipient_not_in_audience(body: Body, _content: LocaleContent) -> None:
+    """An address nobody validated (a different one per request) in place of a recipient's."""
+    batch = body["custom_args"]["mailroom_batch"]
+    body["personalizations"][0]["to"] = [{"email": OUTSIDER.replace("@", f"+{batch}@")}]
+
+
+def edit_after_freeze(run: Run) -> None:
+    """Rewrite the first frozen request (a new subject) after the manifest pinned its digest."""
+    manifest = load_manifest(run.staging.manifest)
+    path = run.staging.payloads_dir / manifest.batches[0].file
+    body = json.loads(path.read_bytes())
+    body["subject"] = "Urgent: verify your wallet"
+    path.write_bytes(json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode())
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    builder: Callable[[Run], BodyBuilder] | None
+    gate_reasons: frozenset[str]  # the gate must fail at least one of these checks
+    guard_reason: str  # a regex the guard's refusal must match
+    after_freeze: Callable[[Run], None] | None = None
+    mutates_first_request: bool = True
+    guard_blind: str | None = None  # why the guard cannot see this one (expected MISSED)
+
+
+def _m(
+    name: str,
+    builder: Callable[[Run], BodyBuilder] | None,
+    gate: set[str],
+    guard: str,
+    **kwargs: Any,
+) -> Mutant:
+    return Mutant(name, builder, frozenset(gate), guard, **kwargs)
+
+
+MUTANTS = [
+    _m(
+        "2019 change: batch in one 'to'",
+        wrapping(everyone_in_one_to),
+        {"n_to"},
+        r"recipients in 'to', not 1",
+    ),
+    _m("SDK default Mail(to_emails=[...])", sdk_default, {"n_to"}, r"recipients in 'to', not 1"),
+    _m("cc of another user", wrapping(cc_other_user), {"n_cc"}, r"has \['cc'\]"),
+    _m("bcc of another user", wrapping(bcc_other_user), {"n_bcc"}, r"has \['bcc'\]"),
+    _m("top-level bcc", wrapping(top_level_bcc), {"top_level_cc_bcc"}, r"top-level 'bcc'"),
+    _m(
+        "mail_settings.bcc copy",
+        wrapping(mail_settings_bcc),
+        {"top_level_cc_bcc"},
+        r"'bcc' mail setting",
+    ),
+    _m(
+        "same address twice in a request",
+        wrapping(same_address_twice_in_request),
+        {"email_key"},
+        r"appears twice in the request",
+    ),
+    _m(
+        "same address in two requests (1st)",
+        address_in_two_requests_first,
+        {"email_key"},
+        r"outside its batch",
+    ),
+    _m(
+        "same address in two requests (2nd)",
+        address_in_two_requests,
+        {"email_key"},
+        r"outside its batch",
+        mutates_first_request=False,
+    ),
+    _m(
+        "A's substitutions in B's envelope",
+        wrapping(other_users_substitutions),
+        {"values_match"},
+        r"belong to different recipients|another personalization's unsubscribe",
+    ),
+    _m(
+        "A's unsubscribe link+header in B's",
+        wrapping(other_users_unsubscribe),
+        {"values_match"},
+        r"another personalization's unsubscribe link",
+    ),
+    _m(
+        "A's first name only in B's envelope",
+        wrapping(first_name_only),
+        {"values_match"},
+        r".",
+        guard_blind="the bytes alone cannot tell whose first name a value is",
+    ),
+    _m(
+        "'a@x, b@y' in one address field",
+        wrapping(comma_joined_address),
+        {"email"},
+        r"not exactly one valid address",
+    ),
+    _m(
+        "payload edited after freeze",
+        None,
+        {"digest_matches"},
+        r"not in the approved manifest",
+        after_freeze=edit_after_freeze,
+    ),
+    _m(
+        "reserved header Bcc per person",
+        wrapping(reserved_bcc_header),
+        {"reserved_headers"},
+        r"reserved header 'Bcc'",
+    ),
+    _m(
+        "A's address in a header of B's",
+        wrapping(header_with_other_users_address),
+        {"values_match"},
+        r"shows the address of another recipient",
+    ),
+    _m(
+        "A's address in the shared content",
+        wrapping(address_in_shared_content),
+        {"audience_addresses_shared"},
+        r"parts every recipient sees",
+    ),
+    _m(
+        "display name holding an address",
+        wrapping(display_name_hides_address),
+        {"to_entry_problems"},
+        r"name could hide an address",
+    ),
+    _m(
+        "A's name in B's own subject",
+        wrapping(personal_subject_with_other_users_name),
+        {"extra_fields"},
+        r"unexpected fields \['subject'\]",
+    ),
+    _m(
+        "leftover {{ }} marker in content",
+        wrapping(leftover_jinja_marker),
+        {"leftover_markers"},
+        r"template marker left",
+    ),
+    _m(
+        "unresolved %%tag%% in subject",
+        wrapping(unresolved_tag),
+        {"unresolved_tags"},
+        r"substitution tag\(s\) of the content unfilled",
+    ),
+    _m(
+        "recipient not in the audience",
+        wrapping(recipient_not_in_audience),
+        {"in_audience"},
+        r"outside its batch",
+    ),
+]
+BY_NAME = {m.name: m for m in MUTANTS}
+LAYERS = ("gate", "guard")
+
+
+# --- one prepared run, copied per (mutant, layer) ---------------------------------------------
+@dataclass(frozen=True)
+class Prepared:
+    run: Run
+    baseline: dict[str, bytes]  # batch id -> the clean frozen bytes
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Prepared:
+    root = tmp_path_factory.mktemp("mutants")
+    audience = generate(root / "users.sqlite", users=600)
+    paths = ProjectPaths.under(INCLUDE)
+    # One shard: requests leave in manifest order, so "before the first request" is well-defined.
+    run = pipeline.prepare_run(
+        paths,
+        campaign="winter_update",
+        run_id="manual__mutants",
+        staging_root=root / "staging",
+        shard_count=1,
+        dry_run=False,
+    )
+    pipeline.extract(run, sql_url=audience.url())
+    pipeline.validate(run)
+    pipeline.render(run, paths)
+    pipeline.build(run, secret=SECRET)
+    clean_run = copy_run(run, root / "baseline")
+    pipeline.freeze(clean_run, outbox=Outbox(f"sqlite:///{root / 'baseline.sqlite'}"))
+    pipeline.gate(clean_run, secret=SECRET)  # the unmutated run passes: the mutants are the cause
+    manifest = load_manifest(clean_run.staging.manifest)
+    assert len(manifest.batches) >= 2, "the mutants need at least two requests"
+    baseline = {
+        b.batch_id: (clean_run.staging.payloads_dir / b.file).read_bytes() for b in manifest.batches
+    }
+    return Prepared(run, baseline)
+
+
+def copy_run(run: Run, dest: Path) -> Run:
+    shutil.copytree(run.staging.root, dest)
+    return Run(run.campaign, run.run_id, RunStaging(dest), run.shard_count, run.dry_run)
+
+
+@dataclass
+class Frozen:
+    run: Run
+    outbox: Outbox
+    summary: dict[str, Any]
+    first_mutated: int | None  # send position of the first request that differs from the clean one
+
+
+def freeze_mutant(prepared: Prepared, mutant: Mutant, where: Path) -> Frozen:
+    run = copy_run(prepared.run, where / "run")
+    outbox = Outbox(f"sqlite:///{where / 'outbox.sqlite'}")
+    builder = mutant.builder(run) if mutant.builder else None
+    summary = pipeline.freeze(run, outbox=outbox, build_body=builder)
+    if mutant.after_freeze:
+        mutant.after_freeze(run)
+    manifest = load_manifest(run.staging.manifest)
+    first_mutated = next(
+        (
+            i
+            for i, b in enumerate(manifest.batches)
+            if prepared.baseline.get(b.batch_id) != (run.staging.payloads_dir / b.file).read_bytes()
+        ),
+        None,
+    )
+    return Frozen(run, outbox, summary, first_mutated)
+
+
+def send_everything(frozen: Frozen, server: SendGridDevServer) -> None:
+    for shard in frozen.summary["shards"]:
+        transport = SendGridTransport(SendGridSettings("SG.test", server.url, timeout_seconds=10))
+        pipeline.send(
+            frozen.run,
+            shard=shard,
+            manifest_sha256=frozen.summary["manifest_sha256"],
+            transport=transport,
+            outbox=frozen.outbox,
+            shard_count=len(frozen.summary["shards"]),
+        )
+
+
+# --- outcomes and the table -------------------------------------------------------------------
+@dataclass
+class Outcome:
+    caught: bool
+    received: int
+    reason: str
+    expected_miss: bool = False
+
+
+RESULTS: dict[tuple[str, str], Outcome] = {}
+
+
+def render_table() -> list[str]:
+    """One row per (mutant, layer) that ran, from the recorded outcomes."""
+    width = max(len(m.name) for m in MUTANTS)
+    head = f"{'mutant':<{width}}  {'layer':<5}  {'result':<7}  {'requests':>8}  reason"
+    lines = [head, "-" * len(head)]
+    for mutant in MUTANTS:
+        for layer in LAYERS:
+            outcome = RESULTS.get((mutant.name, layer))
+            if outcome is None:
+                continue
+            result = "caught" if outcome.caught else "MISSED"
+            note = " (known limit)" if outcome.expected_miss else ""
+            lines.append(
+                f"{mutant.name:<{width}}  {layer:<5}  {result:<7}  "
+                f"{outcome.received:>8}  {outcome.reason[:72]}{note}"
+            )
+    return lines
+
+
+@pytest.fixture(scope="module", autouse=True)
+def mutant_table(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After the module: the table, written past output capturing (as ``capsys.disabled()``)."""
+    yield
+    if not RESULTS:
+        return
+    lines = render_table()
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    reporter = request.config.pluginmanager.getplugin("terminalreporter")
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        if reporter is None:  # e.g. on an xdist worker
+            print("\n".join(lines))
+            return
+        reporter.write("\n")
+        reporter.write_sep("=", "invariant 1: mutant x layer (requests = what reached the server)")
+        for line in lines:
+            reporter.write_line(line)
+
+
+def _gate_failures(run: Run) -> list[str]:
+    result = read_json(run.staging.gate_result)
+    return [
+        c.get("column") or c["expectation"]
+        for part in ("personalization_checks", "request_checks")
+        for c in result[part]["checks"]
+        if not c["success"]
+    ]
+
+
+# --- the tests --------------------------------------------------------------------------------
+def _cases() -> Iterator[Any]:
+    for mutant in MUTANTS:
+        for layer in LAYERS:
+            marks = []
+            if layer == "guard" and mutant.guard_blind:
+                marks.append(pytest.mark.xfail(strict=True, reason=mutant.guard_blind))
+            yield pytest.param(mutant.name, layer, marks=marks, id=f"{layer}-{mutant.name}")
+
+
+@pytest.mark.parametrize(("name", "layer"), list(_cases()))
+def test_each_layer_alone_stops_the_mutant(
+    name: str, layer: str, prepared: Prepared, tmp_path: Path, dev_server: SendGridDevServer
+) -> None:
+    mutant = BY_NAME[name]
+    frozen = freeze_mutant(prepared, mutant, tmp_path)
+    try:
+        _check_layer(mutant, layer, frozen, prepared, dev_server)
+    finally:
+        frozen.outbox.dispose()
+
+
+def _check_layer(
+    mutant: Mutant, layer: str, frozen: Frozen, prepared: Prepared, dev_server: SendGridDevServer
+) -> None:
+    # The mutant really changed what would leave, where it says it does.
+    assert frozen.first_mutated is not None, "the mutant changed no request"
+    assert (frozen.first_mutated == 0) == mutant.mutates_first_request
+
+    if layer == "gate":
+        caught, reason = _through_the_gate(frozen, dev_server)
+        clean_before = 0
+    else:
+        caught, reason = _through_the_guard(frozen, dev_server)
+        clean_before = frozen.first_mutated
+    received = dev_server.stats().received
+    RESULTS[(mutant.name, layer)] = Outcome(
+        caught, received, reason, expected_miss=layer == "guard" and bool(mutant.guard_blind)
+    )
+
+    assert caught, f"{layer} let the mutant through: {reason}"
+    if layer == "gate":
+        assert set(reason.split(", ")) & mutant.gate_reasons, reason
+    else:
+        assert re.search(mutant.guard_reason, reason), reason
+    # Nothing mutated reached the server: with the mutation in the first request, nothing at all.
+    assert received == clean_before
+    for record in dev_server.accepted():
+        batch_id = record["body"]["custom_args"]["mailroom_batch"]
+        assert record["body"] == json.loads(prepared.baseline[batch_id])
+    if mutant.mutates_first_request:
+        assert dev_server.stats().received == 0
+
+
+def _through_the_gate(frozen: Frozen, server: SendGridDevServer) -> tuple[bool, str]:
+    try:
+        pipeline.gate(frozen.run, secret=SECRET)
+    except ValidationFailed:
+        return True, ", ".join(_gate_failures(frozen.run))
+    # Approval would now be asked for and the run would send: see what would have left.
+    try:
+        send_everything(frozen, server)
+    except MailroomError as exc:
+        return False, f"gate passed; then {type(exc).__name__}: {mask_addresses(str(exc))}"
+    return False, "gate passed; everything was sent"
+
+
+def _through_the_guard(frozen: Frozen, server: SendGridDevServer) -> tuple[bool, str]:
+    try:
+        send_everything(frozen, server)
+    except EnvelopeViolation as exc:
+        return True, mask_addresses(str(exc))
+    except MailroomError as exc:
+        return False, f"{type(exc).__name__}: {mask_addresses(str(exc))}"
+    return False, "sent"
