@@ -20,7 +20,7 @@ import hashlib
 import html
 import json
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
@@ -82,17 +82,34 @@ class GuardedBody:
     recipients: tuple[str, ...]
 
 
+def values_digest(substitutions: Any, headers: Any) -> str:
+    """SHA-256 of one envelope's own values (substitutions and headers), in a canonical form.
+
+    Recorded per recipient when the batches are staged, from the envelopes rather than from the
+    request bodies, so the guard can tell whose values a personalization carries.
+    """
+    canonical = json.dumps(
+        [substitutions or {}, headers or {}],
+        sort_keys=True,
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
 def check_envelope(
     body: bytes,
     approved: ApprovedManifest,
-    expected_recipients: Collection[str] | None = None,
+    expected_recipients: Collection[str] | Mapping[str, str | None] | None = None,
 ) -> GuardedBody:
+    """Guard one request. ``expected_recipients``: who the batch is for, from the outbox; as a
+    mapping, also each recipient's ``values_digest``, so nobody can carry another's values."""
     digest = hashlib.sha256(body).hexdigest()
     if digest not in approved.digests:
         raise EnvelopeViolation(
             f"request {digest[:12]}… is not in the approved manifest {approved.sha256[:12]}…"
         )
-    recipients = recipients_of_body(body)
+    data, recipients = _parse_and_check(body)
     if expected_recipients is not None:
         expected = {e.lower() for e in expected_recipients}
         got = {r.lower() for r in recipients}
@@ -101,11 +118,26 @@ def check_envelope(
                 f"request {digest[:12]}… is addressed to {len(got - expected)} recipient(s) "
                 f"outside its batch and misses {len(expected - got)} of its own"
             )
+        if isinstance(expected_recipients, Mapping):
+            own = {k.lower(): v for k, v in expected_recipients.items()}
+            for i, (item, email) in enumerate(
+                zip(data["personalizations"], recipients, strict=True)
+            ):
+                wanted = own[email.lower()]
+                found = values_digest(item.get("substitutions"), item.get("headers"))
+                if wanted is not None and found != wanted:
+                    raise EnvelopeViolation(
+                        f"personalization {i} carries values that are not its recipient's own"
+                    )
     return GuardedBody(body=body, sha256=digest, recipients=recipients)
 
 
 def recipients_of_body(body: bytes) -> tuple[str, ...]:
     """Check the one-recipient rules on a serialised request; returns its recipients in order."""
+    return _parse_and_check(body)[1]
+
+
+def _parse_and_check(body: bytes) -> tuple[dict[str, Any], tuple[str, ...]]:
     if len(body) > MAX_BODY_BYTES:
         raise EnvelopeViolation(f"request is {len(body)} bytes, over the {MAX_BODY_BYTES} limit")
     try:
@@ -143,7 +175,7 @@ def recipients_of_body(body: bytes) -> tuple[str, ...]:
     _check_content(data, personalizations)
     _check_unsubscribe_links(personalizations)
     _check_no_foreign_addresses(data, personalizations, recipients)
-    return tuple(recipients)
+    return data, tuple(recipients)
 
 
 def _single_recipient(item: Any, i: int) -> str:

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 
@@ -61,8 +61,18 @@ recipients = sa.Table(
     sa.Column("email_key", sa.String(320), primary_key=True),
     sa.Column("user_id", sa.String(128), nullable=False),
     sa.Column("batch_id", sa.String(64), nullable=False),
+    sa.Column("values_sha256", sa.String(64)),
     sa.Index("ix_mailroom_recipients_batch", "run_key", "batch_id"),
 )
+
+
+class Member(NamedTuple):
+    """One recipient of a run: which batch carries them, and the digest of their own values."""
+
+    email: str
+    user_id: str
+    batch_id: str
+    values_sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -111,7 +121,7 @@ class Outbox:
         run_key: str,
         manifest_sha256: str,
         staged: Sequence[StagedBatch],
-        members: Iterable[tuple[str, str, str]],
+        members: Iterable[Member | tuple[str, str, str]],
     ) -> None:
         """Register a run's batches and (email, user_id, batch_id) members, all ``staged``.
 
@@ -158,14 +168,16 @@ class Outbox:
                         for b in staged
                     ],
                 )
-            chunk: list[dict[str, str]] = []
-            for email, user_id, batch_id in members:
+            chunk: list[dict[str, str | None]] = []
+            for member in members:
+                m = member if isinstance(member, Member) else Member(*member)
                 chunk.append(
                     {
                         "run_key": run_key,
-                        "email_key": email.lower(),
-                        "user_id": user_id,
-                        "batch_id": batch_id,
+                        "email_key": m.email.lower(),
+                        "user_id": m.user_id,
+                        "batch_id": m.batch_id,
+                        "values_sha256": m.values_sha256,
                     }
                 )
                 if len(chunk) >= 20_000:
@@ -272,15 +284,15 @@ class Outbox:
                 for row in conn.execute(query)
             }
 
-    def batch_members(self, run_key: str, batch_id: str) -> set[str]:
+    def batch_members(self, run_key: str, batch_id: str) -> dict[str, str | None]:
+        """Who a batch is for: address → the digest of that recipient's own values."""
         with self.engine.connect() as conn:
-            return set(
-                conn.execute(
-                    sa.select(recipients.c.email_key).where(
-                        recipients.c.run_key == run_key, recipients.c.batch_id == batch_id
-                    )
-                ).scalars()
+            rows = conn.execute(
+                sa.select(recipients.c.email_key, recipients.c.values_sha256).where(
+                    recipients.c.run_key == run_key, recipients.c.batch_id == batch_id
+                )
             )
+            return {email: digest for email, digest in rows}
 
     def counts(self, run_key: str) -> dict[str, dict[str, int]]:
         """Per state: how many batches and recipients."""

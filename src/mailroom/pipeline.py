@@ -7,6 +7,7 @@ by the caller, which resolves them from Airflow connections; nothing here knows 
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from dataclasses import dataclass
@@ -17,9 +18,10 @@ from mailroom.audience import extract_audience
 from mailroom.audience_validation import validate_audience
 from mailroom.campaign_spec import CampaignSpec, campaign_path, load_campaign, parse_campaign
 from mailroom.content import LocaleContent, render_all
+from mailroom.envelope_guard import values_digest
 from mailroom.envelopes import build_envelopes
 from mailroom.errors import ValidationFailed
-from mailroom.outbox import Outbox, StagedBatch
+from mailroom.outbox import Member, Outbox, StagedBatch
 from mailroom.payloads import Manifest, freeze_batches, load_manifest
 from mailroom.quality_gate import check_envelopes
 from mailroom.report import reconcile
@@ -188,7 +190,10 @@ def freeze(run: Run, *, outbox: Outbox, build_body: Any = None) -> dict[str, Any
         **kwargs,
     )
     members = _members_by_envelope(
-        manifest, pq.read_table(st.envelopes, columns=["email", "user_id", "locale"])
+        manifest,
+        pq.read_table(
+            st.envelopes, columns=["email", "user_id", "locale", "substitutions", "headers"]
+        ),
     )
     outbox.stage(
         run.run_key,
@@ -208,22 +213,26 @@ def freeze(run: Run, *, outbox: Outbox, build_body: Any = None) -> dict[str, Any
     return manifest_summary(manifest, run.shard_count)
 
 
-def _members_by_envelope(manifest: Manifest, table: Any) -> list[tuple[str, str, str]]:
-    """Who each batch is for, from the envelopes (not from the bodies), in freeze order."""
-    members: list[tuple[str, str, str]] = []
-    by_locale: dict[str, list[tuple[str, str]]] = {}
-    for email, user_id, locale in zip(
+def _members_by_envelope(manifest: Manifest, table: Any) -> list[Member]:
+    """Who each batch is for and the digest of their own values, from the envelopes (not from
+    the request bodies), in the order the batches were frozen."""
+    by_locale: dict[str, list[tuple[str, str, str]]] = {}
+    for email, user_id, locale, subs, headers in zip(
         table["email"].to_pylist(),
         table["user_id"].to_pylist(),
         table["locale"].to_pylist(),
+        table["substitutions"].to_pylist(),
+        table["headers"].to_pylist(),
         strict=True,
     ):
-        by_locale.setdefault(locale, []).append((email, user_id))
+        digest = values_digest(json.loads(subs), json.loads(headers))
+        by_locale.setdefault(locale, []).append((email, user_id, digest))
+    members: list[Member] = []
     offsets: dict[str, int] = {}
     for b in manifest.batches:
         start = offsets.get(b.locale, 0)
-        for email, user_id in by_locale.get(b.locale, [])[start : start + b.recipients]:
-            members.append((email, user_id, b.batch_id))
+        for email, user_id, digest in by_locale.get(b.locale, [])[start : start + b.recipients]:
+            members.append(Member(email, user_id, b.batch_id, digest))
         offsets[b.locale] = start + b.recipients
     return members
 

@@ -84,4 +84,3 @@ def _default_reason(state: str, approval: dict[str, Any]) -> str:
     if state == STAGED and approval.get("decision") != "approved":
         return f"not sent: {approval.get('decision', 'no approval')}"
     return f"batch {state}"
-

@@ -38,18 +38,22 @@ def server(tmp_path: Path) -> Iterator[SendGridDevServer]:
 
 
 @pytest.fixture
-def dag(airflow_db: None, audience: SampleAudience, staging_root: Path, server: SendGridDevServer) -> Any:
+def dag(
+    airflow_db: None, audience: SampleAudience, staging_root: Path, server: SendGridDevServer
+) -> Any:
     set_connections(
         mailroom_users={"conn_type": "sqlite", "host": str(audience.path)},
         mailroom_sendgrid={"conn_type": "http", "host": server.url, "password": "SG.integration"},
     )
-    set_variables(mailroom_staging_root=str(staging_root), mailroom_unsubscribe_secret="integration")
+    set_variables(
+        mailroom_staging_root=str(staging_root), mailroom_unsubscribe_secret="integration"
+    )
     from airflow.dag_processing.dagbag import DagBag
 
     bag = DagBag(dag_folder=str(REPO / "dags"))
     assert bag.import_errors == {}
     # Resolve every ORM mapper here: the approver thread must not trigger imports of its own.
-    import airflow.models  # noqa: F401
+    import airflow.models
     import airflow.models.hitl  # noqa: F401
     from sqlalchemy.orm import configure_mappers
 
@@ -75,8 +79,6 @@ class Approver(threading.Thread):
             raise
 
     def _answer_when_parked(self) -> None:
-        from sqlalchemy import select
-
         from airflow.models.hitl import HITLDetail
         from airflow.models.taskinstance import TaskInstance
         from airflow.models.trigger import handle_event_submit
@@ -84,6 +86,7 @@ class Approver(threading.Thread):
         from airflow.utils import timezone
         from airflow.utils.session import create_session
         from airflow.utils.state import TaskInstanceState
+        from sqlalchemy import select
 
         while not self.stop.is_set():
             with create_session() as session:
@@ -105,8 +108,11 @@ class Approver(threading.Thread):
                     detail.chosen_options = [self.option]
                     detail.params_input = {}
                     session.add(detail)
-                    handle_event_submit(TriggerEvent(detail.as_resume_event_payload()),
-                                        task_instance=ti, session=session)
+                    handle_event_submit(
+                        TriggerEvent(detail.as_resume_event_payload()),
+                        task_instance=ti,
+                        session=session,
+                    )
                     self.answered.set()
                     return
             time.sleep(0.5)
@@ -153,7 +159,11 @@ def test_rejected_run_sends_nothing_and_says_so(
     assert server.stats().received == 0
     report = report_of(staging_root, dag_run.run_id)
     assert report["status"] == "rejected"
-    assert report["approval"] == {"decision": "rejected", "by": "approver", "at": report["approval"]["at"]}
+    assert report["approval"] == {
+        "decision": "rejected",
+        "by": "approver",
+        "at": report["approval"]["at"],
+    }
     assert report["outbox"]["sent"]["recipients"] == 0
     states = {ti.task_id: ti.state for ti in dag_run.get_task_instances()}
     assert states["send_shard"] == "skipped"

@@ -262,7 +262,6 @@ class Mutant:
     guard_reason: str  # a regex the guard's refusal must match
     after_freeze: Callable[[Run], None] | None = None
     mutates_first_request: bool = True
-    guard_blind: str | None = None  # why the guard cannot see this one (expected MISSED)
 
 
 def _m(
@@ -327,8 +326,7 @@ MUTANTS = [
         "A's first name only in B's envelope",
         wrapping(first_name_only),
         {"values_match"},
-        r".",
-        guard_blind="the bytes alone cannot tell whose first name a value is",
+        r"not its recipient's own",
     ),
     _m(
         "'a@x, b@y' in one address field",
@@ -483,7 +481,6 @@ class Outcome:
     caught: bool
     received: int
     reason: str
-    expected_miss: bool = False
 
 
 RESULTS: dict[tuple[str, str], Outcome] = {}
@@ -500,10 +497,9 @@ def render_table() -> list[str]:
             if outcome is None:
                 continue
             result = "caught" if outcome.caught else "MISSED"
-            note = " (known limit)" if outcome.expected_miss else ""
             lines.append(
                 f"{mutant.name:<{width}}  {layer:<5}  {result:<7}  "
-                f"{outcome.received:>8}  {outcome.reason[:72]}{note}"
+                f"{outcome.received:>8}  {outcome.reason[:72]}"
             )
     return lines
 
@@ -541,10 +537,7 @@ def _gate_failures(run: Run) -> list[str]:
 def _cases() -> Iterator[Any]:
     for mutant in MUTANTS:
         for layer in LAYERS:
-            marks = []
-            if layer == "guard" and mutant.guard_blind:
-                marks.append(pytest.mark.xfail(strict=True, reason=mutant.guard_blind))
-            yield pytest.param(mutant.name, layer, marks=marks, id=f"{layer}-{mutant.name}")
+            yield pytest.param(mutant.name, layer, id=f"{layer}-{mutant.name}")
 
 
 @pytest.mark.parametrize(("name", "layer"), list(_cases()))
@@ -573,9 +566,7 @@ def _check_layer(
         caught, reason = _through_the_guard(frozen, dev_server)
         clean_before = frozen.first_mutated
     received = dev_server.stats().received
-    RESULTS[(mutant.name, layer)] = Outcome(
-        caught, received, reason, expected_miss=layer == "guard" and bool(mutant.guard_blind)
-    )
+    RESULTS[(mutant.name, layer)] = Outcome(caught, received, reason)
 
     assert caught, f"{layer} let the mutant through: {reason}"
     if layer == "gate":

@@ -41,15 +41,18 @@ class Demo:
         sendgrid_api_host: str | None,
         keep_running: bool,
         shards: int = 2,
+        work_dir: Path | None = None,
+        airflow_home: Path | None = None,
+        airflow_port: int = 28080,
     ) -> None:
         self.repo = repo
-        self.var = repo / "var"
+        self.var = work_dir or repo / "var"
         self.users = users
         self.yes = yes
         self.sendgrid_api_host = sendgrid_api_host
         self.keep_running = keep_running
         self.shards = shards
-        self.airflow = LocalAirflow(repo, repo / ".airflow")
+        self.airflow = LocalAirflow(repo, airflow_home or repo / ".airflow", port=airflow_port)
         self.dev_server: subprocess.Popen[bytes] | None = None
         self.dev_server_dir = self.var / "sendgrid-dev"
 

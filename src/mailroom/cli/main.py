@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
         help="keep Airflow up after the report (default when asking interactively)",
     )
     demo.add_argument("--shards", type=int, default=2)
+    demo.add_argument("--work-dir", type=Path, help="sample data, staging and dev server records")
+    demo.add_argument("--airflow-home", type=Path, help="the local Airflow's home folder")
+    demo.add_argument("--airflow-port", type=int, default=28080)
 
     sample = sub.add_parser("sample-audience", help="write the deterministic sample users database")
     sample.add_argument("path", type=Path)
@@ -42,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
             sendgrid_api_host=args.sendgrid_api_host,
             keep_running=keep,
             shards=args.shards,
+            work_dir=args.work_dir,
+            airflow_home=args.airflow_home,
+            airflow_port=args.airflow_port,
         ).run()
     if args.command == "sample-audience":
         from mailroom.sample_audience import generate
