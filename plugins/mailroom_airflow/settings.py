@@ -6,6 +6,7 @@ Called only inside running tasks, never while a DAG file is parsed.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from urllib.parse import quote
 
@@ -71,6 +72,17 @@ def unsubscribe_secret() -> bytes:
             "Airflow Variable 'mailroom_unsubscribe_secret' is not set: it signs unsubscribe links"
         )
     return str(secret).encode("utf-8")
+
+
+def halt_variable_key(run_id: str) -> str:
+    return "mailroom_halt__" + re.sub(r"[^A-Za-z0-9._-]+", "_", run_id).strip("_")
+
+
+def halt_variable(run_id: str) -> str | None:
+    """A halt set through Airflow (UI or REST): any non-empty value of the run's halt Variable."""
+    key = halt_variable_key(run_id)
+    value = Variable.get(key, default=None)
+    return f"halted through Airflow Variable {key}: {value}" if value else None
 
 
 def approvers(campaign: str, from_spec: list[str]) -> list[str]:

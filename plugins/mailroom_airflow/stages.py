@@ -75,6 +75,11 @@ def send(prepared: dict[str, Any], frozen: dict[str, Any], shard: int) -> dict[s
         dry_run_dir=run.staging.root / "dry_run_outbox",
     )
     outbox = Outbox(settings.outbox_url())
+    log.info(
+        "to halt this run: `mailroom halt %s` or set the Airflow Variable %s",
+        run.run_key,
+        settings.halt_variable_key(run.run_id),
+    )
     try:
         return pipeline.send(
             run,
@@ -83,6 +88,7 @@ def send(prepared: dict[str, Any], frozen: dict[str, Any], shard: int) -> dict[s
             transport=transport,
             outbox=outbox,
             shard_count=len(frozen["shards"]),
+            halt_signal=lambda: settings.halt_variable(run.run_id),
         )
     finally:
         outbox.dispose()

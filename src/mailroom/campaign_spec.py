@@ -71,6 +71,7 @@ class CampaignSpec:
     rate: Rate
     transport: str
     connection_id: str
+    max_consecutive_failures: int = 10
     categories: tuple[str, ...] = field(default_factory=tuple)
     seed_list: tuple[str, ...] = field(default_factory=tuple)
 
@@ -214,9 +215,19 @@ def parse_campaign(raw: object, *, source: str) -> CampaignSpec:
         ),
         transport=transport,
         connection_id=reader.optional("connection_id", str) or "mailroom_sendgrid",
+        max_consecutive_failures=_positive_int(reader, "max_consecutive_failures", 10),
         categories=tuple(str(c) for c in (reader.optional("categories", list) or ())),
         seed_list=seed_list,
     )
+
+
+def _positive_int(reader: _Fields, key: str, default: int) -> int:
+    value = reader.optional(key, int)
+    if value is None:
+        return default
+    if value < 1:
+        raise CampaignSpecError(f"{reader.source}: field {key!r} must be at least 1")
+    return int(value)
 
 
 def _positive(rate: _Fields, key: str) -> float | None:

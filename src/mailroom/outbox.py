@@ -37,7 +37,11 @@ runs = sa.Table(
     sa.Column("run_key", sa.String(250), primary_key=True),
     sa.Column("manifest_sha256", sa.String(64), nullable=False),
     sa.Column("halt_requested", sa.Boolean, nullable=False, default=False),
+    sa.Column("halt_reason", sa.Text),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    # The campaign-wide rate limiter's next free slots (Unix seconds), shared by every shard.
+    sa.Column("next_request_at", sa.Float, nullable=False, default=0.0),
+    sa.Column("next_recipient_at", sa.Float, nullable=False, default=0.0),
 )
 batches = sa.Table(
     "mailroom_batches",
@@ -148,6 +152,8 @@ class Outbox:
                     "manifest_sha256": manifest_sha256,
                     "halt_requested": False,
                     "created_at": now,
+                    "next_request_at": 0.0,
+                    "next_recipient_at": 0.0,
                 },
             )
             if staged:  # an empty list would insert one row of defaults, not none
@@ -242,7 +248,16 @@ class Outbox:
                     batches.c.batch_id.in_(batch_ids),
                     batches.c.state == STAGED,
                 )
-                .values(state=HALTED, updated_at=_now(), last_error="halted by an operator")
+                .values(
+                    state=HALTED,
+                    updated_at=_now(),
+                    last_error=sa.func.coalesce(
+                        sa.select(runs.c.halt_reason)
+                        .where(runs.c.run_key == run_key)
+                        .scalar_subquery(),
+                        "halted by an operator",
+                    ),
+                )
             )
             return int(result.rowcount or 0)
 
@@ -256,12 +271,56 @@ class Outbox:
             )
             return int(result.rowcount or 0)
 
-    def request_halt(self, run_key: str, halted: bool = True) -> bool:
+    def request_halt(self, run_key: str, halted: bool = True, reason: str | None = None) -> bool:
+        """Ask every shard of a run to stop before its next request (or, with False, resume)."""
+        reason = (reason or "halted by an operator") if halted else None
         with self.engine.begin() as conn:
             result = conn.execute(
-                runs.update().where(runs.c.run_key == run_key).values(halt_requested=halted)
+                runs.update()
+                .where(runs.c.run_key == run_key)
+                .values(halt_requested=halted, halt_reason=reason)
             )
             return bool(result.rowcount)
+
+    def halt_reason(self, run_key: str) -> str | None:
+        with self.engine.connect() as conn:
+            return conn.execute(
+                sa.select(runs.c.halt_reason).where(runs.c.run_key == run_key)
+            ).scalar_one_or_none()
+
+    def reserve_send_slot(
+        self,
+        run_key: str,
+        requests_per_second: float | None,
+        recipients_per_second: float | None,
+        recipients: int,
+        now: float,
+    ) -> float:
+        """Take the run's next slot for one request; returns how long to wait before sending.
+
+        One atomic UPDATE … RETURNING on the run's row, so every shard on every worker draws
+        from the same budget: the campaign's rate holds for the run, not per shard.
+        """
+        request_cost = 1.0 / requests_per_second if requests_per_second else 0.0
+        recipient_cost = recipients / recipients_per_second if recipients_per_second else 0.0
+        next_request = sa.case((runs.c.next_request_at > now, runs.c.next_request_at), else_=now)
+        next_recipient = sa.case(
+            (runs.c.next_recipient_at > now, runs.c.next_recipient_at), else_=now
+        )
+        with self.engine.begin() as conn:
+            row = conn.execute(
+                runs.update()
+                .where(runs.c.run_key == run_key)
+                .values(
+                    next_request_at=next_request + request_cost,
+                    next_recipient_at=next_recipient + recipient_cost,
+                )
+                .returning(runs.c.next_request_at, runs.c.next_recipient_at)
+            ).one_or_none()
+        if row is None:
+            raise OutboxConflict(f"run {run_key} is not staged in the outbox")
+        start = max(float(row[0]) - request_cost, float(row[1]) - recipient_cost)
+        return max(0.0, start - now)
 
     def halt_requested(self, run_key: str) -> bool:
         with self.engine.connect() as conn:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from mailroom.outbox import Member, Outbox, StagedBatch
 from mailroom.payloads import Manifest, freeze_batches, load_manifest
 from mailroom.quality_gate import check_envelopes
 from mailroom.report import reconcile
-from mailroom.sending import RateLimiter, send_shard
+from mailroom.sending import SharedRateLimiter, send_shard
 from mailroom.staging import RunStaging, read_json, write_json
 from mailroom.transports.base import Transport
 
@@ -279,17 +280,15 @@ def send(
     transport: Transport,
     outbox: Outbox,
     shard_count: int,
+    halt_signal: Callable[[], str | None] | None = None,
 ) -> dict[str, Any]:
     spec = run.spec()
     manifest = load_manifest(run.staging.manifest, expected_sha256=manifest_sha256)
     staged_sha = outbox.manifest_sha256(run.run_key)
     if staged_sha != manifest_sha256:
         raise ValidationFailed(f"the outbox holds manifest {staged_sha}, not the approved one")
-    # The campaign's rate is shared evenly by its shards.
-    share = 1.0 / shard_count
-    limiter = RateLimiter(
-        spec.rate.requests_per_second * share if spec.rate.requests_per_second else None,
-        spec.rate.recipients_per_second * share if spec.rate.recipients_per_second else None,
+    limiter = SharedRateLimiter(
+        outbox, run.run_key, spec.rate.requests_per_second, spec.rate.recipients_per_second
     )
     with transport:
         return send_shard(
@@ -301,6 +300,8 @@ def send(
             transport=transport,
             outbox=outbox,
             limiter=limiter,
+            max_consecutive_failures=spec.max_consecutive_failures,
+            halt_signal=halt_signal,
         )
 
 

@@ -40,6 +40,7 @@ def reconcile(
             "per_locale": manifest.per_locale() if manifest else {},
         },
         "outbox": counts,
+        "halt_reason": outbox.halt_reason(run_key) if outbox is not None else None,
     }
     rows = 0
     not_sent_csv.parent.mkdir(parents=True, exist_ok=True)

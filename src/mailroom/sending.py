@@ -56,6 +56,36 @@ class RateLimiter:
             self._sleep(wait)
 
 
+class SharedRateLimiter:
+    """The campaign's rate for the whole run, whatever the number of shards or workers.
+
+    Every request takes the run's next slot from the outbox (one atomic update), so concurrent
+    shards on different hosts together stay at or under the configured rate.
+    """
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        run_key: str,
+        requests_per_second: float | None,
+        recipients_per_second: float | None,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.outbox, self.run_key = outbox, run_key
+        self.rates = (requests_per_second, recipients_per_second)
+        self._clock, self._sleep = clock, sleep
+
+    def acquire(self, recipients: int) -> None:
+        if not any(self.rates):
+            return
+        wait = self.outbox.reserve_send_slot(
+            self.run_key, *self.rates, recipients=recipients, now=self._clock()
+        )
+        if wait > 0:
+            self._sleep(wait)
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     max_attempts: int = 5
@@ -106,11 +136,21 @@ def send_shard(
     shard_count: int,
     transport: Transport,
     outbox: Outbox,
-    limiter: RateLimiter,
+    limiter: RateLimiter | SharedRateLimiter,
     retry: RetryPolicy = RetryPolicy(),
     log_every: int = 10,
+    max_consecutive_failures: int | None = None,
+    halt_signal: Callable[[], str | None] | None = None,
+    halt_signal_interval: float = 1.0,
 ) -> dict[str, Any]:
-    """Send this shard's batches; returns counts per final state for this shard."""
+    """Send this shard's batches; returns counts per final state for this shard.
+
+    After ``max_consecutive_failures`` batches in a row end failed or unknown, the shard halts
+    the whole run instead of burning through the list; an operator resumes it. ``halt_signal``
+    is an outside halt switch (an Airflow Variable), looked at every ``halt_signal_interval``
+    seconds at most; when it
+    answers a reason, the run is halted in the outbox for every shard.
+    """
     mine = manifest.shard(shard_index, shard_count)
     approved = ApprovedManifest(manifest.sha256, manifest.digests)
     interrupted = outbox.mark_interrupted(run_key, [b.batch_id for b in mine])
@@ -128,10 +168,21 @@ def send_shard(
         len(mine),
         sum(b.recipients for b in mine),
     )
+    consecutive_failures = 0
+    signal_checked = 0.0
     for position, entry in enumerate(mine):
+        if halt_signal is not None and time.monotonic() - signal_checked >= halt_signal_interval:
+            signal_checked = time.monotonic()
+            if reason := halt_signal():
+                outbox.request_halt(run_key, reason=reason)
         if outbox.halt_requested(run_key):
             halted = outbox.halt_remaining(run_key, [b.batch_id for b in mine[position:]])
-            log.warning("shard %d: halt requested, %d batch(es) left 'halted'", shard_index, halted)
+            log.warning(
+                "shard %d: %s; %d batch(es) left 'halted'",
+                shard_index,
+                outbox.halt_reason(run_key) or "halt requested",
+                halted,
+            )
             break
         if not outbox.claim(run_key, entry.batch_id):
             progress.skipped += 1
@@ -140,6 +191,11 @@ def send_shard(
             run_key, entry, payloads_dir, approved, transport, outbox, limiter, retry
         )
         progress.record(state, entry.recipients)
+        consecutive_failures = 0 if state == SENT else consecutive_failures + 1
+        if max_consecutive_failures and consecutive_failures >= max_consecutive_failures:
+            reason = f"paused after {consecutive_failures} consecutive failed batches"
+            outbox.request_halt(run_key, reason=reason)
+            log.error("shard %d: %s: halting the run", shard_index, reason)
         if progress.done % log_every == 0 or position == len(mine) - 1:
             log.info("shard %d: %s", shard_index, progress.line())
     states = outbox.states(run_key, [b.batch_id for b in mine])
@@ -162,7 +218,7 @@ def _send_batch(
     approved: ApprovedManifest,
     transport: Transport,
     outbox: Outbox,
-    limiter: RateLimiter,
+    limiter: RateLimiter | SharedRateLimiter,
     retry: RetryPolicy,
 ) -> str:
     body = (payloads_dir / entry.file).read_bytes()
