@@ -1,0 +1,113 @@
+"""20,000 recipients through every fault the dev server can inject, four shards at once."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mailroom import pipeline
+from mailroom.outbox import FINAL_STATES, SENT, UNKNOWN, Outbox
+from mailroom.payloads import load_manifest
+from mailroom.pipeline import ProjectPaths
+from mailroom.sample_audience import generate
+from mailroom.sendgrid_dev_server import Faults, SendGridDevServer, accepted_recipients
+from mailroom.sending import RetryPolicy, SharedRateLimiter, send_shard
+from mailroom.transports.sendgrid import SendGridSettings, SendGridTransport
+
+pytestmark = pytest.mark.unit
+SHARDS = 4
+
+
+def test_every_fault_at_once_ends_with_each_recipient_accounted_for(tmp_path: Path) -> None:
+    include = tmp_path / "include"
+    shutil.copytree(Path(__file__).resolve().parents[2] / "include", include)
+    spec_path = include / "campaigns" / "winter_update.yaml"
+    spec = yaml.safe_load(spec_path.read_text())
+    spec["batch_size"] = 100
+    spec_path.write_text(yaml.safe_dump(spec))
+    paths = ProjectPaths.under(include)
+    audience = generate(tmp_path / "users.sqlite", users=20_000)
+    run = pipeline.prepare_run(
+        paths,
+        campaign="winter_update",
+        run_id="manual__faults",
+        staging_root=tmp_path / "staging",
+        shard_count=SHARDS,
+        dry_run=False,
+    )
+    pipeline.extract(run, sql_url=audience.url())
+    pipeline.validate(run)
+    pipeline.render(run, paths)
+    pipeline.build(run, secret=b"faults")
+    outbox = Outbox(f"sqlite:///{tmp_path / 'outbox.sqlite'}")
+    pipeline.freeze(run, outbox=outbox)
+    manifest = load_manifest(run.staging.manifest)
+
+    faults = Faults(
+        status_429_every=7,
+        status_5xx_every=5,
+        delay_seconds=0.002,
+        drop_after_accept_every=13,
+        max_requests_per_second=300,
+        retry_after_seconds=0,
+    )
+    errors: list[BaseException] = []
+    with SendGridDevServer(faults=faults) as server:
+
+        def shard(index: int) -> None:
+            try:
+                send_shard(
+                    run_key=run.run_key,
+                    manifest=manifest,
+                    payloads_dir=run.staging.payloads_dir,
+                    shard_index=index,
+                    shard_count=SHARDS,
+                    transport=SendGridTransport(SendGridSettings("SG.t", server.url, 5.0)),
+                    outbox=outbox,
+                    limiter=SharedRateLimiter(outbox, run.run_key, None, None),
+                    retry=RetryPolicy(max_attempts=8, base_delay=0.005, max_delay=0.02),
+                )
+            except BaseException as exc:  # pragma: no cover - surfaced below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=shard, args=(i,)) for i in range(SHARDS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        records = server.accepted()
+        stats = server.stats()
+    assert not errors
+    assert stats.status_429_injected > 0
+    assert stats.status_5xx_injected > 0
+    assert stats.dropped_after_accept > 0
+
+    # Nobody was accepted twice by the server, retries and faults notwithstanding.
+    received = Counter(e.lower() for e in accepted_recipients(records))
+    assert max(received.values()) == 1
+    assert set(received) <= audience.expected
+
+    # Every batch ended in exactly one final state, and the books balance.
+    states = outbox.states(run.run_key)
+    assert {s.state for s in states.values()} <= set(FINAL_STATES)
+    counts = outbox.counts(run.run_key)
+    assert sum(counts[s]["recipients"] for s in FINAL_STATES) == manifest.recipients
+    assert counts["staged"]["recipients"] == counts["sending"]["recipients"] == 0
+
+    # The unknown batches are exactly those whose answer the server dropped.
+    sent_ids = {s.message_id for s in states.values() if s.state == SENT}
+    dropped = {
+        r["body"]["custom_args"]["mailroom_batch"]
+        for r in records
+        if r["message_id"] not in sent_ids
+    }
+    unknown = {batch_id for batch_id, s in states.items() if s.state == UNKNOWN}
+    assert unknown == dropped
+    assert len(unknown) == stats.dropped_after_accept
+    # Everyone else got it: sent batches cover every expected recipient not in an unknown batch.
+    assert counts[SENT]["recipients"] + counts[UNKNOWN]["recipients"] == manifest.recipients
