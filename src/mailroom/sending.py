@@ -20,7 +20,7 @@ from typing import Any
 from mailroom.addresses import mask_addresses
 from mailroom.envelope_guard import ApprovedManifest
 from mailroom.errors import EnvelopeViolation, TransportError
-from mailroom.outbox import FAILED, SENT, UNKNOWN, Outbox
+from mailroom.outbox import FAILED, HALTED, SENT, STAGED, UNKNOWN, Outbox
 from mailroom.payloads import BatchEntry, Manifest
 from mailroom.transports.base import Transport
 
@@ -168,6 +168,11 @@ def send_shard(
         len(mine),
         sum(b.recipients for b in mine),
     )
+    settled = {
+        batch_id
+        for batch_id, st in outbox.states(run_key, [b.batch_id for b in mine]).items()
+        if st.state not in (STAGED, HALTED)
+    }
     consecutive_failures = 0
     signal_checked = 0.0
     for position, entry in enumerate(mine):
@@ -184,6 +189,12 @@ def send_shard(
                 halted,
             )
             break
+        if entry.batch_id in settled:
+            progress.skipped += 1
+            continue
+        # Wait for the run's rate slot while the batch is still 'staged': a worker killed while
+        # waiting leaves nothing in doubt.
+        limiter.acquire(entry.recipients)
         if not outbox.claim(run_key, entry.batch_id):
             progress.skipped += 1
             continue
@@ -226,7 +237,8 @@ def _send_batch(
     attempt = 0
     while True:
         attempt += 1
-        limiter.acquire(entry.recipients)
+        if attempt > 1:
+            limiter.acquire(entry.recipients)
         try:
             delivery = transport.send(body, approved, expected_recipients=members)
         except EnvelopeViolation as exc:
