@@ -9,7 +9,7 @@ USERS ?= 10000
 export PYTHONPATH := $(CURDIR)/src:$(CURDIR)/plugins:$(CURDIR)/dags
 
 .DEFAULT_GOAL := help
-.PHONY: help venv demo test test-unit test-dag test-integration test-e2e lint typecheck check lock translations dev-server clean
+.PHONY: help venv demo test test-unit test-dag test-integration test-e2e test-distributed lint typecheck check lock translations dev-server clean bench
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -44,6 +44,9 @@ test-integration: $(STAMP) ## The whole DAG through dag.test() against the local
 test-e2e: $(STAMP) ## Real Airflow processes and REST approval: the non-interactive demo path
 	$(PYTEST) -m e2e -q
 
+test-distributed: $(STAMP) ## CeleryExecutor on PostgreSQL + Redis, two workers, one killed mid-send (not in `make test`)
+	$(PYTEST) -m distributed -q tests/distributed
+
 lint: $(STAMP) ## ruff check and format check (never rewrites)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -64,6 +67,9 @@ translations: $(STAMP) ## Re-extract messages and update every locale's catalog
 
 dev-server: $(STAMP) ## Start the SendGrid-compatible dev server on :3030 (records to var/sendgrid-dev)
 	$(BIN)/mailroom-sendgrid-dev --port 3030 --data-dir var/sendgrid-dev
+
+bench: $(STAMP) ## Benchmarks: each in-process stage on 100,000 generated users (FULL=1: 1,000,000) -> BENCHMARKS.md
+	$(BIN)/python bench/run.py --users $(if $(FULL),1000000,100000)
 
 clean: ## Remove the virtualenv, the demo's Airflow home and staging
 	rm -rf $(VENV) .airflow var

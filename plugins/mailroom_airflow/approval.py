@@ -7,11 +7,12 @@ who triggered the run: nobody approves their own send.
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from airflow.providers.standard.operators.hitl import ApprovalOperator
 
+from mailroom.approval_summary import decision_line
 from mailroom.errors import MailroomError
 from mailroom_airflow import settings, stages
 
@@ -35,15 +36,29 @@ class CampaignApprovalOperator(ApprovalOperator):
         if not eligible:
             raise MailroomError(
                 f"no eligible approver for campaign {campaign!r}: the approvers are "
-                f"{prepared['approvers']} and {triggering_user!r} triggered this run "
-                "(nobody may approve their own run)"
+                f"{settings.approvers(campaign, list(prepared['approvers']))} and "
+                f"{triggering_user!r} triggered this run (nobody may approve their own run); "
+                f"name another approver in the campaign spec or the Airflow Variable "
+                f"mailroom_approvers__{campaign}. Nothing was sent."
             )
         self.assigned_users = [{"id": user, "name": user} for user in eligible]
         self.response_timeout = timedelta(hours=float(prepared["response_timeout_hours"]))
+        deadline = datetime.now(UTC) + self.response_timeout
+        self.body = (self.body or "") + (
+            "\n\n### Who may answer\n"
+            f"{', '.join(f'**{u}**' for u in eligible)}"
+            + (
+                f" ({triggering_user} triggered this run and may not approve it)"
+                if triggering_user
+                else ""
+            )
+            + f". No answer by {deadline:%Y-%m-%d %H:%M} UTC counts as Reject."
+        )
         self.log.info(
-            "approval: %d eligible approver(s); triggered by %s",
-            len(eligible),
+            "approval: waiting for one of %s (triggered by %s) until %s UTC",
+            ", ".join(eligible),
             triggering_user or "unknown",
+            f"{deadline:%Y-%m-%d %H:%M:%S}",
         )
         return super().execute(context)
 
@@ -52,4 +67,5 @@ class CampaignApprovalOperator(ApprovalOperator):
         # when, whatever the operator does next (skip, fail, or carry on).
         prepared = context["ti"].xcom_pull(task_ids=self.prepare_task_id)
         stages.record_approval(prepared, event)
+        self.log.info("approval: %s", decision_line(stages.approval_record(event)))
         return super().execute_complete(context, event)

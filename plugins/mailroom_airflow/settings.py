@@ -92,11 +92,19 @@ def approvers(campaign: str, from_spec: list[str]) -> list[str]:
     return from_spec
 
 
-def transport(conn_id: str, *, dry_run: bool, dry_run_dir: Path) -> Transport:
-    if dry_run:
+def transport(
+    conn_id: str, *, dry_run: bool, dry_run_dir: Path, kind: str = "sendgrid"
+) -> Transport:
+    """The campaign's transport (``kind``: the spec's ``transport``) from connection
+    ``conn_id``; a dry run, or ``transport: file``, writes the requests to ``dry_run_dir``."""
+    if dry_run or kind == "file":
         from mailroom.transports.file import FileTransport
 
         return FileTransport(dry_run_dir)
+    if kind == "smtp":
+        return smtp_transport(conn_id)
+    if kind != "sendgrid":
+        raise MailroomError(f"unknown transport {kind!r}")
     from mailroom.transports.sendgrid import SendGridSettings, SendGridTransport
 
     conn = _connection(conn_id)
@@ -108,6 +116,37 @@ def transport(conn_id: str, *, dry_run: bool, dry_run_dir: Path) -> Transport:
     timeout = float((conn.extra_dejson or {}).get("timeout", 30))
     return SendGridTransport(
         SendGridSettings(api_key=conn.password or "", host=host, timeout_seconds=timeout)
+    )
+
+
+def smtp_transport(conn_id: str) -> Transport:
+    """An SMTP connection: host, port, login, password; extra ``security`` (``starttls``, the
+    default, ``tls`` or ``none``), ``timeout`` (seconds) and ``local_hostname`` (EHLO name)."""
+    from mailroom.transports.smtp import DEFAULT_PORTS, SmtpSettings, SmtpTransport
+
+    conn = _connection(conn_id)
+    if (conn.conn_type or "").lower() != "smtp":
+        raise MailroomError(
+            f"connection {conn_id!r} has type {conn.conn_type!r}; the smtp transport needs an "
+            '\'smtp\' connection (host, port, login, password, extra {"security": "starttls"})'
+        )
+    extra = conn.extra_dejson or {}
+    security = str(extra.get("security", "starttls")).lower()
+    if security not in DEFAULT_PORTS:
+        raise MailroomError(
+            f"connection {conn_id!r}: extra 'security' is {security!r}; "
+            f"use one of {', '.join(DEFAULT_PORTS)}"
+        )
+    return SmtpTransport(
+        SmtpSettings(
+            host=conn.host or "",
+            port=int(conn.port or DEFAULT_PORTS[security]),
+            username=conn.login or None,
+            password=conn.password or None,
+            security=security,
+            timeout_seconds=float(extra.get("timeout", 30)),
+            local_hostname=extra.get("local_hostname") or None,
+        )
     )
 
 

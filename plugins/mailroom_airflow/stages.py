@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 from mailroom import pipeline
-from mailroom.approval_summary import approval_markdown, approval_summary
+from mailroom.approval_summary import approval_markdown, approval_summary, decision_line
 from mailroom.errors import MailroomError
 from mailroom.outbox import Outbox
 from mailroom.pipeline import Run
@@ -73,6 +73,7 @@ def send(prepared: dict[str, Any], frozen: dict[str, Any], shard: int) -> dict[s
         run.spec().connection_id,
         dry_run=run.dry_run,
         dry_run_dir=run.staging.root / "dry_run_outbox",
+        kind=run.spec().transport,
     )
     outbox = Outbox(settings.outbox_url())
     log.info(
@@ -111,6 +112,12 @@ def reconcile(prepared: dict[str, Any]) -> dict[str, Any]:
         report = pipeline.report(run, outbox=outbox, approval=approval)
     finally:
         outbox.dispose()
+    log.info(
+        "campaign %s: %s; report %s",
+        report["status"].upper(),
+        decision_line(approval, recipients=report["staged"]["recipients"]),
+        run.staging.report,
+    )
     if report["status"] not in {"sent", "rejected", "timed_out"}:
         raise MailroomError(
             f"campaign run ended {report['status']}: "

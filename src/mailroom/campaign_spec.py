@@ -20,6 +20,13 @@ from mailroom.errors import CampaignSpecError
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 LOCALE_PATTERN = re.compile(r"[a-z]{2,3}(_[A-Z]{2})?")
 SENDGRID_MAX_PERSONALIZATIONS = 1000
+TRANSPORTS = ("sendgrid", "smtp", "file")
+# The Airflow connection a transport uses when the spec names none.
+DEFAULT_CONNECTIONS = {
+    "sendgrid": "mailroom_sendgrid",
+    "smtp": "mailroom_smtp",
+    "file": "mailroom_sendgrid",
+}
 
 
 @dataclass(frozen=True)
@@ -185,8 +192,10 @@ def parse_campaign(raw: object, *, source: str) -> CampaignSpec:
         raise CampaignSpecError(f"{source}: field 'approvers' must name at least one approver")
 
     transport = reader.optional("transport", str) or "sendgrid"
-    if transport not in {"sendgrid", "file"}:
-        raise CampaignSpecError(f"{source}: field 'transport' must be 'sendgrid' or 'file'")
+    if transport not in TRANSPORTS:
+        raise CampaignSpecError(
+            f"{source}: field 'transport' must be one of {', '.join(repr(t) for t in TRANSPORTS)}"
+        )
 
     seed_list = tuple(str(a) for a in (reader.optional("seed_list", list) or ()))
     for addr in seed_list:
@@ -214,7 +223,7 @@ def parse_campaign(raw: object, *, source: str) -> CampaignSpec:
             recipients_per_second=_positive(rate, "recipients_per_second"),
         ),
         transport=transport,
-        connection_id=reader.optional("connection_id", str) or "mailroom_sendgrid",
+        connection_id=reader.optional("connection_id", str) or DEFAULT_CONNECTIONS[transport],
         max_consecutive_failures=_positive_int(reader, "max_consecutive_failures", 10),
         categories=tuple(str(c) for c in (reader.optional("categories", list) or ())),
         seed_list=seed_list,

@@ -8,18 +8,21 @@ RFC 8058 one-click unsubscribe headers.
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import hmac
 import html
 import json
 import logging
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mailroom.campaign_spec import CampaignSpec
@@ -38,6 +41,13 @@ ENVELOPE_SCHEMA = pa.schema(
     ]
 )
 _LINE_BREAKS = re.compile(r"[\r\n\u2028\u2029\x85\x0b\x0c]+")
+LIST_UNSUBSCRIBE = "List-Unsubscribe"
+LIST_UNSUBSCRIBE_POST = "List-Unsubscribe-Post"
+ONE_CLICK = "List-Unsubscribe=One-Click"
+_HMAC_BLOCK = 64  # SHA-256's block size (RFC 2104)
+_IPAD = bytes(b ^ 0x36 for b in range(256))
+_OPAD = bytes(b ^ 0x5C for b in range(256))
+_URLSAFE = bytes.maketrans(b"+/", b"-_")
 
 
 def clean_value(value: object) -> str:
@@ -82,10 +92,129 @@ def envelope_values(
     if spec.unsubscribe.mailto:
         targets.append(f"<mailto:{spec.unsubscribe.mailto}?subject=unsubscribe%20{quote(token)}>")
     headers = {
-        "List-Unsubscribe": ", ".join(targets),
-        "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
+        LIST_UNSUBSCRIBE: ", ".join(targets),
+        LIST_UNSUBSCRIBE_POST: ONE_CLICK,
     }
     return subs, headers
+
+
+def envelope_value_names(spec: CampaignSpec) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The substitution tags and header names every envelope of ``spec`` carries, in the order
+    ``envelope_values`` gives them."""
+    tags = [
+        substitution_tag(field, html=escaped) for field in spec.fields for escaped in (False, True)
+    ]
+    tags += [substitution_tag(UNSUBSCRIBE_FIELD, html=escaped) for escaped in (False, True)]
+    return tuple(dict.fromkeys(tags)), (LIST_UNSUBSCRIBE, LIST_UNSUBSCRIBE_POST)
+
+
+def unsubscribe_tokens(secret: bytes, campaign: str, user_ids: Sequence[str]) -> list[str]:
+    """``unsubscribe_token`` for many users at once: the same tokens, a few times faster (one
+    HMAC key schedule for all of them instead of one per user)."""
+    key = hashlib.sha256(secret).digest() if len(secret) > _HMAC_BLOCK else secret
+    key = key.ljust(_HMAC_BLOCK, b"\0")
+    inner = hashlib.sha256(key.translate(_IPAD))
+    inner.update(f"{campaign}\x00".encode())
+    outer = hashlib.sha256(key.translate(_OPAD))
+    b2a = binascii.b2a_base64
+    tokens: list[bytes] = []
+    append = tokens.append
+    for user_id in user_ids:
+        raw = user_id.encode("utf-8")
+        mac = inner.copy()
+        mac.update(raw)
+        signed = outer.copy()
+        signed.update(mac.digest())
+        append(
+            b2a(raw, newline=False).rstrip(b"=")
+            + b"."
+            + b2a(signed.digest()[:16], newline=False).rstrip(b"=")
+        )
+    if not tokens:
+        return []
+    # Base64 never holds a line break: translate the whole lot to the URL-safe alphabet at once.
+    return b"\n".join(tokens).translate(_URLSAFE).decode("ascii").split("\n")
+
+
+def envelope_value_columns(
+    spec: CampaignSpec, secret: bytes, rows: pa.Table
+) -> tuple[dict[str, pa.Array], dict[str, pa.Array]]:
+    """``envelope_values`` for every row of ``rows`` at once: one array per substitution tag and
+    per header, whose i-th value is what ``envelope_values`` gives for row i.
+
+    Field values are cleaned and escaped once per distinct value; the unsubscribe link is the
+    campaign's URL template around each user's token (a token is made of URL-, HTML- and
+    line-safe characters only, so cleaning and escaping the template once is the same as
+    cleaning and escaping every link).
+    """
+    count = rows.num_rows
+    subs: dict[str, pa.Array] = {}
+    for field in spec.fields:
+        column = rows.column(field) if field in rows.column_names else None
+        plain, escaped = _cleaned_and_escaped(column, count)
+        subs[substitution_tag(field, html=False)] = plain
+        subs[substitution_tag(field, html=True)] = escaped
+    user_ids = rows.column("user_id").to_pylist()
+    tokens = pa.array(
+        unsubscribe_tokens(secret, spec.name, [u if type(u) is str else str(u) for u in user_ids]),
+        pa.string(),
+    )
+    pieces = spec.unsubscribe.url_template.split("{token}")
+    if len(pieces) == 1:
+        url_pieces = [clean_value(pieces[0])]
+    else:
+        url_pieces = [_LINE_BREAKS.sub(" ", piece) for piece in pieces]
+        url_pieces[0] = url_pieces[0].lstrip()
+        url_pieces[-1] = url_pieces[-1].rstrip()
+    url = _around(url_pieces, tokens, count)
+    subs[substitution_tag(UNSUBSCRIBE_FIELD, html=False)] = url
+    subs[substitution_tag(UNSUBSCRIBE_FIELD, html=True)] = _around(
+        [html.escape(piece, quote=True) for piece in url_pieces], tokens, count
+    )
+    target = list(url_pieces)
+    target[0] = "<" + target[0]
+    target[-1] += ">"
+    list_unsubscribe = _around(target, tokens, count)
+    if spec.unsubscribe.mailto:
+        list_unsubscribe = pc.binary_join_element_wise(
+            list_unsubscribe,
+            f", <mailto:{spec.unsubscribe.mailto}?subject=unsubscribe%20",
+            tokens,
+            ">",
+            "",
+        )
+    headers = {
+        LIST_UNSUBSCRIBE: list_unsubscribe,
+        LIST_UNSUBSCRIBE_POST: pa.array([ONE_CLICK] * count, pa.string()),
+    }
+    return subs, headers
+
+
+def _around(pieces: list[str], tokens: pa.Array, count: int) -> pa.Array:
+    """``token.join(pieces)`` for every token."""
+    if len(pieces) == 1:
+        return pa.array([pieces[0]] * count, pa.string())
+    parts: list[Any] = [pieces[0]]
+    for piece in pieces[1:]:
+        parts += [tokens, piece]
+    return pc.binary_join_element_wise(*parts, "")
+
+
+def _cleaned_and_escaped(column: Any, count: int) -> tuple[pa.Array, pa.Array]:
+    """``clean_value`` and its HTML-escaped form for every value, computed once per value."""
+    if column is None or column.null_count == len(column):
+        empty = pa.array([""] * count, pa.string())
+        return empty, empty
+    encoded = pc.dictionary_encode(column)
+    if isinstance(encoded, pa.ChunkedArray):
+        encoded = encoded.combine_chunks()
+    plain = [clean_value(v) for v in encoded.dictionary.to_pylist()]
+    escaped = [html.escape(v, quote=True) for v in plain]
+    indices = encoded.indices
+    return (
+        pc.fill_null(pa.array(plain, pa.string()).take(indices), ""),
+        pc.fill_null(pa.array(escaped, pa.string()).take(indices), ""),
+    )
 
 
 def build_envelopes(spec: CampaignSpec, *, valid_audience: Path, out: Path, secret: bytes) -> int:

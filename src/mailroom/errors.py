@@ -46,3 +46,8 @@ class TransportError(MailroomError):
         self.retryable = retryable
         self.outcome_unknown = outcome_unknown
         self.retry_after = retry_after
+
+
+class SendHalted(MailroomError):
+    """A halt was requested while a batch was being sent one message at a time; the messages
+    already sent are recorded and the rest wait for a resume."""

@@ -5,11 +5,19 @@ compare-and-set UPDATE in its own transaction, so two shards (or a retried shard
 send one batch, and a batch left ``sending`` by a killed worker becomes ``unknown`` rather than
 being sent again. Recipients are keyed by (run, address): the database itself refuses an address
 in two batches of one run.
+
+A transport that sends one message per recipient (SMTP) also records each recipient's own state
+(``sending → sent | failed | unknown``, with its message id or error) through a ``BatchLedger``: a
+failure in the middle of a 1,000-message batch then leaves the messages already sent on record,
+and a retry or resume of the batch skips them. A recipient without a state of its own (every
+recipient of a whole-request transport such as SendGrid) is in its batch's state; counts,
+``not_sent`` and ``requeue`` go by each recipient's own state where it has one.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -66,8 +74,15 @@ recipients = sa.Table(
     sa.Column("user_id", sa.String(128), nullable=False),
     sa.Column("batch_id", sa.String(64), nullable=False),
     sa.Column("values_sha256", sa.String(64)),
+    # Only for transports that send one message per recipient; NULL = in its batch's state.
+    sa.Column("state", sa.String(16)),
+    sa.Column("message_id", sa.String(255)),
+    sa.Column("last_error", sa.Text),
+    sa.Column("updated_at", sa.DateTime(timezone=True)),
     sa.Index("ix_mailroom_recipients_batch", "run_key", "batch_id"),
 )
+# Columns added after the first release: created on an existing database when it is opened.
+_ADDED_COLUMNS = {"mailroom_recipients": ("state", "message_id", "last_error", "updated_at")}
 
 
 class Member(NamedTuple):
@@ -97,6 +112,17 @@ class BatchState:
     last_error: str | None
 
 
+@dataclass(frozen=True)
+class RecipientState:
+    """One recipient's own outcome, when its batch was sent one message per recipient."""
+
+    email: str
+    batch_id: str
+    state: str | None
+    message_id: str | None
+    last_error: str | None
+
+
 class OutboxConflict(Exception):
     """The run is already past staging, or its staged batches differ from these."""
 
@@ -115,6 +141,7 @@ class Outbox:
         if url.startswith("sqlite"):
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
         metadata.create_all(self.engine)
+        _add_missing_columns(self.engine)
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -142,6 +169,15 @@ class Outbox:
             if started:
                 raise OutboxConflict(
                     f"run {run_key} already has {started} batch(es) past 'staged': not re-staging"
+                )
+            attempted = conn.execute(
+                sa.select(sa.func.count())
+                .select_from(recipients)
+                .where(recipients.c.run_key == run_key, recipients.c.state.is_not(None))
+            ).scalar_one()
+            if attempted:
+                raise OutboxConflict(
+                    f"run {run_key} already has {attempted} message(s) attempted: not re-staging"
                 )
             for table in (recipients, batches, runs):
                 conn.execute(table.delete().where(table.c.run_key == run_key))
@@ -222,8 +258,62 @@ class Outbox:
         self._move(run_key, batch_id, (SENDING,), STAGED, error=error)
 
     def mark_interrupted(self, run_key: str, batch_ids: Sequence[str]) -> int:
-        """Batches left ``sending`` by a dead worker may have been accepted: ``unknown``."""
+        """Batches left ``sending`` by a dead worker may have been accepted: ``unknown``.
+
+        A batch sent one message per recipient is more precise: the message in flight (its
+        recipient ``sending``) becomes ``unknown``, the messages recorded ``sent`` stay sent, and
+        the batch goes back to ``staged`` so the rest (never handed to the server) are sent.
+        Returns how many batches were interrupted.
+        """
+        now = _now()
+        in_flight = (
+            sa.select(batches.c.batch_id)
+            .where(
+                batches.c.run_key == run_key,
+                batches.c.batch_id.in_(batch_ids),
+                batches.c.state == SENDING,
+            )
+            .scalar_subquery()
+        )
         with self.engine.begin() as conn:
+            conn.execute(
+                recipients.update()
+                .where(
+                    recipients.c.run_key == run_key,
+                    recipients.c.batch_id.in_(in_flight),
+                    recipients.c.state == SENDING,
+                )
+                .values(
+                    state=UNKNOWN,
+                    updated_at=now,
+                    last_error="interrupted while this message was being sent: "
+                    "the server may have accepted it",
+                )
+            )
+            per_recipient = (
+                sa.select(recipients.c.batch_id)
+                .where(
+                    recipients.c.run_key == run_key,
+                    recipients.c.batch_id.in_(batch_ids),
+                    recipients.c.state.is_not(None),
+                )
+                .scalar_subquery()
+            )
+            resumed = conn.execute(
+                batches.update()
+                .where(
+                    batches.c.run_key == run_key,
+                    batches.c.batch_id.in_(batch_ids),
+                    batches.c.state == SENDING,
+                    batches.c.batch_id.in_(per_recipient),
+                )
+                .values(
+                    state=STAGED,
+                    updated_at=now,
+                    last_error="interrupted mid-batch: the messages on record are not sent "
+                    "again, the rest continue",
+                )
+            )
             result = conn.execute(
                 batches.update()
                 .where(
@@ -233,11 +323,11 @@ class Outbox:
                 )
                 .values(
                     state=UNKNOWN,
-                    updated_at=_now(),
+                    updated_at=now,
                     last_error="interrupted while sending: the provider may have accepted it",
                 )
             )
-            return int(result.rowcount or 0)
+            return int(resumed.rowcount or 0) + int(result.rowcount or 0)
 
     def halt_remaining(self, run_key: str, batch_ids: Sequence[str]) -> int:
         with self.engine.begin() as conn:
@@ -262,12 +352,45 @@ class Outbox:
             return int(result.rowcount or 0)
 
     def requeue(self, run_key: str, states: Sequence[str]) -> int:
-        """Operator's explicit choice to send ``unknown``/``failed`` batches again."""
+        """Operator's explicit choice to send ``unknown``/``failed`` batches again.
+
+        For batches sent one message per recipient, only the recipients in those states are
+        sent again (their batch becomes ``staged``; recipients already ``sent`` stay sent).
+        Returns how many batches became sendable.
+        """
+        now = _now()
         with self.engine.begin() as conn:
+            with_such_recipients = (
+                sa.select(recipients.c.batch_id)
+                .where(recipients.c.run_key == run_key, recipients.c.state.in_(states))
+                .scalar_subquery()
+            )
             result = conn.execute(
                 batches.update()
-                .where(batches.c.run_key == run_key, batches.c.state.in_(states))
-                .values(state=STAGED, updated_at=_now())
+                .where(
+                    batches.c.run_key == run_key,
+                    sa.or_(
+                        batches.c.state.in_(states),
+                        sa.and_(
+                            batches.c.state.in_((FAILED, UNKNOWN, HALTED)),
+                            batches.c.batch_id.in_(with_such_recipients),
+                        ),
+                    ),
+                )
+                .values(state=STAGED, updated_at=now)
+            )
+            conn.execute(
+                recipients.update()
+                .where(
+                    recipients.c.run_key == run_key,
+                    recipients.c.state.in_(states),
+                    recipients.c.batch_id.in_(
+                        sa.select(batches.c.batch_id)
+                        .where(batches.c.run_key == run_key, batches.c.state == STAGED)
+                        .scalar_subquery()
+                    ),
+                )
+                .values(state=None, updated_at=now)
             )
             return int(result.rowcount or 0)
 
@@ -330,6 +453,90 @@ class Outbox:
                 ).scalar_one_or_none()
             )
 
+    # one message per recipient -----------------------------------------------------------------
+    def ledger(self, run_key: str, batch_id: str, halt_check_interval: float = 0.0) -> BatchLedger:
+        """Where a per-recipient transport records the messages of one claimed batch."""
+        return BatchLedger(self, run_key, batch_id, halt_check_interval)
+
+    def mark_recipient(
+        self,
+        run_key: str,
+        batch_id: str,
+        email: str,
+        state: str | None,
+        *,
+        message_id: str | None = None,
+        error: str | None = None,
+    ) -> bool:
+        """One recipient's own state, compare-and-set: not yet attempted (NULL) → ``sending``;
+        ``sending`` → ``sent | failed | unknown``, or back to NULL (``state=None``) when the
+        message certainly did not leave. False when the recipient was not in the state before."""
+        if state == SENDING:
+            before: Any = recipients.c.state.is_(None)
+        elif state is None or state in (SENT, FAILED, UNKNOWN):
+            before = recipients.c.state == SENDING
+        else:
+            raise ValueError(f"not a recipient state: {state}")
+        values: dict[str, Any] = {"state": state, "updated_at": _now()}
+        if message_id is not None:
+            values["message_id"] = message_id
+        if error is not None:
+            values["last_error"] = error[:2000]
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                recipients.update()
+                .where(
+                    recipients.c.run_key == run_key,
+                    recipients.c.batch_id == batch_id,
+                    recipients.c.email_key == email.lower(),
+                    before,
+                )
+                .values(**values)
+            )
+            return result.rowcount == 1
+
+    def recipient_outcomes(self, run_key: str, batch_id: str) -> dict[str, str]:
+        """Recipients of a batch with a state of their own: address → state."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(recipients.c.email_key, recipients.c.state).where(
+                    recipients.c.run_key == run_key,
+                    recipients.c.batch_id == batch_id,
+                    recipients.c.state.is_not(None),
+                )
+            )
+            return {email: state for email, state in rows}
+
+    def unsent_recipients(self, run_key: str, batch_id: str) -> list[str]:
+        """Recipients of a batch whose message was never handed to the server, in address
+        order."""
+        with self.engine.connect() as conn:
+            return list(
+                conn.execute(
+                    sa.select(recipients.c.email_key)
+                    .where(
+                        recipients.c.run_key == run_key,
+                        recipients.c.batch_id == batch_id,
+                        recipients.c.state.is_(None),
+                    )
+                    .order_by(recipients.c.email_key)
+                ).scalars()
+            )
+
+    def recipient_states(self, run_key: str, batch_id: str) -> dict[str, RecipientState]:
+        """Every recipient of a batch with its own state (None: in the batch's state)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(
+                    recipients.c.email_key,
+                    recipients.c.batch_id,
+                    recipients.c.state,
+                    recipients.c.message_id,
+                    recipients.c.last_error,
+                ).where(recipients.c.run_key == run_key, recipients.c.batch_id == batch_id)
+            )
+            return {row[0]: RecipientState(*row) for row in rows}
+
     # reading --------------------------------------------------------------------------------
     def states(self, run_key: str, batch_ids: Sequence[str] | None = None) -> dict[str, BatchState]:
         query = sa.select(batches).where(batches.c.run_key == run_key)
@@ -364,31 +571,44 @@ class Outbox:
             .where(batches.c.run_key == run_key)
             .group_by(batches.c.state)
         )
+        # Recipients with a state of their own that differs from their batch's.
+        own = (
+            sa.select(batches.c.state, recipients.c.state, sa.func.count())
+            .select_from(recipients.join(batches, _same_batch()))
+            .where(
+                recipients.c.run_key == run_key,
+                recipients.c.state.is_not(None),
+                recipients.c.state != batches.c.state,
+            )
+            .group_by(batches.c.state, recipients.c.state)
+        )
         out = {s: {"batches": 0, "recipients": 0} for s in ALL_STATES}
         with self.engine.connect() as conn:
             for state, n, people in conn.execute(query):
                 out[state] = {"batches": int(n), "recipients": int(people)}
+            for batch_state, own_state, n in conn.execute(own):
+                out[batch_state]["recipients"] -= int(n)
+                out[own_state]["recipients"] += int(n)
         return out
 
     def not_sent(self, run_key: str) -> Iterator[dict[str, Any]]:
-        """Every recipient whose batch did not end ``sent``, with the batch's state and error."""
+        """Every recipient not ``sent``, with the state and error: its own where it has one (a
+        batch sent one message per recipient), else its batch's."""
+        state = sa.func.coalesce(recipients.c.state, batches.c.state)
+        error = sa.case(
+            (recipients.c.state.is_(None), batches.c.last_error), else_=recipients.c.last_error
+        )
         query = (
             sa.select(
                 recipients.c.user_id,
                 recipients.c.email_key,
                 batches.c.batch_id,
-                batches.c.state,
-                batches.c.last_error,
+                state.label("state"),
+                error.label("last_error"),
             )
-            .join(
-                batches,
-                sa.and_(
-                    batches.c.run_key == recipients.c.run_key,
-                    batches.c.batch_id == recipients.c.batch_id,
-                ),
-            )
-            .where(recipients.c.run_key == run_key, batches.c.state != SENT)
-            .order_by(batches.c.batch_index)
+            .join(batches, _same_batch())
+            .where(recipients.c.run_key == run_key, state != SENT)
+            .order_by(batches.c.batch_index, recipients.c.email_key)
         )
         with self.engine.connect() as conn:
             for row in conn.execute(query):
@@ -423,6 +643,74 @@ class Outbox:
                 .values(**values)
             )
             return result.rowcount == 1
+
+
+class BatchLedger:
+    """The outbox as a ``RecipientLedger`` for one claimed batch (see transports.base)."""
+
+    def __init__(
+        self, outbox: Outbox, run_key: str, batch_id: str, halt_check_interval: float = 0.0
+    ) -> None:
+        self.outbox, self.run_key, self.batch_id = outbox, run_key, batch_id
+        self.halt_check_interval = halt_check_interval
+        self._halt_checked: float | None = None
+
+    def settled(self) -> dict[str, str]:
+        return self.outbox.recipient_outcomes(self.run_key, self.batch_id)
+
+    def begin(self, email: str) -> bool:
+        return self.outbox.mark_recipient(self.run_key, self.batch_id, email, SENDING)
+
+    def finish(
+        self, email: str, state: str, *, message_id: str | None = None, error: str | None = None
+    ) -> None:
+        if state not in (SENT, FAILED, UNKNOWN):
+            raise ValueError(f"not a final recipient state: {state}")
+        if not self.outbox.mark_recipient(
+            self.run_key, self.batch_id, email, state, message_id=message_id, error=error
+        ):
+            raise OutboxConflict(f"a recipient of batch {self.batch_id} was not 'sending'")
+
+    def release(self, email: str, error: str) -> None:
+        self.outbox.mark_recipient(self.run_key, self.batch_id, email, None, error=error)
+
+    def stop_reason(self) -> str | None:
+        now = time.monotonic()
+        if self._halt_checked is not None and now - self._halt_checked < self.halt_check_interval:
+            return None
+        self._halt_checked = now
+        if not self.outbox.halt_requested(self.run_key):
+            return None
+        return self.outbox.halt_reason(self.run_key) or "halted by an operator"
+
+
+def _same_batch() -> Any:
+    return sa.and_(
+        batches.c.run_key == recipients.c.run_key, batches.c.batch_id == recipients.c.batch_id
+    )
+
+
+def _add_missing_columns(engine: sa.Engine) -> None:
+    """Add the columns of later releases to tables an earlier release created."""
+    inspector = sa.inspect(engine)
+    for table_name, names in _ADDED_COLUMNS.items():
+        have = {c["name"] for c in inspector.get_columns(table_name)}
+        for name in names:
+            if name in have:
+                continue
+            column = metadata.tables[table_name].c[name]
+            ddl = (
+                f"ALTER TABLE {table_name} ADD COLUMN {name} "
+                f"{column.type.compile(dialect=engine.dialect)}"
+            )
+            try:
+                with engine.begin() as conn:
+                    conn.execute(sa.text(ddl))
+            except sa.exc.DBAPIError:
+                # Another process added it first; anything else shows on the re-read.
+                if name not in {c["name"] for c in sa.inspect(engine).get_columns(table_name)}:
+                    raise
+            log.info("outbox: added column %s.%s", table_name, name)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

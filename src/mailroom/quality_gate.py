@@ -1,9 +1,24 @@
 """check_envelopes: the data-quality gate on the frozen payloads themselves.
 
 It reads back the exact request bodies from the staging area, explodes them to one row per
-personalization and one row per request, and validates both with Great Expectations. It knows
+personalization and one row per request, and validates both with Great Expectations, whose Data
+Docs (counts only: an unexpected value here is an address) it leaves with the run. It knows
 nothing of how the bodies were built: expected values are recomputed from the validated audience,
 so a broken payload builder cannot vouch for itself.
+
+The bodies are parsed twice over, in two ways that give the same rows:
+
+* **the regular shape** (what Mailroom writes: every personalization exactly ``to`` +
+  ``substitutions`` + ``headers``, every value a string, every ``to`` entry exactly an ``email``,
+  nothing else anywhere) is parsed by Arrow's JSON reader against a strict schema, a few dozen
+  requests at a time, and checked column-wise;
+* **anything else** (an unknown field, a missing or null value, another type, a duplicate key,
+  a line break, non-ASCII in an address, not JSON at all) fails that strict parse, and that body
+  is read with ``json.loads`` and checked one personalization at a time.
+
+The strict parse only decides which of the two reads a body; both produce the same columns
+(``tests/unit/test_quality_gate.py`` compares them on every kind of irregular body), and every
+rule is then judged by the same Great Expectations suites.
 """
 
 from __future__ import annotations
@@ -12,12 +27,19 @@ import html
 import json
 import logging
 import re
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
 
 from mailroom.addresses import SINGLE_ADDRESS_PATTERN
 from mailroom.campaign_spec import CampaignSpec
@@ -27,9 +49,10 @@ from mailroom.envelope_guard import (
     MAX_RECIPIENTS,
     RESERVED_HEADERS,
 )
-from mailroom.envelopes import envelope_values
-from mailroom.gx_runtime import summarise, validate_frame
-from mailroom.payloads import load_manifest, sha256_hex
+from mailroom.envelopes import envelope_value_columns, envelope_value_names
+from mailroom.gx_runtime import Suite, summarise, validate_suites
+from mailroom.payloads import BatchEntry, load_manifest, sha256_hex
+from mailroom.staging import RunStaging
 from mailroom.substitutions import LEFTOVER_MARKER, TAG_PATTERN
 
 log = logging.getLogger(__name__)
@@ -37,6 +60,38 @@ log = logging.getLogger(__name__)
 # Anything shaped like an address in lower-cased text; matched against the audience.
 _ADDRESS_LIKE = re.compile(r"[a-z0-9._%+'-]{1,64}@[a-z0-9-]+(?:\.[a-z0-9-]+)+")
 _NAME_HIDING_AN_ADDRESS = re.compile(r"[\r\n,;<>@]")
+
+PERSONALIZATION_COLUMNS = (
+    "n_to",
+    "n_cc",
+    "n_bcc",
+    "email",
+    "email_key",
+    "in_audience",
+    "values_match",
+    "reserved_headers",
+    "unknown_tags",
+    "extra_fields",
+    "to_entry_problems",
+)
+REQUEST_COLUMNS = (
+    "batch_id",
+    "json_object",
+    "personalizations",
+    "recipients",
+    "size",
+    "digest_matches",
+    "top_level_cc_bcc",
+    "top_level_reserved_headers",
+    "unresolved_tags",
+    "leftover_markers",
+    "audience_addresses_shared",
+)
+_TEXT_COLUMNS = frozenset({"email", "email_key", "batch_id"})
+_BOOL_COLUMNS = frozenset({"in_audience", "values_match", "json_object", "digest_matches"})
+# Requests parsed together by the strict reader (a few dozen MB); the next group is read and
+# parsed in a second thread while this one is checked.
+CHUNK_REQUESTS = 64
 
 
 @dataclass(frozen=True)
@@ -46,6 +101,7 @@ class GateResult:
     requests: int
     personalization_checks: dict[str, Any]
     request_checks: dict[str, Any]
+    data_docs: str | None = None  # GX's Data Docs index, relative to the run folder
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -63,96 +119,34 @@ class GateResult:
 
 
 def explode_payloads(
-    spec: CampaignSpec, *, manifest_path: Path, valid_audience: Path, secret: bytes
+    spec: CampaignSpec,
+    *,
+    manifest_path: Path,
+    valid_audience: Path,
+    secret: bytes,
+    strict_reader: bool = True,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """One row per personalization and one row per request, read from the frozen bytes."""
+    """One row per personalization and one row per request, read from the frozen bytes.
+
+    ``strict_reader=False`` reads every body the generic way (for tests that compare the two).
+    """
     manifest = load_manifest(manifest_path)
-    expected = _expected_by_address(spec, valid_audience, secret)
-    people: dict[str, list[Any]] = {
-        k: []
-        for k in (
-            "batch_id",
-            "n_to",
-            "n_cc",
-            "n_bcc",
-            "email",
-            "email_key",
-            "in_audience",
-            "values_match",
-            "reserved_headers",
-            "unknown_tags",
-            "extra_fields",
-            "to_entry_problems",
-        )
-    }
-    requests: dict[str, list[Any]] = {
-        k: []
-        for k in (
-            "batch_id",
-            "personalizations",
-            "recipients",
-            "size",
-            "digest_matches",
-            "top_level_cc_bcc",
-            "top_level_reserved_headers",
-            "unresolved_tags",
-            "leftover_markers",
-            "audience_addresses_shared",
-        )
-    }
-    for entry in manifest.batches:
-        data = (manifest_path.parent / entry.file).read_bytes()
-        body = json.loads(data)
-        parts = body.get("personalizations") or []
-        texts = [str(body.get("subject", ""))] + [
-            str(c.get("value", "")) for c in body.get("content") or []
-        ]
-        tags_used = set().union(*(set(m.group(0) for m in TAG_PATTERN.finditer(t)) for t in texts))
-        leftovers = sum(len(LEFTOVER_MARKER.findall(TAG_PATTERN.sub("", t))) for t in texts)
-        unresolved = 0
-        recipient_count = 0
-        for item in parts:
-            to, cc, bcc = (item.get(k) or [] for k in ("to", "cc", "bcc"))
-            recipient_count += len(to) + len(cc) + len(bcc)
-            email = to[0].get("email") if to and isinstance(to[0], dict) else None
-            key = email.lower() if isinstance(email, str) else None
-            subs = item.get("substitutions") or {}
-            headers = item.get("headers") or {}
-            own = expected.get(key) if key else None
-            people["batch_id"].append(entry.batch_id)
-            people["n_to"].append(len(to))
-            people["n_cc"].append(len(cc))
-            people["n_bcc"].append(len(bcc))
-            people["email"].append(email)
-            people["email_key"].append(key)
-            people["in_audience"].append(own is not None)
-            people["values_match"].append(own is not None and own == _canonical(subs, headers))
-            people["reserved_headers"].append(
-                sum(1 for h in headers if str(h).lower() in RESERVED_HEADERS)
-            )
-            people["unknown_tags"].append(len(tags_used - set(subs)))
-            people["extra_fields"].append(len(set(item) - {"to", "substitutions", "headers"}))
-            people["to_entry_problems"].append(_to_entry_problems(to))
-            unresolved += len(tags_used - set(subs))
-        requests["batch_id"].append(entry.batch_id)
-        requests["personalizations"].append(len(parts))
-        requests["recipients"].append(recipient_count)
-        requests["size"].append(len(data))
-        requests["digest_matches"].append(sha256_hex(data) == entry.sha256)
-        mail_settings = body.get("mail_settings")
-        requests["top_level_cc_bcc"].append(
-            int("cc" in body)
-            + int("bcc" in body)
-            + int(isinstance(mail_settings, dict) and "bcc" in mail_settings)
-        )
-        requests["top_level_reserved_headers"].append(
-            sum(1 for h in body.get("headers") or {} if str(h).lower() in RESERVED_HEADERS)
-        )
-        requests["unresolved_tags"].append(unresolved)
-        requests["leftover_markers"].append(leftovers)
-        shared = {k: v for k, v in body.items() if k != "personalizations"}
-        requests["audience_addresses_shared"].append(_audience_addresses_in(shared, expected))
-    return pd.DataFrame(people), pd.DataFrame(requests)
+    audience = _Audience(spec, secret, valid_audience)
+    shape = _RegularShape(spec) if strict_reader else None
+    people = _Columns(PERSONALIZATION_COLUMNS)
+    requests = _Columns(REQUEST_COLUMNS)
+    for group in _read_groups(manifest.batches, manifest_path.parent, shape):
+        if group.parsed is not None and shape is not None:
+            _explode_regular(group, group.parsed, audience, shape, people, requests)
+            continue
+        # Something in this group is irregular: find which, and read only those the slow way.
+        for one in group.split():
+            body = shape.parse(one.datas) if shape is not None else None
+            if body is not None and shape is not None:
+                _explode_regular(one, body, audience, shape, people, requests)
+            else:
+                _explode_generic(one, audience, people, requests)
+    return people.frame(), requests.frame()
 
 
 def check_envelopes(
@@ -162,17 +156,27 @@ def check_envelopes(
     valid_audience: Path,
     secret: bytes,
     expected_recipients: int,
+    data_docs_dir: Path | None = None,
 ) -> GateResult:
     """Validate the frozen payloads; unless ``success``, nothing may be sent (``pipeline.gate``
-    raises ValidationFailed)."""
+    raises ValidationFailed).
+
+    GX's Data Docs for both suites are written to ``data_docs_dir`` (by default the run's
+    ``gate/data_docs``, when the manifest is where a run keeps it), whether the gate passes or
+    not, before this returns.
+    """
     import great_expectations.expectations as gxe
+
+    run = RunStaging(manifest_path.parent.parent)
+    if data_docs_dir is None and run.manifest == manifest_path:
+        data_docs_dir = run.gate_data_docs
 
     people, requests = explode_payloads(
         spec, manifest_path=manifest_path, valid_audience=valid_audience, secret=secret
     )
-    people_result = validate_frame(
-        people,
-        suite_name="envelopes",
+    people_suite = Suite(
+        name="envelopes",
+        frame=people,
         expectations=[
             gxe.ExpectTableRowCountToEqual(value=expected_recipients),
             gxe.ExpectColumnValuesToBeBetween(column="n_to", min_value=1, max_value=1),
@@ -189,10 +193,11 @@ def check_envelopes(
             gxe.ExpectColumnValuesToBeBetween(column="to_entry_problems", min_value=0, max_value=0),
         ],
     )
-    request_result = validate_frame(
-        requests,
-        suite_name="requests",
+    request_suite = Suite(
+        name="requests",
+        frame=requests,
         expectations=[
+            gxe.ExpectColumnValuesToBeInSet(column="json_object", value_set=[True]),
             gxe.ExpectColumnValuesToBeBetween(
                 column="personalizations", min_value=1, max_value=MAX_PERSONALIZATIONS
             ),
@@ -212,33 +217,440 @@ def check_envelopes(
             ),
         ],
     )
+    people_result, request_result = validate_suites(
+        [people_suite, request_suite], data_docs_dir=data_docs_dir
+    )
+    docs = None
+    if data_docs_dir is not None:
+        index = data_docs_dir / "index.html"
+        docs = str(index.relative_to(run.root)) if index.is_relative_to(run.root) else str(index)
     result = GateResult(
         success=bool(people_result.success and request_result.success),
         personalizations=len(people),
         requests=len(requests),
         personalization_checks=summarise(people_result),
         request_checks=summarise(request_result),
+        data_docs=docs,
     )
     log.info(
-        "check_envelopes: %d personalizations in %d requests, success=%s",
+        "check_envelopes: %d personalizations in %d requests, success=%s, data docs %s",
         result.personalizations,
         result.requests,
         result.success,
+        docs,
     )
     return result
 
 
-def _expected_by_address(spec: CampaignSpec, valid_audience: Path, secret: bytes) -> dict[str, str]:
-    audience = pd.read_parquet(valid_audience)
-    out: dict[str, str] = {}
-    for row in audience.to_dict("records"):
-        subs, headers = envelope_values(spec, secret, row)
-        out[str(row["email"]).lower()] = _canonical(subs, headers)
-    return out
+# --- the validated audience: who may receive, and what each one's envelope must carry ----------
+class _Audience:
+    """The validated audience by lower-cased address; each recipient's own values recomputed
+    from their row (``envelope_value_columns``), never taken from the bodies."""
+
+    def __init__(self, spec: CampaignSpec, secret: bytes, path: Path) -> None:
+        self.spec = spec
+        self.secret = secret
+        self.table = pq.read_table(path)
+        emails = self.table.column("email").combine_chunks()
+        keys = pd.Index(_lower(emails).to_pandas())
+        self._index = keys
+        self._rows: np.ndarray | None = None
+        if keys.hasnans or not keys.is_unique:  # validated audiences are unique; the last wins
+            rows = pd.Series(np.arange(len(keys), dtype=np.int64), index=keys)
+            rows = rows[rows.index.notna() & ~rows.index.duplicated(keep="last")]
+            self._index = pd.Index(rows.index)
+            self._rows = rows.to_numpy()
+
+    def find(self, keys: pa.Array) -> np.ndarray:
+        """The audience row of each key (-1 for none)."""
+        found: np.ndarray = self._index.get_indexer(pd.Index(keys.to_pandas()))
+        if self._rows is None:
+            return found
+        return np.where(found >= 0, self._rows[found], -1)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._index
+
+    def values(self, rows: np.ndarray) -> tuple[dict[str, pa.Array], dict[str, pa.Array]]:
+        return envelope_value_columns(self.spec, self.secret, self.table.take(pa.array(rows)))
 
 
-def _canonical(subs: Any, headers: Any) -> str:
-    return json.dumps([subs, headers], sort_keys=True, ensure_ascii=False)
+def _lower(values: pa.Array) -> pa.Array:
+    """``str.lower`` of every value (Arrow's lower-casing is Python's for ASCII only)."""
+    if len(values) == 0 or pc.all(pc.string_is_ascii(values)).as_py() is not False:
+        return pc.ascii_lower(values)
+    return pa.array([v.lower() if v is not None else None for v in values.to_pylist()], pa.string())
+
+
+# --- reading the bodies, a group at a time ------------------------------------------------------
+@dataclass(frozen=True)
+class _Group:
+    """Some requests as frozen: their manifest entries, bytes, whether each is as frozen, and
+    (when every one has the regular shape) their strict parse."""
+
+    entries: Sequence[BatchEntry]
+    datas: Sequence[bytes]
+    digests_match: Sequence[bool]
+    parsed: pa.StructArray | None = None
+
+    def split(self) -> list[_Group]:
+        return [
+            _Group([e], [d], [ok])
+            for e, d, ok in zip(self.entries, self.datas, self.digests_match, strict=True)
+        ]
+
+
+def _read_groups(
+    batches: Sequence[BatchEntry], folder: Path, shape: _RegularShape | None
+) -> Iterator[_Group]:
+    """The requests a group at a time; the next group is read, hashed and parsed in a second
+    thread meanwhile (file reads, SHA-256 and Arrow's parser all release the GIL)."""
+
+    def load(entries: list[BatchEntry]) -> _Group:
+        datas = [(folder / e.file).read_bytes() for e in entries]
+        digests = [sha256_hex(d) == e.sha256 for d, e in zip(datas, entries, strict=True)]
+        parsed = shape.parse(datas) if shape is not None else None
+        return _Group(entries, datas, digests, parsed)
+
+    groups = [list(batches[i : i + CHUNK_REQUESTS]) for i in range(0, len(batches), CHUNK_REQUESTS)]
+    if not groups:
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gate-read") as pool:
+        pending: Future[_Group] = pool.submit(load, groups[0])
+        for i in range(len(groups)):
+            group = pending.result()
+            if i + 1 < len(groups):
+                pending = pool.submit(load, groups[i + 1])
+            yield group
+
+
+class _RegularShape:
+    """The strict Arrow schema of the bodies Mailroom writes; ``parse`` returns ``None`` for
+    any group with a body outside it."""
+
+    def __init__(self, spec: CampaignSpec) -> None:
+        text = pa.string()
+        self.tags, self.headers = envelope_value_names(spec)
+        personalization = pa.struct(
+            [
+                ("to", pa.list_(pa.struct([("email", text)]))),
+                ("substitutions", pa.struct([(t, text) for t in self.tags])),
+                ("headers", pa.struct([(h, text) for h in self.headers])),
+            ]
+        )
+        body = pa.struct(
+            [
+                ("personalizations", pa.list_(personalization)),
+                ("from", pa.struct([("email", text), ("name", text)])),
+                ("subject", text),
+                ("content", pa.list_(pa.struct([("type", text), ("value", text)]))),
+                (
+                    "custom_args",
+                    pa.struct(
+                        [(k, text) for k in ("mailroom_campaign", "mailroom_run", "mailroom_batch")]
+                    ),
+                ),
+                ("reply_to", pa.struct([("email", text)])),
+                ("categories", pa.list_(text)),
+            ]
+        )
+        self.schema = pa.schema([("body", body)])
+        self.options = pajson.ParseOptions(
+            explicit_schema=self.schema, unexpected_field_behavior="error"
+        )
+
+    def parse(self, datas: Sequence[bytes]) -> pa.StructArray | None:
+        # One line per body, each wrapped in an object of our own, so that a body holding two
+        # JSON values (or none) cannot shift the rows: it is simply not valid JSON any more.
+        if not datas or any(b"\n" in d or b"\r" in d for d in datas):
+            return None
+        pieces = [b'{"body":']
+        for data in datas:
+            pieces += [data, b'}\n{"body":']
+        pieces[-1] = b"}\n"
+        lines = b"".join(pieces)
+        block = max(1 << 23, 2 * max(len(d) for d in datas) + 64)
+        try:
+            table = pajson.read_json(
+                pa.BufferReader(lines),
+                read_options=pajson.ReadOptions(block_size=block),
+                parse_options=self.options,
+            )
+        except (pa.ArrowInvalid, UnicodeDecodeError):
+            return None
+        if table.num_rows != len(datas):
+            return None
+        bodies = table.column("body").combine_chunks()
+        try:
+            # Arrow's reader does not check that strings are UTF-8; json.loads would refuse.
+            bodies.validate(full=True)
+        except pa.ArrowInvalid:
+            return None
+        return bodies if self._complete(bodies) else None
+
+    def _complete(self, bodies: pa.StructArray) -> bool:
+        """Nothing the checks read is null (null and absent would read alike), and every
+        recipient address is ASCII (where Arrow's lower-casing is Python's)."""
+        parts = bodies.field("personalizations")
+        items = parts.flatten()
+        to = items.field("to")
+        entries = to.flatten()
+        subs = items.field("substitutions")
+        headers = items.field("headers")
+        content = bodies.field("content")
+        contents = content.flatten()
+        required = [
+            bodies,
+            parts,
+            items,
+            to,
+            entries,
+            entries.field("email"),
+            subs,
+            *(subs.field(t) for t in self.tags),
+            headers,
+            *(headers.field(h) for h in self.headers),
+            bodies.field("subject"),
+            content,
+            contents,
+            contents.field("type"),
+            contents.field("value"),
+        ]
+        if any(a.null_count for a in required):
+            return False
+        return bool(pc.all(pc.string_is_ascii(entries.field("email"))).as_py() is not False)
+
+
+# --- one group of regular bodies, column-wise ---------------------------------------------------
+def _explode_regular(
+    group: _Group,
+    bodies: pa.StructArray,
+    audience: _Audience,
+    shape: _RegularShape,
+    people: _Columns,
+    requests: _Columns,
+) -> None:
+    parts = bodies.field("personalizations")
+    per_request = pc.list_value_length(parts).to_numpy(zero_copy_only=False).astype(np.int64)
+    items = parts.flatten()
+    to = items.field("to")
+    n_to = pc.list_value_length(to).to_numpy(zero_copy_only=False).astype(np.int64)
+    addresses = to.flatten().field("email")
+    first = np.cumsum(n_to) - n_to
+    email = addresses.take(pa.array(first, mask=n_to == 0)) if len(n_to) else addresses
+    email_key = pc.ascii_lower(email)
+    rows = audience.find(email_key)
+    known = rows >= 0
+    values_match = known.copy()
+    if known.any():
+        own_subs, own_headers = audience.values(rows[known])
+        everyone = bool(known.all())
+        mask = pa.array(known)
+        subs, headers = items.field("substitutions"), items.field("headers")
+        pairs = [(subs.field(t), own_subs[t]) for t in shape.tags]
+        pairs += [(headers.field(h), own_headers[h]) for h in shape.headers]
+        same = np.ones(int(known.sum()), dtype=bool)
+        for got, own in pairs:
+            mine = got if everyone else got.filter(mask)
+            same &= pc.equal(mine, own).to_numpy(zero_copy_only=False)
+        values_match[known] = same
+
+    # Per request: the content's tags that no personalization can fill (every regular one has
+    # exactly the campaign's tags), template markers left over, audience addresses in the parts
+    # every recipient sees.
+    subjects = bodies.field("subject").to_pylist()
+    contents = bodies.field("content").to_pylist()
+    shared_fields = [f.name for f in bodies.type if f.name != "personalizations"]
+    shared = pa.StructArray.from_arrays(
+        [bodies.field(f) for f in shared_fields], names=shared_fields
+    ).to_pylist()
+    count = len(group.entries)
+    unknown = np.zeros(count, dtype=np.int64)
+    recipients = np.bincount(
+        np.repeat(np.arange(count), per_request), weights=n_to, minlength=count
+    ).astype(np.int64)
+    for i, entry in enumerate(group.entries):
+        texts = [subjects[i]] + [c["value"] for c in contents[i]]
+        tags_used, leftovers = _tags_and_markers(texts)
+        unknown[i] = len(tags_used - set(shape.tags))
+        requests.append_row(
+            batch_id=entry.batch_id,
+            json_object=True,
+            personalizations=int(per_request[i]),
+            recipients=int(recipients[i]),
+            size=len(group.datas[i]),
+            digest_matches=group.digests_match[i],
+            top_level_cc_bcc=0,
+            top_level_reserved_headers=0,
+            unresolved_tags=int(unknown[i] * per_request[i]),
+            leftover_markers=leftovers,
+            audience_addresses_shared=_audience_addresses_in(
+                {k: v for k, v in shared[i].items() if v is not None}, audience
+            ),
+        )
+    zeros = np.zeros(len(n_to), dtype=np.int64)
+    people.append_columns(
+        n_to=n_to,
+        n_cc=zeros,
+        n_bcc=zeros,
+        email=email,
+        email_key=email_key,
+        in_audience=known,
+        values_match=values_match,
+        reserved_headers=zeros,
+        unknown_tags=np.repeat(unknown, per_request),
+        extra_fields=zeros,
+        to_entry_problems=zeros,
+    )
+
+
+# --- one body of any shape, one personalization at a time --------------------------------------
+def _explode_generic(
+    one: _Group,
+    audience: _Audience,
+    people: _Columns,
+    requests: _Columns,
+) -> None:
+    (entry,), (data,), (digest_matches,) = one.entries, one.datas, one.digests_match
+    try:
+        body = json.loads(data)
+    except (UnicodeDecodeError, ValueError):
+        body = None
+    if not isinstance(body, dict):
+        requests.append_row(
+            batch_id=entry.batch_id,
+            json_object=False,
+            personalizations=0,
+            recipients=0,
+            size=len(data),
+            digest_matches=digest_matches,
+            top_level_cc_bcc=0,
+            top_level_reserved_headers=0,
+            unresolved_tags=0,
+            leftover_markers=0,
+            audience_addresses_shared=0,
+        )
+        return
+    parts = body.get("personalizations")
+    items = [p if isinstance(p, dict) else None for p in parts] if isinstance(parts, list) else []
+    content = body.get("content")
+    texts = [str(body.get("subject", ""))] + [
+        str(c.get("value", ""))
+        for c in (content if isinstance(content, list) else [])
+        if isinstance(c, dict)
+    ]
+    tags_used, leftovers = _tags_and_markers(texts)
+
+    emails: list[str | None] = []
+    for item in items:
+        to = item.get("to") if item is not None else None
+        first = to[0] if isinstance(to, list) and to else None
+        emails.append(_as_text(first.get("email") if isinstance(first, dict) else None))
+    keys = pa.array([e.lower() if e is not None else None for e in emails], pa.string())
+    rows = audience.find(keys)
+    own = _own_values(audience, rows)
+
+    unresolved = recipient_count = 0
+    for item, email, key, row in zip(items, emails, keys.to_pylist(), rows, strict=True):
+        extra = 1 if item is None else len(set(item) - {"to", "substitutions", "headers"})
+        item = item or {}
+        to = item.get("to")
+        n_to = len(to) if isinstance(to, list) else 0
+        n_cc, n_bcc = (_count(item.get(k)) for k in ("cc", "bcc"))
+        recipient_count += n_to + n_cc + n_bcc
+        subs = item.get("substitutions")
+        headers = item.get("headers")
+        sub_keys = set(subs) if isinstance(subs, dict) else set()
+        unknown = len(tags_used - sub_keys)
+        unresolved += unknown
+        people.append_row(
+            n_to=n_to,
+            n_cc=n_cc,
+            n_bcc=n_bcc,
+            email=email,
+            email_key=key,
+            in_audience=bool(row >= 0),
+            values_match=bool(row >= 0) and own.get(int(row)) == (subs, headers),
+            reserved_headers=_reserved(headers),
+            unknown_tags=unknown,
+            extra_fields=extra,
+            to_entry_problems=_to_entry_problems(to)
+            if isinstance(to, list)
+            else int(to is not None),
+        )
+    mail_settings = body.get("mail_settings")
+    requests.append_row(
+        batch_id=entry.batch_id,
+        json_object=True,
+        personalizations=len(items),
+        recipients=recipient_count,
+        size=len(data),
+        digest_matches=digest_matches,
+        top_level_cc_bcc=int("cc" in body)
+        + int("bcc" in body)
+        + int(isinstance(mail_settings, dict) and "bcc" in mail_settings),
+        top_level_reserved_headers=_reserved(body.get("headers")),
+        unresolved_tags=unresolved,
+        leftover_markers=leftovers,
+        audience_addresses_shared=_audience_addresses_in(
+            {k: v for k, v in body.items() if k != "personalizations"}, audience
+        ),
+    )
+
+
+def _own_values(
+    audience: _Audience, rows: np.ndarray
+) -> dict[int, tuple[dict[str, str], dict[str, str]]]:
+    """Audience row → (substitutions, headers) as ``envelope_values`` gives them."""
+    found = np.unique(rows[rows >= 0])
+    if not len(found):
+        return {}
+    subs, headers = audience.values(found)
+    sub_lists = {k: v.to_pylist() for k, v in subs.items()}
+    header_lists = {k: v.to_pylist() for k, v in headers.items()}
+    return {
+        int(row): (
+            {k: v[i] for k, v in sub_lists.items()},
+            {k: v[i] for k, v in header_lists.items()},
+        )
+        for i, row in enumerate(found)
+    }
+
+
+def _as_text(value: Any) -> str | None:
+    """An address as it reads: text as is; anything else (or text Arrow cannot hold, a lone
+    surrogate) as its JSON, which is no address either."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return json.dumps(value)
+        return value
+    return json.dumps(value)
+
+
+def _count(value: Any) -> int:
+    """Recipients in a ``cc``/``bcc`` value: a list's length; anything else set counts as one."""
+    if isinstance(value, list):
+        return len(value)
+    return 0 if value is None or value == {} or value == "" else 1
+
+
+def _reserved(headers: Any) -> int:
+    if headers is None:
+        return 0
+    if not isinstance(headers, dict):
+        return 1
+    return sum(1 for h in headers if str(h).lower() in RESERVED_HEADERS)
+
+
+def _tags_and_markers(texts: Sequence[str]) -> tuple[set[str], int]:
+    """The substitution tags the shared texts use, and how many other markers they hold."""
+    tags = {m.group(0) for t in texts for m in TAG_PATTERN.finditer(t)}
+    leftovers = sum(len(LEFTOVER_MARKER.findall(TAG_PATTERN.sub("", t))) for t in texts)
+    return tags, leftovers
 
 
 def _to_entry_problems(to: list[Any]) -> int:
@@ -255,7 +667,7 @@ def _to_entry_problems(to: list[Any]) -> int:
     return problems
 
 
-def _audience_addresses_in(shared: dict[str, Any], audience: dict[str, str]) -> int:
+def _audience_addresses_in(shared: dict[str, Any], audience: _Audience) -> int:
     """How many audience addresses the parts every recipient sees show (also HTML-escaped or
     %-encoded)."""
     text = json.dumps(shared, ensure_ascii=False).lower()
@@ -266,3 +678,46 @@ def _audience_addresses_in(shared: dict[str, Any], audience: dict[str, str]) -> 
                 if candidate in audience:
                     found.add(candidate)
     return len(found)
+
+
+# --- the two frames, built a group at a time ----------------------------------------------------
+class _Columns:
+    """Columns gathered in parts (whole arrays from regular groups, single rows otherwise)."""
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.names = names
+        self.parts: dict[str, list[Any]] = {n: [] for n in names}
+        self.rows: dict[str, list[Any]] = {n: [] for n in names}
+
+    def append_row(self, **values: Any) -> None:
+        for name in self.names:
+            self.rows[name].append(values[name])
+
+    def append_columns(self, **columns: Any) -> None:
+        self._flush_rows()
+        for name in self.names:
+            self.parts[name].append(columns[name])
+
+    def _flush_rows(self) -> None:
+        if self.rows[self.names[0]]:
+            for name in self.names:
+                values = self.rows[name]
+                if name in _TEXT_COLUMNS:
+                    self.parts[name].append(pa.array(values, pa.string()))
+                else:
+                    dtype = bool if name in _BOOL_COLUMNS else np.int64
+                    self.parts[name].append(np.asarray(values, dtype=dtype))
+                self.rows[name] = []
+
+    def frame(self) -> pd.DataFrame:
+        self._flush_rows()
+        data: dict[str, Any] = {}
+        for name in self.names:
+            parts = self.parts[name]
+            if name in _TEXT_COLUMNS:
+                joined = pa.concat_arrays(parts) if parts else pa.array([], pa.string())
+                data[name] = joined.to_pandas()
+            else:
+                dtype = bool if name in _BOOL_COLUMNS else np.int64
+                data[name] = np.concatenate(parts).astype(dtype) if parts else np.array([], dtype)
+        return pd.DataFrame(data)

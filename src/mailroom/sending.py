@@ -3,7 +3,9 @@
 Before every request the shard checks for a halt, claims the batch in the outbox
 (compare-and-set), and sends the frozen bytes through a transport (which runs the envelope
 guard). Outcomes go back to the outbox; a request whose answer was lost becomes ``unknown`` and
-is never resent here.
+is never resent here. A transport that sends one message per recipient (SMTP) also gets the
+batch's ledger in the outbox, records each message there, and skips the ones already recorded
+when a batch is retried or resumed.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 
 from mailroom.addresses import mask_addresses
 from mailroom.envelope_guard import ApprovedManifest
-from mailroom.errors import EnvelopeViolation, TransportError
+from mailroom.errors import EnvelopeViolation, SendHalted, TransportError
 from mailroom.outbox import FAILED, HALTED, SENT, STAGED, UNKNOWN, Outbox
 from mailroom.payloads import BatchEntry, Manifest
 from mailroom.transports.base import Transport
@@ -156,7 +158,8 @@ def send_shard(
     interrupted = outbox.mark_interrupted(run_key, [b.batch_id for b in mine])
     if interrupted:
         log.warning(
-            "shard %d: %d batch(es) were interrupted mid-request: now 'unknown'",
+            "shard %d: %d batch(es) were interrupted mid-request: now 'unknown' (batches sent "
+            "one message per recipient: that message 'unknown', the rest continue)",
             shard_index,
             interrupted,
         )
@@ -202,7 +205,8 @@ def send_shard(
             run_key, entry, payloads_dir, approved, transport, outbox, limiter, retry
         )
         progress.record(state, entry.recipients)
-        consecutive_failures = 0 if state == SENT else consecutive_failures + 1
+        if state != HALTED:  # a halt mid-batch is not a failure
+            consecutive_failures = 0 if state == SENT else consecutive_failures + 1
         if max_consecutive_failures and consecutive_failures >= max_consecutive_failures:
             reason = f"paused after {consecutive_failures} consecutive failed batches"
             outbox.request_halt(run_key, reason=reason)
@@ -234,13 +238,27 @@ def _send_batch(
 ) -> str:
     body = (payloads_dir / entry.file).read_bytes()
     members = outbox.batch_members(run_key, entry.batch_id)
+    ledger = outbox.ledger(run_key, entry.batch_id) if transport.delivers_per_recipient else None
+    if ledger is None and outbox.recipient_outcomes(run_key, entry.batch_id):
+        # Partly sent one message per recipient: a whole request would send those again.
+        error = (
+            f"recipients of this batch already have outcomes of their own: the {transport.name} "
+            "transport sends whole requests and would send them again"
+        )
+        outbox.finish(run_key, entry.batch_id, FAILED, error=error)
+        log.error("batch %s: %s", entry.batch_id, error)
+        return FAILED
     attempt = 0
     while True:
         attempt += 1
         if attempt > 1:
             limiter.acquire(entry.recipients)
         try:
-            delivery = transport.send(body, approved, expected_recipients=members)
+            delivery = transport.send(body, approved, expected_recipients=members, ledger=ledger)
+        except SendHalted as exc:
+            outbox.finish(run_key, entry.batch_id, HALTED, error=str(exc))
+            log.warning("batch %s: halted mid-batch: %s", entry.batch_id, exc)
+            return HALTED
         except EnvelopeViolation as exc:
             outbox.finish(run_key, entry.batch_id, FAILED, error=f"envelope guard: {exc}")
             raise

@@ -80,6 +80,11 @@ class RunStaging:
         return self.gate_dir / "result.json"
 
     @property
+    def gate_data_docs(self) -> Path:
+        """Great Expectations' Data Docs of the gate (``index.html`` inside), kept with the run."""
+        return self.gate_dir / "data_docs"
+
+    @property
     def approval(self) -> Path:
         return self.root / "approval.json"
 

@@ -24,3 +24,17 @@ def substitution_tag(field: str, *, html: bool) -> str:
 def tags_in(text: str) -> set[str]:
     """Every substitution tag that occurs in ``text``."""
     return {m.group(0) for m in TAG_PATTERN.finditer(text)}
+
+
+def apply_substitutions(text: str, substitutions: dict[str, str]) -> str:
+    """``text`` with each substitution key replaced by its value, in one pass.
+
+    One pass (longest key first at each position) means a value that happens to contain another
+    key is delivered literally rather than substituted again, so a recipient's own data can never
+    pull in another field; a leftover tag in the output is then visible to whoever checks it.
+    """
+    if not substitutions:
+        return text
+    keys = sorted(substitutions, key=len, reverse=True)
+    pattern = re.compile("|".join(re.escape(key) for key in keys if key))
+    return pattern.sub(lambda match: substitutions[match.group(0)], text)

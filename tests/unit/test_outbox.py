@@ -431,3 +431,62 @@ def test_not_sent_lists_every_recipient_of_an_unsent_batch_with_its_reason(
     assert rows[0]["last_error"] == "ended failed"
     assert rows[4]["last_error"] is None
     assert not any(r["batch_id"] == ids[1] for r in rows)
+
+
+# -- one message per recipient (SMTP) -------------------------------------------------------------
+
+
+def test_per_recipient_states_drive_counts_not_sent_requeue_and_interruption(
+    outbox: Outbox, run_key: str
+) -> None:
+    ids = stage(outbox, run_key, 2, recipients=3)
+    first, second = ids
+    a, b = ([m[0].lower() for m in members_of([batch(i, 3)])] for i in range(2))
+    # First batch: sent one by one, one refused, one answer lost; the batch ends 'unknown'.
+    assert outbox.claim(run_key, first)
+    for email, state in zip(a, [SENT, FAILED, UNKNOWN], strict=True):
+        assert outbox.mark_recipient(run_key, first, email, SENDING)
+        assert not outbox.mark_recipient(run_key, first, email, SENDING)
+        assert outbox.mark_recipient(run_key, first, email, state, error=f"ended {state}")
+    outbox.finish(run_key, first, UNKNOWN, error="1 of 3 lost")
+    # Second batch: the worker dies while sending its second message.
+    assert outbox.claim(run_key, second)
+    assert outbox.mark_recipient(run_key, second, b[0], SENDING)
+    assert outbox.mark_recipient(run_key, second, b[0], SENT, message_id="<b0@x>")
+    assert outbox.mark_recipient(run_key, second, b[1], SENDING)
+
+    assert outbox.mark_interrupted(run_key, ids) == 1
+
+    assert state_of(outbox, run_key) == {first: UNKNOWN, second: STAGED}
+    assert outbox.recipient_outcomes(run_key, second) == {b[0]: SENT, b[1]: UNKNOWN}
+    assert outbox.unsent_recipients(run_key, second) == [b[2]]
+    counts = outbox.counts(run_key)
+    assert {s: c["recipients"] for s, c in counts.items()} == {
+        STAGED: 1,
+        SENDING: 0,
+        SENT: 2,
+        FAILED: 1,
+        UNKNOWN: 2,
+        HALTED: 0,
+    }
+    assert counts[UNKNOWN]["batches"] == 1
+    assert counts[STAGED]["batches"] == 1
+    rows = {r["email_key"]: (r["state"], r["last_error"]) for r in outbox.not_sent(run_key)}
+    assert rows == {
+        a[1]: (FAILED, "ended failed"),
+        a[2]: (UNKNOWN, "ended unknown"),
+        b[1]: (UNKNOWN, rows[b[1]][1]),
+        b[2]: (STAGED, rows[b[2]][1]),
+    }
+    assert "interrupted while this message" in (rows[b[1]][1] or "")
+    with pytest.raises(OutboxConflict):
+        outbox.stage(
+            run_key, "m" * 64, [batch(0, 3), batch(1, 3)], members_of([batch(0, 3), batch(1, 3)])
+        )
+
+    # Resending the unknown ones: only those recipients become sendable again.
+    assert outbox.requeue(run_key, [UNKNOWN]) == 1
+    assert state_of(outbox, run_key) == {first: STAGED, second: STAGED}
+    assert outbox.recipient_outcomes(run_key, first) == {a[0]: SENT, a[1]: FAILED}
+    assert outbox.recipient_outcomes(run_key, second) == {b[0]: SENT}
+    assert outbox.counts(run_key)[STAGED]["recipients"] == 3

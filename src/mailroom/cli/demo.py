@@ -23,6 +23,8 @@ from typing import Any
 import requests
 
 from mailroom.cli.airflow_api import AirflowApi, AirflowApiError
+from mailroom.cli.approvals import APPROVE, REJECT, Approvals
+from mailroom.cli.approvals import render as render_approval
 from mailroom.cli.local_airflow import LocalAirflow, free_port
 from mailroom.sample_audience import SampleAudience, generate
 
@@ -110,12 +112,17 @@ class Demo:
 
         follower = RunFollower(analyst, run_id)
         follower.until(lambda states: states.get("approve") == "awaiting_input", timeout=900)
-        summary = analyst.xcom(DAG_ID, run_id, "summarise")
-        print("\n" + "=" * 78 + "\n" + summary + "\n" + "=" * 78 + "\n", flush=True)
+        # What `mailroom approvals show RUN` prints: the summary the Airflow UI shows.
+        gate = Approvals(approver)
+        print("\n" + "=" * 78 + "\n" + render_approval(gate.get(run_id)) + "\n" + "=" * 78)
+        cli = (
+            f"mailroom approvals {{approve|reject}} '{run_id}' --airflow-url {self.airflow.url} "
+            f"--user approver --password-file {self.airflow.passwords_file}"
+        )
+        say(f"the same from another terminal: {cli}")
         approve = self.yes or ask("Approve this send as 'approver'? [y/N] ")
-        time.sleep(2)  # Airflow 3.3.2 can fail a HITL task answered within ~1 s of parking
-        approver.answer(DAG_ID, run_id, "approve", "Approve" if approve else "Reject")
-        say(f"{'approved' if approve else 'rejected'} as 'approver' through the REST API")
+        answered = gate.answer(run_id, APPROVE if approve else REJECT)
+        say(f"{'approved' if approve else 'rejected'} through the REST API: {answered.status}")
 
         final = follower.until(
             lambda _: analyst.dag_run(DAG_ID, run_id)["state"] in FINISHED, timeout=1800

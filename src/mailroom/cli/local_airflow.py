@@ -1,7 +1,9 @@
 """A project-local Airflow on the embedded default: SQLite, LocalExecutor, real processes.
 
 It writes nothing outside its home folder, starts api-server, scheduler and dag-processor as
-child processes in their own process groups, and stops all of them on exit or Ctrl-C.
+child processes in their own process groups, and stops all of them on exit or Ctrl-C. Given an
+executor and a database URL it runs the distributed shape too: CeleryExecutor on PostgreSQL,
+with ``airflow celery worker`` processes started by :meth:`LocalAirflow.start_celery_worker`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,17 @@ from pathlib import Path
 import requests
 
 USERS = {"analyst": "user", "approver": "user", "admin": "admin"}
+WORKER_HOSTNAME_ENV = "MAILROOM_WORKER_HOSTNAME"
+
+
+def worker_hostname() -> str:
+    """Airflow's ``[core] hostname_callable`` for several workers on one machine.
+
+    Task instances record the hostname of the worker that ran them; two workers on one host
+    would both report the host's name, so each worker process names itself through
+    ``MAILROOM_WORKER_HOSTNAME`` (a real deployment has one hostname per worker and needs none).
+    """
+    return os.environ.get(WORKER_HOSTNAME_ENV) or socket.getfqdn()
 
 
 def free_port() -> int:
@@ -37,6 +50,9 @@ class LocalAirflow:
     parallelism: int = 4
     extra_env: dict[str, str] = field(default_factory=dict)
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    executor: str = "LocalExecutor"
+    # The metadata database (SQLAlchemy URL); None keeps the embedded SQLite file in the home.
+    database_url: str | None = None
 
     @property
     def url(self) -> str:
@@ -69,10 +85,12 @@ class LocalAirflow:
             "AIRFLOW__CORE__DAGS_FOLDER": str(self.repo / "dags"),
             "AIRFLOW__CORE__PLUGINS_FOLDER": str(self.repo / "plugins"),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            "AIRFLOW__CORE__EXECUTOR": self.executor,
             "AIRFLOW__CORE__PARALLELISM": str(self.parallelism),
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{self.home / 'airflow.db'}",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": (
+                self.database_url or f"sqlite:///{self.home / 'airflow.db'}"
+            ),
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": ",".join(
                 f"{u}:{r}" for u, r in USERS.items()
             ),
@@ -147,6 +165,51 @@ class LocalAirflow:
                     start_new_session=True,
                 )
             )
+
+    def start_celery_worker(
+        self, name: str, *, concurrency: int = 2, queues: str | None = None
+    ) -> subprocess.Popen[bytes]:
+        """One ``airflow celery worker`` (CeleryExecutor), in its own process group.
+
+        ``name`` is its Celery node name (``name@host``) and the hostname its task instances
+        record, so several workers on one machine stay distinguishable. It serves no logs (the
+        workers share this home's log folder with the api-server).
+        """
+        logs = self.home / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        args = [
+            "airflow",
+            "celery",
+            "worker",
+            "--celery-hostname",
+            f"{name}@%h",
+            "--concurrency",
+            str(concurrency),
+            "--skip-serve-logs",
+            "--without-mingle",
+            "--without-gossip",
+        ]
+        if queues:
+            args += ["--queues", queues]
+        env = {
+            **self.env(),
+            WORKER_HOSTNAME_ENV: name,
+            "AIRFLOW__CORE__HOSTNAME_CALLABLE": f"{__name__}.worker_hostname",
+        }
+        out = (logs / f"celery-worker-{name}.out").open("ab")
+        proc = subprocess.Popen(
+            args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        self.processes.append(proc)
+        return proc
+
+    def kill(self, proc: subprocess.Popen[bytes]) -> None:
+        """SIGKILL a started process and its whole process group, as a crashed host would."""
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        if proc in self.processes:
+            self.processes.remove(proc)
 
     def wait_healthy(self, timeout: float = 180) -> None:
         deadline = time.monotonic() + timeout

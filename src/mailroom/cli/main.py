@@ -29,6 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--airflow-home", type=Path, help="the local Airflow's home folder")
     demo.add_argument("--airflow-port", type=int, default=28080)
 
+    from mailroom.cli import approvals
+
+    approvals.add_parser(sub)
+
     sample = sub.add_parser("sample-audience", help="write the deterministic sample users database")
     sample.add_argument("path", type=Path)
     sample.add_argument("--users", type=int, default=10_000)
@@ -49,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
             airflow_home=args.airflow_home,
             airflow_port=args.airflow_port,
         ).run()
+    if args.command == "approvals":
+        return approvals.run_command(args)
     if args.command == "sample-audience":
         from mailroom.sample_audience import generate
 

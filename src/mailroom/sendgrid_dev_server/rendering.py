@@ -1,23 +1,11 @@
 """One personalization of an accepted request, rendered as its recipients would receive it."""
 
-import re
 from typing import Any
 
 from mailroom.sendgrid_dev_server.store import AcceptedRecord
+from mailroom.substitutions import apply_substitutions
 
-
-def apply_substitutions(text: str, substitutions: dict[str, str]) -> str:
-    """``text`` with each substitution key replaced by its value, in one pass.
-
-    One pass (longest key first at each position) means a value that happens to contain another
-    key is delivered literally rather than substituted again, so a recipient's own data can never
-    pull in another field; a leftover tag in the output is then visible to whoever checks it.
-    """
-    if not substitutions:
-        return text
-    keys = sorted(substitutions, key=len, reverse=True)
-    pattern = re.compile("|".join(re.escape(key) for key in keys if key))
-    return pattern.sub(lambda match: substitutions[match.group(0)], text)
+__all__ = ["apply_substitutions", "render_personalization"]
 
 
 def _first_content(content: list[dict[str, Any]], content_type: str) -> str | None:

@@ -1,13 +1,27 @@
-"""The transport interface. ``send`` always runs the envelope guard; subclasses only deliver."""
+"""The transport interface. ``send`` always runs the envelope guard; subclasses only deliver.
+
+A transport that sends one message per recipient (SMTP) says so with
+``delivers_per_recipient = True``; ``send`` then hands it a ``RecipientLedger`` as well, where it
+records each recipient's outcome as it goes, so a failure in the middle of a batch leaves the
+messages already sent on record and a retry or resume skips them.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Collection
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from mailroom.envelope_guard import ApprovedManifest, GuardedBody, check_envelope
+
+# A recipient's own states, when a transport records them one by one (the batch's vocabulary).
+RECIPIENT_SENDING, RECIPIENT_SENT, RECIPIENT_FAILED, RECIPIENT_UNKNOWN = (
+    "sending",
+    "sent",
+    "failed",
+    "unknown",
+)
 
 
 @dataclass(frozen=True)
@@ -18,8 +32,83 @@ class Delivery:
     status: int
 
 
+class RecipientLedger(Protocol):
+    """Where a per-recipient transport records each message of one batch.
+
+    Addresses are compared lower-cased. A message may only leave after ``begin`` returned True
+    for its recipient, so a worker killed at any point leaves that recipient ``sending`` (then
+    ``unknown``), never unrecorded.
+    """
+
+    def settled(self) -> Mapping[str, str]:
+        """Recipients of the batch with an outcome already (sent, failed, unknown, or a message
+        in flight): lower-cased address → state. They must not be sent again."""
+        ...
+
+    def begin(self, email: str) -> bool:
+        """Mark one recipient ``sending``; False when it is not free to send (do not send)."""
+        ...
+
+    def finish(
+        self, email: str, state: str, *, message_id: str | None = None, error: str | None = None
+    ) -> None:
+        """``sending → sent | failed | unknown``."""
+        ...
+
+    def release(self, email: str, error: str) -> None:
+        """``sending →`` not sent, when the message certainly did not leave (a 4xx, a refused
+        connection): a later attempt may send it."""
+        ...
+
+    def stop_reason(self) -> str | None:
+        """Why to stop before the next message (a halt), or None to go on."""
+        ...
+
+
+@dataclass
+class MemoryLedger:
+    """A ledger kept in memory, for a transport used without an outbox."""
+
+    states: dict[str, str] = field(default_factory=dict)
+    message_ids: dict[str, str] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+
+    def settled(self) -> Mapping[str, str]:
+        return dict(self.states)
+
+    def begin(self, email: str) -> bool:
+        key = email.lower()
+        if key in self.states:
+            return False
+        self.states[key] = RECIPIENT_SENDING
+        return True
+
+    def finish(
+        self, email: str, state: str, *, message_id: str | None = None, error: str | None = None
+    ) -> None:
+        key = email.lower()
+        if self.states.get(key) != RECIPIENT_SENDING:
+            raise ValueError(f"recipient {key!r} is not sending")
+        self.states[key] = state
+        if message_id is not None:
+            self.message_ids[key] = message_id
+        if error is not None:
+            self.errors[key] = error
+
+    def release(self, email: str, error: str) -> None:
+        key = email.lower()
+        if self.states.get(key) == RECIPIENT_SENDING:
+            del self.states[key]
+        self.errors[key] = error
+
+    def stop_reason(self) -> str | None:
+        return None
+
+
 class Transport(ABC):
     name: str = "abstract"
+    # True: one message per recipient, each recorded through a RecipientLedger.
+    delivers_per_recipient: bool = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -31,13 +120,28 @@ class Transport(ABC):
         body: bytes,
         approved: ApprovedManifest,
         expected_recipients: Collection[str] | None = None,
+        ledger: RecipientLedger | None = None,
     ) -> Delivery:
-        """Guard the exact bytes, then deliver them; raises on anything but success."""
-        return self._deliver(check_envelope(body, approved, expected_recipients))
+        """Guard the exact bytes, then deliver them; raises on anything but success.
+
+        ``ledger`` (per-recipient transports only): where each recipient's outcome is recorded,
+        and which recipients of the batch already have one and are skipped.
+        """
+        if ledger is not None and not self.delivers_per_recipient:
+            raise ValueError(f"the {self.name} transport sends whole requests: no ledger")
+        guarded = check_envelope(body, approved, expected_recipients)
+        if self.delivers_per_recipient:
+            return self._deliver_each(guarded, ledger if ledger is not None else MemoryLedger())
+        return self._deliver(guarded)
 
     @abstractmethod
     def _deliver(self, guarded: GuardedBody) -> Delivery:
         """Hand guarded bytes to the provider unchanged; raise TransportError on failure."""
+
+    def _deliver_each(self, guarded: GuardedBody, ledger: RecipientLedger) -> Delivery:
+        """Per-recipient transports: send one message per recipient not yet settled in
+        ``ledger``, recording each outcome there."""
+        raise NotImplementedError(f"the {self.name} transport does not deliver per recipient")
 
     def close(self) -> None:  # noqa: B027 - most transports hold nothing to release
         """Release connections; the default holds none."""
