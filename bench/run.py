@@ -65,6 +65,7 @@ def drive(users: int, work: Path) -> int:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     started = time.time()
+    host = machine()
     t0 = time.perf_counter()
     audience = generate(work / "users.sqlite", users=users)
     generated = time.perf_counter() - t0
@@ -91,7 +92,7 @@ def drive(users: int, work: Path) -> int:
     entry = {
         "users": users,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-        "machine": machine(),
+        "machine": {**host, "loadavg": os.getloadavg()},
         "generate_seconds": round(generated, 3),
         "stages": stages,
         "gate_vs_baseline": round(gate["seconds"] / baseline["seconds"], 2),
@@ -224,6 +225,13 @@ def run_stage(stage: str, work: Path) -> dict[str, Any]:
     }
 
 
+def _gib(meminfo_value: str) -> str:
+    number, _, unit = meminfo_value.partition(" ")
+    if unit.strip() != "kB" or not number.isdigit():
+        return meminfo_value
+    return f"{int(number) / 1024**2:.1f} GiB"
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
@@ -275,9 +283,11 @@ def render_report(results: dict[str, Any]) -> str:
         out += [
             f"## {int(users):,} users",
             "",
-            f"Run {entry['started']} on {m['nproc']} CPUs ({m['cpu']}), {m['mem_total']} RAM "
-            f"({m['mem_available']} available), load average {load}; "
-            f"Python {m['python']}, pandas {m['pandas']}, pyarrow {m['pyarrow']}, "
+            f"Run {entry['started']} on {m['nproc']} CPUs (`nproc`; {m['cpu']}), "
+            f"{_gib(m['mem_total'])} RAM ({_gib(m['mem_available'])} available at the start, "
+            f"`/proc/meminfo`), load average {load} at the end (other engineers' tests share "
+            f"the machine); Python {m['python']}, "
+            f"pandas {m['pandas']}, pyarrow {m['pyarrow']}, "
             f"great_expectations {m['great_expectations']}.",
             "",
             "| stage | rows | seconds | rows/s | peak RSS MB | RSS after imports MB | import s |",
@@ -304,6 +314,27 @@ def render_report(results: dict[str, Any]) -> str:
             f"Generating the users database took {entry['generate_seconds']:.1f} s (not a stage).",
             "",
         ]
+    sizes = sorted(results, key=int)
+    if len(sizes) >= 2:
+        small, large = results[sizes[0]], results[sizes[-1]]
+        factor = int(sizes[-1]) / int(sizes[0])
+        out += [
+            f"## Scaling: {int(sizes[0]):,} → {int(sizes[-1]):,} users ({factor:g}× the rows)",
+            "",
+            "Linear time would be the same factor; bounded memory far less. (Different runs, so",
+            "the load on the machine may differ between the two.)",
+            "",
+            "| stage | seconds × | peak RSS × |",
+            "|---|---:|---:|",
+        ]
+        for name, s in large["stages"].items():
+            before = small["stages"].get(name)
+            if not before or not before["seconds"]:
+                continue
+            time_x = s["seconds"] / before["seconds"]
+            rss_x = s["peak_rss_mb"] / before["peak_rss_mb"]
+            out.append(f"| {STAGE_NAMES.get(name, name)} | {time_x:.1f} | {rss_x:.1f} |")
+        out.append("")
     return "\n".join(out)
 
 

@@ -1,6 +1,8 @@
 """Great Expectations 1.x, called from our own code: one quiet ephemeral context per check.
 
 GX is imported inside the functions: it costs seconds to import and only two stages need it.
+``validate_suites`` (the gate) runs Checkpoints and can leave GX's Data Docs in a folder;
+``validate_frame`` (the audience) validates one batch and can name the failing rows.
 """
 
 from __future__ import annotations
@@ -72,7 +74,9 @@ def validate_suites(suites: Sequence[Suite], *, data_docs_dir: Path | None = Non
         )
         checkpoint = context.checkpoints.add(
             gx.Checkpoint(
-                name=suite.name, validation_definitions=[definition], result_format=COUNTS_ONLY
+                name=suite.name,
+                validation_definitions=[definition],
+                result_format=dict(COUNTS_ONLY),
             )
         )
         outcome = checkpoint.run(batch_parameters={"dataframe": suite.frame})
@@ -110,15 +114,9 @@ def validate_frame(
     With ``index_columns`` the result names the failing rows by those columns, so callers can
     quarantine exactly what GX found rather than re-implementing each rule.
     """
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
-    logging.getLogger("great_expectations").setLevel(logging.WARNING)
+    context = _context()
     import great_expectations as gx
-    from great_expectations.data_context.types.base import ProgressBarsConfig
 
-    logging.getLogger("great_expectations").setLevel(logging.WARNING)
-
-    context = gx.get_context(mode="ephemeral")
-    context.variables.progress_bars = ProgressBarsConfig(globally=False)
     asset = context.data_sources.add_pandas(suite_name).add_dataframe_asset(suite_name)
     batch = asset.add_batch_definition_whole_dataframe("all").get_batch(
         batch_parameters={"dataframe": frame}
@@ -126,7 +124,7 @@ def validate_frame(
     suite = gx.ExpectationSuite(name=suite_name)
     for expectation in expectations:
         suite.add_expectation(expectation)
-    result_format: dict[str, Any] = {"result_format": "SUMMARY", "partial_unexpected_count": 0}
+    result_format: dict[str, Any] = dict(COUNTS_ONLY)
     if index_columns:
         result_format = {
             "result_format": "COMPLETE",

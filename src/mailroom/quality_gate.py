@@ -6,7 +6,7 @@ Docs (counts only: an unexpected value here is an address) it leaves with the ru
 nothing of how the bodies were built: expected values are recomputed from the validated audience,
 so a broken payload builder cannot vouch for itself.
 
-The bodies are parsed twice over, in two ways that give the same rows:
+Each body is read one of two ways, which give the same rows:
 
 * **the regular shape** (what Mailroom writes: every personalization exactly ``to`` +
   ``substitutions`` + ``headers``, every value a string, every ``to`` entry exactly an ``email``,
@@ -18,7 +18,8 @@ The bodies are parsed twice over, in two ways that give the same rows:
 
 The strict parse only decides which of the two reads a body; both produce the same columns
 (``tests/unit/test_quality_gate.py`` compares them on every kind of irregular body), and every
-rule is then judged by the same Great Expectations suites.
+rule is then judged by the same Great Expectations suites. The next group of requests is read,
+hashed and parsed in a second thread while the current one is checked.
 """
 
 from __future__ import annotations
@@ -88,6 +89,9 @@ REQUEST_COLUMNS = (
     "audience_addresses_shared",
 )
 _TEXT_COLUMNS = frozenset({"email", "email_key", "batch_id"})
+# Only compared for equality: handed to GX as numbers, equal for equal text (a fraction of the
+# cost of hashing text, which GX does to every column it gets).
+_NUMBERED = frozenset({"email_key"})
 _BOOL_COLUMNS = frozenset({"in_audience", "values_match", "json_object", "digest_matches"})
 # Requests parsed together by the strict reader (a few dozen MB); the next group is read and
 # parsed in a second thread while this one is checked.
@@ -128,7 +132,9 @@ def explode_payloads(
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """One row per personalization and one row per request, read from the frozen bytes.
 
-    ``strict_reader=False`` reads every body the generic way (for tests that compare the two).
+    ``email_key`` is the lower-cased address as a number (the same for the same address), as
+    uniqueness needs. ``strict_reader=False`` reads every body the generic way (for tests that
+    compare the two readers).
     """
     manifest = load_manifest(manifest_path)
     audience = _Audience(spec, secret, valid_audience)
@@ -245,31 +251,70 @@ def check_envelopes(
 # --- the validated audience: who may receive, and what each one's envelope must carry ----------
 class _Audience:
     """The validated audience by lower-cased address; each recipient's own values recomputed
-    from their row (``envelope_value_columns``), never taken from the bodies."""
+    from their row (``envelope_value_columns``), never taken from the bodies.
+
+    Finding a recipient's row: the bodies are normally frozen in audience order within each
+    locale, so the row at the same position is tried first and kept when its address is the
+    same; any other address is looked up by hash (the last row with it, should the audience
+    hold it twice). The position is only a hint: the address decides.
+    """
 
     def __init__(self, spec: CampaignSpec, secret: bytes, path: Path) -> None:
         self.spec = spec
         self.secret = secret
         self.table = pq.read_table(path)
-        emails = self.table.column("email").combine_chunks()
-        keys = pd.Index(_lower(emails).to_pandas())
-        self._index = keys
+        self.keys = _lower(self.table.column("email").combine_chunks())
+        self._by_locale: dict[str, np.ndarray] = {}
+        if "locale" in self.table.column_names:
+            locales = pc.dictionary_encode(self.table.column("locale").combine_chunks())
+            codes = pc.fill_null(locales.indices, -1).to_numpy(zero_copy_only=False)
+            for i, locale in enumerate(locales.dictionary.to_pylist()):
+                self._by_locale[str(locale)] = np.flatnonzero(codes == i)
+        self._next: dict[str, int] = {}
+        self._index: pd.Index | None = None
         self._rows: np.ndarray | None = None
-        if keys.hasnans or not keys.is_unique:  # validated audiences are unique; the last wins
-            rows = pd.Series(np.arange(len(keys), dtype=np.int64), index=keys)
-            rows = rows[rows.index.notna() & ~rows.index.duplicated(keep="last")]
-            self._index = pd.Index(rows.index)
-            self._rows = rows.to_numpy()
+        self._known: dict[str, bool] = {}
 
-    def find(self, keys: pa.Array) -> np.ndarray:
+    def hint(self, locale: str, count: int) -> np.ndarray:
+        """The rows the next ``count`` recipients of ``locale`` hold in audience order (-1 past
+        the end)."""
+        start = self._next.get(locale, 0)
+        self._next[locale] = start + count
+        positions = self._by_locale.get(locale, np.empty(0, dtype=np.int64))[start : start + count]
+        out = np.full(count, -1, dtype=np.int64)
+        out[: len(positions)] = positions
+        return out
+
+    def find(self, keys: pa.Array, hint: np.ndarray) -> np.ndarray:
         """The audience row of each key (-1 for none)."""
+        rows = np.full(len(keys), -1, dtype=np.int64)
+        hinted = hint >= 0
+        if hinted.any():
+            there = self.keys.take(pa.array(np.where(hinted, hint, 0)))
+            same = pc.fill_null(pc.equal(keys, there), False).to_numpy(zero_copy_only=False)
+            same &= hinted
+            rows[same] = hint[same]
+        else:
+            same = np.zeros(len(keys), dtype=bool)
+        rest = ~same & keys.is_valid().to_numpy(zero_copy_only=False)
+        if rest.any():
+            rows[rest] = self._lookup(keys.filter(pa.array(rest)))
+        return rows
+
+    def _lookup(self, keys: pa.Array) -> np.ndarray:
+        if self._index is None:
+            index = pd.Index(self.keys.to_pandas())
+            rows = pd.Series(np.arange(len(index), dtype=np.int64), index=index)
+            rows = rows[rows.index.notna() & ~rows.index.duplicated(keep="last")]
+            self._index, self._rows = pd.Index(rows.index), rows.to_numpy()
+        assert self._rows is not None
         found: np.ndarray = self._index.get_indexer(pd.Index(keys.to_pandas()))
-        if self._rows is None:
-            return found
         return np.where(found >= 0, self._rows[found], -1)
 
     def __contains__(self, key: str) -> bool:
-        return key in self._index
+        if key not in self._known:
+            self._known[key] = bool(pc.any(pc.equal(self.keys, key)).as_py())
+        return self._known[key]
 
     def values(self, rows: np.ndarray) -> tuple[dict[str, pa.Array], dict[str, pa.Array]]:
         return envelope_value_columns(self.spec, self.secret, self.table.take(pa.array(rows)))
@@ -439,7 +484,10 @@ def _explode_regular(
     first = np.cumsum(n_to) - n_to
     email = addresses.take(pa.array(first, mask=n_to == 0)) if len(n_to) else addresses
     email_key = pc.ascii_lower(email)
-    rows = audience.find(email_key)
+    hint = [
+        audience.hint(e.locale, int(n)) for e, n in zip(group.entries, per_request, strict=True)
+    ]
+    rows = audience.find(email_key, np.concatenate(hint))
     known = rows >= 0
     values_match = known.copy()
     if known.any():
@@ -547,7 +595,7 @@ def _explode_generic(
         first = to[0] if isinstance(to, list) and to else None
         emails.append(_as_text(first.get("email") if isinstance(first, dict) else None))
     keys = pa.array([e.lower() if e is not None else None for e in emails], pa.string())
-    rows = audience.find(keys)
+    rows = audience.find(keys, audience.hint(entry.locale, len(items)))
     own = _own_values(audience, rows)
 
     unresolved = recipient_count = 0
@@ -716,8 +764,14 @@ class _Columns:
             parts = self.parts[name]
             if name in _TEXT_COLUMNS:
                 joined = pa.concat_arrays(parts) if parts else pa.array([], pa.string())
-                data[name] = joined.to_pandas()
+                data[name] = _numbered(joined) if name in _NUMBERED else joined.to_pandas()
             else:
                 dtype = bool if name in _BOOL_COLUMNS else np.int64
                 data[name] = np.concatenate(parts).astype(dtype) if parts else np.array([], dtype)
         return pd.DataFrame(data)
+
+
+def _numbered(values: pa.Array) -> pd.Series:
+    """Each distinct text as a number (the order it first appears in), missing stays missing."""
+    codes = pc.dictionary_encode(values).indices
+    return pd.Series(codes.to_pandas(types_mapper={pa.int32(): pd.Int64Dtype()}.get), dtype="Int64")

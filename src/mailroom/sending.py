@@ -261,6 +261,11 @@ def _send_batch(
             return HALTED
         except EnvelopeViolation as exc:
             outbox.finish(run_key, entry.batch_id, FAILED, error=f"envelope guard: {exc}")
+            # One refused request means the payloads cannot be trusted: stop every shard of the
+            # run, not only this one (a retried shard would otherwise carry on with the rest).
+            outbox.request_halt(
+                run_key, reason=f"envelope guard refused batch {entry.batch_id}: {exc}"
+            )
             raise
         except TransportError as exc:
             message = mask_addresses(str(exc))

@@ -181,6 +181,11 @@ class Mutation:
 
 MUTATIONS = [
     Mutation("clean", lambda d: d, True),
+    Mutation(
+        "recipients in another order",
+        on_body(lambda b: b["personalizations"].reverse()),
+        True,
+    ),
     Mutation("A's substitutions in B's", on_body(swap_substitutions), True),
     Mutation(
         "the same personalization twice",
@@ -315,15 +320,26 @@ def test_both_readers_give_the_same_rows(
     shape = quality_gate._RegularShape(run.spec())
     assert (shape.parse([path.read_bytes()]) is not None) == mutation.regular
 
+    lookups: list[int] = []
+    by_hash = quality_gate._Audience._lookup
+
+    def counted(self: Any, keys: pa.Array) -> Any:
+        lookups.append(len(keys))
+        return by_hash(self, keys)
+
+    monkeypatch.setattr(quality_gate._Audience, "_lookup", counted)
     strict_people, strict_requests = explode(run, strict=True)
+    if mutation.name == "clean":  # in audience order: every row found by position
+        assert lookups == []
     generic_people, generic_requests = explode(run, strict=False)
     pd.testing.assert_frame_equal(strict_people, generic_people)
     pd.testing.assert_frame_equal(strict_requests, generic_requests)
     assert list(strict_people.columns) == list(quality_gate.PERSONALIZATION_COLUMNS)
     assert list(strict_requests.columns) == list(quality_gate.REQUEST_COLUMNS)
-    if mutation.name == "clean":
+    if mutation.name in ("clean", "recipients in another order"):  # only the order differs
         assert strict_people["values_match"].all()
         assert strict_people["in_audience"].all()
+    if mutation.name == "clean":
         assert strict_requests["digest_matches"].all()
     else:
         assert not strict_requests["digest_matches"].iloc[0]
@@ -392,6 +408,19 @@ def test_data_docs_of_a_failing_gate_name_the_checks_but_no_address(
     assert re.search(r"values_match .{0,300}?\d+ unexpected values found", readable)
     for address in audience_addresses(run) | {OUTSIDER, f"{addresses[0]}, {addresses[1]}"}:
         assert address not in text, "the Data Docs show a recipient's address"
+
+
+def test_a_run_of_unreadable_bodies_fails_the_gate_with_its_docs(
+    clean_run: Run, tmp_path: Path
+) -> None:
+    run = copy_run(clean_run, tmp_path / "run")
+    for entry in load_manifest(run.staging.manifest).batches:
+        (run.staging.payloads_dir / entry.file).write_bytes(b"to: everyone")
+    with pytest.raises(ValidationFailed, match="json_object"):
+        pipeline.gate(run, secret=SECRET)
+    result = read_json(run.staging.gate_result)
+    assert result["personalizations"] == 0
+    assert (run.staging.root / result["data_docs"]).is_file()
 
 
 def test_data_docs_replace_those_of_an_earlier_attempt(clean_run: Run, tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from mailroom import pipeline
+from mailroom.errors import EnvelopeViolation
 from mailroom.outbox import HALTED, SENT, Outbox
 from mailroom.payloads import load_manifest
 from mailroom.pipeline import ProjectPaths, Run
@@ -148,3 +149,21 @@ def test_the_campaign_rate_holds_across_concurrent_shards(
     for i, start in enumerate(times):
         in_window = sum(1 for t in times[i:] if t < start + 1.0)
         assert in_window <= rate + 1, f"{in_window} requests within one second at {start}"
+
+
+def test_a_guard_violation_halts_every_shard_of_the_run(
+    frozen_run: tuple[Run, dict[str, Any], Path], tmp_path: Path, dev_server: SendGridDevServer
+) -> None:
+    run, outbox, _ = _fresh(frozen_run, tmp_path)
+    manifest = load_manifest(run.staging.manifest)
+    tampered = manifest.shard(0, 3)[0]
+    path = run.staging.payloads_dir / tampered.file
+    path.write_bytes(path.read_bytes().replace(b'"subject":"', b'"subject":"URGENT ', 1))
+    with pytest.raises(EnvelopeViolation):
+        _shard(run, outbox, dev_server, 0, 3)
+    assert "envelope guard refused" in (outbox.halt_reason(run.run_key) or "")
+    # Shard 0 retried by Airflow, and the other shards, send nothing more.
+    for index in range(3):
+        result = _shard(run, outbox, dev_server, index, 3)
+        assert result["states"].get(SENT, 0) == 0
+    assert dev_server.stats().received == 0

@@ -29,9 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--airflow-home", type=Path, help="the local Airflow's home folder")
     demo.add_argument("--airflow-port", type=int, default=28080)
 
-    from mailroom.cli import approvals
+    from mailroom.cli import approvals, operations
 
     approvals.add_parser(sub)
+    operations.add_commands(sub)
 
     sample = sub.add_parser("sample-audience", help="write the deterministic sample users database")
     sample.add_argument("path", type=Path)
@@ -55,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         ).run()
     if args.command == "approvals":
         return approvals.run_command(args)
+    if args.command in {"status", "halt", "resume", "resend"}:
+        return operations.run_command(args)
     if args.command == "sample-audience":
         from mailroom.sample_audience import generate
 
