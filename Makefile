@@ -12,7 +12,7 @@ export PYTHONPATH := $(CURDIR)/src:$(CURDIR)/plugins:$(CURDIR)/dags
 .PHONY: help venv demo test test-unit test-dag test-integration test-e2e test-distributed lint typecheck check lock translations dev-server clean bench
 
 help: ## List the targets
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 $(STAMP): requirements.txt pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

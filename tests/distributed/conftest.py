@@ -174,10 +174,8 @@ def broker(local_services: Services) -> Iterator[Broker]:
 
     token = uuid.uuid4().hex[:10]
     # Prefer a database nobody uses; any will do, since every key we make carries the token.
-    db = next(
-        (n for n in range(15, 0, -1) if redis.Redis(REDIS_HOST, REDIS_PORT, db=n).dbsize() == 0),
-        15,
-    )
+    empty = [n for n in range(15, 0, -1) if redis.Redis(REDIS_HOST, REDIS_PORT, db=n).dbsize() == 0]
+    db = empty[0] if empty else 15
     result = Broker(db, f"mailroom-dist-{token}", token)
     try:
         yield result
@@ -196,3 +194,19 @@ def broker(local_services: Services) -> Iterator[Broker]:
                 ours = [m for m in client.smembers(key) if token.encode() in m]
                 if ours:
                     client.srem(key, *ours)
+        # Kombu's shared bookkeeping, which our workers created in a database that was empty:
+        # removed only when nothing else (another run's queue or bindings) is left beside it.
+        leftover = {k.decode(errors="replace") for k in client.scan_iter(count=1000)}
+        if empty and leftover and leftover <= _KOMBU_SHARED_KEYS:
+            client.delete(*leftover)
+
+
+_KOMBU_SHARED_KEYS = {
+    "_kombu.binding.celery.pidbox",
+    "_kombu.binding.reply.celery.pidbox",
+    "_kombu.binding.celeryev",
+    "_kombu.binding_deadlines",
+    "unacked",
+    "unacked_index",
+    "unacked_mutex",
+}
