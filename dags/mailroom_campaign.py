@@ -1,7 +1,8 @@
 """mailroom_campaign: one DAG run sends one campaign, one recipient per envelope.
 
 extract → validate ┐
-render ────────────┴→ build → freeze → gate → summarise → approve → send × shards → reconcile
+render ────────────┴→ build → freeze → gate → canary → summarise → approve → send × shards
+                                                                                  → reconcile
 """
 
 from __future__ import annotations
@@ -82,7 +83,11 @@ def mailroom_campaign() -> None:
         return stages.gate(prepared)
 
     @task
-    def summarise(prepared: dict, _checked: dict) -> str:
+    def canary_send(prepared: dict, _checked: dict) -> dict:
+        return stages.canary(prepared)
+
+    @task
+    def summarise(prepared: dict, _canary: dict) -> str:
         return stages.summarise(prepared, get_current_context()["dag_run"].triggering_user_name)
 
     @task
@@ -102,7 +107,7 @@ def mailroom_campaign() -> None:
     validated = validate_audience(prepared, extract_audience(prepared))
     built = build_envelopes(prepared, validated, render_content(prepared))
     frozen = freeze_batches(prepared, built)
-    summary = summarise(prepared, check_envelopes(prepared, frozen))
+    summary = summarise(prepared, canary_send(prepared, check_envelopes(prepared, frozen)))
     approve = CampaignApprovalOperator(
         task_id="approve",
         prepare_task_id="prepare",

@@ -67,6 +67,20 @@ def summarise(prepared: dict[str, Any], triggered_by: str | None) -> str:
     return approval_markdown(approval_summary(Run.from_xcom(prepared), triggered_by=triggered_by))
 
 
+def canary(prepared: dict[str, Any]) -> dict[str, Any]:
+    run = Run.from_xcom(prepared)
+    spec = run.spec()
+    if not spec.seed_list:
+        return {"sent": False, "reason": "the campaign has no seed_list"}
+    transport = settings.transport(
+        spec.connection_id,
+        dry_run=run.dry_run,
+        dry_run_dir=run.staging.root / "canary" / "dry_run_outbox",
+        kind=spec.transport,
+    )
+    return pipeline.canary(run, secret=settings.unsubscribe_secret(), transport=transport)
+
+
 def send(prepared: dict[str, Any], frozen: dict[str, Any], shard: int) -> dict[str, Any]:
     run = Run.from_xcom(prepared)
     transport = settings.transport(

@@ -115,6 +115,9 @@ def approval_summary(run: Run, *, triggered_by: str | None) -> dict[str, Any]:
             "quarantine_file": str(st.quarantine) if st.quarantine.exists() else None,
         },
         "previews": write_previews(run),
+        "canary": read_json(st.root / "canary" / "result.json")
+        if (st.root / "canary" / "result.json").exists()
+        else None,
         "requests": requests,
         "recipients": recipients,
         "shards": min(run.shard_count, max(requests, 1)),
@@ -240,6 +243,15 @@ def approval_markdown(summary: dict[str, Any]) -> str:
             fence,
             "",
             f"Full message: HTML `{p['html_file']}`, text `{p['text_file']}`.",
+        ]
+    canary = summary.get("canary")
+    if canary:
+        sent = ", ".join(f"{loc} ({c['message_id']})" for loc, c in canary["locales"].items())
+        lines += [
+            "",
+            "### Canary",
+            f"Sent before this approval through the same transport and guard to the seed list "
+            f"({', '.join(f'`{s}`' for s in canary['seeds'])}): {sent}. Check those inboxes.",
         ]
     lines += [
         "",

@@ -321,3 +321,17 @@ def report(run: Run, *, outbox: Outbox | None, approval: dict[str, Any]) -> dict
     write_json(st.report, result)
     log.info("report: status %s, %s", result["status"], result.get("equation"))
     return result
+
+
+def canary(run: Run, *, secret: bytes, transport: Transport) -> dict[str, Any]:
+    """Send the frozen content to the campaign's seed list (nothing when it has none)."""
+    from mailroom.canary import send_canary
+
+    return send_canary(
+        run.spec(),
+        run_id=run.run_id,
+        contents=load_contents(run),
+        secret=secret,
+        transport=transport,
+        out_dir=run.staging.root / "canary",
+    )

@@ -57,6 +57,7 @@ def test_stages_run_in_design_order(dag) -> None:  # type: ignore[no-untyped-def
         "build_envelopes",
         "freeze_batches",
         "check_envelopes",
+        "canary_send",
         "summarise",
         "approve",
         "send_shard",
