@@ -7,7 +7,7 @@ of the example campaign in ``var/bench/<users>/`` and then runs each stage (extr
 render, build envelopes, freeze, the data-quality gate) and the gate's baseline (the same checks
 in bare pyarrow/pandas, ``bench/bare_gate.py``) in a fresh Python process of its own, one after
 the other. Each child imports what its stage needs first, then times only the stage call and
-reports its own peak RSS (``getrusage``), so every figure is that stage's alone.
+reports its own peak RSS (``VmHWM``) and CPU time, so every figure is that stage's alone.
 
 The figures go to ``bench/results.json`` (raw, one entry per audience size, the latest run of
 each size kept) and ``BENCHMARKS.md`` (method, machine, one table per size). These machines are
@@ -178,6 +178,7 @@ def run_stage(stage: str, work: Path) -> dict[str, Any]:
     )
     outcome: Any = None
 
+    cpu0 = cpu_seconds()
     t0 = time.perf_counter()
     if stage == "extract":
         outcome = pipeline.extract(run, sql_url=(work / "users_url").read_text())
@@ -212,11 +213,13 @@ def run_stage(stage: str, work: Path) -> dict[str, Any]:
         }
         rows, unit = valid, "personalizations"
     seconds = time.perf_counter() - t0
+    cpu = cpu_seconds() - cpu0
     return {
         "stage": stage,
         "rows": rows,
         "unit": unit,
         "seconds": round(seconds, 3),
+        "cpu_seconds": round(cpu, 3),
         "rows_per_second": round(rows / seconds) if unit != "locales" and seconds else None,
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "rss_after_imports_mb": round(rss_imported, 1),
@@ -233,7 +236,21 @@ def _gib(meminfo_value: str) -> str:
 
 
 def peak_rss_mb() -> float:
+    """This process's own peak RSS: ``VmHWM`` belongs to its address space, which ``exec``
+    makes new (``getrusage``'s ``ru_maxrss`` would carry the parent's peak into the child)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process, every thread included."""
+    times = os.times()
+    return times.user + times.system
 
 
 # --- BENCHMARKS.md -------------------------------------------------------------------------------
@@ -264,8 +281,11 @@ def render_report(results: dict[str, Any]) -> str:
         "  process of its own, one stage at a time. The child imports what the stage needs first",
         "  (Great Expectations for validate and the gate), then the clock runs around the stage",
         "  call only; *import s* is that import, paid once per task process.",
-        "- *peak RSS* is the child's own high-water mark (`getrusage`), imports included;",
-        "  *RSS after imports* is the same mark before the stage started.",
+        "- *seconds* is wall-clock time around the stage call; *CPU s* the CPU time the child",
+        "  spent meanwhile, every thread included (more than *seconds* where a stage uses both",
+        "  cores, less where it waited on the machine's other load).",
+        "- *peak RSS* is the child's own high-water mark (`VmHWM` in `/proc/self/status`),",
+        "  imports included; *RSS after imports* is the same mark before the stage started.",
         "- Freeze includes staging every batch and recipient in the outbox (SQLite).",
         "- The gate is `pipeline.gate`: read back every frozen body, explode, recompute every",
         "  recipient's values from the validated audience, two GX suites through Checkpoints,",
@@ -290,8 +310,9 @@ def render_report(results: dict[str, Any]) -> str:
             f"pandas {m['pandas']}, pyarrow {m['pyarrow']}, "
             f"great_expectations {m['great_expectations']}.",
             "",
-            "| stage | rows | seconds | rows/s | peak RSS MB | RSS after imports MB | import s |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            "| stage | rows | seconds | CPU s | rows/s | peak RSS MB | RSS after imports MB "
+            "| import s |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for name, s in stages.items():
             rps = f"{s['rows_per_second']:,}" if s.get("rows_per_second") else "—"
@@ -299,6 +320,7 @@ def render_report(results: dict[str, Any]) -> str:
                 STAGE_NAMES.get(name, name),
                 f"{s['rows']:,} {s['unit']}",
                 f"{s['seconds']:.2f}",
+                f"{s['cpu_seconds']:.2f}" if "cpu_seconds" in s else "—",
                 rps,
                 f"{s['peak_rss_mb']:.0f}",
                 f"{s['rss_after_imports_mb']:.0f}",

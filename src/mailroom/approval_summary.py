@@ -35,7 +35,7 @@ def preview_dir(run: Run) -> Path:
 
 def data_docs_index(run: Run) -> Path:
     """Where the gate's Great Expectations Data Docs are written, when they are."""
-    return run.staging.gate_dir / "data_docs" / "index.html"
+    return run.staging.gate_data_docs / "index.html"
 
 
 def approval_summary(run: Run, *, triggered_by: str | None) -> dict[str, Any]:

@@ -258,17 +258,20 @@ def gate(run: Run, *, secret: bytes) -> dict[str, Any]:
         valid_audience=st.valid_audience,
         secret=secret,
         expected_recipients=valid,
+        data_docs_dir=st.gate_data_docs,
     )
     write_json(st.gate_result, result.to_dict())
     if not result.success:
         raise ValidationFailed(
             "the data-quality gate failed on the frozen payloads; nothing will be sent: "
             + "; ".join(result.failures())
+            + f" (Great Expectations Data Docs: {st.root / (result.data_docs or '')})"
         )
     return {
         "success": True,
         "personalizations": result.personalizations,
         "requests": result.requests,
+        "data_docs": result.data_docs,
     }
 
 

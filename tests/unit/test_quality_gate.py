@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import html
 import json
 import re
 import shutil
@@ -149,8 +150,8 @@ def delete_in(path: tuple[Any, ...]) -> Callable[[Body], None]:
 
 def append_html(text: str) -> Callable[[Body], None]:
     def change(b: Body) -> None:
-        html = next(c for c in b["content"] if c["type"] == "text/html")
-        html["value"] += text
+        part = next(c for c in b["content"] if c["type"] == "text/html")
+        part["value"] += text
 
     return change
 
@@ -365,7 +366,7 @@ def test_data_docs_are_kept_with_a_passing_run(clean_run: Run, tmp_path: Path) -
 
 def audience_addresses(run: Run) -> set[str]:
     emails = pd.read_parquet(run.staging.valid_audience)["email"].tolist()
-    return {e for e in emails} | {e.lower() for e in emails}
+    return set(emails) | {e.lower() for e in emails}
 
 
 def test_data_docs_of_a_failing_gate_name_the_checks_but_no_address(
@@ -397,6 +398,7 @@ def test_data_docs_of_a_failing_gate_name_the_checks_but_no_address(
     pages = gate_pages(run)
     assert (run.staging.gate_data_docs / "index.html") in pages
     text = "\n".join(pages.values())
+    unescaped = html.unescape(text)
     for column in ("email_key", "in_audience", "values_match", "digest_matches"):
         assert column in text
     validation = next(
@@ -408,6 +410,7 @@ def test_data_docs_of_a_failing_gate_name_the_checks_but_no_address(
     assert re.search(r"values_match .{0,300}?\d+ unexpected values found", readable)
     for address in audience_addresses(run) | {OUTSIDER, f"{addresses[0]}, {addresses[1]}"}:
         assert address not in text, "the Data Docs show a recipient's address"
+        assert address not in unescaped, "the Data Docs show a recipient's address"
 
 
 def test_a_run_of_unreadable_bodies_fails_the_gate_with_its_docs(
