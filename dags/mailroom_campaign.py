@@ -94,7 +94,7 @@ def mailroom_campaign() -> None:
     def plan_shards(frozen: dict) -> list[int]:
         return list(frozen["shards"])
 
-    @task(retries=2, map_index_template="{{ shard_label }}")
+    @task(retries=2, map_index_template="{{ shard_label }}", pool="mailroom_send")
     def send_shard(prepared: dict, frozen: dict, shard: int) -> dict:
         get_current_context()["shard_label"] = f"shard {shard + 1} of {len(frozen['shards'])}"
         return stages.send(prepared, frozen, shard)

@@ -88,6 +88,7 @@ def test_policy_owner_retries_tags(dag) -> None:  # type: ignore[no-untyped-def]
         assert task.owner != "airflow", task.task_id
         assert task.retries is not None
     assert dag.get_task("send_shard").retries >= 1, "a killed worker's shard must be retried"
+    assert dag.get_task("send_shard").pool == "mailroom_send", "send shards run in their pool"
     assert dag.get_task("reconcile").trigger_rule == "all_done"
 
 

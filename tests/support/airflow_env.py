@@ -35,13 +35,17 @@ def configure_airflow_home() -> Path:
 
 
 def migrate() -> None:
-    subprocess.run(
-        [sys.executable, "-m", "airflow", "db", "migrate"],
-        check=True,
-        capture_output=True,
-        env=os.environ.copy(),
-        timeout=300,
-    )
+    """Create the metadata database, and the pool the send shards run in."""
+    from mailroom.cli.local_airflow import SEND_POOL, SEND_POOL_DESCRIPTION
+
+    for args in (["db", "migrate"], ["pools", "set", SEND_POOL, "2", SEND_POOL_DESCRIPTION]):
+        subprocess.run(
+            [sys.executable, "-m", "airflow", *args],
+            check=True,
+            capture_output=True,
+            env=os.environ.copy(),
+            timeout=300,
+        )
 
 
 def set_connections(**connections: dict[str, object]) -> None:

@@ -22,6 +22,9 @@ from pathlib import Path
 
 import requests
 
+# The pool the DAG's send shards run in: it bounds how many shards send at once.
+SEND_POOL = "mailroom_send"
+SEND_POOL_DESCRIPTION = "Mailroom send shards: how many send at the same time"
 USERS = {"analyst": "user", "approver": "user", "admin": "admin"}
 WORKER_HOSTNAME_ENV = "MAILROOM_WORKER_HOSTNAME"
 
@@ -48,6 +51,7 @@ class LocalAirflow:
     home: Path
     port: int = 28080
     parallelism: int = 4
+    send_pool_slots: int = 4
     extra_env: dict[str, str] = field(default_factory=dict)
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
     executor: str = "LocalExecutor"
@@ -133,6 +137,7 @@ class LocalAirflow:
 
     def migrate(self) -> None:
         self.airflow("db", "migrate")
+        self.airflow("pools", "set", SEND_POOL, str(self.send_pool_slots), SEND_POOL_DESCRIPTION)
 
     def import_connections(self, connections: dict[str, dict[str, object]]) -> None:
         path = self.home / "connections.json"
