@@ -82,7 +82,16 @@ recipients = sa.Table(
     sa.Index("ix_mailroom_recipients_batch", "run_key", "batch_id"),
 )
 # Columns added after the first release: created on an existing database when it is opened.
-_ADDED_COLUMNS = {"mailroom_recipients": ("state", "message_id", "last_error", "updated_at")}
+_ADDED_COLUMNS = {
+    "mailroom_runs": ("halt_reason", "next_request_at", "next_recipient_at"),
+    "mailroom_recipients": (
+        "values_sha256",
+        "state",
+        "message_id",
+        "last_error",
+        "updated_at",
+    ),
+}
 
 
 class Member(NamedTuple):
@@ -703,6 +712,12 @@ def _add_missing_columns(engine: sa.Engine) -> None:
                 f"ALTER TABLE {table_name} ADD COLUMN {name} "
                 f"{column.type.compile(dialect=engine.dialect)}"
             )
+            default = getattr(column.default, "arg", None)
+            if isinstance(default, int | float):
+                # Existing rows take the default; NOT NULL needs one to be addable at all.
+                ddl += f" DEFAULT {default!r}"
+                if not column.nullable:
+                    ddl += " NOT NULL"
             try:
                 with engine.begin() as conn:
                     conn.execute(sa.text(ddl))

@@ -490,3 +490,55 @@ def test_per_recipient_states_drive_counts_not_sent_requeue_and_interruption(
     assert outbox.recipient_outcomes(run_key, first) == {a[0]: SENT, a[1]: FAILED}
     assert outbox.recipient_outcomes(run_key, second) == {b[0]: SENT}
     assert outbox.counts(run_key)[STAGED]["recipients"] == 3
+
+
+FIRST_RELEASE_SCHEMA = [
+    "CREATE TABLE mailroom_runs (run_key VARCHAR(250) PRIMARY KEY, "
+    "manifest_sha256 VARCHAR(64) NOT NULL, halt_requested BOOLEAN NOT NULL, "
+    "created_at TIMESTAMP NOT NULL)",
+    "CREATE TABLE mailroom_batches (run_key VARCHAR(250) NOT NULL, batch_id VARCHAR(64) NOT NULL, "
+    "batch_index INTEGER NOT NULL, locale VARCHAR(16) NOT NULL, sha256 VARCHAR(64) NOT NULL, "
+    "recipients INTEGER NOT NULL, state VARCHAR(16) NOT NULL, attempts INTEGER NOT NULL, "
+    "message_id VARCHAR(128), last_error TEXT, updated_at TIMESTAMP NOT NULL, "
+    "PRIMARY KEY (run_key, batch_id))",
+    "CREATE TABLE mailroom_recipients (run_key VARCHAR(250) NOT NULL, "
+    "email_key VARCHAR(320) NOT NULL, user_id VARCHAR(128) NOT NULL, "
+    "batch_id VARCHAR(64) NOT NULL, PRIMARY KEY (run_key, email_key))",
+]
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_an_outbox_made_by_the_first_release_is_upgraded_in_place(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest, run_key: str
+) -> None:
+    import sqlalchemy as sa
+
+    if kind == "sqlite":
+        url = f"sqlite:///{tmp_path / 'old-outbox.sqlite'}"
+    else:
+        base = request.getfixturevalue("postgres_url")
+        url = base  # a fresh schema inside the session database keeps the upgrade isolated
+        schema = f"old_{uuid.uuid4().hex[:8]}"
+        engine = sa.create_engine(url)
+        with engine.begin() as conn:
+            conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
+        engine.dispose()
+        url = f"{base}?options=-csearch_path%3D{schema}"
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        for ddl in FIRST_RELEASE_SCHEMA:
+            conn.execute(sa.text(ddl))
+    engine.dispose()
+
+    box = Outbox(url)
+    try:
+        ids = stage(box, run_key, 2)
+        assert box.reserve_send_slot(run_key, 10.0, None, recipients=2, now=100.0) == 0.0
+        assert box.reserve_send_slot(run_key, 10.0, None, recipients=2, now=100.0) == pytest.approx(
+            0.1
+        )
+        assert box.request_halt(run_key, reason="upgrade check")
+        assert box.halt_reason(run_key) == "upgrade check"
+        assert box.claim(run_key, ids[0])
+    finally:
+        box.dispose()
