@@ -486,11 +486,7 @@ class Outbox:
             before = recipients.c.state == SENDING
         else:
             raise ValueError(f"not a recipient state: {state}")
-        values: dict[str, Any] = {"state": state, "updated_at": _now()}
-        if message_id is not None:
-            values["message_id"] = message_id
-        if error is not None:
-            values["last_error"] = error[:2000]
+        values = _outcome_values(state, message_id, error)
         with self.engine.begin() as conn:
             result = conn.execute(
                 recipients.update()
@@ -634,13 +630,9 @@ class Outbox:
         message_id: str | None = None,
         error: str | None = None,
     ) -> bool:
-        values: dict[str, Any] = {"state": to_state, "updated_at": _now()}
+        values = _outcome_values(to_state, message_id, error)
         if attempts:
             values["attempts"] = batches.c.attempts + 1
-        if message_id is not None:
-            values["message_id"] = message_id
-        if error is not None:
-            values["last_error"] = error[:2000]
         with self.engine.begin() as conn:
             result = conn.execute(
                 batches.update()
@@ -697,6 +689,16 @@ def _same_batch() -> Any:
     return sa.and_(
         batches.c.run_key == recipients.c.run_key, batches.c.batch_id == recipients.c.batch_id
     )
+
+
+def _outcome_values(state: str | None, message_id: str | None, error: str | None) -> dict[str, Any]:
+    """The columns one state change writes, for a batch row or a recipient row alike."""
+    values: dict[str, Any] = {"state": state, "updated_at": _now()}
+    if message_id is not None:
+        values["message_id"] = message_id
+    if error is not None:
+        values["last_error"] = error[:2000]
+    return values
 
 
 def _add_missing_columns(engine: sa.Engine) -> None:

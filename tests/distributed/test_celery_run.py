@@ -34,7 +34,7 @@ import pytest
 import requests
 import yaml
 
-from mailroom.cli.airflow_api import AirflowApi, AirflowApiError
+from mailroom.cli.airflow_api import AirflowApi
 from mailroom.cli.local_airflow import LocalAirflow, free_port
 from mailroom.outbox import FAILED, HALTED, SENDING, SENT, STAGED, UNKNOWN, Outbox
 from mailroom.sample_audience import generate
@@ -149,7 +149,7 @@ def test_celery_run_on_two_workers_survives_a_killed_worker(
         passwords = airflow.passwords()
         analyst = AirflowApi(airflow.url, "analyst", passwords["analyst"])
         approver = AirflowApi(airflow.url, "approver", passwords["approver"])
-        analyst.wait_until("the DAG to be parsed", lambda: _dag_exists(analyst), timeout=240)
+        analyst.wait_until("the DAG to be parsed", lambda: analyst.dag_exists(DAG_ID), timeout=240)
         analyst.unpause(DAG_ID)
         run_id = analyst.trigger(DAG_ID, {"campaign": CAMPAIGN, "dry_run": False, "shards": SHARDS})
         run_key = f"{CAMPAIGN}/{run_id}"
@@ -275,16 +275,6 @@ def _require_celery_executor(airflow: LocalAirflow) -> None:
 
 
 _CELERY_PINS = {"celery", "kombu", "redis", "apache-airflow-providers-celery"}
-
-
-def _dag_exists(api: AirflowApi) -> bool:
-    try:
-        api.dag(DAG_ID)
-        return True
-    except AirflowApiError as exc:
-        if exc.status == 404:
-            return False
-        raise
 
 
 def _states(api: AirflowApi, run_id: str) -> dict[tuple[str, int], dict[str, Any]]:

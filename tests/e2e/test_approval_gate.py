@@ -209,7 +209,7 @@ def gate(
         airflow.wait_healthy()
         env.passwords = airflow.passwords()
         admin = env.api("admin")
-        admin.wait_until("the DAG to be parsed", lambda: _dag_exists(admin), timeout=180)
+        admin.wait_until("the DAG to be parsed", lambda: admin.dag_exists(DAG_ID), timeout=180)
         admin.unpause(DAG_ID)
         # Scenarios that end by themselves start now and run alongside the others.
         selected = {item.name for item in request.session.items}
@@ -221,16 +221,6 @@ def gate(
         airflow.stop()
         for server in servers.values():
             server.stop()
-
-
-def _dag_exists(api: AirflowApi) -> bool:
-    try:
-        api.dag(DAG_ID)
-        return True
-    except AirflowApiError as exc:
-        if exc.status == 404:
-            return False
-        raise
 
 
 def _received(server: SendGridDevServer) -> Counter[str]:

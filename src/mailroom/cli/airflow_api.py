@@ -67,6 +67,16 @@ class AirflowApi:
         result: dict[str, Any] = self.request("GET", f"/dags/{dag_id}")
         return result
 
+    def dag_exists(self, dag_id: str) -> bool:
+        """Whether the DAG has been parsed yet (404 until the dag-processor has seen it)."""
+        try:
+            self.dag(dag_id)
+            return True
+        except AirflowApiError as exc:
+            if exc.status == 404:
+                return False
+            raise
+
     def unpause(self, dag_id: str) -> None:
         self.request("PATCH", f"/dags/{dag_id}", json={"is_paused": False})
 

@@ -103,7 +103,7 @@ class Demo:
         analyst = AirflowApi(self.airflow.url, "analyst", passwords["analyst"])
         approver = AirflowApi(self.airflow.url, "approver", passwords["approver"])
         say(f"Airflow is up at {self.airflow.url}; waiting for the DAG to be parsed")
-        analyst.wait_until("the DAG to be parsed", lambda: _exists(analyst, DAG_ID), timeout=180)
+        analyst.wait_until("the DAG to be parsed", lambda: analyst.dag_exists(DAG_ID), timeout=180)
         analyst.unpause(DAG_ID)
         run_id = analyst.trigger(
             DAG_ID, {"campaign": CAMPAIGN, "dry_run": False, "shards": self.shards}
@@ -257,16 +257,6 @@ class RunFollower:
                 say(f"  {task_id}: {state}")
         self.seen = states
         return states
-
-
-def _exists(api: AirflowApi, dag_id: str) -> bool:
-    try:
-        api.dag(dag_id)
-        return True
-    except AirflowApiError as exc:
-        if exc.status == 404:
-            return False
-        raise
 
 
 def _read_report(staging_root: Path, run_id: str) -> dict[str, Any] | None:
