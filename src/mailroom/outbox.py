@@ -149,7 +149,7 @@ class Outbox:
         self.engine = sa.create_engine(url, connect_args=connect_args, pool_pre_ping=True)
         if url.startswith("sqlite"):
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
-        metadata.create_all(self.engine)
+        _create_tables(self.engine)
         _add_missing_columns(self.engine)
 
     def dispose(self) -> None:
@@ -689,6 +689,18 @@ def _same_batch() -> Any:
     return sa.and_(
         batches.c.run_key == recipients.c.run_key, batches.c.batch_id == recipients.c.batch_id
     )
+
+
+def _create_tables(engine: sa.Engine) -> None:
+    """Create missing tables; two tasks opening a new outbox at once may race to do it."""
+    for attempt in range(3):
+        try:
+            metadata.create_all(engine)
+            return
+        except sa.exc.DBAPIError as exc:
+            # The other task created a table between our check and our CREATE: look again.
+            if "already exists" not in str(exc).lower() or attempt == 2:
+                raise
 
 
 def _outcome_values(state: str | None, message_id: str | None, error: str | None) -> dict[str, Any]:

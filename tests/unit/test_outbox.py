@@ -542,3 +542,26 @@ def test_an_outbox_made_by_the_first_release_is_upgraded_in_place(
         assert box.claim(run_key, ids[0])
     finally:
         box.dispose()
+
+
+def test_tasks_opening_a_new_outbox_at_once_do_not_race(tmp_path: Path) -> None:
+    import threading
+
+    errors: list[BaseException] = []
+    for round_ in range(5):
+        url = f"sqlite:///{tmp_path / f'new-{round_}.sqlite'}"
+        barrier = threading.Barrier(4)
+
+        def open_it(url: str = url, barrier: threading.Barrier = barrier) -> None:
+            try:
+                barrier.wait()
+                Outbox(url).dispose()
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=open_it) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert errors == []
