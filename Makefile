@@ -9,7 +9,7 @@ USERS ?= 10000
 export PYTHONPATH := $(CURDIR)/src:$(CURDIR)/plugins:$(CURDIR)/dags
 
 .DEFAULT_GOAL := help
-.PHONY: help venv demo test test-unit test-dag test-integration test-e2e test-distributed lint typecheck check lock translations dev-server clean bench
+.PHONY: help venv demo test test-unit test-dag test-integration test-e2e test-distributed lint typecheck check lock translations dev-server clean bench bench-e2e
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -68,8 +68,17 @@ translations: $(STAMP) ## Re-extract messages and update every locale's catalog
 dev-server: $(STAMP) ## Start the SendGrid-compatible dev server on :3030 (records to var/sendgrid-dev)
 	$(BIN)/mailroom-sendgrid-dev --port 3030 --data-dir var/sendgrid-dev
 
-bench: $(STAMP) ## Benchmarks: each in-process stage on 100,000 generated users (FULL=1: 1,000,000) -> BENCHMARKS.md
-	$(BIN)/python bench/run.py --users $(if $(FULL),1000000,100000)
+# In-process sizes: 100,000 by default; FULL=1 adds 1,000,000 and the end-to-end runs through
+# Airflow; HUGE=1 adds 10,000,000 in process. BENCH_USERS="N ..." picks the sizes outright.
+BENCH_USERS ?= 100000 $(if $(or $(FULL),$(HUGE)),1000000) $(if $(HUGE),10000000)
+E2E_USERS ?= 100000 $(if $(FULL),1000000)
+E2E_DB ?= sqlite postgres
+
+bench: $(STAMP) ## Benchmarks: stages and baselines on 100,000 users -> BENCHMARKS.md (FULL=1: + 1M and Airflow end to end; HUGE=1: + 10M)
+	$(BIN)/python bench/run.py --users $(BENCH_USERS) $(if $(FULL),--e2e $(E2E_USERS) --e2e-db $(E2E_DB))
+
+bench-e2e: $(STAMP) ## Benchmarks: trigger to report through Airflow on SQLite and PostgreSQL (E2E_USERS="N ...", E2E_DB=sqlite) -> BENCHMARKS.md
+	$(BIN)/python bench/e2e_airflow.py --users $(E2E_USERS) --db $(E2E_DB)
 
 clean: ## Remove the virtualenv, the demo's Airflow home and staging
 	rm -rf $(VENV) .airflow var

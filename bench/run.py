@@ -1,16 +1,20 @@
-"""`make bench`: the in-process stages on a generated audience, timed one fresh process each.
+"""`make bench`: every stage on a generated audience, each read against a same-run baseline.
 
-    python bench/run.py [--users N]          # default 100,000; `make bench FULL=1` passes 1,000,000
+    python bench/run.py [--users N [N ...]] [--e2e N [N ...]] [--e2e-db sqlite postgres]
 
-It generates the sample users database (``mailroom.sample_audience.generate``), prepares one run
-of the example campaign in ``var/bench/<users>/`` and then runs each stage (extract, validate,
-render, build envelopes, freeze, the data-quality gate) and the gate's baseline (the same checks
-in bare pyarrow/pandas, ``bench/bare_gate.py``) in a fresh Python process of its own, one after
-the other. Each child imports what its stage needs first, then times only the stage call and
-reports its own peak RSS (``VmHWM``) and CPU time, so every figure is that stage's alone.
+For each audience size (default 100,000) it generates the sample users database
+(``mailroom.sample_audience.generate``), prepares one run of the example campaign in
+``var/bench/<users>/`` (its spec copy without the campaign-wide rate limit) and runs each stage
+(extract from SQLite and from PostgreSQL, validate, render, build envelopes, freeze, the
+data-quality gate, send to the SendGrid-compatible dev server) and each baseline (``baselines.py``,
+``bare_gate.py``) in a fresh Python process of its own, one after the other. Each child imports
+what its stage needs first, then times only the stage call and reports its own peak RSS
+(``VmHWM``) and CPU time, so every figure is that stage's alone.
 
-The figures go to ``bench/results.json`` (raw, one entry per audience size, the latest run of
-each size kept) and ``BENCHMARKS.md`` (method, machine, one table per size). These machines are
+``--e2e`` then runs the whole DAG through a real Airflow at those sizes (``e2e_airflow.py``).
+
+The figures go to ``bench/results.json`` (raw; the latest run of each size and kind kept) and
+``BENCHMARKS.md`` (``report.py``: method, machine, tables, ratios, targets). These machines are
 shared and noisy: read the ratios measured within one run, not the absolute seconds.
 """
 
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
 import os
 import platform
 import resource
@@ -34,32 +39,65 @@ RESULTS = REPO / "bench" / "results.json"
 REPORT = REPO / "BENCHMARKS.md"
 CAMPAIGN = "winter_update"
 RUN_ID = "bench"
+PG_RUN_ID = "bench_pg"
 SECRET = b"bench-secret"
-STAGES = ("extract", "validate", "render", "build", "freeze", "gate", "gate_baseline")
+NAIVE_SAMPLE = 2000
+STAGES = (
+    "extract",
+    "extract_pg",
+    "validate",
+    "render",
+    "build",
+    "freeze",
+    "encode_baseline",
+    "gate",
+    "gate_baseline",
+    "send",
+    "post_baseline",
+    "naive_baseline",
+)
+# Stages that talk to the dev server: each gets a fresh one, started the same way.
+SERVED = {"send", "post_baseline", "naive_baseline"}
 # What each stage's child imports before the clock starts (GX costs seconds to import; a task
 # pays that once per process, and it is reported on its own).
 IMPORTS = {
     "validate": ("great_expectations", "great_expectations.expectations"),
     "gate": ("great_expectations", "great_expectations.expectations"),
+    "send": ("sendgrid", "mailroom.transports.sendgrid"),
+    "naive_baseline": ("sendgrid", "jinja2", "babel.support", "css_inline"),
 }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--users", type=int, default=100_000)
+    parser.add_argument("--users", type=int, nargs="*", default=[100_000])
+    parser.add_argument("--e2e", type=int, nargs="*", default=[], metavar="USERS")
+    parser.add_argument("--e2e-db", nargs="+", default=["sqlite", "postgres"])
+    parser.add_argument("--naive-sample", type=int, default=NAIVE_SAMPLE)
+    parser.add_argument("--no-postgres", action="store_true", help="skip the PostgreSQL extract")
     parser.add_argument("--work", type=Path, default=None, help="default: var/bench/<users>")
     parser.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)
+    parser.add_argument("--context", default="{}", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    work = (args.work or REPO / "var" / "bench" / str(args.users)).resolve()
     if args.stage:
-        print(json.dumps(run_stage(args.stage, work)))
+        print(json.dumps(run_stage(args.stage, args.work.resolve(), json.loads(args.context))))
         return 0
-    return drive(args.users, work)
+    for users in args.users:
+        work = (args.work or REPO / "var" / "bench" / str(users)).resolve()
+        drive(users, work, naive_sample=args.naive_sample, postgres=not args.no_postgres)
+    if args.e2e:
+        import e2e_airflow
+
+        for users in args.e2e:
+            for db in args.e2e_db:
+                e2e_airflow.bench(users, db)
+    return 0
 
 
 # --- the parent: generate, prepare, one child per stage, report --------------------------------
-def drive(users: int, work: Path) -> int:
-    from mailroom import pipeline
+def drive(users: int, work: Path, *, naive_sample: int, postgres: bool) -> dict[str, Any]:
+    from services import DevServer, copy_users_to_postgres, fresh_database, postgres_available
+
     from mailroom.sample_audience import generate
 
     shutil.rmtree(work, ignore_errors=True)
@@ -67,61 +105,181 @@ def drive(users: int, work: Path) -> int:
     started = time.time()
     host = machine()
     t0 = time.perf_counter()
-    audience = generate(work / "users.sqlite", users=users)
+    users_db = generate(work / "users.sqlite", users=users).path  # not its oracle: 10M of them
     generated = time.perf_counter() - t0
     print(f"generated {users:,} users in {generated:.1f} s", flush=True)
-    pipeline.prepare_run(
-        pipeline.ProjectPaths.under(REPO / "include"),
-        campaign=CAMPAIGN,
-        run_id=RUN_ID,
-        staging_root=work / "staging",
-        shard_count=1,
-        dry_run=True,
-    )
-    (work / "users_url").write_text(audience.url())
+    for run_id in (RUN_ID, PG_RUN_ID):
+        prepare(work, run_id)
+    (work / "users_url").write_text(f"sqlite:///{users_db}")
+
     stages: dict[str, Any] = {}
+    servers: dict[str, Any] = {}
+    skipped: dict[str, str] = {}  # not run, and why; a stage that failed is here too
+    pg_load = None
     for stage in STAGES:
-        stages[stage] = child(stage, work)
-        s = stages[stage]
+        context: dict[str, Any] = {"naive_sample": naive_sample}
+        if stage == "extract_pg":
+            why = "--no-postgres" if not postgres else postgres_available()
+            if why:
+                skipped[stage] = why
+                print(f"{stage:<16} skipped: {why}", flush=True)
+                continue
+            with fresh_database("mailroom_bench_users") as database:
+                t0 = time.perf_counter()
+                copy_users_to_postgres(users_db, database)
+                pg_load = time.perf_counter() - t0
+                from services import pg_url
+
+                result = child(stage, work, {**context, "sql_url": pg_url(database)})
+        elif stage in SERVED:
+            with DevServer(work / f"sendgrid-dev-{stage}") as server:
+                cpu0 = server.cpu_seconds()
+                result = child(stage, work, {**context, "server_url": server.url})
+                servers[stage] = {
+                    "cpu_seconds": round(server.cpu_seconds() - cpu0, 3),
+                    "peak_rss_mb": server_peak_rss_mb(server),
+                    "stats": server.stats(),
+                }
+        else:
+            result = child(stage, work, context)
+        if "failed" in result:
+            skipped[stage] = result["failed"]
+            print(f"{stage:<16} FAILED: {result['failed']}", flush=True)
+            continue
+        stages[stage] = s = result
         print(
-            f"{stage:<14} {s['rows']:>9,} {s['unit']:<16} {s['seconds']:8.2f} s "
+            f"{stage:<16} {s['rows']:>9,} {s['unit']:<18} {s['seconds']:8.2f} s "
             f"peak RSS {s['peak_rss_mb']:7.0f} MB",
             flush=True,
         )
-    gate, baseline = stages["gate"], stages["gate_baseline"]
     entry = {
         "users": users,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "machine": {**host, "loadavg": os.getloadavg()},
         "generate_seconds": round(generated, 3),
+        "postgres_load_seconds": round(pg_load, 3) if pg_load is not None else None,
         "stages": stages,
-        "gate_vs_baseline": round(gate["seconds"] / baseline["seconds"], 2),
-        "gate_outcome": gate["outcome"],
-        "baseline_outcome": baseline["outcome"],
+        "servers": servers,
+        "skipped": skipped,
     }
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    results[str(users)] = entry
-    RESULTS.write_text(
-        json.dumps(dict(sorted(results.items(), key=lambda kv: int(kv[0]))), indent=2) + "\n"
+    entry["ratios"] = ratios(entry)
+    entry["checks"] = checks(entry)
+    for problem in entry["checks"]:
+        print(f"CHECK: {problem}", flush=True)
+    results = load_results()
+    results["in_process"][str(users)] = entry
+    save_results(results)
+    print(f"ratios {json.dumps(entry['ratios'])}; wrote {REPORT.name} and bench/{RESULTS.name}")
+    shutil.rmtree(work / "encode_baseline", ignore_errors=True)
+    return entry
+
+
+def prepare(work: Path, run_id: str) -> None:
+    """One run folder under ``work/staging``; its spec copy without the rate limit."""
+    from services import unlimited_spec
+
+    from mailroom import pipeline
+
+    run = pipeline.prepare_run(
+        pipeline.ProjectPaths.under(REPO / "include"),
+        campaign=CAMPAIGN,
+        run_id=run_id,
+        staging_root=work / "staging",
+        shard_count=1,
+        dry_run=False,
     )
-    REPORT.write_text(render_report(results))
-    ratio = entry["gate_vs_baseline"]
-    print(f"gate / bare baseline = {ratio}; wrote {REPORT.name} and bench/{RESULTS.name}")
-    return 0
+    run.spec_copy.write_text(unlimited_spec(run.spec_copy.read_text("utf-8")), "utf-8")
 
 
-def child(stage: str, work: Path) -> dict[str, Any]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--stage", stage, "--work", str(work)]
+def ratios(entry: dict[str, Any]) -> dict[str, Any]:
+    """The figures to read: each stage against its baseline, measured in the same run."""
+    s = entry["stages"]
+
+    def seconds(name: str) -> float | None:
+        return s[name]["seconds"] if name in s and s[name]["seconds"] > 0 else None
+
+    out: dict[str, Any] = {}
+    if seconds("gate") and seconds("gate_baseline"):
+        out["gate_vs_bare_gate"] = round(s["gate"]["seconds"] / s["gate_baseline"]["seconds"], 2)
+    if seconds("build") and seconds("freeze") and seconds("encode_baseline"):
+        both = s["build"]["seconds"] + s["freeze"]["seconds"]
+        out["build_freeze_vs_bare_encoder"] = round(both / s["encode_baseline"]["seconds"], 2)
+        cpu = [s[n].get("cpu_seconds") for n in ("build", "freeze", "encode_baseline")]
+        if all(cpu):
+            out["build_freeze_vs_bare_encoder_cpu"] = round((cpu[0] + cpu[1]) / cpu[2], 2)
+    if seconds("send") and seconds("post_baseline"):
+        ours = s["send"]["rows"] / s["send"]["seconds"]
+        bare = s["post_baseline"]["rows"] / s["post_baseline"]["seconds"]
+        out["send_vs_bare_post"] = round(ours / bare, 3)
+    naive = s.get("naive_baseline")
+    sent = (s.get("send") or {}).get("rows")
+    if naive and naive["rows"] and sent:
+        naive_ms = 1000 * naive["seconds"] / naive["rows"]
+        pipeline = [n for n in PIPELINE_STAGES if n in s]
+        ours_ms = 1000 * sum(s[n]["seconds"] for n in pipeline) / sent
+        out["per_recipient_ms"] = {"ours": round(ours_ms, 4), "naive": round(naive_ms, 4)}
+        out["ours_vs_naive"] = round(ours_ms / naive_ms, 4)
+    return out
+
+
+def checks(entry: dict[str, Any]) -> list[str]:
+    """What a benchmark run shows to be wrong besides speed: the same users read differently
+    from the two databases, a stage that did not deliver everything, a failed gate."""
+    s, problems = entry["stages"], []
+    if "extract" in s and "extract_pg" in s and s["extract"]["rows"] != s["extract_pg"]["rows"]:
+        problems.append(
+            f"extract read {s['extract']['rows']:,} users from SQLite but "
+            f"{s['extract_pg']['rows']:,} from PostgreSQL (the same rows)"
+        )
+    sent = [n for n in ("send", "post_baseline") if n in s]
+    if "freeze" in s:
+        for name in sent:
+            if s[name]["rows"] != s["freeze"]["rows"]:
+                problems.append(
+                    f"{name} delivered {s[name]['rows']:,} of {s['freeze']['rows']:,} recipients"
+                )
+    for name in ("gate", "gate_baseline"):
+        outcome = (s.get(name) or {}).get("outcome") or {}
+        if name in s and not outcome.get("success"):
+            problems.append(f"{name} did not pass: {outcome}")
+    return problems
+
+
+# Every stage a campaign run does, once (extract from SQLite; the PostgreSQL extract is the same
+# stage on another database).
+PIPELINE_STAGES = ("extract", "validate", "render", "build", "freeze", "gate", "send")
+
+
+def child(stage: str, work: Path, context: dict[str, Any]) -> dict[str, Any]:
+    cmd = [
+        *(sys.executable, str(Path(__file__).resolve()), "--stage", stage),
+        *("--work", str(work), "--context", json.dumps(context)),
+    ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(REPO / p) for p in ("src", "bench"))}
     t0 = time.perf_counter()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - t0
     if done.returncode != 0:
-        sys.stderr.write(done.stderr)
-        raise SystemExit(f"stage {stage} failed (exit {done.returncode})")
+        # Recorded, and the suite goes on: at the largest sizes a stage may run out of memory
+        # (exit -9), and the figures of the others are still worth having.
+        sys.stderr.write(done.stderr[-5000:])
+        last = (done.stderr.strip().splitlines() or [""])[-1][:300]
+        killed = " (killed: out of memory?)" if done.returncode == -9 else ""
+        return {"failed": f"exit {done.returncode}{killed} after {wall:.0f} s: {last}"}
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     result["process_seconds"] = round(wall, 3)
     return result
+
+
+def server_peak_rss_mb(server: Any) -> float | None:
+    try:
+        status = Path(f"/proc/{server.process.pid}/status").read_text()
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return None
 
 
 def machine() -> dict[str, Any]:
@@ -138,7 +296,7 @@ def machine() -> dict[str, Any]:
     )
     nproc = subprocess.run(["nproc"], capture_output=True, text=True, check=False).stdout.strip()
     versions = {}
-    for name in ("pandas", "pyarrow", "great_expectations"):
+    for name in ("pandas", "pyarrow", "great_expectations", "sqlalchemy"):
         versions[name] = importlib.import_module(name).__version__
     return {
         "nproc": int(nproc) if nproc.isdigit() else os.cpu_count(),
@@ -152,8 +310,29 @@ def machine() -> dict[str, Any]:
     }
 
 
+def load_results() -> dict[str, Any]:
+    """``{"in_process": {users: entry}, "e2e": {db: {users: entry}}}``; an older file that was
+    keyed by users alone is read as in-process entries."""
+    raw = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    if raw and all(key.isdigit() for key in raw):
+        raw = {"in_process": raw}
+    raw.setdefault("in_process", {})
+    raw.setdefault("e2e", {})
+    return raw
+
+
+def save_results(results: dict[str, Any]) -> None:
+    from report import render_report
+
+    results["in_process"] = dict(sorted(results["in_process"].items(), key=lambda kv: int(kv[0])))
+    for db, sizes in results["e2e"].items():
+        results["e2e"][db] = dict(sorted(sizes.items(), key=lambda kv: int(kv[0])))
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    REPORT.write_text(render_report(results))
+
+
 # --- a child: one stage, timed on its own --------------------------------------------------------
-def run_stage(stage: str, work: Path) -> dict[str, Any]:
+def run_stage(stage: str, work: Path, context: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     from mailroom import pipeline
     from mailroom.outbox import Outbox
@@ -164,11 +343,14 @@ def run_stage(stage: str, work: Path) -> dict[str, Any]:
         importlib.import_module(module)
     if stage == "gate_baseline":
         import bare_gate
+    if stage in ("encode_baseline", "post_baseline", "naive_baseline"):
+        import baselines
     imported = time.perf_counter() - t0
     rss_imported = peak_rss_mb()
 
-    staging = RunStaging(work / "staging" / CAMPAIGN / RUN_ID)
-    run = Run(CAMPAIGN, RUN_ID, staging, 1, True)
+    run_id = PG_RUN_ID if stage == "extract_pg" else RUN_ID
+    staging = RunStaging(work / "staging" / CAMPAIGN / run_id)
+    run = Run(CAMPAIGN, run_id, staging, 1, False)
     paths = pipeline.ProjectPaths.under(REPO / "include")
     spec = run.spec()
     valid = (
@@ -176,12 +358,15 @@ def run_stage(stage: str, work: Path) -> dict[str, Any]:
         if staging.audience_validation.exists()
         else 0
     )
+    outbox_url = f"sqlite:///{work / 'outbox.sqlite'}"
     outcome: Any = None
+    extra: dict[str, Any] = {}
 
     cpu0 = cpu_seconds()
     t0 = time.perf_counter()
-    if stage == "extract":
-        outcome = pipeline.extract(run, sql_url=(work / "users_url").read_text())
+    if stage in ("extract", "extract_pg"):
+        sql_url = context.get("sql_url") or (work / "users_url").read_text()
+        outcome = pipeline.extract(run, sql_url=sql_url)
         rows, unit = outcome["extracted"], "users read"
     elif stage == "validate":
         outcome = pipeline.validate(run)
@@ -193,13 +378,18 @@ def run_stage(stage: str, work: Path) -> dict[str, Any]:
         outcome = pipeline.build(run, secret=SECRET)
         rows, unit = outcome["envelopes"], "envelopes"
     elif stage == "freeze":
-        summary = pipeline.freeze(run, outbox=Outbox(f"sqlite:///{work / 'outbox.sqlite'}"))
-        outcome = {"requests": summary["requests"], "recipients": summary["recipients"]}
+        summary = pipeline.freeze(run, outbox=Outbox(outbox_url))
+        (work / "manifest_sha256").write_text(summary["manifest_sha256"])
+        extra = {"requests": summary["requests"]}
         rows, unit = summary["recipients"], "envelopes"
+    elif stage == "encode_baseline":
+        done = baselines.bare_encode(staging.manifest, work / "encode_baseline")
+        extra = {k: v for k, v in done.items() if k not in ("seconds", "cpu_seconds")}
+        rows, unit = done["recipients"], "personalizations"
     elif stage == "gate":
         outcome = pipeline.gate(run, secret=SECRET)
         rows, unit = outcome["personalizations"], "personalizations"
-    else:
+    elif stage == "gate_baseline":
         fails = bare_gate.bare_gate(
             spec,
             manifest_path=staging.manifest,
@@ -212,8 +402,50 @@ def run_stage(stage: str, work: Path) -> dict[str, Any]:
             "failures": {k: v for k, v in fails.items() if v},
         }
         rows, unit = valid, "personalizations"
+    elif stage == "send":
+        from services import API_KEY
+
+        from mailroom.transports.sendgrid import SendGridSettings, SendGridTransport
+
+        # What a send task logs, at the level its task logs it, to a file of its own.
+        logging.basicConfig(
+            level=logging.INFO, filename=str(work / "send.log"), filemode="w", force=True
+        )
+        outbox = Outbox(outbox_url)
+        result = pipeline.send(
+            run,
+            shard=0,
+            manifest_sha256=(work / "manifest_sha256").read_text(),
+            transport=SendGridTransport(
+                SendGridSettings(api_key=API_KEY, host=context["server_url"])
+            ),
+            outbox=outbox,
+            shard_count=1,
+        )
+        outbox.dispose()
+        extra = {"requests": result["batches"], "states": result["states"]}
+        rows, unit = result["recipients_sent"], "recipients sent"
+    elif stage == "post_baseline":
+        done = baselines.bare_post(staging.manifest, context["server_url"])
+        extra = {k: v for k, v in done.items() if k != "seconds"}
+        rows, unit = done["recipients"], "recipients sent"
+    else:
+        done = baselines.naive_pipeline(
+            spec=spec,
+            templates_dir=paths.templates,
+            translations_dir=paths.translations,
+            valid_audience=staging.valid_audience,
+            secret=SECRET,
+            server_url=context["server_url"],
+            sample=int(context["naive_sample"]),
+        )
+        extra = {k: v for k, v in done.items() if k not in ("seconds", "cpu_seconds")}
+        rows, unit = done["recipients"], "recipients (sample)"
     seconds = time.perf_counter() - t0
     cpu = cpu_seconds() - cpu0
+    if stage in ("encode_baseline", "naive_baseline"):
+        # only the parts the baseline times, not its own set-up
+        seconds, cpu = done["seconds"], done["cpu_seconds"]
     return {
         "stage": stage,
         "rows": rows,
@@ -225,14 +457,8 @@ def run_stage(stage: str, work: Path) -> dict[str, Any]:
         "rss_after_imports_mb": round(rss_imported, 1),
         "import_seconds": round(imported, 3),
         "outcome": outcome if stage in ("gate", "gate_baseline") else None,
+        **extra,
     }
-
-
-def _gib(meminfo_value: str) -> str:
-    number, _, unit = meminfo_value.partition(" ")
-    if unit.strip() != "kB" or not number.isdigit():
-        return meminfo_value
-    return f"{int(number) / 1024**2:.1f} GiB"
 
 
 def peak_rss_mb() -> float:
@@ -251,113 +477,6 @@ def cpu_seconds() -> float:
     """User + system CPU time of this process, every thread included."""
     times = os.times()
     return times.user + times.system
-
-
-# --- BENCHMARKS.md -------------------------------------------------------------------------------
-STAGE_NAMES = {
-    "extract": "extract (SQLite)",
-    "validate": "validate (GX)",
-    "render": "render",
-    "build": "build envelopes",
-    "freeze": "freeze (+ outbox)",
-    "gate": "**data-quality gate (GX)**",
-    "gate_baseline": "gate baseline: bare pyarrow",
-}
-
-
-def render_report(results: dict[str, Any]) -> str:
-    out = [
-        "# Benchmarks",
-        "",
-        "Generated by `make bench` (`bench/run.py`; `make bench FULL=1` for 1,000,000 users) from",
-        "`bench/results.json`; do not edit by hand.",
-        "",
-        "## Method",
-        "",
-        "- The audience is `mailroom.sample_audience.generate(users=N)`: the demo's users",
-        "  database, with its suppressed, invalid, duplicated and tricky rows (about 96 % valid).",
-        "- One run of the `winter_update` campaign (5 locales, one field) in `var/bench/<N>/`;",
-        "  each stage runs the function its DAG task runs (`mailroom.pipeline`), in a fresh Python",
-        "  process of its own, one stage at a time. The child imports what the stage needs first",
-        "  (Great Expectations for validate and the gate), then the clock runs around the stage",
-        "  call only; *import s* is that import, paid once per task process.",
-        "- *seconds* is wall-clock time around the stage call; *CPU s* the CPU time the child",
-        "  spent meanwhile, every thread included (more than *seconds* where a stage uses both",
-        "  cores, less where it waited on the machine's other load).",
-        "- *peak RSS* is the child's own high-water mark (`VmHWM` in `/proc/self/status`),",
-        "  imports included; *RSS after imports* is the same mark before the stage started.",
-        "- Freeze includes staging every batch and recipient in the outbox (SQLite).",
-        "- The gate is `pipeline.gate`: read back every frozen body, explode, recompute every",
-        "  recipient's values from the validated audience, two GX suites through Checkpoints,",
-        "  write GX's Data Docs to the run folder. Its baseline, measured in the same run, is",
-        "  `bench/bare_gate.py`: the same checks in bare pyarrow/pandas, no GX, no Data Docs, no",
-        "  strict schema or fallback for irregular bodies. The ratio gate / baseline is the figure",
-        "  to read; absolute seconds move with the load on this shared machine.",
-        "- Timings live here only, never in test assertions.",
-        "",
-    ]
-    for users, entry in results.items():
-        m = entry["machine"]
-        stages = entry["stages"]
-        load = ", ".join(f"{x:.1f}" for x in m["loadavg"])
-        out += [
-            f"## {int(users):,} users",
-            "",
-            f"Run {entry['started']} on {m['nproc']} CPUs (`nproc`; {m['cpu']}), "
-            f"{_gib(m['mem_total'])} RAM ({_gib(m['mem_available'])} available at the start, "
-            f"`/proc/meminfo`), load average {load} at the end (other engineers' tests share "
-            f"the machine); Python {m['python']}, "
-            f"pandas {m['pandas']}, pyarrow {m['pyarrow']}, "
-            f"great_expectations {m['great_expectations']}.",
-            "",
-            "| stage | rows | seconds | CPU s | rows/s | peak RSS MB | RSS after imports MB "
-            "| import s |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|",
-        ]
-        for name, s in stages.items():
-            rps = f"{s['rows_per_second']:,}" if s.get("rows_per_second") else "—"
-            cells = [
-                STAGE_NAMES.get(name, name),
-                f"{s['rows']:,} {s['unit']}",
-                f"{s['seconds']:.2f}",
-                f"{s['cpu_seconds']:.2f}" if "cpu_seconds" in s else "—",
-                rps,
-                f"{s['peak_rss_mb']:.0f}",
-                f"{s['rss_after_imports_mb']:.0f}",
-                f"{s['import_seconds']:.1f}",
-            ]
-            out.append("| " + " | ".join(cells) + " |")
-        gate_ok = (entry.get("gate_outcome") or {}).get("success")
-        base_ok = (entry.get("baseline_outcome") or {}).get("success")
-        out += [
-            "",
-            f"**Gate / bare baseline: {entry['gate_vs_baseline']}×** "
-            f"(gate success: {gate_ok}, baseline clean: {base_ok}). "
-            f"Generating the users database took {entry['generate_seconds']:.1f} s (not a stage).",
-            "",
-        ]
-    sizes = sorted(results, key=int)
-    if len(sizes) >= 2:
-        small, large = results[sizes[0]], results[sizes[-1]]
-        factor = int(sizes[-1]) / int(sizes[0])
-        out += [
-            f"## Scaling: {int(sizes[0]):,} → {int(sizes[-1]):,} users ({factor:g}× the rows)",
-            "",
-            "Linear time would be the same factor; bounded memory far less. (Different runs, so",
-            "the load on the machine may differ between the two.)",
-            "",
-            "| stage | seconds × | peak RSS × |",
-            "|---|---:|---:|",
-        ]
-        for name, s in large["stages"].items():
-            before = small["stages"].get(name)
-            if not before or not before["seconds"]:
-                continue
-            time_x = s["seconds"] / before["seconds"]
-            rss_x = s["peak_rss_mb"] / before["peak_rss_mb"]
-            out.append(f"| {STAGE_NAMES.get(name, name)} | {time_x:.1f} | {rss_x:.1f} |")
-        out.append("")
-    return "\n".join(out)
 
 
 if __name__ == "__main__":
