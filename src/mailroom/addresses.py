@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
 # RFC 5322 dot-atom local part (ASCII) and an ASCII (IDNA-encoded) domain with a dot. Quoted local
 # parts are refused on purpose: they are where separators hide.
@@ -25,12 +26,18 @@ def normalise(raw: object) -> str | None:
     local, sep, domain = value.rpartition("@")
     if not sep or not local or not domain:
         return value or None
+    return f"{local}@{_ascii_domain(domain)}"
+
+
+@lru_cache(maxsize=65_536)
+def _ascii_domain(domain: str) -> str:
+    """The lower-cased, IDNA-encoded domain (as given when it cannot be encoded). An audience
+    has few distinct domains, and IDNA encoding is the dearest step of normalising: once each."""
     domain = domain.rstrip(".").lower()
     try:
-        ascii_domain = domain.encode("idna").decode("ascii")
+        return domain.encode("idna").decode("ascii")
     except UnicodeError:
-        return f"{local}@{domain}"
-    return f"{local}@{ascii_domain}"
+        return domain
 
 
 def is_valid_single_address(value: object) -> bool:

@@ -10,6 +10,7 @@ import logging
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +78,10 @@ def extract_audience(spec: CampaignSpec, *, sql_url: str | None, snapshot: Path)
             suppressed.update(reasons[is_suppressed].tolist())
             chunk, keys = chunk[~is_suppressed], keys[~is_suppressed]
 
-            is_duplicate = keys.notna() & (keys.duplicated() | keys.isin(seen))
+            # Membership row by row: ``isin(seen)`` would rebuild a hash table of every address
+            # seen so far for each chunk, quadratic in the audience.
+            earlier = pd.Series([k in seen for k in keys], index=keys.index, dtype=bool)
+            is_duplicate = keys.notna() & (keys.duplicated() | earlier)
             duplicates += int(is_duplicate.sum())
             chunk, keys = chunk[~is_duplicate], keys[~is_duplicate]
             seen.update(keys.dropna().tolist())
@@ -117,6 +121,7 @@ def _normalise_chunk(chunk: pd.DataFrame, schema: pa.Schema) -> pd.DataFrame:
     return out.reset_index(drop=True)
 
 
+@lru_cache(maxsize=4096)
 def _normalise_locale(value: object) -> str | None:
     if not isinstance(value, str) or not value.strip():
         return None
@@ -185,8 +190,11 @@ def _sql_chunks(sql_url: str, query: str) -> Iterator[pd.DataFrame]:
         with engine.connect() as conn:
             result = conn.execution_options(stream_results=True).execute(sa.text(query))
             columns = list(result.keys())
-            while rows := result.fetchmany(CHUNK_ROWS):
-                yield pd.DataFrame.from_records(rows, columns=columns)
+            # The DB-API cursor's plain tuples: building a frame from SQLAlchemy rows costs a
+            # failed attribute lookup per row. Every value is turned into text next anyway.
+            cursor = result.cursor
+            while rows := cursor.fetchmany(CHUNK_ROWS):
+                yield pd.DataFrame(rows, columns=columns)
     except SQLAlchemyError as exc:
         reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
         raise AudienceError(

@@ -12,7 +12,6 @@ import binascii
 import hashlib
 import hmac
 import html
-import json
 import logging
 import re
 from collections.abc import Sequence
@@ -20,12 +19,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mailroom.campaign_spec import CampaignSpec
+from mailroom.json_columns import concatenate, json_objects
 from mailroom.substitutions import UNSUBSCRIBE_FIELD, substitution_tag
 
 log = logging.getLogger(__name__)
@@ -38,6 +37,7 @@ ENVELOPE_SCHEMA = pa.schema(
         ("locale", pa.string()),
         ("substitutions", pa.string()),
         ("headers", pa.string()),
+        ("values_sha256", pa.string()),
     ]
 )
 _LINE_BREAKS = re.compile(r"[\r\n\u2028\u2029\x85\x0b\x0c]+")
@@ -154,9 +154,8 @@ def envelope_value_columns(
         plain, escaped = _cleaned_and_escaped(column, count)
         subs[substitution_tag(field, html=False)] = plain
         subs[substitution_tag(field, html=True)] = escaped
-    user_ids = rows.column("user_id").to_pylist()
     tokens = pa.array(
-        unsubscribe_tokens(secret, spec.name, [u if type(u) is str else str(u) for u in user_ids]),
+        unsubscribe_tokens(secret, spec.name, user_id_texts(rows.column("user_id"))),
         pa.string(),
     )
     pieces = spec.unsubscribe.url_template.split("{token}")
@@ -190,6 +189,11 @@ def envelope_value_columns(
     return subs, headers
 
 
+def user_id_texts(user_ids: pa.Array | pa.ChunkedArray) -> list[str]:
+    """The user ids as the text their unsubscribe tokens sign."""
+    return [u if type(u) is str else str(u) for u in user_ids.to_pylist()]
+
+
 def _around(pieces: list[str], tokens: pa.Array, count: int) -> pa.Array:
     """``token.join(pieces)`` for every token."""
     if len(pieces) == 1:
@@ -218,7 +222,14 @@ def _cleaned_and_escaped(column: Any, count: int) -> tuple[pa.Array, pa.Array]:
 
 
 def build_envelopes(spec: CampaignSpec, *, valid_audience: Path, out: Path, secret: bytes) -> int:
-    """Write one envelope row per valid recipient to ``out``; returns how many."""
+    """Write one envelope row per valid recipient to ``out``; returns how many.
+
+    Each row holds the recipient's substitutions and headers as compact JSON, exactly as a
+    request body will carry them, and ``values_sha256`` (``envelope_guard.values_digest`` of
+    them), which the outbox keeps so the guard can tell whose values a personalization holds.
+    Rows are written one Parquet row group per locale and chunk, so a reader of one locale
+    skips every other locale's rows; within a locale the audience's order is kept.
+    """
     if not secret:
         raise ValueError("an unsubscribe secret is required to sign unsubscribe links")
     parquet = pq.ParquetFile(valid_audience)
@@ -226,25 +237,39 @@ def build_envelopes(spec: CampaignSpec, *, valid_audience: Path, out: Path, secr
     tmp = out.with_suffix(".parquet.tmp")
     with pq.ParquetWriter(tmp, ENVELOPE_SCHEMA) as writer:
         for batch in parquet.iter_batches(batch_size=CHUNK_ROWS):
-            rows = batch.to_pylist()
-            subs_col, headers_col = [], []
-            for row in rows:
-                subs, headers = envelope_values(spec, secret, row)
-                subs_col.append(json.dumps(subs, ensure_ascii=False))
-                headers_col.append(json.dumps(headers, ensure_ascii=False))
-            frame = pd.DataFrame(
+            rows = pa.Table.from_batches([batch])
+            subs, headers = envelope_value_columns(spec, secret, rows)
+            count = rows.num_rows
+            envelopes = pa.table(
                 {
-                    "user_id": [r["user_id"] for r in rows],
-                    "email": [r["email"] for r in rows],
-                    "locale": [r["locale"] for r in rows],
-                    "substitutions": subs_col,
-                    "headers": headers_col,
-                }
+                    "user_id": rows.column("user_id").cast(pa.string()),
+                    "email": rows.column("email").cast(pa.string()),
+                    "locale": rows.column("locale").cast(pa.string()),
+                    "substitutions": json_objects(subs, count),
+                    "headers": json_objects(headers, count),
+                    "values_sha256": values_digests(subs, headers, count),
+                },
+                schema=ENVELOPE_SCHEMA,
             )
-            writer.write_table(
-                pa.Table.from_pandas(frame, schema=ENVELOPE_SCHEMA, preserve_index=False)
-            )
-            written += len(rows)
+            locales = envelopes.column("locale")
+            for locale in sorted(pc.unique(locales).to_pylist(), key=str):
+                writer.write_table(envelopes.filter(pc.equal(locales, locale)))
+            written += count
             log.info("build_envelopes: %d envelopes", written)
     tmp.replace(out)
     return written
+
+
+def values_digests(subs: dict[str, pa.Array], headers: dict[str, pa.Array], count: int) -> pa.Array:
+    """``envelope_guard.values_digest`` of every row's substitutions and headers."""
+    canonical = concatenate(
+        "[",
+        json_objects({k: subs[k] for k in sorted(subs)}, count),
+        ",",
+        json_objects({k: headers[k] for k in sorted(headers)}, count),
+        "]",
+    )
+    sha256 = hashlib.sha256
+    return pa.array(
+        [sha256(v).hexdigest() for v in canonical.cast(pa.binary()).to_pylist()], pa.string()
+    )

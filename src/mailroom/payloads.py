@@ -15,11 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mailroom.campaign_spec import CampaignSpec
 from mailroom.content import LocaleContent
 from mailroom.errors import EnvelopeViolation
+from mailroom.json_columns import concatenate, json_strings
 from mailroom.staging import read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -133,7 +136,12 @@ def freeze_batches(
     manifest_path: Path,
     build_body: BodyBuilder = sendgrid_request_body,
 ) -> Manifest:
-    """Write every request body and the manifest; returns the manifest with its own digest."""
+    """Write every request body and the manifest; returns the manifest with its own digest.
+
+    With the standard builder the bodies are assembled column-wise (``_spliced_bodies``),
+    byte for byte what ``serialise(sendgrid_request_body(...))`` gives; any other builder is
+    called batch by batch.
+    """
     payloads_dir.mkdir(parents=True, exist_ok=True)
     for stale in payloads_dir.glob("*.json"):
         stale.unlink()
@@ -141,21 +149,34 @@ def freeze_batches(
     for locale in spec.locales:
         if locale not in contents:
             raise EnvelopeViolation(f"no rendered content for locale {locale!r}")
-        for seq, chunk in enumerate(
-            iter_envelopes_by_locale(envelopes, locale, spec.batch_size), 1
-        ):
-            batch_id = f"{locale}-{seq:05d}"
-            custom_args = {
+
+        def custom_args(batch_id: str) -> dict[str, str]:
+            return {
                 "mailroom_campaign": spec.name,
                 "mailroom_run": run_id,
                 "mailroom_batch": batch_id,
             }
-            data = serialise(build_body(spec, contents[locale], chunk, custom_args))
+
+        bodies: Iterator[tuple[str, bytes, int]]
+        if build_body is sendgrid_request_body:
+            bodies = _spliced_bodies(spec, contents[locale], envelopes, locale, custom_args)
+        else:
+            bodies = (
+                (
+                    batch_id := batch_id_for(locale, seq),
+                    serialise(build_body(spec, contents[locale], chunk, custom_args(batch_id))),
+                    len(chunk),
+                )
+                for seq, chunk in enumerate(
+                    iter_envelopes_by_locale(envelopes, locale, spec.batch_size), 1
+                )
+            )
+        for batch_id, data, recipients in bodies:
             name = f"{batch_id}.json"
             (payloads_dir / name).write_bytes(data)
             entries.append(
                 BatchEntry(
-                    batch_id, len(entries), locale, name, sha256_hex(data), len(data), len(chunk)
+                    batch_id, len(entries), locale, name, sha256_hex(data), len(data), recipients
                 )
             )
         log.info("freeze: locale %s done, %d batches so far", locale, len(entries))
@@ -169,6 +190,57 @@ def freeze_batches(
     }
     write_json(manifest_path, manifest)
     return load_manifest(manifest_path)
+
+
+def batch_id_for(locale: str, seq: int) -> str:
+    """The id of a locale's ``seq``-th request (from 1)."""
+    return f"{locale}-{seq:05d}"
+
+
+_BODY_HEAD = b'{"personalizations":[]'
+
+
+def _spliced_bodies(
+    spec: CampaignSpec,
+    content: LocaleContent,
+    envelopes: Path,
+    locale: str,
+    custom_args: Callable[[str], dict[str, str]],
+) -> Iterator[tuple[str, bytes, int]]:
+    """``serialise(sendgrid_request_body(...))`` for each of a locale's batches, spliced from
+    the envelopes' own JSON: every personalization is one row's text, every batch's are joined
+    by Arrow, and the rest of the body is the standard builder's, serialised with no
+    personalization. (Re-serialising the stored JSON gives the same text: it was written with
+    the same escaping and separators; ``tests/unit/test_payloads.py`` checks the bytes.)"""
+    table = pq.read_table(
+        envelopes, columns=["email", "substitutions", "headers"], filters=[("locale", "=", locale)]
+    )
+    count = table.num_rows
+    if not count:
+        return
+    personalizations = concatenate(
+        '{"to":[{"email":',
+        json_strings(table.column("email")),
+        '}],"substitutions":',
+        table.column("substitutions").combine_chunks(),
+        ',"headers":',
+        table.column("headers").combine_chunks(),
+        "}",
+    )
+    del table
+    starts = list(range(0, count, spec.batch_size))
+    offsets = pa.array([*starts, count], pa.int32())
+    joined = pc.binary_join(pa.ListArray.from_arrays(offsets, personalizations), ",")
+    del personalizations
+    for seq, (start, text) in enumerate(zip(starts, joined, strict=True), 1):
+        batch_id = batch_id_for(locale, seq)
+        skeleton = serialise(sendgrid_request_body(spec, content, [], custom_args(batch_id)))
+        if not skeleton.startswith(_BODY_HEAD):
+            raise EnvelopeViolation("the request body does not start with its personalizations")
+        data = b"".join(
+            (_BODY_HEAD[:-1], text.as_buffer().to_pybytes(), b"]", skeleton[len(_BODY_HEAD) :])
+        )
+        yield batch_id, data, min(spec.batch_size, count - start)
 
 
 def load_manifest(manifest_path: Path, expected_sha256: str | None = None) -> Manifest:

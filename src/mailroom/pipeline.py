@@ -7,11 +7,11 @@ by the caller, which resolves them from Airflow connections; nothing here knows 
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from itertools import chain, repeat
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +19,10 @@ from mailroom.audience import extract_audience
 from mailroom.audience_validation import validate_audience
 from mailroom.campaign_spec import CampaignSpec, campaign_path, load_campaign, parse_campaign
 from mailroom.content import LocaleContent, render_all
-from mailroom.envelope_guard import values_digest
 from mailroom.envelopes import build_envelopes
 from mailroom.errors import ValidationFailed
-from mailroom.outbox import Member, Outbox, StagedBatch
-from mailroom.payloads import Manifest, freeze_batches, load_manifest
+from mailroom.outbox import Outbox, StagedBatch
+from mailroom.payloads import BatchEntry, Manifest, freeze_batches, load_manifest
 from mailroom.quality_gate import check_envelopes
 from mailroom.report import reconcile
 from mailroom.sending import SharedRateLimiter, send_shard
@@ -177,8 +176,6 @@ def build(run: Run, *, secret: bytes) -> dict[str, Any]:
 
 def freeze(run: Run, *, outbox: Outbox, build_body: Any = None) -> dict[str, Any]:
     """Write the request bodies and manifest, and stage every batch in the outbox."""
-    import pyarrow.parquet as pq
-
     st = run.staging
     kwargs = {"build_body": build_body} if build_body is not None else {}
     manifest = freeze_batches(
@@ -190,12 +187,6 @@ def freeze(run: Run, *, outbox: Outbox, build_body: Any = None) -> dict[str, Any
         manifest_path=st.manifest,
         **kwargs,
     )
-    members = _members_by_envelope(
-        manifest,
-        pq.read_table(
-            st.envelopes, columns=["email", "user_id", "locale", "substitutions", "headers"]
-        ),
-    )
     outbox.stage(
         run.run_key,
         manifest.sha256,
@@ -203,7 +194,7 @@ def freeze(run: Run, *, outbox: Outbox, build_body: Any = None) -> dict[str, Any
             StagedBatch(b.batch_id, b.index, b.locale, b.sha256, b.recipients)
             for b in manifest.batches
         ],
-        members,
+        _members_by_envelope(manifest, st.envelopes),
     )
     log.info(
         "freeze: %d requests, %d recipients, manifest %s",
@@ -214,28 +205,35 @@ def freeze(run: Run, *, outbox: Outbox, build_body: Any = None) -> dict[str, Any
     return manifest_summary(manifest, run.shard_count)
 
 
-def _members_by_envelope(manifest: Manifest, table: Any) -> list[Member]:
-    """Who each batch is for and the digest of their own values, from the envelopes (not from
-    the request bodies), in the order the batches were frozen."""
-    by_locale: dict[str, list[tuple[str, str, str]]] = {}
-    for email, user_id, locale, subs, headers in zip(
-        table["email"].to_pylist(),
-        table["user_id"].to_pylist(),
-        table["locale"].to_pylist(),
-        table["substitutions"].to_pylist(),
-        table["headers"].to_pylist(),
-        strict=True,
-    ):
-        digest = values_digest(json.loads(subs), json.loads(headers))
-        by_locale.setdefault(locale, []).append((email, user_id, digest))
-    members: list[Member] = []
-    offsets: dict[str, int] = {}
+def _members_by_envelope(
+    manifest: Manifest, envelopes: Path
+) -> Iterator[tuple[str, str, str, str]]:
+    """(email, user id, batch id, values digest) of every recipient, from the envelopes (not from
+    the request bodies): a locale's batches take its envelopes in order, one locale at a time."""
+    import pyarrow.parquet as pq
+
+    by_locale: dict[str, list[BatchEntry]] = {}
     for b in manifest.batches:
-        start = offsets.get(b.locale, 0)
-        for email, user_id, digest in by_locale.get(b.locale, [])[start : start + b.recipients]:
-            members.append(Member(email, user_id, b.batch_id, digest))
-        offsets[b.locale] = start + b.recipients
-    return members
+        by_locale.setdefault(b.locale, []).append(b)
+    for locale, batches in by_locale.items():
+        table = pq.read_table(
+            envelopes,
+            columns=["email", "user_id", "values_sha256"],
+            filters=[("locale", "=", locale)],
+        )
+        if sum(b.recipients for b in batches) != table.num_rows:
+            raise ValidationFailed(
+                f"locale {locale}: the manifest's batches hold "
+                f"{sum(b.recipients for b in batches)} recipients, the envelopes {table.num_rows}"
+            )
+        batch_ids = chain.from_iterable(repeat(b.batch_id, b.recipients) for b in batches)
+        yield from zip(
+            table.column("email").to_pylist(),
+            table.column("user_id").to_pylist(),
+            batch_ids,
+            table.column("values_sha256").to_pylist(),
+            strict=True,
+        )
 
 
 def manifest_summary(manifest: Manifest, shard_count: int) -> dict[str, Any]:

@@ -274,6 +274,18 @@ class _Audience:
         self._index: pd.Index | None = None
         self._rows: np.ndarray | None = None
         self._known: dict[str, bool] = {}
+        # What the recomputed values are made of: the user id and the campaign's fields.
+        needed = ["user_id", *spec.fields]
+        self._value_rows = self.table.select(
+            list(dict.fromkeys(c for c in needed if c in self.table.column_names))
+        )
+        self._addresses_in: dict[str, frozenset[str]] = {}
+
+    def addresses_in(self, text: str) -> frozenset[str]:
+        """The audience addresses ``text`` shows, remembered per text."""
+        if text not in self._addresses_in:
+            self._addresses_in[text] = _addresses_in(text, self)
+        return self._addresses_in[text]
 
     def hint(self, locale: str, count: int) -> np.ndarray:
         """The rows the next ``count`` recipients of ``locale`` hold in audience order (-1 past
@@ -317,7 +329,11 @@ class _Audience:
         return self._known[key]
 
     def values(self, rows: np.ndarray) -> tuple[dict[str, pa.Array], dict[str, pa.Array]]:
-        return envelope_value_columns(self.spec, self.secret, self.table.take(pa.array(rows)))
+        return envelope_value_columns(
+            self.spec,
+            self.secret,
+            self._value_rows.take(pa.array(rows)),
+        )
 
 
 def _lower(values: pa.Array) -> pa.Array:
@@ -717,15 +733,25 @@ def _to_entry_problems(to: list[Any]) -> int:
 
 def _audience_addresses_in(shared: dict[str, Any], audience: _Audience) -> int:
     """How many audience addresses the parts every recipient sees show (also HTML-escaped or
-    %-encoded)."""
-    text = json.dumps(shared, ensure_ascii=False).lower()
+    %-encoded).
+
+    Field by field (no address can span two: the quotes between them are no address's), and
+    each field's text once: every request of a locale shares its content."""
+    found: set[str] = set()
+    for key, value in shared.items():
+        found |= audience.addresses_in(json.dumps({key: value}, ensure_ascii=False))
+    return len(found)
+
+
+def _addresses_in(text: str, audience: _Audience) -> frozenset[str]:
+    text = text.lower()
     found = set()
     for variant in (text, unquote(html.unescape(text)).lower()):
         for match in _ADDRESS_LIKE.finditer(variant):
             for candidate in {match.group(0), match.group(0).lstrip("'.%")}:
                 if candidate in audience:
                     found.add(candidate)
-    return len(found)
+    return frozenset(found)
 
 
 # --- the two frames, built a group at a time ----------------------------------------------------

@@ -19,9 +19,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import mailroom.envelopes as envelopes_module
 from mailroom.audience import extract_audience, snapshot_schema
 from mailroom.audience_validation import validate_audience
 from mailroom.campaign_spec import AudienceSource, CampaignSpec, load_campaign
+from mailroom.envelope_guard import values_digest
 from mailroom.envelopes import (
     build_envelopes,
     clean_value,
@@ -171,11 +173,21 @@ def test_build_envelopes_writes_one_envelope_per_recipient(
         == 2
     )
 
-    envelopes = pq.read_table(tmp_path / "env.parquet").to_pylist()
+    envelopes = sorted(
+        pq.read_table(tmp_path / "env.parquet").to_pylist(), key=lambda e: e["user_id"]
+    )
     assert [(e["user_id"], e["email"], e["locale"]) for e in envelopes] == [
         ("u1", "ada@example.com", "en"),
         ("u2", "bo@example.org", "de"),
     ]
+    for envelope, person in zip(envelopes, people, strict=True):
+        subs, headers = envelope_values(spec, SECRET, person)
+        # The very text a request body carries, and the digest the outbox keeps.
+        assert envelope["substitutions"] == json.dumps(
+            subs, ensure_ascii=False, separators=(",", ":")
+        )
+        assert envelope["headers"] == json.dumps(headers, ensure_ascii=False, separators=(",", ":"))
+        assert envelope["values_sha256"] == values_digest(subs, headers)
     first, second = (json.loads(e["substitutions"]) for e in envelopes)
     assert first[NAME_TAG] == "Ann Bcc: x@example.com"
     assert second[NAME_HTML_TAG] == "&lt;b&gt;Bo&lt;/b&gt;"
@@ -184,6 +196,36 @@ def test_build_envelopes_writes_one_envelope_per_recipient(
     )
     with pytest.raises(ValueError, match="secret"):
         build_envelopes(spec, valid_audience=valid, out=tmp_path / "x.parquet", secret=b"")
+
+
+def test_envelopes_are_grouped_by_locale_in_audience_order(
+    spec: CampaignSpec, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One row group per locale and chunk (a reader of one locale skips the others), and each
+    locale's envelopes in the audience's order, whatever the chunking."""
+    monkeypatch.setattr(envelopes_module, "CHUNK_ROWS", 7)
+    valid = tmp_path / "valid.parquet"
+    locales = ["en", "de", "fr"]
+    people = [
+        {
+            **row(f"u{i:03d}", f"Name {i}"),
+            "email": f"p{i}@example.com",
+            "locale": locales[i % 3 if i % 5 else 0],
+        }
+        for i in range(40)
+    ]
+    pd.DataFrame(people).to_parquet(valid, index=False)
+    out = tmp_path / "env.parquet"
+    assert build_envelopes(spec, valid_audience=valid, out=out, secret=SECRET) == 40
+
+    parquet = pq.ParquetFile(out)
+    for group in range(parquet.num_row_groups):
+        assert (
+            len(set(parquet.read_row_group(group, columns=["locale"]).column(0).to_pylist())) == 1
+        )
+    for locale in locales:
+        got = pq.read_table(out, filters=[("locale", "=", locale)]).column("user_id").to_pylist()
+        assert got == [p["user_id"] for p in people if p["locale"] == locale]
 
 
 # -- extract_audience ------------------------------------------------------------------------------
