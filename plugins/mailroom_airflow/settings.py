@@ -14,6 +14,8 @@ from airflow.sdk import Connection, Variable
 
 from mailroom.errors import MailroomError
 from mailroom.pipeline import ProjectPaths
+from mailroom.staging import is_url, local_path
+from mailroom.staging_store import RunStore
 from mailroom.transports.base import Transport
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -24,11 +26,34 @@ def project_paths() -> ProjectPaths:
     return ProjectPaths.under(Path(os.environ.get("MAILROOM_INCLUDE_DIR", REPO_ROOT / "include")))
 
 
-def staging_root() -> Path:
+STAGING_CONNECTION = "mailroom_staging"
+
+
+def staging_root() -> str:
+    """A local folder, or an object-storage URL (``s3://bucket/prefix``) every worker reaches."""
     default = os.environ.get("MAILROOM_STAGING_ROOT") or str(
         Path(os.environ.get("AIRFLOW_HOME", "~/airflow")).expanduser() / "mailroom" / "staging"
     )
-    return Path(Variable.get("mailroom_staging_root", default=default))
+    return str(Variable.get("mailroom_staging_root", default=default))
+
+
+def run_store(location: str) -> RunStore:
+    """A run folder; on object storage with the credentials of connection ``mailroom_staging``
+    (login = access key id, password = secret key, extra = further fsspec storage options such as
+    ``{"endpoint_url": "http://minio:9000"}``), or without it the filesystem's own defaults
+    (for S3 the standard AWS variables, profile or instance role)."""
+    if not is_url(location):
+        return RunStore(location)
+    try:
+        conn = _connection(STAGING_CONNECTION)
+    except _MissingConnection:
+        return RunStore(location)
+    options = {k: v for k, v in (conn.extra_dejson or {}).items() if v not in (None, "")}
+    if conn.login:
+        options["key"] = conn.login
+    if conn.password:
+        options["secret"] = conn.password
+    return RunStore(location, storage_options=options)
 
 
 def sql_url(conn_id: str) -> str:
@@ -60,7 +85,14 @@ def outbox_url() -> str:
     try:
         return sql_url("mailroom_outbox")
     except _MissingConnection:
-        path = staging_root() / "outbox.sqlite"
+        root = staging_root()
+        if is_url(root):
+            raise MailroomError(
+                "the staging root is on object storage, so workers may run on different hosts: "
+                "define the Airflow connection 'mailroom_outbox' (PostgreSQL) for the outbox; "
+                "a SQLite file cannot be shared between them"
+            ) from None
+        path = local_path(root) / "outbox.sqlite"
         path.parent.mkdir(parents=True, exist_ok=True)
         return f"sqlite:///{path}"
 

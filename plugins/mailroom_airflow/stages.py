@@ -1,8 +1,14 @@
-"""Task bodies: resolve Airflow connections and variables, then call the domain pipeline."""
+"""Task bodies: resolve Airflow connections and variables, then call the domain pipeline.
+
+Each body works on its run's folder through ``_working``: the folder itself when staging is
+local, a working copy with the stage's declared inputs when it is on object storage.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from mailroom import pipeline
@@ -10,22 +16,35 @@ from mailroom.approval_summary import approval_markdown, approval_summary, decis
 from mailroom.errors import MailroomError
 from mailroom.outbox import Outbox
 from mailroom.pipeline import Run
-from mailroom.staging import read_json, write_json
+from mailroom.staging import read_json, run_location, write_json
 from mailroom_airflow import settings
 
 log = logging.getLogger(__name__)
 
 
+@contextmanager
+def _working(
+    prepared: dict[str, Any], stage: str, shard: tuple[int, int] | None = None
+) -> Iterator[Run]:
+    store = settings.run_store(prepared["run_dir"])
+    with store.working_copy(stage, shard=shard) as folder:
+        yield Run.from_xcom(prepared, working_dir=folder)
+
+
 def prepare(campaign: str, dry_run: bool, shard_count: int, run_id: str) -> dict[str, Any]:
-    run = pipeline.prepare_run(
-        settings.project_paths(),
-        campaign=campaign,
-        run_id=run_id,
-        staging_root=settings.staging_root(),
-        shard_count=shard_count,
-        dry_run=dry_run,
-    )
-    spec = run.spec()
+    root = settings.staging_root()
+    store = settings.run_store(run_location(root, campaign, run_id))
+    with store.working_copy("prepare") as folder:
+        run = pipeline.prepare_run(
+            settings.project_paths(),
+            campaign=campaign,
+            run_id=run_id,
+            staging_root=root,
+            shard_count=shard_count,
+            dry_run=dry_run,
+            working_dir=folder,
+        )
+        spec = run.spec()
     return {
         **run.to_xcom(),
         "approvers": list(spec.approvers),
@@ -34,109 +53,116 @@ def prepare(campaign: str, dry_run: bool, shard_count: int, run_id: str) -> dict
 
 
 def extract(prepared: dict[str, Any]) -> dict[str, Any]:
-    run = Run.from_xcom(prepared)
-    conn_id = run.spec().audience.connection_id
-    return pipeline.extract(run, sql_url=settings.sql_url(conn_id) if conn_id else None)
+    with _working(prepared, "extract_audience") as run:
+        conn_id = run.spec().audience.connection_id
+        return pipeline.extract(run, sql_url=settings.sql_url(conn_id) if conn_id else None)
 
 
 def validate(prepared: dict[str, Any]) -> dict[str, Any]:
-    return pipeline.validate(Run.from_xcom(prepared))
+    with _working(prepared, "validate_audience") as run:
+        return pipeline.validate(run)
 
 
 def render(prepared: dict[str, Any]) -> dict[str, Any]:
-    return pipeline.render(Run.from_xcom(prepared), settings.project_paths())
+    with _working(prepared, "render_content") as run:
+        return pipeline.render(run, settings.project_paths())
 
 
 def build(prepared: dict[str, Any]) -> dict[str, Any]:
-    return pipeline.build(Run.from_xcom(prepared), secret=settings.unsubscribe_secret())
+    with _working(prepared, "build_envelopes") as run:
+        return pipeline.build(run, secret=settings.unsubscribe_secret())
 
 
 def freeze(prepared: dict[str, Any]) -> dict[str, Any]:
     outbox = Outbox(settings.outbox_url())
     try:
-        return pipeline.freeze(Run.from_xcom(prepared), outbox=outbox)
+        with _working(prepared, "freeze_batches") as run:
+            return pipeline.freeze(run, outbox=outbox)
     finally:
         outbox.dispose()
 
 
 def gate(prepared: dict[str, Any]) -> dict[str, Any]:
-    return pipeline.gate(Run.from_xcom(prepared), secret=settings.unsubscribe_secret())
+    with _working(prepared, "check_envelopes") as run:
+        return pipeline.gate(run, secret=settings.unsubscribe_secret())
 
 
 def summarise(prepared: dict[str, Any], triggered_by: str | None) -> str:
-    return approval_markdown(approval_summary(Run.from_xcom(prepared), triggered_by=triggered_by))
+    with _working(prepared, "summarise") as run:
+        return approval_markdown(approval_summary(run, triggered_by=triggered_by))
 
 
 def canary(prepared: dict[str, Any]) -> dict[str, Any]:
-    run = Run.from_xcom(prepared)
-    spec = run.spec()
-    if not spec.seed_list:
-        return {"sent": False, "reason": "the campaign has no seed_list"}
-    transport = settings.transport(
-        spec.connection_id,
-        dry_run=run.dry_run,
-        dry_run_dir=run.staging.root / "canary" / "dry_run_outbox",
-        kind=spec.transport,
-    )
-    return pipeline.canary(run, secret=settings.unsubscribe_secret(), transport=transport)
+    with _working(prepared, "canary_send") as run:
+        spec = run.spec()
+        if not spec.seed_list:
+            return {"sent": False, "reason": "the campaign has no seed_list"}
+        transport = settings.transport(
+            spec.connection_id,
+            dry_run=run.dry_run,
+            dry_run_dir=run.staging.canary_dir / "dry_run_outbox",
+            kind=spec.transport,
+        )
+        return pipeline.canary(run, secret=settings.unsubscribe_secret(), transport=transport)
 
 
 def send(prepared: dict[str, Any], frozen: dict[str, Any], shard: int) -> dict[str, Any]:
-    run = Run.from_xcom(prepared)
-    transport = settings.transport(
-        run.spec().connection_id,
-        dry_run=run.dry_run,
-        dry_run_dir=run.staging.root / "dry_run_outbox",
-        kind=run.spec().transport,
-    )
+    shard_count = len(frozen["shards"])
     outbox = Outbox(settings.outbox_url())
-    log.info(
-        "to halt this run: `mailroom halt %s` or set the Airflow Variable %s",
-        run.run_key,
-        settings.halt_variable_key(run.run_id),
-    )
     try:
-        return pipeline.send(
-            run,
-            shard=shard,
-            manifest_sha256=frozen["manifest_sha256"],
-            transport=transport,
-            outbox=outbox,
-            shard_count=len(frozen["shards"]),
-            halt_signal=lambda: settings.halt_variable(run.run_id),
-        )
+        with _working(prepared, "send_shard", shard=(shard, shard_count)) as run:
+            transport = settings.transport(
+                run.spec().connection_id,
+                dry_run=run.dry_run,
+                dry_run_dir=run.staging.dry_run_outbox,
+                kind=run.spec().transport,
+            )
+            log.info(
+                "to halt this run: `mailroom halt %s` or set the Airflow Variable %s",
+                run.run_key,
+                settings.halt_variable_key(run.run_id),
+            )
+            return pipeline.send(
+                run,
+                shard=shard,
+                manifest_sha256=frozen["manifest_sha256"],
+                transport=transport,
+                outbox=outbox,
+                shard_count=shard_count,
+                halt_signal=lambda: settings.halt_variable(run.run_id),
+            )
     finally:
         outbox.dispose()
 
 
 def record_approval(prepared: dict[str, Any], event: dict[str, Any]) -> None:
-    run = Run.from_xcom(prepared)
-    write_json(run.staging.approval, approval_record(event))
+    with _working(prepared, "approve") as run:
+        write_json(run.staging.approval, approval_record(event))
 
 
 def reconcile(prepared: dict[str, Any]) -> dict[str, Any]:
-    run = Run.from_xcom(prepared)
-    approval = (
-        read_json(run.staging.approval)
-        if run.staging.approval.exists()
-        else {"decision": "none", "detail": "the approval gate did not complete"}
-    )
     outbox = Outbox(settings.outbox_url())
     try:
-        report = pipeline.report(run, outbox=outbox, approval=approval)
+        with _working(prepared, "reconcile") as run:
+            approval = (
+                read_json(run.staging.approval)
+                if run.staging.approval.exists()
+                else {"decision": "none", "detail": "the approval gate did not complete"}
+            )
+            report = pipeline.report(run, outbox=outbox, approval=approval)
+            where = run.where(run.staging.report)
     finally:
         outbox.dispose()
     log.info(
         "campaign %s: %s; report %s",
         report["status"].upper(),
         decision_line(approval, recipients=report["staged"]["recipients"]),
-        run.staging.report,
+        where,
     )
     if report["status"] not in {"sent", "rejected", "timed_out"}:
         raise MailroomError(
             f"campaign run ended {report['status']}: "
-            f"{report.get('equation') or 'nothing was sent'}; "
-            f"see {run.staging.report}"
+            f"{report.get('equation') or 'nothing was sent'}; see {where}"
         )
     return report
 

@@ -30,7 +30,7 @@ _MARKDOWN_SPECIAL = re.compile(r"[\\`*_\[\]#~]")
 
 
 def preview_dir(run: Run) -> Path:
-    return run.staging.root / "preview"
+    return run.staging.preview_dir
 
 
 def data_docs_index(run: Run) -> Path:
@@ -109,14 +109,14 @@ def approval_summary(run: Run, *, triggered_by: str | None) -> dict[str, Any]:
             "requests": gate["requests"],
             "checks": len(checks),
             "checks_failed": [_check_name(c) for c in checks if not c.get("success")],
-            "result_file": str(st.gate_result),
-            "data_docs": str(docs) if docs.exists() else None,
-            "audience_file": str(st.audience_validation),
-            "quarantine_file": str(st.quarantine) if st.quarantine.exists() else None,
+            "result_file": run.where(st.gate_result),
+            "data_docs": run.where(docs) if docs.exists() else None,
+            "audience_file": run.where(st.audience_validation),
+            "quarantine_file": run.where(st.quarantine) if st.quarantine.exists() else None,
         },
         "previews": write_previews(run),
-        "canary": read_json(st.root / "canary" / "result.json")
-        if (st.root / "canary" / "result.json").exists()
+        "canary": read_json(st.canary_dir / "result.json")
+        if (st.canary_dir / "result.json").exists()
         else None,
         "requests": requests,
         "recipients": recipients,
@@ -126,7 +126,7 @@ def approval_summary(run: Run, *, triggered_by: str | None) -> dict[str, Any]:
         "estimated_seconds": round(max(estimates), 1) if estimates else None,
         "response_timeout_hours": spec.response_timeout_hours,
         "manifest_sha256": manifest.sha256,
-        "staging": str(st.root),
+        "staging": run.where(st.root),
     }
 
 
@@ -172,8 +172,8 @@ def write_previews(run: Run) -> dict[str, dict[str, Any]]:
             "subject": subject,
             "text_lines": [_shorten(line) for line in lines[:PREVIEW_LINES]],
             "more_lines": max(len(lines) - PREVIEW_LINES, 0),
-            "html_file": str(html_file),
-            "text_file": str(text_file),
+            "html_file": run.where(html_file),
+            "text_file": run.where(text_file),
         }
     return dict(sorted(previews.items()))
 

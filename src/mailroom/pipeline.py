@@ -26,7 +26,7 @@ from mailroom.payloads import BatchEntry, Manifest, freeze_batches, load_manifes
 from mailroom.quality_gate import check_envelopes
 from mailroom.report import reconcile
 from mailroom.sending import SharedRateLimiter, send_shard
-from mailroom.staging import RunStaging, read_json, write_json
+from mailroom.staging import RunStaging, read_json, run_location, write_json
 from mailroom.transports.base import Transport
 
 log = logging.getLogger(__name__)
@@ -51,13 +51,18 @@ class ProjectPaths:
 
 @dataclass(frozen=True)
 class Run:
-    """One run's identity and folder, rebuilt in every task from the XCom dict."""
+    """One run's identity and folder, rebuilt in every task from the XCom dict.
+
+    ``staging`` is the folder a task works in; ``location`` is where the run's folder lives
+    (the same folder, or an object-storage URL of which ``staging`` is a working copy).
+    """
 
     campaign: str
     run_id: str
     staging: RunStaging
     shard_count: int
     dry_run: bool
+    location: str | None = None
 
     @property
     def run_key(self) -> str:
@@ -65,7 +70,14 @@ class Run:
 
     @property
     def spec_copy(self) -> Path:
-        return self.staging.root / "campaign.yaml"
+        return self.staging.campaign_spec
+
+    def where(self, path: Path) -> str:
+        """Where a file of the working folder lives, as people and later tasks find it."""
+        if self.location is None or self.location == str(self.staging.root):
+            return str(path)
+        rel = path.relative_to(self.staging.root).as_posix()
+        return self.location if rel == "." else f"{self.location}/{rel}"
 
     def spec(self) -> CampaignSpec:
         import yaml
@@ -78,19 +90,21 @@ class Run:
         return {
             "campaign": self.campaign,
             "run_id": self.run_id,
-            "run_dir": str(self.staging.root),
+            "run_dir": self.location or str(self.staging.root),
             "shard_count": self.shard_count,
             "dry_run": self.dry_run,
         }
 
     @classmethod
-    def from_xcom(cls, data: dict[str, Any]) -> Run:
+    def from_xcom(cls, data: dict[str, Any], *, working_dir: Path | None = None) -> Run:
+        """The run of a task; ``working_dir`` is its local copy of a run folder kept elsewhere."""
         return cls(
             data["campaign"],
             data["run_id"],
-            RunStaging(Path(data["run_dir"])),
+            RunStaging(working_dir or Path(data["run_dir"])),
             int(data["shard_count"]),
             bool(data["dry_run"]),
+            str(data["run_dir"]),
         )
 
 
@@ -99,21 +113,24 @@ def prepare_run(
     *,
     campaign: str,
     run_id: str,
-    staging_root: Path,
+    staging_root: Path | str,
     shard_count: int,
     dry_run: bool,
+    working_dir: Path | None = None,
 ) -> Run:
-    """Check the campaign and freeze a copy of its spec into the run folder."""
+    """Check the campaign and freeze a copy of its spec into the run folder (written in
+    ``working_dir`` when the folder is on object storage, which the caller then uploads)."""
     spec = load_campaign(paths.campaigns, campaign)
     if not 1 <= shard_count <= MAX_SHARDS:
         raise ValidationFailed(f"shard count must be 1..{MAX_SHARDS}, got {shard_count}")
-    staging = RunStaging.for_run(staging_root, spec.name, run_id).create()
-    run = Run(spec.name, run_id, staging, shard_count, dry_run)
+    location = run_location(staging_root, spec.name, run_id)
+    staging = RunStaging(working_dir or Path(location)).create()
+    run = Run(spec.name, run_id, staging, shard_count, dry_run, location)
     shutil.copyfile(campaign_path(paths.campaigns, campaign), run.spec_copy)
     log.info(
         "prepare: campaign %s, run folder %s, %d shard(s), dry_run=%s",
         spec.name,
-        staging.root,
+        location,
         shard_count,
         dry_run,
     )
@@ -263,7 +280,7 @@ def gate(run: Run, *, secret: bytes) -> dict[str, Any]:
         raise ValidationFailed(
             "the data-quality gate failed on the frozen payloads; nothing will be sent: "
             + "; ".join(result.failures())
-            + f" (Great Expectations Data Docs: {st.root / (result.data_docs or '')})"
+            + f" (Great Expectations Data Docs: {run.where(st.root / (result.data_docs or ''))})"
         )
     return {
         "success": True,
@@ -317,8 +334,9 @@ def report(run: Run, *, outbox: Outbox | None, approval: dict[str, Any]) -> dict
         validation=read_json(st.audience_validation) if st.audience_validation.exists() else None,
         approval=approval,
         quarantine=st.quarantine if st.quarantine.exists() else None,
-        not_sent_csv=st.root / "not_sent.csv",
+        not_sent_csv=st.not_sent,
     )
+    result["not_sent_file"] = run.where(st.not_sent)
     write_json(st.report, result)
     log.info("report: status %s, %s", result["status"], result.get("equation"))
     return result
@@ -334,5 +352,5 @@ def canary(run: Run, *, secret: bytes, transport: Transport) -> dict[str, Any]:
         contents=load_contents(run),
         secret=secret,
         transport=transport,
-        out_dir=run.staging.root / "canary",
+        out_dir=run.staging.canary_dir,
     )

@@ -1,7 +1,9 @@
 """The staging area: where one run's files live between tasks.
 
-Tasks hand each other a run directory (a path in XCom), never data. Every file a stage writes
-has one fixed place here, so any later stage, the approver's summary and an operator can find it.
+Tasks hand each other a run folder (a path or an object-storage URL in XCom), never data. Every
+file a stage writes has one fixed place here, so any later stage, the approver's summary and an
+operator can find it. A staging root is a local folder, or any fsspec URL (``s3://bucket/prefix``)
+whose run folders ``mailroom.staging_store`` mirrors to and from a local working copy.
 """
 
 from __future__ import annotations
@@ -12,6 +14,30 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
+
+
+def is_url(location: str | Path) -> bool:
+    """An object-storage URL (``s3://…``, any fsspec protocol) rather than a local folder."""
+    scheme = urlsplit(str(location)).scheme
+    return len(scheme) > 1 and scheme != "file"  # one letter: a Windows drive
+
+
+def local_path(location: str | Path) -> Path:
+    """A local folder given as a path or a ``file://`` URL."""
+    text = str(location)
+    return Path(urlsplit(text).path) if text.startswith("file://") else Path(text)
+
+
+def run_folder_name(run_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", run_id).strip("_") or "run"
+
+
+def run_location(staging_root: str | Path, campaign: str, run_id: str) -> str:
+    """Where a run's folder lives under a staging root: ``<root>/<campaign>/<run>``."""
+    if is_url(staging_root):
+        return f"{str(staging_root).rstrip('/')}/{campaign}/{run_folder_name(run_id)}"
+    return str(local_path(staging_root) / campaign / run_folder_name(run_id))
 
 
 @dataclass(frozen=True)
@@ -20,8 +46,12 @@ class RunStaging:
 
     @classmethod
     def for_run(cls, staging_root: Path, campaign: str, run_id: str) -> RunStaging:
-        safe_run = re.sub(r"[^A-Za-z0-9._-]+", "_", run_id).strip("_") or "run"
-        return cls(staging_root / campaign / safe_run)
+        return cls(staging_root / campaign / run_folder_name(run_id))
+
+    @property
+    def campaign_spec(self) -> Path:
+        """The campaign spec as it was when the run started (later edits do not change a run)."""
+        return self.root / "campaign.yaml"
 
     def create(self) -> RunStaging:
         for folder in (self.audience_dir, self.content_dir, self.payloads_dir, self.gate_dir):
@@ -91,6 +121,23 @@ class RunStaging:
     @property
     def report(self) -> Path:
         return self.root / "report.json"
+
+    @property
+    def not_sent(self) -> Path:
+        return self.root / "not_sent.csv"
+
+    @property
+    def preview_dir(self) -> Path:
+        return self.root / "preview"
+
+    @property
+    def canary_dir(self) -> Path:
+        return self.root / "canary"
+
+    @property
+    def dry_run_outbox(self) -> Path:
+        """Where a dry run's file transport writes the requests it would have sent."""
+        return self.root / "dry_run_outbox"
 
 
 def write_json(path: Path, value: Any) -> None:

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import json
 import re
 import shlex
 import shutil
 import subprocess
+import sys
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -369,6 +371,55 @@ def test_staging_volume_is_mounted_at_the_same_path_in_every_airflow_service() -
     assert len(paths) == 1, paths
 
 
+STAGING_ON_S3 = {
+    "MAILROOM_STAGING_ROOT": "s3://mailroom-staging/runs",
+    "MAILROOM_STAGING_KEY_ID": "AKIAEXAMPLEKEY",
+    "MAILROOM_STAGING_SECRET": "example-staging-secret",
+    "MAILROOM_STAGING_ENDPOINT_URL": "http://minio:9000",
+}
+
+
+@pytest.mark.parametrize("endpoint", ["http://minio:9000", ""])
+def test_object_storage_staging_is_one_setting_and_its_credentials_one_connection(
+    endpoint: str,
+) -> None:
+    """With MAILROOM_STAGING_ROOT an s3:// URL, every Airflow service gets the URL, and
+    airflow-init writes the connection the adapter reads its credentials from."""
+    from mailroom.staging import is_url
+    from mailroom_airflow import settings
+
+    env = {**env_example(), **STAGING_ON_S3, "MAILROOM_STAGING_ENDPOINT_URL": endpoint}
+    for name in sorted(AIRFLOW_SERVICES):
+        service_env = interpolate(services()[name]["environment"], env)
+        assert service_env["MAILROOM_STAGING_ROOT"] == STAGING_ON_S3["MAILROOM_STAGING_ROOT"]
+        assert is_url(service_env["MAILROOM_STAGING_ROOT"])
+    init_env = {
+        k: str(v) for k, v in interpolate(services()["airflow-init"]["environment"], env).items()
+    }
+    script = str(interpolate(as_args(services()["airflow-init"]["command"])[1], env))
+    # The extra is what the snippet prints for this endpoint.
+    snippet = next(s for s in re.findall(r"python -c '([^']*)'", script) if "MAILROOM_STAGING" in s)
+    printed = subprocess.run(
+        [sys.executable, "-c", snippet],
+        env={"MAILROOM_STAGING_ENDPOINT_URL": endpoint},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    extra = json.loads(printed)
+    assert extra == ({"endpoint_url": endpoint} if endpoint else {})
+    staging_conn = None
+    # bash passes the expansion as one word, quotes and all: stand it in as one placeholder.
+    for args in airflow_commands(script, {**init_env, "staging_extra": "STAGING_EXTRA"}):
+        if args[:2] == ["connections", "add"] and args[2] == settings.STAGING_CONNECTION:
+            staging_conn = vars(parse_airflow(args))
+    assert staging_conn is not None, "airflow-init does not create the staging connection"
+    assert staging_conn["conn_login"] == STAGING_ON_S3["MAILROOM_STAGING_KEY_ID"]
+    assert staging_conn["conn_password"] == STAGING_ON_S3["MAILROOM_STAGING_SECRET"]
+    assert staging_conn["conn_extra"] == "STAGING_EXTRA"
+    assert '--conn-extra "${staging_extra}"' in script
+
+
 def test_workers_scale() -> None:
     worker = services()["airflow-worker"]
     assert int(interpolate(str(worker["deploy"]["replicas"]))) >= 2
@@ -404,13 +455,17 @@ def _connection_args(conn_id: str) -> dict[str, Any]:
 
 def test_connections_and_variables_the_dag_reads_are_created_by_init() -> None:
     settings_source = (REPO / "plugins" / "mailroom_airflow" / "settings.py").read_text()
-    needed = {"mailroom_outbox"} if '"mailroom_outbox"' in settings_source else set()
+    needed = {
+        conn_id
+        for conn_id in ("mailroom_outbox", "mailroom_staging")
+        if f'"{conn_id}"' in settings_source
+    }
     for path in sorted((REPO / "include" / "campaigns").glob("*.yaml")):
         spec = load_campaign(path.parent, path.stem)
         needed |= {spec.connection_id}
         if spec.audience.connection_id:
             needed.add(spec.audience.connection_id)
-    assert {"mailroom_users", "mailroom_sendgrid", "mailroom_outbox"} <= needed
+    assert {"mailroom_users", "mailroom_sendgrid", "mailroom_outbox", "mailroom_staging"} <= needed
     for conn_id in sorted(needed):
         _connection_args(conn_id)
     # settings.sql_url: a sqlite or postgres connection, or any type with extra.sqlalchemy_url.

@@ -2,8 +2,10 @@
 
 Real processes only: api-server, scheduler, dag-processor and two ``airflow celery worker``
 processes (different Celery node names, concurrency 2 each), the metadata and the outbox in
-fresh PostgreSQL databases, the broker on the local Redis, staging in one local folder both
-workers share, and the SendGrid-compatible dev server as the provider. A 20,000-user campaign is
+fresh PostgreSQL databases, the broker on the local Redis, staging on a local S3-compatible
+server (moto's server mode, started here: each task fetches what its stage reads and uploads
+what it wrote, as workers on different hosts would), and the SendGrid-compatible dev server as
+the provider. A 20,000-user campaign is
 triggered and approved through the REST API. Once one worker has finished a shard and started
 another, it is SIGKILLed with everything under it, as a crashed host would be; Airflow notices the
 missing heartbeats and retries the shard on the other worker. The dev server must then have
@@ -16,10 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
+import re
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -39,7 +40,10 @@ from mailroom.cli.local_airflow import LocalAirflow, free_port
 from mailroom.outbox import FAILED, HALTED, SENDING, SENT, STAGED, UNKNOWN, Outbox
 from mailroom.sample_audience import generate
 from mailroom.sendgrid_dev_server import accepted_recipients, read_accepted
+from mailroom.staging import run_folder_name
 from support.local_services import PG_HOST, PG_PORT, PG_USER, Broker, Databases
+from support.processes import stop_process_group
+from support.s3_server import KEY, SECRET, S3Server, s3_server_process
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(1800)]
 
@@ -74,14 +78,14 @@ def dev_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         assert line.startswith("mailroom-sendgrid-dev listening on "), line
         yield line.rsplit(" ", 1)[1], data_dir
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_process_group(proc)
         log.close()
+
+
+@pytest.fixture
+def s3(tmp_path: Path) -> Iterator[S3Server]:
+    with s3_server_process(tmp_path / "moto.log") as server:
+        yield server
 
 
 def test_celery_run_on_two_workers_survives_a_killed_worker(
@@ -89,10 +93,13 @@ def test_celery_run_on_two_workers_survives_a_killed_worker(
     fresh_databases: Databases,
     broker: Broker,
     dev_server: tuple[str, Path],
+    s3: S3Server,
 ) -> None:
     started = time.monotonic()
     dev_url, dev_data = dev_server
-    staging = tmp_path / "staging"  # one local folder, shared by both workers
+    staging = s3.url("staging")  # no folder shared between the workers: the object store
+    work = tmp_path / "tmp"  # the task processes' temporary folders (their working copies)
+    work.mkdir()
     include = tmp_path / "include"
     airflow = LocalAirflow(
         REPO,
@@ -109,8 +116,9 @@ def test_celery_run_on_two_workers_survives_a_killed_worker(
             "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": str(HEARTBEAT_TIMEOUT),
             "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "5",
             "AIRFLOW__CORE__DEFAULT_TASK_RETRY_DELAY": "5",
-            "MAILROOM_STAGING_ROOT": str(staging),
+            "MAILROOM_STAGING_ROOT": staging,
             "MAILROOM_INCLUDE_DIR": str(include),
+            "TMPDIR": str(work),
         },
     )
     _require_celery_executor(airflow)
@@ -133,6 +141,12 @@ def test_celery_run_on_two_workers_survives_a_killed_worker(
                     "port": PG_PORT,
                     "login": PG_USER,
                     "schema": fresh_databases.outbox,
+                },
+                "mailroom_staging": {
+                    "conn_type": "generic",
+                    "login": KEY,
+                    "password": SECRET,
+                    "extra": json.dumps({"endpoint_url": s3.endpoint_url}),
                 },
             }
         )
@@ -221,21 +235,63 @@ def test_celery_run_on_two_workers_survives_a_killed_worker(
             assert history[-1]["try_number"] >= 2, history
         assert all(ts[-1]["state"] == "success" for ts in tries.values()), tries
 
-        # 4. The report balances (reconcile ran even if it then failed the run for 'unknown').
-        report = json.loads(next(staging.rglob("report.json")).read_text())
+        # 4. The run folder is on the object store, whole: the report balances (reconcile ran
+        # even if it then failed the run for 'unknown'), every request body the manifest names
+        # is there with the size it was frozen with, and nothing is left on the workers' disks
+        # but the working copies of the shards the kill cut off.
+        prefix = f"staging/{CAMPAIGN}/{run_folder_name(run_id)}"
+        objects = s3.keys(prefix)
+        fs = s3.filesystem()
+        report = json.loads(fs.cat(f"{s3.bucket}/{prefix}/report.json"))
         assert report["balanced"] is True, report
         assert report["status"] == ("sent" if not unknown_batches else "incomplete"), report
+        assert (
+            report["not_sent_file"]
+            == f"{staging}/{CAMPAIGN}/{run_folder_name(run_id)}/not_sent.csv"
+        )
+        manifest = json.loads(fs.cat(f"{s3.bucket}/{prefix}/payloads/manifest.json"))
+        assert len(manifest["batches"]) == counts[SENT]["batches"] + counts[UNKNOWN]["batches"]
+        for batch in manifest["batches"]:
+            assert objects[f"payloads/{batch['file']}"] == batch["size"], batch["file"]
+        for name in ("campaign.yaml", "envelopes.parquet", "gate/result.json", "approval.json"):
+            assert name in objects, name
+        assert any(k.startswith("gate/data_docs/") for k in objects)
+        assert any(k.startswith("preview/") for k in objects)
+        left = sorted(p.name for p in work.iterdir() if p.name.startswith("mailroom-"))
+        assert all(n.startswith("mailroom-send_shard-") for n in left), left
+        assert len(left) <= len(killed_shards), left
+        fetches = _shard_fetches(tmp_path / "airflow" / "logs")
+        assert fetches, "no send_shard task logged what it fetched"
+        payload_files = len(manifest["batches"])
+        assert all(files < payload_files for files, _, _ in fetches), fetches
         print(
             f"\ndistributed run {run_id}: {final}; {len(records)} requests, "
             f"{sum(received.values())} recipients of {len(audience.expected)} expected; "
             f"{len(unknown_batches)} unknown batch(es); killed shard(s) {killed_shards} retried "
-            f"on {hostnames[survivor]}; {time.monotonic() - started:.0f}s"
+            f"on {hostnames[survivor]}; staging {len(objects)} objects, "
+            f"{sum(objects.values()):,} bytes; send_shard fetches "
+            f"{min(f for f, _, _ in fetches)}-{max(f for f, _, _ in fetches)} files, "
+            f"max {max(b for _, b, _ in fetches):,} bytes, "
+            f"max {max(t for _, _, t in fetches):.2f}s; {time.monotonic() - started:.0f}s"
         )
     finally:
         airflow.stop()
     # Everything this test started is gone: the API no longer answers.
     with pytest.raises(requests.ConnectionError):
         requests.get(f"{airflow.url}/api/v2/monitor/health", timeout=2)
+
+
+_FETCHED = re.compile(r"staging: send_shard fetched (\d+) file\(s\), (\d+) bytes, in ([0-9.]+)s")
+
+
+def _shard_fetches(logs: Path) -> list[tuple[int, int, float]]:
+    """(files, bytes, seconds) of every send_shard working copy, from the task logs."""
+    found = []
+    for path in logs.rglob("*"):
+        if path.is_file() and "send_shard" in str(path):
+            for match in _FETCHED.finditer(path.read_text("utf-8", errors="replace")):
+                found.append((int(match[1]), int(match[2]), float(match[3])))
+    return found
 
 
 def _campaign_include(target: Path) -> Path:

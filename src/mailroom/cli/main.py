@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 
@@ -34,6 +35,20 @@ def main(argv: list[str] | None = None) -> int:
     approvals.add_parser(sub)
     operations.add_commands(sub)
 
+    fetch = sub.add_parser(
+        "fetch-run",
+        help="copy a run folder (a local path or an s3:// URL, as in the run's XCom run_dir) to a "
+        "local folder: report, not_sent.csv, the gate's Data Docs, the approval previews",
+    )
+    fetch.add_argument("location", help="the run folder, e.g. s3://bucket/prefix/<campaign>/<run>")
+    fetch.add_argument("dest", type=Path)
+    fetch.add_argument(
+        "--endpoint-url",
+        default=os.environ.get("MAILROOM_STAGING_ENDPOINT_URL"),
+        help="an S3-compatible store's endpoint (env MAILROOM_STAGING_ENDPOINT_URL); "
+        "credentials come from the standard AWS variables or profile",
+    )
+
     sample = sub.add_parser("sample-audience", help="write the deterministic sample users database")
     sample.add_argument("path", type=Path)
     sample.add_argument("--users", type=int, default=10_000)
@@ -58,6 +73,20 @@ def main(argv: list[str] | None = None) -> int:
         return approvals.run_command(args)
     if args.command in {"status", "halt", "resume", "resend"}:
         return operations.run_command(args)
+    if args.command == "fetch-run":
+        from mailroom.staging_store import RunStore, StagingError, safe_location
+
+        options = {"endpoint_url": args.endpoint_url} if args.endpoint_url else {}
+        try:
+            done = RunStore(args.location, storage_options=options).download(args.dest)
+        except StagingError as exc:
+            print(f"mailroom fetch-run: {exc}", file=sys.stderr)
+            return 1
+        print(
+            f"{safe_location(args.location)} -> {args.dest}: {len(done.fetched)} files, "
+            f"{sum(done.fetched.values()):,} bytes in {done.fetch_seconds:.1f}s"
+        )
+        return 0
     if args.command == "sample-audience":
         from mailroom.sample_audience import generate
 
