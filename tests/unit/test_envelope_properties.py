@@ -261,3 +261,79 @@ def test_the_guard_refuses_a_second_address_in_any_personalization(
         parts[i]["to"] = [{"email": own, "name": f"{extra[0]}{separator}"}]
     with pytest.raises(EnvelopeViolation):
         recipients_of_body(serialise(body))
+
+
+# -- the guard's search for other recipients' addresses, all personalizations in one pass --------
+def _shown(address: str, how: str) -> str:
+    """``address`` as a personalization's value might show it."""
+    local, _, domain = address.partition("@")
+    return {
+        "plain": address,
+        "upper": address.upper(),
+        "quoted": f"'{address}'",
+        "mailto": f"<mailto:{address}?subject=x>",
+        "percent": f"{local}%40{domain}",
+        "entity": f"{local}&#64;{domain}",
+        "named": f"{local}&commat;{domain}",
+        "split": f"{local}\n@{domain}",  # a line break ends an address: nobody's
+    }[how]
+
+
+HOW = st.sampled_from(["plain", "upper", "quoted", "mailto", "percent", "entity", "named", "split"])
+
+
+@SETTINGS
+@given(
+    st.lists(
+        st.tuples(
+            st.text(max_size=20),  # the person's own, harmless text
+            st.lists(st.tuples(st.integers(0, 5), HOW, st.sampled_from(["value", "key", "list"]))),
+        ),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_the_guard_finds_a_foreign_address_exactly_as_one_by_one(
+    people: list[tuple[str, list[tuple[int, str, str]]]],
+) -> None:
+    """Reading every personalization in one pass refuses exactly the requests that reading each
+    on its own (``_shows_address`` on its ``_text_of``, the reference) refuses."""
+    from mailroom import envelope_guard as guard
+
+    recipients = [f"user{i}@example.com" for i in range(len(people))]
+    personalizations: list[dict[str, Any]] = []
+    for i, (own_text, shown) in enumerate(people):
+        subs: dict[str, Any] = {FIRST_NAME: own_text, UNSUBSCRIBE: f"https://x.test/u/{i}"}
+        for n, (who, how, where) in enumerate(shown):
+            text = _shown(f"user{who}@example.com", how)
+            if where == "key":
+                subs[f"%%{n}{text}%%"] = "v"
+            elif where == "list":
+                subs[f"%%l{n}%%"] = [text, {"deep": text}]
+            else:
+                subs[f"%%v{n}%%"] = f"see {text} here"
+        personalizations.append(
+            {
+                "to": [{"email": recipients[i]}],
+                "substitutions": subs,
+                "headers": {"List-Unsubscribe": "<mailto:unsubscribe@example.net>"},
+            }
+        )
+    everyone = {r.lower() for r in recipients}
+    flagged = {
+        i
+        for i, item in enumerate(personalizations)
+        if guard._shows_address(
+            guard._text_of({k: v for k, v in item.items() if k != "to"}),
+            everyone,
+            own=recipients[i],
+        )
+    }
+    try:
+        guard._check_no_foreign_addresses({}, personalizations, recipients)
+        found = None
+    except EnvelopeViolation as exc:
+        found = int(str(exc).split()[1])
+    # Refused exactly when one of them shows another's address, and named as one that does.
+    assert (found is None) == (not flagged)
+    assert found is None or found in flagged
