@@ -75,12 +75,18 @@ def main() -> int:
     parser.add_argument("--e2e-db", nargs="+", default=["sqlite", "postgres"])
     parser.add_argument("--naive-sample", type=int, default=NAIVE_SAMPLE)
     parser.add_argument("--no-postgres", action="store_true", help="skip the PostgreSQL extract")
+    parser.add_argument(
+        "--report", action="store_true", help="only regenerate BENCHMARKS.md from results.json"
+    )
     parser.add_argument("--work", type=Path, default=None, help="default: var/bench/<users>")
     parser.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)
     parser.add_argument("--context", default="{}", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.stage:
         print(json.dumps(run_stage(args.stage, args.work.resolve(), json.loads(args.context))))
+        return 0
+    if args.report:
+        save_results(load_results())
         return 0
     for users in args.users:
         work = (args.work or REPO / "var" / "bench" / str(users)).resolve()
@@ -96,7 +102,13 @@ def main() -> int:
 
 # --- the parent: generate, prepare, one child per stage, report --------------------------------
 def drive(users: int, work: Path, *, naive_sample: int, postgres: bool) -> dict[str, Any]:
-    from services import DevServer, copy_users_to_postgres, fresh_database, postgres_available
+    from services import (
+        DevServer,
+        copy_users_to_postgres,
+        fresh_database,
+        pg_url,
+        postgres_available,
+    )
 
     from mailroom.sample_audience import generate
 
@@ -128,8 +140,6 @@ def drive(users: int, work: Path, *, naive_sample: int, postgres: bool) -> dict[
                 t0 = time.perf_counter()
                 copy_users_to_postgres(users_db, database)
                 pg_load = time.perf_counter() - t0
-                from services import pg_url
-
                 result = child(stage, work, {**context, "sql_url": pg_url(database)})
         elif stage in SERVED:
             with DevServer(work / f"sendgrid-dev-{stage}") as server:
@@ -412,6 +422,7 @@ def run_stage(stage: str, work: Path, context: dict[str, Any]) -> dict[str, Any]
             level=logging.INFO, filename=str(work / "send.log"), filemode="w", force=True
         )
         outbox = Outbox(outbox_url)
+        parts = _time_send_parts()
         result = pipeline.send(
             run,
             shard=0,
@@ -423,7 +434,11 @@ def run_stage(stage: str, work: Path, context: dict[str, Any]) -> dict[str, Any]
             shard_count=1,
         )
         outbox.dispose()
-        extra = {"requests": result["batches"], "states": result["states"]}
+        extra = {
+            "requests": result["batches"],
+            "states": result["states"],
+            "parts_seconds": {k: round(v, 3) for k, v in parts.items()},
+        }
         rows, unit = result["recipients_sent"], "recipients sent"
     elif stage == "post_baseline":
         done = baselines.bare_post(staging.manifest, context["server_url"])
@@ -459,6 +474,30 @@ def run_stage(stage: str, work: Path, context: dict[str, Any]) -> dict[str, Any]
         "outcome": outcome if stage in ("gate", "gate_baseline") else None,
         **extra,
     }
+
+
+def _time_send_parts() -> dict[str, float]:
+    """Where a send's time goes: the envelope guard, the HTTP request through the SDK, and
+    (the rest) the outbox, limiter, reading the body and logging. Wraps the two calls in this
+    benchmark process only."""
+    from mailroom.transports import base
+    from mailroom.transports.sendgrid import SendGridTransport
+
+    parts = {"guard": 0.0, "request": 0.0}
+
+    def timed(part: str, fn: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                parts[part] += time.perf_counter() - t0
+
+        return wrapper
+
+    base.check_envelope = timed("guard", base.check_envelope)  # type: ignore[assignment]
+    SendGridTransport._deliver = timed("request", SendGridTransport._deliver)  # type: ignore[method-assign]
+    return parts
 
 
 def peak_rss_mb() -> float:
