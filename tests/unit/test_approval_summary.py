@@ -21,6 +21,7 @@ from mailroom.outbox import Outbox
 from mailroom.payloads import load_manifest
 from mailroom.pipeline import ProjectPaths, Run
 from mailroom.sample_audience import SampleAudience, generate
+from support.runs import built_run
 
 pytestmark = pytest.mark.unit
 SECRET = b"unit-test-secret"
@@ -37,18 +38,14 @@ def gated_run(
 ) -> tuple[Run, dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("run")
     paths = ProjectPaths.under(Path(__file__).resolve().parents[2] / "include")
-    run = pipeline.prepare_run(
+    run = built_run(
         paths,
-        campaign="winter_update",
-        run_id="manual__summary",
+        users_url=audience.url(),
         staging_root=tmp / "staging",
+        run_id="manual__summary",
         shard_count=4,
-        dry_run=False,
+        secret=SECRET,
     )
-    pipeline.extract(run, sql_url=audience.url())
-    pipeline.validate(run)
-    pipeline.render(run, paths)
-    pipeline.build(run, secret=SECRET)
     outbox = Outbox(f"sqlite:///{tmp / 'outbox.sqlite'}")
     try:
         pipeline.freeze(run, outbox=outbox)

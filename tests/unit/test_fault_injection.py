@@ -18,6 +18,7 @@ from mailroom.sample_audience import generate
 from mailroom.sendgrid_dev_server import Faults, SendGridDevServer, accepted_recipients
 from mailroom.sending import RetryPolicy, SharedRateLimiter, send_shard
 from mailroom.transports.sendgrid import SendGridSettings, SendGridTransport
+from support.runs import built_run
 
 pytestmark = pytest.mark.unit
 SHARDS = 4
@@ -32,18 +33,14 @@ def test_every_fault_at_once_ends_with_each_recipient_accounted_for(tmp_path: Pa
     spec_path.write_text(yaml.safe_dump(spec))
     paths = ProjectPaths.under(include)
     audience = generate(tmp_path / "users.sqlite", users=20_000)
-    run = pipeline.prepare_run(
+    run = built_run(
         paths,
-        campaign="winter_update",
-        run_id="manual__faults",
+        users_url=audience.url(),
         staging_root=tmp_path / "staging",
+        run_id="manual__faults",
         shard_count=SHARDS,
-        dry_run=False,
+        secret=b"faults",
     )
-    pipeline.extract(run, sql_url=audience.url())
-    pipeline.validate(run)
-    pipeline.render(run, paths)
-    pipeline.build(run, secret=b"faults")
     outbox = Outbox(f"sqlite:///{tmp_path / 'outbox.sqlite'}")
     pipeline.freeze(run, outbox=outbox)
     manifest = load_manifest(run.staging.manifest)

@@ -48,6 +48,7 @@ from mailroom.sendgrid_dev_server import SendGridDevServer
 from mailroom.staging import RunStaging, read_json
 from mailroom.substitutions import substitution_tag
 from mailroom.transports.sendgrid import SendGridSettings, SendGridTransport
+from support.runs import built_run
 
 pytestmark = pytest.mark.unit
 
@@ -407,18 +408,14 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Prepared:
     audience = generate(root / "users.sqlite", users=600)
     paths = ProjectPaths.under(INCLUDE)
     # One shard: requests leave in manifest order, so "before the first request" is well-defined.
-    run = pipeline.prepare_run(
+    run = built_run(
         paths,
-        campaign="winter_update",
-        run_id="manual__mutants",
+        users_url=audience.url(),
         staging_root=root / "staging",
+        run_id="manual__mutants",
         shard_count=1,
-        dry_run=False,
+        secret=SECRET,
     )
-    pipeline.extract(run, sql_url=audience.url())
-    pipeline.validate(run)
-    pipeline.render(run, paths)
-    pipeline.build(run, secret=SECRET)
     clean_run = copy_run(run, root / "baseline")
     pipeline.freeze(clean_run, outbox=Outbox(f"sqlite:///{root / 'baseline.sqlite'}"))
     pipeline.gate(clean_run, secret=SECRET)  # the unmutated run passes: the mutants are the cause

@@ -26,6 +26,7 @@ from mailroom.json_columns import json_objects, json_strings
 from mailroom.payloads import freeze_batches, sendgrid_request_body
 from mailroom.pipeline import ProjectPaths
 from mailroom.sample_audience import generate
+from support.runs import built_run
 
 pytestmark = pytest.mark.unit
 SECRET = b"unit-test-secret"
@@ -91,18 +92,15 @@ def test_spliced_bodies_are_the_standard_builders_bytes_on_the_sample_audience(
 ) -> None:
     paths = ProjectPaths.under(REPO / "include")
     users = generate(tmp_path / "users.sqlite", users=2500)
-    run = pipeline.prepare_run(
+    run = built_run(
         paths,
-        campaign="winter_update",
-        run_id="manual__t",
+        users_url=users.url(),
         staging_root=tmp_path / "staging",
+        run_id="manual__t",
         shard_count=1,
+        secret=SECRET,
         dry_run=True,
     )
-    pipeline.extract(run, sql_url=users.url())
-    pipeline.validate(run)
-    pipeline.render(run, paths)
-    pipeline.build(run, secret=SECRET)
     spec = dataclasses.replace(run.spec(), batch_size=333)  # a partial last batch per locale
     spliced, generic = _freeze_both_ways(
         spec, run.staging.envelopes, pipeline.load_contents(run), tmp_path

@@ -24,6 +24,7 @@ from mailroom.pipeline import ProjectPaths, Run
 from mailroom.sample_audience import SampleAudience, generate
 from mailroom.sendgrid_dev_server import SendGridDevServer, accepted_recipients
 from mailroom.transports.sendgrid import SendGridSettings, SendGridTransport
+from support.runs import built_run
 
 pytestmark = pytest.mark.unit
 SECRET = b"unit-test-secret"
@@ -35,19 +36,14 @@ def audience(tmp_path_factory: pytest.TempPathFactory) -> SampleAudience:
 
 
 def prepared(tmp_path: Path, paths: ProjectPaths, audience: SampleAudience, shards: int = 2) -> Run:
-    run = pipeline.prepare_run(
+    return built_run(
         paths,
-        campaign="winter_update",
-        run_id="manual__test",
+        users_url=audience.url(),
         staging_root=tmp_path / "staging",
+        run_id="manual__test",
         shard_count=shards,
-        dry_run=False,
+        secret=SECRET,
     )
-    pipeline.extract(run, sql_url=audience.url())
-    pipeline.validate(run)
-    pipeline.render(run, paths)
-    pipeline.build(run, secret=SECRET)
-    return run
 
 
 def send_all(run: Run, frozen: dict[str, Any], outbox: Outbox, server: SendGridDevServer) -> None:

@@ -44,6 +44,7 @@ from mailroom.payloads import load_manifest, serialise
 from mailroom.pipeline import ProjectPaths, Run
 from mailroom.sample_audience import generate
 from mailroom.staging import RunStaging, read_json
+from support.runs import built_run
 
 pytestmark = pytest.mark.unit
 
@@ -64,18 +65,14 @@ def clean_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
     root = tmp_path_factory.mktemp("gate")
     audience = generate(root / "users.sqlite", users=900)
     paths = ProjectPaths.under(INCLUDE)
-    run = pipeline.prepare_run(
+    run = built_run(
         paths,
-        campaign="winter_update",
-        run_id="manual__gate",
+        users_url=audience.url(),
         staging_root=root / "staging",
+        run_id="manual__gate",
         shard_count=1,
-        dry_run=False,
+        secret=SECRET,
     )
-    pipeline.extract(run, sql_url=audience.url())
-    pipeline.validate(run)
-    pipeline.render(run, paths)
-    pipeline.build(run, secret=SECRET)
     outbox = Outbox(f"sqlite:///{root / 'outbox.sqlite'}")
     try:
         pipeline.freeze(run, outbox=outbox)

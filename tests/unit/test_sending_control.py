@@ -20,6 +20,7 @@ from mailroom.sample_audience import generate
 from mailroom.sendgrid_dev_server import Faults, SendGridDevServer, accepted_recipients
 from mailroom.sending import RetryPolicy, SharedRateLimiter, send_shard
 from mailroom.transports.sendgrid import SendGridSettings, SendGridTransport
+from support.runs import built_run
 
 pytestmark = pytest.mark.unit
 SECRET = b"sending-control"
@@ -38,18 +39,14 @@ def frozen_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Run, dict[str,
     spec_path.write_text(yaml.safe_dump(spec))
     paths = ProjectPaths.under(include)
     audience = generate(root / "users.sqlite", users=3000)
-    run = pipeline.prepare_run(
+    run = built_run(
         paths,
-        campaign="winter_update",
-        run_id="manual__control",
+        users_url=audience.url(),
         staging_root=root / "staging",
+        run_id="manual__control",
         shard_count=3,
-        dry_run=False,
+        secret=SECRET,
     )
-    pipeline.extract(run, sql_url=audience.url())
-    pipeline.validate(run)
-    pipeline.render(run, paths)
-    pipeline.build(run, secret=SECRET)
     return run, {"expected": audience.expected}, root
 
 
