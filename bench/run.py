@@ -236,11 +236,18 @@ def checks(entry: dict[str, Any]) -> list[str]:
     """What a benchmark run shows to be wrong besides speed: the same users read differently
     from the two databases, a stage that did not deliver everything, a failed gate."""
     s, problems = entry["stages"], []
-    if "extract" in s and "extract_pg" in s and s["extract"]["rows"] != s["extract_pg"]["rows"]:
-        problems.append(
-            f"extract read {s['extract']['rows']:,} users from SQLite but "
-            f"{s['extract_pg']['rows']:,} from PostgreSQL (the same rows)"
-        )
+    if "extract" in s and "extract_pg" in s:
+        lite, pg = s["extract"].get("counts") or {}, s["extract_pg"].get("counts") or {}
+        if s["extract"]["rows"] != s["extract_pg"]["rows"]:
+            problems.append(
+                f"extract read {s['extract']['rows']:,} users from SQLite but "
+                f"{s['extract_pg']['rows']:,} from PostgreSQL (the same rows)"
+            )
+        for key in sorted(set(lite) & set(pg) - {"extracted"}):
+            if lite[key] != pg[key]:
+                problems.append(
+                    f"extract {key}: {lite[key]} from SQLite but {pg[key]} from PostgreSQL"
+                )
     sent = [n for n in ("send", "post_baseline") if n in s]
     if "freeze" in s:
         for name in sent:
@@ -377,6 +384,7 @@ def run_stage(stage: str, work: Path, context: dict[str, Any]) -> dict[str, Any]
     if stage in ("extract", "extract_pg"):
         sql_url = context.get("sql_url") or (work / "users_url").read_text()
         outcome = pipeline.extract(run, sql_url=sql_url)
+        extra = {"counts": outcome}
         rows, unit = outcome["extracted"], "users read"
     elif stage == "validate":
         outcome = pipeline.validate(run)

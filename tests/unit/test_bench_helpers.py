@@ -159,8 +159,8 @@ def _stage(rows: int, seconds: float, rss: float = 300.0, **extra: Any) -> dict[
 
 def _entry(users: int) -> dict[str, Any]:
     stages = {
-        "extract": _stage(users, 2.0),
-        "extract_pg": _stage(users - 1, 2.5),
+        "extract": _stage(users, 2.0, counts={"extracted": users, "suppressed": 20}),
+        "extract_pg": _stage(users - 1, 2.5, counts={"extracted": users - 1, "suppressed": 19}),
         "validate": _stage(users, 1.0),
         "render": _stage(5, 0.2),
         "build": _stage(users, 2.0),
@@ -205,11 +205,12 @@ def test_ratios_read_each_stage_against_its_own_baseline() -> None:
     assert r["per_recipient_ms"]["naive"] == 10.0
 
 
-def test_checks_name_rows_lost_between_databases() -> None:
+def test_checks_name_what_the_two_databases_read_differently() -> None:
     problems = _entry(1000)["checks"]
 
     assert problems == [
-        "extract read 1,000 users from SQLite but 999 from PostgreSQL (the same rows)"
+        "extract read 1,000 users from SQLite but 999 from PostgreSQL (the same rows)",
+        "extract suppressed: 20 from SQLite but 19 from PostgreSQL",
     ]
 
 
@@ -222,5 +223,5 @@ def test_report_states_every_target_and_the_failed_checks() -> None:
     assert "| build + freeze within 3× the bare encoder (1,000,000 users) | 6.0× | **no** |" in text
     assert "largest 1,600 MB (freeze (+ outbox))" in text
     assert "1M end to end under 2 minutes | not measured yet" in text
-    assert text.count("**Check failed:**") == 2
+    assert text.count("**Check failed:**") == 4
     assert "## Scaling" in text
