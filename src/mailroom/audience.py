@@ -190,11 +190,11 @@ def _sql_chunks(sql_url: str, query: str) -> Iterator[pd.DataFrame]:
         with engine.connect() as conn:
             result = conn.execution_options(stream_results=True).execute(sa.text(query))
             columns = list(result.keys())
-            # The DB-API cursor's plain tuples: building a frame from SQLAlchemy rows costs a
-            # failed attribute lookup per row. Every value is turned into text next anyway.
-            cursor = result.cursor
-            while rows := cursor.fetchmany(CHUNK_ROWS):
-                yield pd.DataFrame(rows, columns=columns)
+            # Rows as plain tuples: a frame built from SQLAlchemy's rows costs a failed
+            # attribute lookup per row. (Not from the DB-API cursor directly: with a
+            # server-side cursor SQLAlchemy has already buffered the first row.)
+            while rows := result.fetchmany(CHUNK_ROWS):
+                yield pd.DataFrame(list(map(tuple, rows)), columns=columns)
     except SQLAlchemyError as exc:
         reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
         raise AudienceError(

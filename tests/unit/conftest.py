@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,6 +10,7 @@ from mailroom.pipeline import ProjectPaths
 from mailroom.sendgrid_dev_server import SendGridDevServer
 
 REPO = Path(__file__).resolve().parents[2]
+PG_HOST, PG_PORT, PG_USER = "127.0.0.1", 5432, "postgres"
 
 
 @pytest.fixture
@@ -20,3 +22,36 @@ def project_paths() -> ProjectPaths:
 def dev_server(tmp_path: Path) -> Iterator[SendGridDevServer]:
     with SendGridDevServer(data_dir=tmp_path / "sendgrid-dev", api_key="SG.test") as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A database of its own on the local PostgreSQL for this test session, dropped after."""
+    try:
+        import psycopg2
+    except ImportError as exc:  # pragma: no cover - the lock file installs it
+        pytest.fail(f"psycopg2 is not installed, cannot run the PostgreSQL cases: {exc}")
+    name = f"mailroom_outbox_test_{uuid.uuid4().hex[:12]}"
+    try:
+        admin = psycopg2.connect(
+            host=PG_HOST, port=PG_PORT, user=PG_USER, dbname="postgres", connect_timeout=5
+        )
+    except psycopg2.OperationalError as exc:
+        reason = str(exc).strip()
+    else:
+        reason = ""
+    if reason:  # failed outside the except block, so the report is this line, not a traceback
+        pytest.fail(
+            f"PostgreSQL is not reachable at {PG_HOST}:{PG_PORT} as user {PG_USER!r}; the "
+            f"PostgreSQL cases need it (CI provides it): {reason}",
+            pytrace=False,
+        )
+    admin.autocommit = True
+    try:
+        with admin.cursor() as cur:
+            cur.execute(f'CREATE DATABASE "{name}"')
+        yield f"postgresql+psycopg2://{PG_USER}@{PG_HOST}:{PG_PORT}/{name}"
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()

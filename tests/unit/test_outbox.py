@@ -31,41 +31,7 @@ from mailroom.outbox import (
 
 pytestmark = pytest.mark.unit
 
-PG_HOST, PG_PORT, PG_USER = "127.0.0.1", 5432, "postgres"
 RACE_BATCHES = 200
-
-
-@pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    """A database of its own on the local PostgreSQL for this test session, dropped after."""
-    try:
-        import psycopg2
-    except ImportError as exc:  # pragma: no cover - the lock file installs it
-        pytest.fail(f"psycopg2 is not installed, cannot test the PostgreSQL outbox: {exc}")
-    name = f"mailroom_outbox_test_{uuid.uuid4().hex[:12]}"
-    try:
-        admin = psycopg2.connect(
-            host=PG_HOST, port=PG_PORT, user=PG_USER, dbname="postgres", connect_timeout=5
-        )
-    except psycopg2.OperationalError as exc:
-        reason = str(exc).strip()
-    else:
-        reason = ""
-    if reason:  # failed outside the except block, so the report is this line, not a traceback
-        pytest.fail(
-            f"PostgreSQL is not reachable at {PG_HOST}:{PG_PORT} as user {PG_USER!r}; the "
-            f"outbox's PostgreSQL cases need it (CI provides it): {reason}",
-            pytrace=False,
-        )
-    admin.autocommit = True
-    try:
-        with admin.cursor() as cur:
-            cur.execute(f'CREATE DATABASE "{name}"')
-        yield f"postgresql+psycopg2://{PG_USER}@{PG_HOST}:{PG_PORT}/{name}"
-    finally:
-        with admin.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
