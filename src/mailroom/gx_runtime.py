@@ -97,6 +97,12 @@ def _context() -> Any:
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
     logging.getLogger("great_expectations").setLevel(logging.WARNING)
+    # GX fingerprints every in-memory batch under HASH_THRESHOLD bytes (pandas' hash of every
+    # value, then MD5) only to label it in the result's batch markers: seconds per million rows,
+    # for a label nobody reads (a frame here lives for one check). No batch is under 0 bytes.
+    from great_expectations.execution_engine import pandas_execution_engine
+
+    pandas_execution_engine.HASH_THRESHOLD = 0
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
     return context
