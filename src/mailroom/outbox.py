@@ -728,14 +728,17 @@ def _same_batch() -> Any:
 
 def _create_tables(engine: sa.Engine) -> None:
     """Create missing tables; two tasks opening a new outbox at once may race to do it."""
-    for attempt in range(3):
+    attempts = 20
+    for attempt in range(attempts):
         try:
             metadata.create_all(engine)
             return
         except sa.exc.DBAPIError as exc:
-            # The other task created a table between our check and our CREATE: look again.
-            if "already exists" not in str(exc).lower() or attempt == 2:
+            # Another task created a table between our check and our CREATE (with several
+            # tables, that can happen more than once): look again.
+            if "already exists" not in str(exc).lower() or attempt == attempts - 1:
                 raise
+            time.sleep(0.02 * (attempt + 1))
 
 
 def _outcome_values(state: str | None, message_id: str | None, error: str | None) -> dict[str, Any]:
@@ -779,6 +782,21 @@ def _add_missing_columns(engine: sa.Engine) -> None:
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.close()
+    try:
+        # Switching a new database to WAL needs it to itself, and SQLite answers "database is
+        # locked" at once, without waiting, while another task's connection is doing the same:
+        # wait and look again (a database already in WAL answers at once).
+        for attempt in range(_WAL_ATTEMPTS):
+            try:
+                cursor.execute("PRAGMA journal_mode=WAL")
+                break
+            except dbapi_connection.OperationalError as exc:
+                if "locked" not in str(exc).lower() or attempt == _WAL_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+        cursor.execute("PRAGMA synchronous=NORMAL")
+    finally:
+        cursor.close()
+
+
+_WAL_ATTEMPTS = 40  # about 40 s of waiting in all
