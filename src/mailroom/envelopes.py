@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mailroom.campaign_spec import CampaignSpec
-from mailroom.json_columns import concatenate, json_objects
+from mailroom.json_columns import concatenate, json_objects_of_literals, json_strings
 from mailroom.substitutions import UNSUBSCRIBE_FIELD, substitution_tag
 
 log = logging.getLogger(__name__)
@@ -239,15 +239,17 @@ def build_envelopes(spec: CampaignSpec, *, valid_audience: Path, out: Path, secr
         for batch in parquet.iter_batches(batch_size=CHUNK_ROWS):
             rows = pa.Table.from_batches([batch])
             subs, headers = envelope_value_columns(spec, secret, rows)
+            sub_texts = {k: json_strings(v) for k, v in subs.items()}
+            header_texts = {k: json_strings(v) for k, v in headers.items()}
             count = rows.num_rows
             envelopes = pa.table(
                 {
                     "user_id": rows.column("user_id").cast(pa.string()),
                     "email": rows.column("email").cast(pa.string()),
                     "locale": rows.column("locale").cast(pa.string()),
-                    "substitutions": json_objects(subs, count),
-                    "headers": json_objects(headers, count),
-                    "values_sha256": values_digests(subs, headers, count),
+                    "substitutions": json_objects_of_literals(sub_texts, count),
+                    "headers": json_objects_of_literals(header_texts, count),
+                    "values_sha256": values_digests(sub_texts, header_texts, count),
                 },
                 schema=ENVELOPE_SCHEMA,
             )
@@ -260,13 +262,16 @@ def build_envelopes(spec: CampaignSpec, *, valid_audience: Path, out: Path, secr
     return written
 
 
-def values_digests(subs: dict[str, pa.Array], headers: dict[str, pa.Array], count: int) -> pa.Array:
-    """``envelope_guard.values_digest`` of every row's substitutions and headers."""
+def values_digests(
+    sub_texts: dict[str, pa.Array], header_texts: dict[str, pa.Array], count: int
+) -> pa.Array:
+    """``envelope_guard.values_digest`` of every row's substitutions and headers, given as JSON
+    string literals (``json_strings``)."""
     canonical = concatenate(
         "[",
-        json_objects({k: subs[k] for k in sorted(subs)}, count),
+        json_objects_of_literals({k: sub_texts[k] for k in sorted(sub_texts)}, count),
         ",",
-        json_objects({k: headers[k] for k in sorted(headers)}, count),
+        json_objects_of_literals({k: header_texts[k] for k in sorted(header_texts)}, count),
         "]",
     )
     sha256 = hashlib.sha256

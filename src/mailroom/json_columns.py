@@ -42,12 +42,18 @@ def json_strings(values: pa.Array | pa.ChunkedArray) -> pa.Array:
 def json_objects(columns: Mapping[str, pa.Array | pa.ChunkedArray], length: int) -> pa.Array:
     """A compact JSON object per row: ``{"k1":v1,"k2":v2}`` with the keys in ``columns``' order
     and every value a string; ``length`` rows (for an empty mapping, ``{}`` each)."""
-    if not columns:
+    return json_objects_of_literals({k: json_strings(v) for k, v in columns.items()}, length)
+
+
+def json_objects_of_literals(literals: Mapping[str, pa.Array], length: int) -> pa.Array:
+    """``json_objects`` from values already written as JSON (``json_strings``' output), so that
+    the same values can make objects in several key orders at the cost of escaping them once."""
+    if not literals:
         return pa.array(["{}"] * length, pa.string())
     parts: list[Any] = []
     separator = "{"
-    for key, values in columns.items():
-        parts += [separator + json.dumps(key, ensure_ascii=False) + ":", json_strings(values)]
+    for key, values in literals.items():
+        parts += [separator + json.dumps(key, ensure_ascii=False) + ":", values]
         separator = ","
     parts.append("}")
     return concatenate(*parts)
