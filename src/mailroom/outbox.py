@@ -20,7 +20,7 @@ import csv
 import io
 import logging
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import islice
@@ -211,6 +211,17 @@ class Outbox:
         Re-staging a run is allowed only while nothing of it has been sent; it replaces the old
         rows, so a re-run of the freeze task cannot leave stale batches behind.
         """
+        self.stage_members_first(run_key, members, lambda: (manifest_sha256, staged))
+
+    def stage_members_first(
+        self,
+        run_key: str,
+        members: Iterable[Member | tuple[str, str, str] | tuple[str, str, str, str | None]],
+        batches_when_frozen: Callable[[], tuple[str, Sequence[StagedBatch]]],
+    ) -> None:
+        """``stage``, in one transaction as well, for a caller still freezing the batches: the
+        members go in first, then ``batches_when_frozen()`` (which may wait for the freezing to
+        end) gives the manifest digest and the batches. If it raises, nothing is staged."""
         now = _now()
         with self.engine.begin() as conn:
             started = conn.execute(
@@ -233,6 +244,16 @@ class Outbox:
                 )
             for table in (recipients, batches, runs):
                 conn.execute(table.delete().where(table.c.run_key == run_key))
+            rows = iter(members)
+            while chunk := list(islice(rows, _STAGE_CHUNK)):
+                _insert_members(
+                    conn,
+                    [
+                        (run_key, m[0].lower(), m[1], m[2], m[3] if len(m) > 3 else None)
+                        for m in chunk
+                    ],
+                )
+            manifest_sha256, staged = batches_when_frozen()
             conn.execute(
                 runs.insert(),
                 {
@@ -260,15 +281,6 @@ class Outbox:
                             "updated_at": now,
                         }
                         for b in staged
-                    ],
-                )
-            rows = iter(members)
-            while chunk := list(islice(rows, _STAGE_CHUNK)):
-                _insert_members(
-                    conn,
-                    [
-                        (run_key, m[0].lower(), m[1], m[2], m[3] if len(m) > 3 else None)
-                        for m in chunk
                     ],
                 )
 

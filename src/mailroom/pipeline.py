@@ -22,7 +22,7 @@ from mailroom.content import LocaleContent, render_all
 from mailroom.envelopes import build_envelopes
 from mailroom.errors import ValidationFailed
 from mailroom.outbox import Outbox, StagedBatch
-from mailroom.payloads import BatchEntry, Manifest, freeze_batches, load_manifest
+from mailroom.payloads import Manifest, batch_id_for, freeze_batches, load_manifest
 from mailroom.quality_gate import check_envelopes
 from mailroom.report import reconcile
 from mailroom.sending import SharedRateLimiter, send_shard
@@ -192,27 +192,55 @@ def build(run: Run, *, secret: bytes) -> dict[str, Any]:
 
 
 def freeze(run: Run, *, outbox: Outbox, build_body: Any = None) -> dict[str, Any]:
-    """Write the request bodies and manifest, and stage every batch in the outbox."""
+    """Write the request bodies and manifest, and stage every batch in the outbox.
+
+    Who each batch is for follows from the envelopes alone (each locale's, ``batch_size`` at a
+    time), so the outbox takes the recipients in a second thread while the bodies are written
+    (both mostly outside the GIL: the database, Arrow, hashing, files); the manifest digest and
+    the batches follow, in the same transaction, once frozen.
+    """
+    from concurrent.futures import Future, ThreadPoolExecutor
+
     st = run.staging
+    spec = run.spec()
+    plan = _batch_plan(spec, st.envelopes)
     kwargs = {"build_body": build_body} if build_body is not None else {}
-    manifest = freeze_batches(
-        run.spec(),
-        run_id=run.run_id,
-        envelopes=st.envelopes,
-        contents=load_contents(run),
-        payloads_dir=st.payloads_dir,
-        manifest_path=st.manifest,
-        **kwargs,
-    )
-    outbox.stage(
-        run.run_key,
-        manifest.sha256,
-        [
-            StagedBatch(b.batch_id, b.index, b.locale, b.sha256, b.recipients)
-            for b in manifest.batches
-        ],
-        _members_by_envelope(manifest, st.envelopes),
-    )
+    frozen: Future[tuple[str, list[StagedBatch]]] = Future()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="freeze-outbox") as pool:
+        staging = pool.submit(
+            outbox.stage_members_first,
+            run.run_key,
+            _members_by_envelope(plan, st.envelopes),
+            frozen.result,
+        )
+        try:
+            manifest = freeze_batches(
+                spec,
+                run_id=run.run_id,
+                envelopes=st.envelopes,
+                contents=load_contents(run),
+                payloads_dir=st.payloads_dir,
+                manifest_path=st.manifest,
+                **kwargs,
+            )
+            if [(b.batch_id, b.locale, b.recipients) for b in manifest.batches] != plan:
+                raise ValidationFailed(
+                    "the frozen batches are not the ones planned from the envelopes "
+                    f"({len(manifest.batches)} frozen, {len(plan)} planned)"
+                )
+            frozen.set_result(
+                (
+                    manifest.sha256,
+                    [
+                        StagedBatch(b.batch_id, b.index, b.locale, b.sha256, b.recipients)
+                        for b in manifest.batches
+                    ],
+                )
+            )
+        except BaseException as exc:
+            frozen.set_exception(exc)  # the outbox rolls back: nothing of the run is staged
+            raise
+        staging.result()
     log.info(
         "freeze: %d requests, %d recipients, manifest %s",
         len(manifest.batches),
@@ -222,28 +250,43 @@ def freeze(run: Run, *, outbox: Outbox, build_body: Any = None) -> dict[str, Any
     return manifest_summary(manifest, run.shard_count)
 
 
+def _batch_plan(spec: CampaignSpec, envelopes: Path) -> list[tuple[str, str, int]]:
+    """(batch id, locale, recipients) of every request, in the order they are frozen: each
+    locale's envelopes ``batch_size`` at a time."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    counts = {
+        str(row["values"]): int(row["counts"])
+        for row in pc.value_counts(
+            pq.read_table(envelopes, columns=["locale"]).column("locale")
+        ).to_pylist()
+    }
+    plan = []
+    for locale in spec.locales:
+        count = counts.get(locale, 0)
+        for seq, start in enumerate(range(0, count, spec.batch_size), 1):
+            plan.append((batch_id_for(locale, seq), locale, min(spec.batch_size, count - start)))
+    return plan
+
+
 def _members_by_envelope(
-    manifest: Manifest, envelopes: Path
+    plan: list[tuple[str, str, int]], envelopes: Path
 ) -> Iterator[tuple[str, str, str, str]]:
     """(email, user id, batch id, values digest) of every recipient, from the envelopes (not from
     the request bodies): a locale's batches take its envelopes in order, one locale at a time."""
     import pyarrow.parquet as pq
 
-    by_locale: dict[str, list[BatchEntry]] = {}
-    for b in manifest.batches:
-        by_locale.setdefault(b.locale, []).append(b)
+    by_locale: dict[str, list[tuple[str, int]]] = {}
+    for batch_id, locale, recipients in plan:
+        by_locale.setdefault(locale, []).append((batch_id, recipients))
     for locale, batches in by_locale.items():
         table = pq.read_table(
             envelopes,
             columns=["email", "user_id", "values_sha256"],
             filters=[("locale", "=", locale)],
         )
-        if sum(b.recipients for b in batches) != table.num_rows:
-            raise ValidationFailed(
-                f"locale {locale}: the manifest's batches hold "
-                f"{sum(b.recipients for b in batches)} recipients, the envelopes {table.num_rows}"
-            )
-        batch_ids = chain.from_iterable(repeat(b.batch_id, b.recipients) for b in batches)
+        batch_ids = chain.from_iterable(repeat(batch_id, n) for batch_id, n in batches)
         yield from zip(
             table.column("email").to_pylist(),
             table.column("user_id").to_pylist(),

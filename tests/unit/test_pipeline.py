@@ -152,6 +152,40 @@ def test_the_2019_change_is_stopped_by_the_gate_and_by_the_guard(
     assert dev_server.stats().received == 0
 
 
+def test_a_freeze_that_fails_midway_stages_nothing(
+    tmp_path: Path, project_paths: ProjectPaths, audience: SampleAudience
+) -> None:
+    """The outbox takes the recipients while the bodies are written; a freeze that fails after
+    some bodies leaves no recipient, batch or run row behind, and a second freeze stages all."""
+    calls = 0
+
+    def fails_on_the_third(
+        spec: Any, content: Any, envelopes: Any, custom_args: Any
+    ) -> dict[str, Any]:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise RuntimeError("disk full")
+        return sendgrid_request_body(spec, content, envelopes, custom_args)
+
+    run = prepared(tmp_path, project_paths, audience)
+    outbox = Outbox(f"sqlite:///{tmp_path / 'outbox.sqlite'}")
+    with pytest.raises(RuntimeError, match="disk full"):
+        pipeline.freeze(run, outbox=outbox, build_body=fails_on_the_third)
+    assert outbox.manifest_sha256(run.run_key) is None
+    assert outbox.states(run.run_key) == {}
+    with outbox.engine.connect() as conn:
+        left = conn.exec_driver_sql(
+            "SELECT count(*) FROM mailroom_recipients WHERE run_key = ?", (run.run_key,)
+        ).scalar_one()
+    assert left == 0
+
+    frozen = pipeline.freeze(run, outbox=outbox)
+    assert outbox.manifest_sha256(run.run_key) == frozen["manifest_sha256"]
+    staged = sum(len(outbox.batch_members(run.run_key, b)) for b in outbox.states(run.run_key))
+    assert staged == frozen["recipients"] == len(audience.expected)
+
+
 def test_a_payload_edited_after_freezing_is_refused(
     tmp_path: Path,
     project_paths: ProjectPaths,
