@@ -57,6 +57,7 @@ REQUESTS_PER_SECOND = 5  # the campaign-wide rate: sending takes ~40 s, long eno
 WORKERS = ("mailroom-worker-a", "mailroom-worker-b")
 CONCURRENCY = 2
 HEARTBEAT_TIMEOUT = 30  # seconds without a task heartbeat before the scheduler fails the try
+QUEUED_TIMEOUT = 120  # seconds a try may wait in the executor's queue before it is requeued
 
 
 @pytest.fixture
@@ -115,6 +116,11 @@ def test_celery_run_on_two_workers_survives_a_killed_worker(
             "AIRFLOW__OPERATORS__DEFAULT_QUEUE": broker.queue,
             "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": str(HEARTBEAT_TIMEOUT),
             "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "5",
+            # A shard the killed worker had taken from the broker but not started stays
+            # 'queued' (Redis hands the message to nobody else before its visibility timeout,
+            # hours): the scheduler requeues it after this many seconds (default 600).
+            "AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT": str(QUEUED_TIMEOUT),
+            "AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT_CHECK_INTERVAL": "10",
             "AIRFLOW__CORE__DEFAULT_TASK_RETRY_DELAY": "5",
             "MAILROOM_STAGING_ROOT": staging,
             "MAILROOM_INCLUDE_DIR": str(include),
