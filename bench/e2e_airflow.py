@@ -79,7 +79,6 @@ def main() -> int:
 def bench(users: int, db: str, *, shards: int = 2, keep: bool = False) -> dict[str, Any]:
     from run import load_results, machine, save_results
 
-    from mailroom.cli.airflow_api import AirflowApi
     from mailroom.cli.approvals import APPROVE, Approvals
     from mailroom.cli.local_airflow import LocalAirflow, free_port
     from mailroom.sample_audience import generate
@@ -149,12 +148,8 @@ def bench(users: int, db: str, *, shards: int = 2, keep: bool = False) -> dict[s
             }
         )
         airflow.start()
-        airflow.wait_healthy(timeout=240)
-        passwords = airflow.passwords()
-        analyst = AirflowApi(airflow.url, "analyst", passwords["analyst"])
-        approver = AirflowApi(airflow.url, "approver", passwords["approver"])
-        analyst.wait_until("the DAG to be parsed", lambda: analyst.dag_exists(DAG_ID), timeout=240)
-        analyst.unpause(DAG_ID)
+        airflow.serve_dag(DAG_ID, timeout=240)
+        analyst, approver = airflow.api("analyst"), airflow.api("approver")
         ready = time.perf_counter() - t_up
         say(f"Airflow ready in {ready:.0f} s; triggering")
 

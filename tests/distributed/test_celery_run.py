@@ -165,12 +165,8 @@ def test_celery_run_on_two_workers_survives_a_killed_worker(
             for name in WORKERS
         }
         hostnames = {name: f"{name}-{broker.token}" for name in WORKERS}
-        airflow.wait_healthy(timeout=240)
-        passwords = airflow.passwords()
-        analyst = AirflowApi(airflow.url, "analyst", passwords["analyst"])
-        approver = AirflowApi(airflow.url, "approver", passwords["approver"])
-        analyst.wait_until("the DAG to be parsed", lambda: analyst.dag_exists(DAG_ID), timeout=240)
-        analyst.unpause(DAG_ID)
+        airflow.serve_dag(DAG_ID, timeout=240)
+        analyst, approver = airflow.api("analyst"), airflow.api("approver")
         run_id = analyst.trigger(DAG_ID, {"campaign": CAMPAIGN, "dry_run": False, "shards": SHARDS})
         run_key = f"{CAMPAIGN}/{run_id}"
 

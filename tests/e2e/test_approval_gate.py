@@ -206,11 +206,8 @@ def gate(
             }
         )
         airflow.start()
-        airflow.wait_healthy()
+        airflow.serve_dag(DAG_ID, timeout=180)
         env.passwords = airflow.passwords()
-        admin = env.api("admin")
-        admin.wait_until("the DAG to be parsed", lambda: admin.dag_exists(DAG_ID), timeout=180)
-        admin.unpause(DAG_ID)
         # Scenarios that end by themselves start now and run alongside the others.
         selected = {item.name for item in request.session.items}
         for test, campaign in BACKGROUND.items():

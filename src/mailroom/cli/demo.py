@@ -98,13 +98,9 @@ class Demo:
             }
         )
         self.airflow.start()
-        self.airflow.wait_healthy()
-        passwords = self.airflow.passwords()
-        analyst = AirflowApi(self.airflow.url, "analyst", passwords["analyst"])
-        approver = AirflowApi(self.airflow.url, "approver", passwords["approver"])
-        say(f"Airflow is up at {self.airflow.url}; waiting for the DAG to be parsed")
-        analyst.wait_until("the DAG to be parsed", lambda: analyst.dag_exists(DAG_ID), timeout=180)
-        analyst.unpause(DAG_ID)
+        say(f"Airflow is starting at {self.airflow.url}; waiting for the DAG to be parsed")
+        self.airflow.serve_dag(DAG_ID, timeout=180)
+        analyst, approver = self.airflow.api("analyst"), self.airflow.api("approver")
         run_id = analyst.trigger(
             DAG_ID, {"campaign": CAMPAIGN, "dry_run": False, "shards": self.shards}
         )
@@ -134,7 +130,7 @@ class Demo:
         if approve and ok and not self.sendgrid_api_host:
             ok = self.verify_received(audience)
         say(f"run {run_id}: {state} ({final}) in {time.monotonic() - started:.0f}s")
-        self.print_access(passwords)
+        self.print_access(self.airflow.passwords())
         if self.keep_running:
             say("Airflow keeps running; press Ctrl-C to stop everything the demo started")
             while True:

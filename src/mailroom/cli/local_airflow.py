@@ -22,6 +22,8 @@ from pathlib import Path
 
 import requests
 
+from mailroom.cli.airflow_api import AirflowApi
+
 # The pool the DAG's send shards run in: it bounds how many shards send at once.
 SEND_POOL = "mailroom_send"
 SEND_POOL_DESCRIPTION = "Mailroom send shards: how many send at the same time"
@@ -215,6 +217,17 @@ class LocalAirflow:
         proc.wait()
         if proc in self.processes:
             self.processes.remove(proc)
+
+    def api(self, user: str) -> AirflowApi:
+        """A REST client signed in as a local user (``analyst``, ``approver`` or ``admin``)."""
+        return AirflowApi(self.url, user, self.passwords()[user])
+
+    def serve_dag(self, dag_id: str, timeout: float = 240) -> None:
+        """Wait for the API to answer and for ``dag_id`` to be parsed, then unpause it."""
+        self.wait_healthy(timeout=timeout)
+        admin = self.api("admin")
+        admin.wait_until("the DAG to be parsed", lambda: admin.dag_exists(dag_id), timeout=timeout)
+        admin.unpause(dag_id)
 
     def wait_healthy(self, timeout: float = 180) -> None:
         deadline = time.monotonic() + timeout
