@@ -154,8 +154,9 @@ def envelope_value_columns(
         plain, escaped = _cleaned_and_escaped(column, count)
         subs[substitution_tag(field, html=False)] = plain
         subs[substitution_tag(field, html=True)] = escaped
+    user_ids = rows.column("user_id").to_pylist()
     tokens = pa.array(
-        unsubscribe_tokens(secret, spec.name, user_id_texts(rows.column("user_id"))),
+        unsubscribe_tokens(secret, spec.name, [u if type(u) is str else str(u) for u in user_ids]),
         pa.string(),
     )
     pieces = spec.unsubscribe.url_template.split("{token}")
@@ -187,11 +188,6 @@ def envelope_value_columns(
         LIST_UNSUBSCRIBE_POST: pa.array([ONE_CLICK] * count, pa.string()),
     }
     return subs, headers
-
-
-def user_id_texts(user_ids: pa.Array | pa.ChunkedArray) -> list[str]:
-    """The user ids as the text their unsubscribe tokens sign."""
-    return [u if type(u) is str else str(u) for u in user_ids.to_pylist()]
 
 
 def _around(pieces: list[str], tokens: pa.Array, count: int) -> pa.Array:
