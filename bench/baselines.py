@@ -113,7 +113,7 @@ def naive_pipeline(
     from sendgrid import SendGridAPIClient
     from sendgrid.helpers.mail import Mail
 
-    from mailroom.envelopes import unsubscribe_token
+    from mailroom.unsubscribe import unsubscribe_token
 
     first = next(pq.ParquetFile(valid_audience).iter_batches(batch_size=sample), None)
     rows = first.to_pylist() if first is not None else []

@@ -55,6 +55,7 @@ from mailroom.gx_runtime import Suite, summarise, validate_suites
 from mailroom.payloads import BatchEntry, load_manifest, sha256_hex
 from mailroom.staging import RunStaging
 from mailroom.substitutions import LEFTOVER_MARKER, TAG_PATTERN
+from mailroom.unsubscribe import TokensInBackground
 
 log = logging.getLogger(__name__)
 
@@ -129,29 +130,39 @@ def explode_payloads(
     valid_audience: Path,
     secret: bytes,
     strict_reader: bool = True,
+    tokens: TokensInBackground | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """One row per personalization and one row per request, read from the frozen bytes.
 
     ``email_key`` is the lower-cased address as a number (the same for the same address), as
     uniqueness needs. ``strict_reader=False`` reads every body the generic way (for tests that
-    compare the two readers).
+    compare the two readers). ``tokens``: the audience's unsubscribe tokens, already being made
+    (``audience_tokens``); by default they are started here.
     """
-    manifest = load_manifest(manifest_path)
-    audience = _Audience(spec, secret, valid_audience)
-    shape = _RegularShape(spec) if strict_reader else None
-    people = _Columns(PERSONALIZATION_COLUMNS)
-    requests = _Columns(REQUEST_COLUMNS)
-    for group in _read_groups(manifest.batches, manifest_path.parent, shape):
-        if group.parsed is not None and shape is not None:
-            _explode_regular(group, group.parsed, audience, shape, people, requests)
-            continue
-        # Something in this group is irregular: find which, and read only those the slow way.
-        for one in group.split():
-            body = shape.parse(one.datas) if shape is not None else None
-            if body is not None and shape is not None:
-                _explode_regular(one, body, audience, shape, people, requests)
-            else:
-                _explode_generic(one, audience, people, requests)
+    try:
+        manifest = load_manifest(manifest_path)
+        audience = _Audience(spec, secret, valid_audience, tokens)
+    except BaseException:
+        if tokens is not None:
+            tokens.close()
+        raise
+    try:
+        shape = _RegularShape(spec) if strict_reader else None
+        people = _Columns(PERSONALIZATION_COLUMNS)
+        requests = _Columns(REQUEST_COLUMNS)
+        for group in _read_groups(manifest.batches, manifest_path.parent, shape):
+            if group.parsed is not None and shape is not None:
+                _explode_regular(group, group.parsed, audience, shape, people, requests)
+                continue
+            # Something in this group is irregular: find which, and read only those slowly.
+            for one in group.split():
+                body = shape.parse(one.datas) if shape is not None else None
+                if body is not None and shape is not None:
+                    _explode_regular(one, body, audience, shape, people, requests)
+                else:
+                    _explode_generic(one, audience, people, requests)
+    finally:
+        audience.close()
     return people.frame(), requests.frame()
 
 
@@ -171,14 +182,24 @@ def check_envelopes(
     ``gate/data_docs``, when the manifest is where a run keeps it), whether the gate passes or
     not, before this returns.
     """
-    import great_expectations.expectations as gxe
+    # Started before Great Expectations is imported (seconds, in a task process of its own).
+    tokens = audience_tokens(spec, secret, valid_audience)
+    try:
+        import great_expectations.expectations as gxe
+    except BaseException:
+        tokens.close()
+        raise
 
     run = RunStaging(manifest_path.parent.parent)
     if data_docs_dir is None and run.manifest == manifest_path:
         data_docs_dir = run.gate_data_docs
 
     people, requests = explode_payloads(
-        spec, manifest_path=manifest_path, valid_audience=valid_audience, secret=secret
+        spec,
+        manifest_path=manifest_path,
+        valid_audience=valid_audience,
+        secret=secret,
+        tokens=tokens,
     )
     people_suite = Suite(
         name="envelopes",
@@ -259,10 +280,17 @@ class _Audience:
     hold it twice). The position is only a hint: the address decides.
     """
 
-    def __init__(self, spec: CampaignSpec, secret: bytes, path: Path) -> None:
+    def __init__(
+        self,
+        spec: CampaignSpec,
+        secret: bytes,
+        path: Path,
+        tokens: TokensInBackground | None = None,
+    ) -> None:
         self.spec = spec
         self.secret = secret
         self.table = pq.read_table(path)
+        self._tokens = tokens or audience_tokens(spec, secret, path)
         self.keys = _lower(self.table.column("email").combine_chunks())
         self._by_locale: dict[str, np.ndarray] = {}
         if "locale" in self.table.column_names:
@@ -333,7 +361,18 @@ class _Audience:
             self.spec,
             self.secret,
             self._value_rows.take(pa.array(rows)),
+            tokens=self._tokens.take(rows),
         )
+
+    def close(self) -> None:
+        self._tokens.close()
+
+
+def audience_tokens(spec: CampaignSpec, secret: bytes, valid_audience: Path) -> TokensInBackground:
+    """Every recipient's unsubscribe token (one HMAC each, the largest part of the gate's own
+    work), made in a second process while the bodies are read and checked in this one."""
+    rows = pq.ParquetFile(valid_audience).metadata.num_rows
+    return TokensInBackground(secret, spec.name, valid_audience, rows=rows, locales=spec.locales)
 
 
 def _lower(values: pa.Array) -> pa.Array:

@@ -26,10 +26,11 @@ from mailroom.addresses import is_valid_single_address, normalise
 from mailroom.campaign_spec import CampaignSpec, load_campaign
 from mailroom.content import LocaleContent, render_all
 from mailroom.envelope_guard import recipients_of_body
-from mailroom.envelopes import envelope_values, unsubscribe_token, verify_unsubscribe_token
+from mailroom.envelopes import envelope_values
 from mailroom.errors import EnvelopeViolation
 from mailroom.payloads import sendgrid_request_body, serialise
 from mailroom.substitutions import substitution_tag
+from mailroom.unsubscribe import unsubscribe_token, verify_unsubscribe_token
 
 pytestmark = pytest.mark.unit
 

@@ -26,24 +26,21 @@ from typing import Any
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mailroom import pipeline, quality_gate
 from mailroom.campaign_spec import CampaignSpec, Unsubscribe, load_campaign
-from mailroom.envelopes import (
-    envelope_value_columns,
-    envelope_values,
-    unsubscribe_token,
-    unsubscribe_tokens,
-)
+from mailroom.envelopes import envelope_value_columns, envelope_values
 from mailroom.errors import ValidationFailed
 from mailroom.outbox import Outbox
 from mailroom.payloads import load_manifest, serialise
 from mailroom.pipeline import ProjectPaths, Run
 from mailroom.sample_audience import generate
 from mailroom.staging import RunStaging, read_json
+from mailroom.unsubscribe import TokensInBackground, unsubscribe_token, unsubscribe_tokens
 from support.runs import built_run
 
 pytestmark = pytest.mark.unit
@@ -341,6 +338,31 @@ def test_both_readers_give_the_same_rows(
         assert strict_requests["digest_matches"].all()
     else:
         assert not strict_requests["digest_matches"].iloc[0]
+
+
+def test_tokens_made_in_the_background_give_the_same_rows(clean_run: Run) -> None:
+    """Large audiences have their tokens made in a second process; forced here on a small one."""
+    in_process = explode(clean_run, strict=True)
+    tokens = TokensInBackground(
+        SECRET,
+        clean_run.spec().name,
+        clean_run.staging.valid_audience,
+        rows=pq.ParquetFile(clean_run.staging.valid_audience).metadata.num_rows,
+        locales=clean_run.spec().locales,
+        min_rows=0,
+    )
+    assert tokens.in_background
+    background = quality_gate.explode_payloads(
+        clean_run.spec(),
+        manifest_path=clean_run.staging.manifest,
+        valid_audience=clean_run.staging.valid_audience,
+        secret=SECRET,
+        tokens=tokens,
+    )
+    assert tokens._process is None  # closed with the audience
+    for ours, theirs in zip(in_process, background, strict=True):
+        pd.testing.assert_frame_equal(ours, theirs)
+    assert in_process[0]["values_match"].all()
 
 
 # --- Data Docs ---------------------------------------------------------------------------------
