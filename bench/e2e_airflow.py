@@ -58,6 +58,7 @@ TASK_OF_STAGE = {
     "gate": "check_envelopes",
     "canary": "canary_send",
     "approval_summary": "summarise",
+    "guard": "guard_shard",
     "send": "send_shard",
     "report": "reconcile",
 }

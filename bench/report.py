@@ -22,12 +22,23 @@ STAGE_NAMES = {
     "encode_baseline": "↳ baseline: bare JSON encoder",
     "gate": "data-quality gate (GX)",
     "gate_baseline": "↳ baseline: gate in bare pyarrow",
+    "guard": "envelope guard on every request, before the first leaves",
     "send": "send → dev server (guard, outbox, limiter, log)",
     "post_baseline": "↳ baseline: bare POST loop",
     "naive_baseline": "baseline: tutorial pipeline (per recipient)",
 }
 # Stages a campaign task runs (the rest are baselines).
-TASK_STAGES = ("extract", "extract_pg", "validate", "render", "build", "freeze", "gate", "send")
+TASK_STAGES = (
+    "extract",
+    "extract_pg",
+    "validate",
+    "render",
+    "build",
+    "freeze",
+    "gate",
+    "guard",
+    "send",
+)
 
 METHOD = """\
 ## Method
@@ -46,6 +57,9 @@ METHOD = """\
   same rows loaded into a fresh database on the local PostgreSQL (loading not timed; the
   database is dropped afterwards).
 - **Freeze** includes staging every batch and recipient in the outbox (SQLite).
+- **Guard** is `pipeline.guard` over the whole run as one shard (what the `guard_shard` tasks do
+  after approval): the envelope guard on every frozen body against the approved manifest and
+  the recipients the outbox registered, before any request leaves.
 - **Send** is `pipeline.send` for one shard holding every batch, through `SendGridTransport`
   (the official SDK) to `mailroom-sendgrid-dev` on this machine: envelope guard on every body,
   outbox claim and outcome per request, the shared rate limiter (no rate set), progress logged

@@ -52,6 +52,7 @@ STAGES = (
     "encode_baseline",
     "gate",
     "gate_baseline",
+    "guard",
     "send",
     "post_baseline",
     "naive_baseline",
@@ -264,7 +265,7 @@ def checks(entry: dict[str, Any]) -> list[str]:
 
 # Every stage a campaign run does, once (extract from SQLite; the PostgreSQL extract is the same
 # stage on another database).
-PIPELINE_STAGES = ("extract", "validate", "render", "build", "freeze", "gate", "send")
+PIPELINE_STAGES = ("extract", "validate", "render", "build", "freeze", "gate", "guard", "send")
 
 
 def child(stage: str, work: Path, context: dict[str, Any]) -> dict[str, Any]:
@@ -420,6 +421,17 @@ def run_stage(stage: str, work: Path, context: dict[str, Any]) -> dict[str, Any]
             "failures": {k: v for k, v in fails.items() if v},
         }
         rows, unit = valid, "personalizations"
+    elif stage == "guard":
+        logging.basicConfig(
+            level=logging.INFO, filename=str(work / "guard.log"), filemode="w", force=True
+        )
+        outbox = Outbox(outbox_url)
+        result = pipeline.guard(
+            run, manifest_sha256=(work / "manifest_sha256").read_text(), outbox=outbox
+        )
+        outbox.dispose()
+        extra = {"requests": result["requests"]}
+        rows, unit = result["recipients"], "recipients cleared"
     elif stage == "send":
         from services import API_KEY
 

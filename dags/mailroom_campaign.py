@@ -1,8 +1,8 @@
 """mailroom_campaign: one DAG run sends one campaign, one recipient per envelope.
 
 extract → validate ┐
-render ────────────┴→ build → freeze → gate → canary → summarise → approve → send × shards
-                                                                                  → reconcile
+render ────────────┴→ build → freeze → gate → canary → summarise → approve → guard × shards
+                                                                    → send × shards → reconcile
 """
 
 from __future__ import annotations
@@ -94,6 +94,11 @@ def mailroom_campaign() -> None:
     def plan_shards(frozen: dict) -> list[int]:
         return list(frozen["shards"])
 
+    @task(retries=1, map_index_template="{{ shard_label }}")
+    def guard_shard(prepared: dict, frozen: dict, shard: int) -> dict:
+        get_current_context()["shard_label"] = f"shard {shard + 1} of {len(frozen['shards'])}"
+        return stages.guard(prepared, frozen, shard)
+
     @task(retries=2, map_index_template="{{ shard_label }}", pool="mailroom_send")
     def send_shard(prepared: dict, frozen: dict, shard: int) -> dict:
         get_current_context()["shard_label"] = f"shard {shard + 1} of {len(frozen['shards'])}"
@@ -114,8 +119,10 @@ def mailroom_campaign() -> None:
         subject="Send campaign {{ ti.xcom_pull(task_ids='prepare')['campaign'] }}?",
         body="{{ ti.xcom_pull(task_ids='summarise') }}",
     )
-    sent = send_shard.partial(prepared=prepared, frozen=frozen).expand(shard=plan_shards(frozen))
-    summary >> approve >> sent
+    shards = plan_shards(frozen)
+    guarded = guard_shard.partial(prepared=prepared, frozen=frozen).expand(shard=shards)
+    sent = send_shard.partial(prepared=prepared, frozen=frozen).expand(shard=shards)
+    summary >> approve >> guarded >> sent
     sent >> reconcile(prepared)
 
 

@@ -30,6 +30,7 @@ _WRAP = {
         "freeze",
         "gate",
         "canary",
+        "guard",
         "send",
         "report",
     ),

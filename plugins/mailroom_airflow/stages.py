@@ -11,9 +11,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from airflow.sdk.exceptions import AirflowFailException
+
 from mailroom import pipeline
 from mailroom.approval_summary import approval_markdown, approval_summary, decision_line
-from mailroom.errors import MailroomError
+from mailroom.errors import EnvelopeViolation, MailroomError
 from mailroom.outbox import Outbox
 from mailroom.pipeline import Run
 from mailroom.staging import read_json, run_location, write_json
@@ -104,6 +106,25 @@ def canary(prepared: dict[str, Any]) -> dict[str, Any]:
             kind=spec.transport,
         )
         return pipeline.canary(run, secret=settings.unsubscribe_secret(), transport=transport)
+
+
+def guard(prepared: dict[str, Any], frozen: dict[str, Any], shard: int) -> dict[str, Any]:
+    shard_count = len(frozen["shards"])
+    outbox = Outbox(settings.outbox_url())
+    try:
+        with _working(prepared, "guard_shard", shard=(shard, shard_count)) as run:
+            return pipeline.guard(
+                run,
+                manifest_sha256=frozen["manifest_sha256"],
+                outbox=outbox,
+                shard=shard,
+                shard_count=shard_count,
+            )
+    except EnvelopeViolation as exc:
+        # The same bytes would be refused again: no retry, the run is halted already.
+        raise AirflowFailException(str(exc)) from exc
+    finally:
+        outbox.dispose()
 
 
 def send(prepared: dict[str, Any], frozen: dict[str, Any], shard: int) -> dict[str, Any]:

@@ -68,6 +68,9 @@ batches = sa.Table(
     sa.Column("message_id", sa.String(128)),
     sa.Column("last_error", sa.Text),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    # The digest of the body the envelope guard cleared before any request of the run left
+    # (``sending.guard_shard``); a shard sends nothing while any batch of its run lacks it.
+    sa.Column("guarded_sha256", sa.String(64)),
 )
 recipients = sa.Table(
     "mailroom_recipients",
@@ -87,6 +90,7 @@ recipients = sa.Table(
 # Columns added after the first release: created on an existing database when it is opened.
 _ADDED_COLUMNS = {
     "mailroom_runs": ("halt_reason", "next_request_at", "next_recipient_at"),
+    "mailroom_batches": ("guarded_sha256",),
     "mailroom_recipients": (
         "values_sha256",
         "state",
@@ -289,6 +293,45 @@ class Outbox:
             return conn.execute(
                 sa.select(runs.c.manifest_sha256).where(runs.c.run_key == run_key)
             ).scalar_one_or_none()
+
+    # the envelope guard's pass over every request, before the first leaves ------------------
+    def mark_guarded(self, run_key: str, cleared: Sequence[tuple[str, str]]) -> None:
+        """Record (batch id, body digest) pairs the guard cleared; a digest other than the one
+        the batch was staged with records nothing (``unguarded`` still counts that batch)."""
+        if not cleared:
+            return
+        statement = (
+            batches.update()
+            .where(
+                batches.c.run_key == run_key,
+                batches.c.batch_id == sa.bindparam("b_id"),
+                batches.c.sha256 == sa.bindparam("b_sha"),
+            )
+            .values(guarded_sha256=sa.bindparam("b_sha"))
+        )
+        with self.engine.begin() as conn:
+            conn.execute(statement, [{"b_id": b, "b_sha": d} for b, d in cleared])
+
+    def unguarded(self, run_key: str) -> int:
+        """How many batches of the run the envelope guard has not cleared as staged."""
+        with self.engine.connect() as conn:
+            return int(
+                conn.execute(
+                    sa.select(sa.func.count())
+                    .select_from(batches)
+                    .where(
+                        batches.c.run_key == run_key,
+                        sa.or_(
+                            batches.c.guarded_sha256.is_(None),
+                            batches.c.guarded_sha256 != batches.c.sha256,
+                        ),
+                    )
+                ).scalar_one()
+            )
+
+    def refuse(self, run_key: str, batch_id: str, error: str) -> bool:
+        """``staged|halted → failed`` without a request: the guard refused the batch's body."""
+        return self._move(run_key, batch_id, (STAGED, HALTED), FAILED, error=error)
 
     # sending --------------------------------------------------------------------------------
     def claim(self, run_key: str, batch_id: str) -> bool:

@@ -25,7 +25,7 @@ from mailroom.outbox import Outbox, StagedBatch
 from mailroom.payloads import Manifest, batch_id_for, freeze_batches, load_manifest
 from mailroom.quality_gate import check_envelopes
 from mailroom.report import reconcile
-from mailroom.sending import SharedRateLimiter, send_shard
+from mailroom.sending import SharedRateLimiter, guard_shard, send_shard
 from mailroom.staging import RunStaging, read_json, run_location, write_json
 from mailroom.transports.base import Transport
 
@@ -333,6 +333,36 @@ def gate(run: Run, *, secret: bytes) -> dict[str, Any]:
     }
 
 
+def _approved_manifest(run: Run, manifest_sha256: str, outbox: Outbox) -> Manifest:
+    """The run's manifest, refused unless it and the outbox's are the approved one."""
+    manifest = load_manifest(run.staging.manifest, expected_sha256=manifest_sha256)
+    staged_sha = outbox.manifest_sha256(run.run_key)
+    if staged_sha != manifest_sha256:
+        raise ValidationFailed(f"the outbox holds manifest {staged_sha}, not the approved one")
+    return manifest
+
+
+def guard(
+    run: Run,
+    *,
+    manifest_sha256: str,
+    outbox: Outbox,
+    shard: int = 0,
+    shard_count: int = 1,
+) -> dict[str, Any]:
+    """The envelope guard on every request of one shard (by default the whole run as one
+    shard), before any request of the run is sent: ``send`` starts only once every shard has
+    passed."""
+    return guard_shard(
+        run_key=run.run_key,
+        manifest=_approved_manifest(run, manifest_sha256, outbox),
+        payloads_dir=run.staging.payloads_dir,
+        shard_index=shard,
+        shard_count=shard_count,
+        outbox=outbox,
+    )
+
+
 def send(
     run: Run,
     *,
@@ -344,10 +374,7 @@ def send(
     halt_signal: Callable[[], str | None] | None = None,
 ) -> dict[str, Any]:
     spec = run.spec()
-    manifest = load_manifest(run.staging.manifest, expected_sha256=manifest_sha256)
-    staged_sha = outbox.manifest_sha256(run.run_key)
-    if staged_sha != manifest_sha256:
-        raise ValidationFailed(f"the outbox holds manifest {staged_sha}, not the approved one")
+    manifest = _approved_manifest(run, manifest_sha256, outbox)
     limiter = SharedRateLimiter(
         outbox, run.run_key, spec.rate.requests_per_second, spec.rate.recipients_per_second
     )

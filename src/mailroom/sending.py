@@ -1,11 +1,14 @@
 """send_shard: send one shard's frozen batches, each exactly once or accounted for.
 
-Before every request the shard checks for a halt, claims the batch in the outbox
-(compare-and-set), and sends the frozen bytes through a transport (which runs the envelope
-guard). Outcomes go back to the outbox; a request whose answer was lost becomes ``unknown`` and
-is never resent here. A transport that sends one message per recipient (SMTP) also gets the
-batch's ledger in the outbox, records each message there, and skips the ones already recorded
-when a batch is retried or resumed.
+Nothing of a run leaves before the envelope guard has cleared every one of its requests
+(``guard_shard``, once per shard after approval): a broken or edited body anywhere in the run
+stops it before its first request, not when a shard reaches that body. Then, before every
+request, the shard checks for a halt, claims the batch in the outbox (compare-and-set), and sends
+the frozen bytes through a transport (which runs the envelope guard on them once more).
+Outcomes go back to the outbox; a request whose answer was lost becomes ``unknown`` and is never
+resent here. A transport that sends one message per recipient (SMTP) also gets the batch's
+ledger in the outbox, records each message there, and skips the ones already recorded when a
+batch is retried or resumed.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from mailroom.addresses import mask_addresses
-from mailroom.envelope_guard import ApprovedManifest
+from mailroom.envelope_guard import ApprovedManifest, check_envelope
 from mailroom.errors import EnvelopeViolation, SendHalted, TransportError
 from mailroom.outbox import FAILED, HALTED, SENT, STAGED, UNKNOWN, Outbox
 from mailroom.payloads import BatchEntry, Manifest
@@ -129,6 +132,70 @@ class ShardProgress:
         )
 
 
+def guard_shard(
+    *,
+    run_key: str,
+    manifest: Manifest,
+    payloads_dir: Path,
+    shard_index: int,
+    shard_count: int,
+    outbox: Outbox,
+    log_every: int = 100,
+) -> dict[str, Any]:
+    """The envelope guard on every request of this shard, before any request of the run leaves.
+
+    Each body is checked as ``Transport.send`` checks it (the exact bytes against the approved
+    manifest and the recipients the outbox registered for its batch); the batches it clears are
+    recorded in the outbox, which is what lets ``send_shard`` start. The first refusal marks that
+    batch ``failed``, halts the run and leaves every batch of it not yet sent ``halted`` with the
+    reason, then raises ``EnvelopeViolation``: nothing of the run is sent.
+    """
+    mine = manifest.shard(shard_index, shard_count)
+    approved = ApprovedManifest(manifest.sha256, manifest.digests)
+    started = time.monotonic()
+    cleared: list[tuple[str, str]] = []
+    personalizations = 0
+    for position, entry in enumerate(mine, start=1):
+        body = (payloads_dir / entry.file).read_bytes()
+        try:
+            guarded = check_envelope(body, approved, outbox.batch_members(run_key, entry.batch_id))
+        except EnvelopeViolation as exc:
+            reason = f"envelope guard refused batch {entry.batch_id} before sending: {exc}"
+            outbox.mark_guarded(run_key, cleared)
+            outbox.refuse(run_key, entry.batch_id, f"envelope guard: {exc}")
+            outbox.request_halt(run_key, reason=reason)
+            halted = outbox.halt_remaining(run_key, [b.batch_id for b in manifest.batches])
+            log.error(
+                "guard shard %d: batch %s refused (%s); the run is halted, %d batch(es) "
+                "left 'halted', nothing was sent",
+                shard_index,
+                entry.batch_id,
+                mask_addresses(str(exc)),
+                halted,
+            )
+            raise
+        cleared.append((entry.batch_id, guarded.sha256))
+        personalizations += len(guarded.recipients)
+        if position % log_every == 0 or position == len(mine):
+            elapsed = max(time.monotonic() - started, 1e-6)
+            log.info(
+                "guard shard %d/%d: %d/%d requests cleared, %d recipients, %.0f recipients/s",
+                shard_index,
+                shard_count,
+                position,
+                len(mine),
+                personalizations,
+                personalizations / elapsed,
+            )
+    outbox.mark_guarded(run_key, cleared)
+    return {
+        "shard": shard_index,
+        "requests": len(cleared),
+        "recipients": personalizations,
+        "seconds": round(time.monotonic() - started, 3),
+    }
+
+
 def send_shard(
     *,
     run_key: str,
@@ -153,6 +220,13 @@ def send_shard(
     seconds at most; when it
     answers a reason, the run is halted in the outbox for every shard.
     """
+    unguarded = outbox.unguarded(run_key)
+    if unguarded:
+        raise EnvelopeViolation(
+            f"{unguarded} of the run's {len(manifest.batches)} request(s) have not been cleared "
+            "by the envelope guard (guard_shard, for every shard, after approval): nothing of "
+            "the run is sent"
+        )
     mine = manifest.shard(shard_index, shard_count)
     approved = ApprovedManifest(manifest.sha256, manifest.digests)
     interrupted = outbox.mark_interrupted(run_key, [b.batch_id for b in mine])

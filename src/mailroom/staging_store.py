@@ -105,6 +105,7 @@ STAGES: dict[str, StageFiles] = {
         writes=(_folder(_LAYOUT.preview_dir),),
     ),
     "approve": StageFiles(writes=(APPROVAL,)),
+    "guard_shard": StageFiles(reads=(SPEC, MANIFEST), payloads="shard"),
     "send_shard": StageFiles(
         reads=(SPEC, MANIFEST), payloads="shard", writes=(_folder(_LAYOUT.dry_run_outbox),)
     ),

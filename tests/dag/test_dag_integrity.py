@@ -60,6 +60,7 @@ def test_stages_run_in_design_order(dag) -> None:  # type: ignore[no-untyped-def
         "canary_send",
         "summarise",
         "approve",
+        "guard_shard",
         "send_shard",
         "reconcile",
     ]
@@ -77,7 +78,9 @@ def test_nothing_sends_without_the_approval_gate(dag) -> None:  # type: ignore[n
     approve = dag.get_task("approve")
     assert isinstance(approve, ApprovalOperator)
     assert approve.defaults == ["Reject"], "a timeout must count as Reject"
-    assert dag.get_task("send_shard").upstream_task_ids >= {"approve"}
+    assert dag.get_task("guard_shard").upstream_task_ids >= {"approve"}
+    # Every request of the run passes the guard before any shard sends.
+    assert dag.get_task("send_shard").upstream_task_ids >= {"guard_shard"}
     assert approve.upstream_task_ids == {"summarise"}
 
 

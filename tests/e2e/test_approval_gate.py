@@ -308,7 +308,7 @@ def test_no_answer_in_time_counts_as_reject(gate: GateEnv) -> None:
     assert "campaign TIMED_OUT: TIMED OUT without an answer" in gate.task_log(run_id, "reconcile")
 
 
-def test_payload_changed_after_the_summary_is_refused_by_the_senders(gate: GateEnv) -> None:
+def test_payload_changed_after_the_summary_is_refused_before_any_request(gate: GateEnv) -> None:
     run_id = gate.trigger("gate_tamper", shards=1)
     gate.wait_at_gate(run_id)
     folder = gate.folder("gate_tamper", run_id)
@@ -330,8 +330,12 @@ def test_payload_changed_after_the_summary_is_refused_by_the_senders(gate: GateE
     not_sent = (folder.root / "not_sent.csv").read_text("utf-8")
     assert "envelope guard" in not_sent
     assert "not in the approved manifest" in not_sent or "digest" in not_sent
-    # The shard's retry skips the failed batch; reconcile fails the run, saying why.
-    assert gate.task_states(run_id)["reconcile"] == "failed"
+    # The guard's pass refused it before any shard started (no retry: the same bytes would be
+    # refused again); reconcile fails the run, saying why.
+    states = gate.task_states(run_id)
+    assert states["guard_shard"] == "failed"
+    assert states["send_shard"] == "upstream_failed"
+    assert states["reconcile"] == "failed"
     log = gate.task_log(run_id, "reconcile")
     assert "campaign INCOMPLETE: APPROVED by approver" in log
     assert "campaign run ended incomplete" in log

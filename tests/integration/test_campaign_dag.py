@@ -166,4 +166,5 @@ def test_rejected_run_sends_nothing_and_says_so(
     }
     assert report["outbox"]["sent"]["recipients"] == 0
     states = {ti.task_id: ti.state for ti in dag_run.get_task_instances()}
+    assert states["guard_shard"] == "skipped"
     assert states["send_shard"] == "skipped"

@@ -5,7 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from mailroom import pipeline
+from mailroom.outbox import Outbox
+from mailroom.payloads import Manifest
 from mailroom.pipeline import ProjectPaths, Run
+from mailroom.sending import guard_shard
 
 
 def built_run(
@@ -33,3 +36,18 @@ def built_run(
     pipeline.render(run, paths)
     pipeline.build(run, secret=secret)
     return run
+
+
+def guard_every_request(
+    run_key: str, manifest: Manifest, payloads_dir: Path, outbox: Outbox
+) -> None:
+    """What the DAG's guard_shard tasks do after approval: the envelope guard on every request
+    of the run, which ``send_shard`` requires before it sends anything."""
+    guard_shard(
+        run_key=run_key,
+        manifest=manifest,
+        payloads_dir=payloads_dir,
+        shard_index=0,
+        shard_count=1,
+        outbox=outbox,
+    )

@@ -42,7 +42,8 @@ def test_every_fault_at_once_ends_with_each_recipient_accounted_for(tmp_path: Pa
         secret=b"faults",
     )
     outbox = Outbox(f"sqlite:///{tmp_path / 'outbox.sqlite'}")
-    pipeline.freeze(run, outbox=outbox)
+    frozen = pipeline.freeze(run, outbox=outbox)
+    pipeline.guard(run, manifest_sha256=frozen["manifest_sha256"], outbox=outbox)
     manifest = load_manifest(run.staging.manifest)
 
     faults = Faults(

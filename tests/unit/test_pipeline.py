@@ -19,7 +19,7 @@ from mailroom.errors import (
     ValidationFailed,
 )
 from mailroom.outbox import Outbox
-from mailroom.payloads import sendgrid_request_body
+from mailroom.payloads import BatchEntry, load_manifest, sendgrid_request_body
 from mailroom.pipeline import ProjectPaths, Run
 from mailroom.sample_audience import SampleAudience, generate
 from mailroom.sendgrid_dev_server import SendGridDevServer, accepted_recipients
@@ -46,7 +46,24 @@ def prepared(tmp_path: Path, paths: ProjectPaths, audience: SampleAudience, shar
     )
 
 
+def run_batches(run: Run, shard: int, count: int) -> list[BatchEntry]:
+    return load_manifest(run.staging.manifest).shard(shard, count)
+
+
+def guard_all(run: Run, frozen: dict[str, Any], outbox: Outbox) -> None:
+    """What the DAG's guard_shard tasks do after approval: the guard on every request."""
+    for shard in frozen["shards"]:
+        pipeline.guard(
+            run,
+            manifest_sha256=frozen["manifest_sha256"],
+            outbox=outbox,
+            shard=shard,
+            shard_count=len(frozen["shards"]),
+        )
+
+
 def send_all(run: Run, frozen: dict[str, Any], outbox: Outbox, server: SendGridDevServer) -> None:
+    guard_all(run, frozen, outbox)
     for shard in frozen["shards"]:
         transport = SendGridTransport(SendGridSettings("SG.test", server.url, timeout_seconds=10))
         pipeline.send(
@@ -204,6 +221,106 @@ def test_a_payload_edited_after_freezing_is_refused(
     with pytest.raises(EnvelopeViolation, match="not in the approved manifest"):
         send_all(run, frozen, outbox, dev_server)
     assert dev_server.accepted() == []
+
+
+def test_a_broken_body_in_the_last_request_stops_the_run_before_its_first_request(
+    tmp_path: Path,
+    project_paths: ProjectPaths,
+    audience: SampleAudience,
+    dev_server: SendGridDevServer,
+) -> None:
+    """Only the last request of the last shard is broken (another recipient's address in one
+    of its envelopes), and it was frozen that way, so its digest is in the manifest. The guard's
+    pass over every request refuses it before any shard sends: nothing leaves, that batch ends
+    ``failed`` and every other one ``halted``, each with its reason."""
+    calls = 0
+    run = prepared(tmp_path, project_paths, audience, shards=3)
+    plan_size = len(pipeline._batch_plan(run.spec(), run.staging.envelopes))
+
+    def last_one_broken(spec: Any, content: Any, envelopes: Any, args: Any) -> dict[str, Any]:
+        nonlocal calls
+        calls += 1
+        body = sendgrid_request_body(spec, content, envelopes, args)
+        if calls == plan_size:
+            first, second = body["personalizations"][:2]
+            second["headers"]["Disposition-Notification-To"] = first["to"][0]["email"]
+        return body
+
+    outbox = Outbox(f"sqlite:///{tmp_path / 'outbox.sqlite'}")
+    frozen = pipeline.freeze(run, outbox=outbox, build_body=last_one_broken)
+    assert calls == plan_size
+    with pytest.raises(EnvelopeViolation, match="shows the address of another recipient"):
+        send_all(run, frozen, outbox, dev_server)
+    assert dev_server.stats().received == 0
+    states = Counter(s.state for s in outbox.states(run.run_key).values())
+    assert states == {"failed": 1, "halted": frozen["requests"] - 1}
+    assert outbox.halt_requested(run.run_key)
+    report = pipeline.report(run, outbox=outbox, approval={"decision": "approved", "by": "a"})
+    assert report["balanced"] is True
+    assert report["outbox"]["sent"]["recipients"] == 0
+
+
+def test_no_shard_sends_before_the_guard_has_cleared_every_request(
+    tmp_path: Path,
+    project_paths: ProjectPaths,
+    audience: SampleAudience,
+    dev_server: SendGridDevServer,
+) -> None:
+    run = prepared(tmp_path, project_paths, audience, shards=2)
+    outbox = Outbox(f"sqlite:///{tmp_path / 'outbox.sqlite'}")
+    frozen = pipeline.freeze(run, outbox=outbox)
+    transport = SendGridTransport(SendGridSettings("SG.test", dev_server.url, timeout_seconds=10))
+    send_one = {
+        "shard": 0,
+        "manifest_sha256": frozen["manifest_sha256"],
+        "transport": transport,
+        "outbox": outbox,
+        "shard_count": 2,
+    }
+    with pytest.raises(EnvelopeViolation, match="have not been cleared by the envelope guard"):
+        pipeline.send(run, **send_one)
+    # Shard 0 cleared, shard 1 not yet: shard 0 still waits for the whole run.
+    pipeline.guard(
+        run, manifest_sha256=frozen["manifest_sha256"], outbox=outbox, shard=0, shard_count=2
+    )
+    with pytest.raises(EnvelopeViolation, match="have not been cleared"):
+        pipeline.send(run, **send_one)
+    assert dev_server.stats().received == 0
+    pipeline.guard(
+        run, manifest_sha256=frozen["manifest_sha256"], outbox=outbox, shard=1, shard_count=2
+    )
+    assert pipeline.send(run, **send_one)["states"] == {"sent": len(run_batches(run, 0, 2))}
+
+
+def test_a_body_edited_after_the_guard_cleared_it_is_refused_when_it_is_sent(
+    tmp_path: Path,
+    project_paths: ProjectPaths,
+    audience: SampleAudience,
+    dev_server: SendGridDevServer,
+) -> None:
+    """Cleared is not a pass to send: each request is guarded again on the bytes that leave."""
+    run = prepared(tmp_path, project_paths, audience, shards=1)
+    outbox = Outbox(f"sqlite:///{tmp_path / 'outbox.sqlite'}")
+    frozen = pipeline.freeze(run, outbox=outbox)
+    guard_all(run, frozen, outbox)
+    last = run_batches(run, 0, 1)[-1]
+    path = run.staging.payloads_dir / last.file
+    body = json.loads(path.read_bytes())
+    body["subject"] = "Urgent: verify your wallet"
+    path.write_bytes(json.dumps(body).encode())
+    transport = SendGridTransport(SendGridSettings("SG.test", dev_server.url, timeout_seconds=10))
+    with pytest.raises(EnvelopeViolation, match="not in the approved manifest"):
+        pipeline.send(
+            run,
+            shard=0,
+            manifest_sha256=frozen["manifest_sha256"],
+            transport=transport,
+            outbox=outbox,
+            shard_count=1,
+        )
+    sent = {json.dumps(r["body"], sort_keys=True) for r in dev_server.accepted()}
+    assert len(sent) == frozen["requests"] - 1
+    assert outbox.states(run.run_key)[last.batch_id].state == "failed"
 
 
 def test_a_manifest_swapped_after_approval_is_refused(

@@ -30,6 +30,7 @@ from mailroom.sending import RateLimiter, RetryPolicy, send_shard
 from mailroom.transports.base import Delivery, Transport
 from mailroom.transports.file import FileTransport
 from mailroom.transports.sendgrid import SendGridSettings, SendGridTransport
+from support.runs import guard_every_request
 
 pytestmark = pytest.mark.unit
 
@@ -381,6 +382,7 @@ def staged(tmp_path: Path) -> Iterator[Staged]:
         [StagedBatch(e.batch_id, e.index, e.locale, e.sha256, e.recipients) for e in entries],
         members,
     )
+    guard_every_request(run_key, manifest, payloads, outbox)
     yield Staged(run_key, manifest, payloads, outbox, addresses)
     outbox.dispose()
 
@@ -495,6 +497,7 @@ def test_a_batch_left_sending_by_a_dead_worker_becomes_unknown_and_is_not_sent(
 def test_a_payload_changed_after_approval_is_refused_and_stops_the_shard(
     server: SendGridDevServer, staged: Staged
 ) -> None:
+    """Changed after the guard's pass cleared it: the guard inside the transport refuses it."""
     second = staged.manifest.batches[1]
     path = staged.payloads_dir / second.file
     path.write_bytes(path.read_bytes().replace(b"Winter", b"Summer"))

@@ -54,6 +54,8 @@ def _fresh(frozen_run: tuple[Run, dict[str, Any], Path], tmp_path: Path) -> tupl
     run, _, _ = frozen_run
     outbox = Outbox(f"sqlite:///{tmp_path / 'outbox.sqlite'}")
     frozen = pipeline.freeze(run, outbox=outbox)
+    # What the DAG's guard_shard tasks do after approval, before any shard sends.
+    pipeline.guard(run, manifest_sha256=frozen["manifest_sha256"], outbox=outbox)
     return run, outbox, frozen["manifest_sha256"]
 
 

@@ -42,6 +42,7 @@ from mailroom.transports.smtp import (
     build_mime_message,
     check_mime_message,
 )
+from support.runs import guard_every_request
 
 pytestmark = pytest.mark.unit
 
@@ -353,6 +354,7 @@ def stage_run(tmp_path: Path) -> Iterator[Callable[..., Run]]:
             [OutboxBatch(e.batch_id, e.index, e.locale, e.sha256, e.recipients) for e in entries],
             members,
         )
+        guard_every_request(run_key, manifest, payloads, outbox)
         return Run(run_key, manifest, payloads, outbox, everyone)
 
     yield stage

@@ -126,8 +126,17 @@ def test_a_whole_run_goes_through_the_object_store(
         write_json(run.staging.approval, {"decision": "approved", "by": "approver"})
     outbox = Outbox(outbox_url)
     try:
+        count = len(result["shards"])
         for shard in result["shards"]:
-            count = len(result["shards"])
+            with in_stage(s3, xcom, "guard_shard", shard=(shard, count)) as run:
+                pipeline.guard(
+                    run,
+                    manifest_sha256=result["manifest_sha256"],
+                    outbox=outbox,
+                    shard=shard,
+                    shard_count=count,
+                )
+        for shard in result["shards"]:
             with in_stage(s3, xcom, "send_shard", shard=(shard, count)) as run:
                 pipeline.send(
                     run,
