@@ -210,6 +210,10 @@ def ratios(entry: dict[str, Any]) -> dict[str, Any]:
         return s[name]["seconds"] if name in s and s[name]["seconds"] > 0 else None
 
     out: dict[str, Any] = {}
+    if seconds("guard") and s.get("send", {}).get("parts_seconds", {}).get("guard"):
+        out["guard_pass_vs_send_guard"] = round(
+            s["guard"]["seconds"] / s["send"]["parts_seconds"]["guard"], 2
+        )
     if seconds("gate") and seconds("gate_baseline"):
         out["gate_vs_bare_gate"] = round(s["gate"]["seconds"] / s["gate_baseline"]["seconds"], 2)
     if seconds("build") and seconds("freeze") and seconds("encode_baseline"):
@@ -533,9 +537,10 @@ def peak_rss_mb() -> float:
 
 
 def cpu_seconds() -> float:
-    """User + system CPU time of this process, every thread included."""
+    """User + system CPU time of this process, every thread included, and of the processes it
+    started and waited for (the gate's token worker)."""
     times = os.times()
-    return times.user + times.system
+    return times.user + times.system + times.children_user + times.children_system
 
 
 if __name__ == "__main__":
