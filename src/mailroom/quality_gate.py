@@ -19,7 +19,8 @@ Each body is read one of two ways, which give the same rows:
 The strict parse only decides which of the two reads a body; both produce the same columns
 (``tests/unit/test_quality_gate.py`` compares them on every kind of irregular body), and every
 rule is then judged by the same Great Expectations suites. The next group of requests is read,
-hashed and parsed in a second thread while the current one is checked.
+hashed and parsed in a second thread while the current one is checked, and every recipient's
+unsubscribe token is made in a second process meanwhile (``unsubscribe.TokensInBackground``).
 """
 
 from __future__ import annotations
