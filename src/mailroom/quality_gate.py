@@ -138,16 +138,12 @@ def explode_payloads(
     ``email_key`` is the lower-cased address as a number (the same for the same address), as
     uniqueness needs. ``strict_reader=False`` reads every body the generic way (for tests that
     compare the two readers). ``tokens``: the audience's unsubscribe tokens, already being made
-    (``audience_tokens``); by default they are started here.
+    (``audience_tokens``); by default they are started here. Either way they are closed when
+    this returns.
     """
-    try:
+    with tokens or audience_tokens(spec, secret, valid_audience) as made:
         manifest = load_manifest(manifest_path)
-        audience = _Audience(spec, secret, valid_audience, tokens)
-    except BaseException:
-        if tokens is not None:
-            tokens.close()
-        raise
-    try:
+        audience = _Audience(spec, secret, valid_audience, made)
         shape = _RegularShape(spec) if strict_reader else None
         people = _Columns(PERSONALIZATION_COLUMNS)
         requests = _Columns(REQUEST_COLUMNS)
@@ -162,8 +158,6 @@ def explode_payloads(
                     _explode_regular(one, body, audience, shape, people, requests)
                 else:
                     _explode_generic(one, audience, people, requests)
-    finally:
-        audience.close()
     return people.frame(), requests.frame()
 
 
@@ -183,25 +177,21 @@ def check_envelopes(
     ``gate/data_docs``, when the manifest is where a run keeps it), whether the gate passes or
     not, before this returns.
     """
-    # Started before Great Expectations is imported (seconds, in a task process of its own).
-    tokens = audience_tokens(spec, secret, valid_audience)
-    try:
-        import great_expectations.expectations as gxe
-    except BaseException:
-        tokens.close()
-        raise
-
     run = RunStaging(manifest_path.parent.parent)
     if data_docs_dir is None and run.manifest == manifest_path:
         data_docs_dir = run.gate_data_docs
 
-    people, requests = explode_payloads(
-        spec,
-        manifest_path=manifest_path,
-        valid_audience=valid_audience,
-        secret=secret,
-        tokens=tokens,
-    )
+    # Started before Great Expectations is imported (seconds, in a task process of its own).
+    with audience_tokens(spec, secret, valid_audience) as tokens:
+        import great_expectations.expectations as gxe
+
+        people, requests = explode_payloads(
+            spec,
+            manifest_path=manifest_path,
+            valid_audience=valid_audience,
+            secret=secret,
+            tokens=tokens,
+        )
     people_suite = Suite(
         name="envelopes",
         frame=people,
@@ -282,16 +272,12 @@ class _Audience:
     """
 
     def __init__(
-        self,
-        spec: CampaignSpec,
-        secret: bytes,
-        path: Path,
-        tokens: TokensInBackground | None = None,
+        self, spec: CampaignSpec, secret: bytes, path: Path, tokens: TokensInBackground
     ) -> None:
         self.spec = spec
         self.secret = secret
         self.table = pq.read_table(path)
-        self._tokens = tokens or audience_tokens(spec, secret, path)
+        self._tokens = tokens
         self.keys = _lower(self.table.column("email").combine_chunks())
         self._by_locale: dict[str, np.ndarray] = {}
         if "locale" in self.table.column_names:
@@ -364,9 +350,6 @@ class _Audience:
             self._value_rows.take(pa.array(rows)),
             tokens=self._tokens.take(rows),
         )
-
-    def close(self) -> None:
-        self._tokens.close()
 
 
 def audience_tokens(spec: CampaignSpec, secret: bytes, valid_audience: Path) -> TokensInBackground:

@@ -153,6 +153,12 @@ class TokensInBackground:
     def in_background(self) -> bool:
         return self._process is not None
 
+    def __enter__(self) -> TokensInBackground:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def take(self, rows: np.ndarray) -> pa.Array:
         """The tokens of audience ``rows``, in that order."""
         if not self._chunks and self._process is None:
