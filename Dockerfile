@@ -31,6 +31,6 @@ COPY --chown=airflow:0 dags/ /opt/airflow/dags/
 COPY --chown=airflow:0 plugins/ /opt/airflow/plugins/
 COPY --chown=airflow:0 include/ /opt/airflow/include/
 
-# Read by plugins/mailroom_airflow/settings.py and dags/mailroom_campaign.py.
+# Read by src/mailroom_airflow/settings.py and dags/mailroom_campaign.py.
 ENV MAILROOM_INCLUDE_DIR=/opt/airflow/include \
     MAILROOM_STAGING_ROOT=/opt/airflow/staging

@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST := $(BIN)/python -m pytest
 USERS ?= 10000
-export PYTHONPATH := $(CURDIR)/src:$(CURDIR)/plugins:$(CURDIR)/dags
+export PYTHONPATH := $(CURDIR)/src:$(CURDIR)/dags
 
 .DEFAULT_GOAL := help
 .PHONY: help venv demo test test-unit test-dag test-integration test-e2e test-distributed lint typecheck check lock translations dev-server clean bench bench-e2e
@@ -51,8 +51,8 @@ lint: $(STAMP) ## ruff check and format check (never rewrites)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-typecheck: $(STAMP) ## mypy on the domain package
-	$(BIN)/mypy src
+typecheck: $(STAMP) ## mypy on the packages, the DAG and the plugin
+	$(BIN)/mypy
 
 check: lint typecheck ## Lint and type checks
 

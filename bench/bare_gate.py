@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from mailroom.addresses import SINGLE_ADDRESS_PATTERN
 from mailroom.campaign_spec import CampaignSpec
-from mailroom.envelope_guard import (
+from mailroom.checks.envelope_guard import (
     MAX_BODY_BYTES,
     MAX_PERSONALIZATIONS,
     MAX_RECIPIENTS,

@@ -47,21 +47,21 @@ HOOK_DIR = Path(__file__).resolve().parent / "airflow_hook"
 DAG_ID = "mailroom_campaign"
 CAMPAIGN = "winter_update"
 FINISHED = {"success", "failed"}
-# Which task calls which hooked function (plugins/mailroom_airflow/stages.py).
-TASK_OF_STAGE = {
-    "prepare_run": "prepare",
-    "extract": "extract_audience",
-    "validate": "validate_audience",
-    "render": "render_content",
-    "build": "build_envelopes",
-    "freeze": "freeze_batches",
-    "gate": "check_envelopes",
-    "canary": "canary_send",
-    "approval_summary": "summarise",
-    "guard": "guard_shard",
-    "send": "send_shard",
-    "report": "reconcile",
-}
+# The hooked functions (src/mailroom_airflow/tasks.py calls them), named like their tasks.
+TASKS = (
+    "prepare",
+    "extract_audience",
+    "validate_audience",
+    "render_content",
+    "build_envelopes",
+    "freeze_batches",
+    "check_envelopes",
+    "canary_send",
+    "summarise",
+    "guard_shard",
+    "send_shard",
+    "reconcile",
+)
 
 
 def main() -> int:
@@ -78,11 +78,10 @@ def main() -> int:
 
 
 def bench(users: int, db: str, *, shards: int = 2, keep: bool = False) -> dict[str, Any]:
-    from run import load_results, machine, save_results
-
+    from mailroom.audience.sample import generate
     from mailroom.cli.approvals import APPROVE, Approvals
     from mailroom.cli.local_airflow import LocalAirflow, free_port
-    from mailroom.sample_audience import generate
+    from run import load_results, machine, save_results
 
     if db == "postgres" and (why := postgres_available()):
         raise SystemExit(f"e2e on PostgreSQL: {why}")
@@ -132,9 +131,7 @@ def bench(users: int, db: str, *, shards: int = 2, keep: bool = False) -> dict[s
                 "MAILROOM_INCLUDE_DIR": str(include),
                 "MAILROOM_STAGING_ROOT": str(staging),
                 "MAILROOM_BENCH_TIMINGS": str(timings),
-                "PYTHONPATH": os.pathsep.join(
-                    [str(REPO / "src"), str(REPO / "plugins"), str(HOOK_DIR)]
-                ),
+                "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(HOOK_DIR)]),
             },
         )
         stack.callback(airflow.stop)
@@ -231,7 +228,7 @@ def breakdown(
     """Per task: queue, start-up, work, finish; per run: work, approval, orchestration."""
     stage_of: dict[tuple[str, int], dict[str, Any]] = {}
     for rec in sorted(records, key=lambda r: r["start"]):
-        task = TASK_OF_STAGE.get(rec["stage"])
+        task = rec["stage"] if rec["stage"] in TASKS else None
         if task is None:
             continue
         key = (task, rec["shard"] if rec.get("shard") is not None else -1)

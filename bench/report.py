@@ -44,7 +44,7 @@ TASK_STAGES = (
 METHOD = """\
 ## Method
 
-- **Audience**: `mailroom.sample_audience.generate(users=N)`, the demo's users database with
+- **Audience**: `mailroom.audience.sample.generate(users=N)`, the demo's users database with
   its suppressed, invalid, duplicated and tricky rows (about 96 % end up sent). One run of the
   `winter_update` campaign (5 locales, one field, 1,000 personalizations per request) with the
   campaign-wide `rate` removed, so the send measures the pipeline and not the pacing.
@@ -58,10 +58,10 @@ METHOD = """\
   same rows loaded into a fresh database on the local PostgreSQL (loading not timed; the
   database is dropped afterwards).
 - **Freeze** includes staging every batch and recipient in the outbox (SQLite).
-- **Guard** is `pipeline.guard` over the whole run as one shard (what the `guard_shard` tasks do
-  after approval): the envelope guard on every frozen body against the approved manifest and
-  the recipients the outbox registered, before any request leaves.
-- **Send** is `pipeline.send` for one shard holding every batch, through `SendGridTransport`
+- **Guard** is `pipeline.guard_shard` over the whole run as one shard (what the `guard_shard`
+  tasks do after approval): the envelope guard on every frozen body against the approved
+  manifest and the recipients the outbox registered, before any request leaves.
+- **Send** is `pipeline.send_shard` for one shard holding every batch, through `SendGridTransport`
   (the official SDK) to `mailroom-sendgrid-dev` on this machine: envelope guard on every body,
   outbox claim and outcome per request, the shared rate limiter (no rate set), progress logged
   at INFO to a file; the time inside the guard and inside the SDK request is measured apart

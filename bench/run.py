@@ -3,7 +3,7 @@
     python bench/run.py [--users N [N ...]] [--e2e N [N ...]] [--e2e-db sqlite postgres]
 
 For each audience size (default 100,000) it generates the sample users database
-(``mailroom.sample_audience.generate``), prepares one run of the example campaign in
+(``mailroom.audience.sample.generate``), prepares one run of the example campaign in
 ``var/bench/<users>/`` (its spec copy without the campaign-wide rate limit) and runs each stage
 (extract from SQLite and from PostgreSQL, validate, render, build envelopes, freeze, the
 data-quality gate, send to the SendGrid-compatible dev server) and each baseline (``baselines.py``,
@@ -64,7 +64,7 @@ SERVED = {"send", "post_baseline", "naive_baseline"}
 IMPORTS = {
     "validate": ("great_expectations", "great_expectations.expectations"),
     "gate": ("great_expectations", "great_expectations.expectations"),
-    "send": ("sendgrid", "mailroom.transports.sendgrid"),
+    "send": ("sendgrid", "mailroom.delivery.transports.sendgrid"),
     "naive_baseline": ("sendgrid", "jinja2", "babel.support", "css_inline"),
 }
 
@@ -103,6 +103,7 @@ def main() -> int:
 
 # --- the parent: generate, prepare, one child per stage, report --------------------------------
 def drive(users: int, work: Path, *, naive_sample: int, postgres: bool) -> dict[str, Any]:
+    from mailroom.audience.sample import generate
     from services import (
         DevServer,
         copy_users_to_postgres,
@@ -110,8 +111,6 @@ def drive(users: int, work: Path, *, naive_sample: int, postgres: bool) -> dict[
         pg_url,
         postgres_available,
     )
-
-    from mailroom.sample_audience import generate
 
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -187,11 +186,10 @@ def drive(users: int, work: Path, *, naive_sample: int, postgres: bool) -> dict[
 
 def prepare(work: Path, run_id: str) -> None:
     """One run folder under ``work/staging``; its spec copy without the rate limit."""
+    from mailroom import pipeline
     from services import unlimited_spec
 
-    from mailroom import pipeline
-
-    run = pipeline.prepare_run(
+    run = pipeline.prepare(
         pipeline.ProjectPaths.under(REPO / "include"),
         campaign=CAMPAIGN,
         run_id=run_id,
@@ -357,7 +355,7 @@ def save_results(results: dict[str, Any]) -> None:
 def run_stage(stage: str, work: Path, context: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     from mailroom import pipeline
-    from mailroom.outbox import Outbox
+    from mailroom.delivery.outbox import Outbox
     from mailroom.pipeline import Run
     from mailroom.staging import RunStaging, read_json
 
@@ -388,20 +386,20 @@ def run_stage(stage: str, work: Path, context: dict[str, Any]) -> dict[str, Any]
     t0 = time.perf_counter()
     if stage in ("extract", "extract_pg"):
         sql_url = context.get("sql_url") or (work / "users_url").read_text()
-        outcome = pipeline.extract(run, sql_url=sql_url)
+        outcome = pipeline.extract_audience(run, sql_url=sql_url)
         extra = {"counts": outcome}
         rows, unit = outcome["extracted"], "users read"
     elif stage == "validate":
-        outcome = pipeline.validate(run)
+        outcome = pipeline.validate_audience(run)
         rows, unit = outcome["total"], "audience rows"
     elif stage == "render":
-        outcome = pipeline.render(run, paths)
+        outcome = pipeline.render_content(run, paths)
         rows, unit = len(outcome), "locales"
     elif stage == "build":
-        outcome = pipeline.build(run, secret=SECRET)
+        outcome = pipeline.build_envelopes(run, secret=SECRET)
         rows, unit = outcome["envelopes"], "envelopes"
     elif stage == "freeze":
-        summary = pipeline.freeze(run, outbox=Outbox(outbox_url))
+        summary = pipeline.freeze_batches(run, outbox=Outbox(outbox_url))
         (work / "manifest_sha256").write_text(summary["manifest_sha256"])
         extra = {"requests": summary["requests"]}
         rows, unit = summary["recipients"], "envelopes"
@@ -410,7 +408,7 @@ def run_stage(stage: str, work: Path, context: dict[str, Any]) -> dict[str, Any]
         extra = {k: v for k, v in done.items() if k not in ("seconds", "cpu_seconds")}
         rows, unit = done["recipients"], "personalizations"
     elif stage == "gate":
-        outcome = pipeline.gate(run, secret=SECRET)
+        outcome = pipeline.check_envelopes(run, secret=SECRET)
         rows, unit = outcome["personalizations"], "personalizations"
     elif stage == "gate_baseline":
         fails = bare_gate.bare_gate(
@@ -430,16 +428,15 @@ def run_stage(stage: str, work: Path, context: dict[str, Any]) -> dict[str, Any]
             level=logging.INFO, filename=str(work / "guard.log"), filemode="w", force=True
         )
         outbox = Outbox(outbox_url)
-        result = pipeline.guard(
+        result = pipeline.guard_shard(
             run, manifest_sha256=(work / "manifest_sha256").read_text(), outbox=outbox
         )
         outbox.dispose()
         extra = {"requests": result["requests"]}
         rows, unit = result["recipients"], "recipients cleared"
     elif stage == "send":
+        from mailroom.delivery.transports.sendgrid import SendGridSettings, SendGridTransport
         from services import API_KEY
-
-        from mailroom.transports.sendgrid import SendGridSettings, SendGridTransport
 
         # What a send task logs, at the level its task logs it, to a file of its own.
         logging.basicConfig(
@@ -447,7 +444,7 @@ def run_stage(stage: str, work: Path, context: dict[str, Any]) -> dict[str, Any]
         )
         outbox = Outbox(outbox_url)
         parts = _time_send_parts()
-        result = pipeline.send(
+        result = pipeline.send_shard(
             run,
             shard=0,
             manifest_sha256=(work / "manifest_sha256").read_text(),
@@ -504,8 +501,8 @@ def _time_send_parts() -> dict[str, float]:
     """Where a send's time goes: the envelope guard, the HTTP request through the SDK, and
     (the rest) the outbox, limiter, reading the body and logging. Wraps the two calls in this
     benchmark process only."""
-    from mailroom.transports import base
-    from mailroom.transports.sendgrid import SendGridTransport
+    from mailroom.delivery.transports import base
+    from mailroom.delivery.transports.sendgrid import SendGridTransport
 
     parts = {"guard": 0.0, "request": 0.0}
 

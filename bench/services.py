@@ -61,7 +61,7 @@ class DevServer:
         self.data_dir.mkdir(parents=True)
         self.process = subprocess.Popen(
             [
-                *(sys.executable, "-m", "mailroom.sendgrid_dev_server", "--port", "0"),
+                *(sys.executable, "-m", "sendgrid_dev", "--port", "0"),
                 *("--data-dir", str(self.data_dir), "--log-every", "0"),
             ],
             stdout=subprocess.PIPE,

@@ -1,19 +1,26 @@
 """mailroom_campaign: one DAG run sends one campaign, one recipient per envelope.
 
-extract → validate ┐
-render ────────────┴→ build → freeze → gate → canary → summarise → approve → guard × shards
-                                                                    → send × shards → reconcile
+```
+prepare → extract_audience → validate_audience ┐
+        → render_content ──────────────────────┴→ build_envelopes → freeze_batches
+    → check_envelopes → canary_send → summarise → approve → guard_shard × N → send_shard × N
+    → reconcile
+```
+
+Each task calls the function of the same name in ``mailroom_airflow.tasks``, which calls the one
+in ``mailroom.pipeline``.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pendulum
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import Param, chain, dag, get_current_context, task
 
-from mailroom_airflow import stages
+from mailroom_airflow import tasks
 from mailroom_airflow.approval import CampaignApprovalOperator
 
 _CAMPAIGNS_DIR = Path(os.environ.get("MAILROOM_INCLUDE_DIR", Path(__file__).parents[1] / "include"))
@@ -53,77 +60,84 @@ CAMPAIGNS = sorted(p.stem for p in (_CAMPAIGNS_DIR / "campaigns").glob("*.yaml")
 )
 def mailroom_campaign() -> None:
     @task
-    def prepare() -> dict:
+    def prepare() -> dict[str, Any]:
         ctx = get_current_context()
         p = ctx["params"]
-        return stages.prepare(p["campaign"], p["dry_run"], int(p["shards"]), ctx["run_id"])
+        return tasks.prepare(p["campaign"], p["dry_run"], int(p["shards"]), ctx["run_id"])
 
     @task
-    def extract_audience(prepared: dict) -> dict:
-        return stages.extract(prepared)
+    def extract_audience(prepared: dict[str, Any]) -> dict[str, Any]:
+        return tasks.extract_audience(prepared)
 
     @task
-    def validate_audience(prepared: dict, _extracted: dict) -> dict:
-        return stages.validate(prepared)
+    def validate_audience(prepared: dict[str, Any]) -> dict[str, Any]:
+        return tasks.validate_audience(prepared)
 
     @task
-    def render_content(prepared: dict) -> dict:
-        return stages.render(prepared)
+    def render_content(prepared: dict[str, Any]) -> dict[str, Any]:
+        return tasks.render_content(prepared)
 
     @task
-    def build_envelopes(prepared: dict, _validated: dict, _rendered: dict) -> dict:
-        return stages.build(prepared)
+    def build_envelopes(prepared: dict[str, Any]) -> dict[str, Any]:
+        return tasks.build_envelopes(prepared)
 
     @task
-    def freeze_batches(prepared: dict, _built: dict) -> dict:
-        return stages.freeze(prepared)
+    def freeze_batches(prepared: dict[str, Any]) -> dict[str, Any]:
+        return tasks.freeze_batches(prepared)
 
     @task
-    def check_envelopes(prepared: dict, _frozen: dict) -> dict:
-        return stages.gate(prepared)
+    def check_envelopes(prepared: dict[str, Any]) -> dict[str, Any]:
+        return tasks.check_envelopes(prepared)
 
     @task
-    def canary_send(prepared: dict, _checked: dict) -> dict:
-        return stages.canary(prepared)
+    def canary_send(prepared: dict[str, Any]) -> dict[str, Any]:
+        return tasks.canary_send(prepared)
 
     @task
-    def summarise(prepared: dict, _canary: dict) -> str:
-        return stages.summarise(prepared, get_current_context()["dag_run"].triggering_user_name)
+    def summarise(prepared: dict[str, Any]) -> str:
+        return tasks.summarise(prepared, get_current_context()["dag_run"].triggering_user_name)
 
     @task
-    def plan_shards(frozen: dict) -> list[int]:
+    def plan_shards(frozen: dict[str, Any]) -> list[int]:
         return list(frozen["shards"])
 
     @task(retries=1, map_index_template="{{ shard_label }}")
-    def guard_shard(prepared: dict, frozen: dict, shard: int) -> dict:
+    def guard_shard(prepared: dict[str, Any], frozen: dict[str, Any], shard: int) -> dict[str, Any]:
         get_current_context()["shard_label"] = f"shard {shard + 1} of {len(frozen['shards'])}"
-        return stages.guard(prepared, frozen, shard)
+        return tasks.guard_shard(prepared, frozen, shard)
 
     @task(retries=2, map_index_template="{{ shard_label }}", pool="mailroom_send")
-    def send_shard(prepared: dict, frozen: dict, shard: int) -> dict:
+    def send_shard(prepared: dict[str, Any], frozen: dict[str, Any], shard: int) -> dict[str, Any]:
         get_current_context()["shard_label"] = f"shard {shard + 1} of {len(frozen['shards'])}"
-        return stages.send(prepared, frozen, shard)
+        return tasks.send_shard(prepared, frozen, shard)
 
     @task(trigger_rule="all_done")
-    def reconcile(prepared: dict) -> dict:
-        return stages.reconcile(prepared)
+    def reconcile(prepared: dict[str, Any]) -> dict[str, Any]:
+        return tasks.reconcile(prepared)
 
     prepared = prepare()
-    validated = validate_audience(prepared, extract_audience(prepared))
-    built = build_envelopes(prepared, validated, render_content(prepared))
-    frozen = freeze_batches(prepared, built)
-    summary = summarise(prepared, canary_send(prepared, check_envelopes(prepared, frozen)))
+    frozen = freeze_batches(prepared)
+    shards = plan_shards(frozen)
     approve = CampaignApprovalOperator(
         task_id="approve",
         prepare_task_id="prepare",
         subject="Send campaign {{ ti.xcom_pull(task_ids='prepare')['campaign'] }}?",
         body="{{ ti.xcom_pull(task_ids='summarise') }}",
     )
-    shards = plan_shards(frozen)
-    guarded = guard_shard.partial(prepared=prepared, frozen=frozen).expand(shard=shards)
-    sent = send_shard.partial(prepared=prepared, frozen=frozen).expand(shard=shards)
-    summary >> approve >> guarded >> sent
-    sent >> reconcile(prepared)
+    built = build_envelopes(prepared)
+    chain(extract_audience(prepared), validate_audience(prepared), built)
+    chain(render_content(prepared), built)
+    chain(
+        built,
+        frozen,
+        check_envelopes(prepared),
+        canary_send(prepared),
+        summarise(prepared),
+        approve,
+        guard_shard.partial(prepared=prepared, frozen=frozen).expand(shard=shards),
+        send_shard.partial(prepared=prepared, frozen=frozen).expand(shard=shards),
+        reconcile(prepared),
+    )
 
 
 mailroom_campaign()

@@ -2,7 +2,7 @@
 
 ``bench/e2e_airflow.py`` puts this folder on the ``PYTHONPATH`` of the Airflow it starts and
 names a file in ``MAILROOM_BENCH_TIMINGS``. When a task process imports ``mailroom.pipeline``
-(or ``mailroom.approval_summary``), each stage function is wrapped to append one JSON line
+each stage function is wrapped to append one JSON line
 there: the function, its shard, wall-clock start and end (``time.time()``, comparable with
 Airflow's task instance dates), and the process's RSS before and its peak (``VmHWM``) after.
 Nothing else changes; without the variable this file does nothing.
@@ -19,22 +19,22 @@ import sys
 import time
 
 _TIMINGS = os.environ.get("MAILROOM_BENCH_TIMINGS")
-# The functions each task body calls into (``plugins/mailroom_airflow/stages.py``).
+# The functions each task body calls into (``src/mailroom_airflow/tasks.py``).
 _WRAP = {
     "mailroom.pipeline": (
-        "prepare_run",
-        "extract",
-        "validate",
-        "render",
-        "build",
-        "freeze",
-        "gate",
-        "canary",
-        "guard",
-        "send",
-        "report",
+        "prepare",
+        "extract_audience",
+        "validate_audience",
+        "render_content",
+        "build_envelopes",
+        "freeze_batches",
+        "check_envelopes",
+        "canary_send",
+        "summarise",
+        "guard_shard",
+        "send_shard",
+        "reconcile",
     ),
-    "mailroom.approval_summary": ("approval_summary",),
 }
 
 

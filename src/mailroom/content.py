@@ -48,7 +48,7 @@ from mailroom.substitutions import (
     tags_in,
 )
 
-__all__ = ["LocaleContent", "render_all", "render_locale"]
+__all__ = ["LocaleContent", "render_content", "render_locale"]
 
 SUBJECT_TEMPLATE = "subject.txt"
 HTML_TEMPLATE = "body.html"
@@ -122,7 +122,7 @@ class LocaleContent:
         )
 
 
-def render_all(
+def render_content(
     templates_dir: Path,
     translations_dir: Path,
     template: str,

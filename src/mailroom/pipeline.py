@@ -10,105 +10,48 @@ from __future__ import annotations
 import logging
 import shutil
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from itertools import chain, repeat
 from pathlib import Path
 from typing import Any
 
-from mailroom.audience import extract_audience
-from mailroom.audience_validation import validate_audience
-from mailroom.campaign_spec import CampaignSpec, campaign_path, load_campaign, parse_campaign
-from mailroom.content import LocaleContent, render_all
-from mailroom.envelopes import build_envelopes
+from mailroom import batches, content, envelopes
+from mailroom.approval import canary, summary
+from mailroom.audience import extract, validate
+from mailroom.batches import Manifest, batch_id_for, load_manifest
+from mailroom.campaign_spec import CampaignSpec, campaign_path, load_campaign
+from mailroom.checks import quality_gate
+from mailroom.content import LocaleContent
+from mailroom.delivery import report, shards
+from mailroom.delivery.outbox import Outbox, StagedBatch
+from mailroom.delivery.rate import SharedRateLimiter
+from mailroom.delivery.transports.base import Transport
 from mailroom.errors import ValidationFailed
-from mailroom.outbox import Outbox, StagedBatch
-from mailroom.payloads import Manifest, batch_id_for, freeze_batches, load_manifest
-from mailroom.quality_gate import check_envelopes
-from mailroom.report import reconcile
-from mailroom.sending import SharedRateLimiter, guard_shard, send_shard
+from mailroom.run import ProjectPaths, Run
 from mailroom.staging import RunStaging, read_json, run_location, write_json
-from mailroom.transports.base import Transport
+
+__all__ = [
+    "ProjectPaths",
+    "Run",
+    "build_envelopes",
+    "canary_send",
+    "check_envelopes",
+    "extract_audience",
+    "freeze_batches",
+    "guard_shard",
+    "prepare",
+    "reconcile",
+    "render_content",
+    "send_shard",
+    "summarise",
+    "validate_audience",
+]
 
 log = logging.getLogger(__name__)
 
 MAX_SHARDS = 256
 
 
-@dataclass(frozen=True)
-class ProjectPaths:
-    """Where campaign specs, templates and catalogs live (``include/`` in this repository)."""
-
-    campaigns: Path
-    templates: Path
-    translations: Path
-
-    @classmethod
-    def under(cls, include_dir: Path) -> ProjectPaths:
-        return cls(
-            include_dir / "campaigns", include_dir / "templates", include_dir / "translations"
-        )
-
-
-@dataclass(frozen=True)
-class Run:
-    """One run's identity and folder, rebuilt in every task from the XCom dict.
-
-    ``staging`` is the folder a task works in; ``location`` is where the run's folder lives
-    (the same folder, or an object-storage URL of which ``staging`` is a working copy).
-    """
-
-    campaign: str
-    run_id: str
-    staging: RunStaging
-    shard_count: int
-    dry_run: bool
-    location: str | None = None
-
-    @property
-    def run_key(self) -> str:
-        return f"{self.campaign}/{self.run_id}"
-
-    @property
-    def spec_copy(self) -> Path:
-        return self.staging.campaign_spec
-
-    def where(self, path: Path) -> str:
-        """Where a file of the working folder lives, as people and later tasks find it."""
-        if self.location is None or self.location == str(self.staging.root):
-            return str(path)
-        rel = path.relative_to(self.staging.root).as_posix()
-        return self.location if rel == "." else f"{self.location}/{rel}"
-
-    def spec(self) -> CampaignSpec:
-        import yaml
-
-        return parse_campaign(
-            yaml.safe_load(self.spec_copy.read_text("utf-8")), source=str(self.spec_copy)
-        )
-
-    def to_xcom(self) -> dict[str, Any]:
-        return {
-            "campaign": self.campaign,
-            "run_id": self.run_id,
-            "run_dir": self.location or str(self.staging.root),
-            "shard_count": self.shard_count,
-            "dry_run": self.dry_run,
-        }
-
-    @classmethod
-    def from_xcom(cls, data: dict[str, Any], *, working_dir: Path | None = None) -> Run:
-        """The run of a task; ``working_dir`` is its local copy of a run folder kept elsewhere."""
-        return cls(
-            data["campaign"],
-            data["run_id"],
-            RunStaging(working_dir or Path(data["run_dir"])),
-            int(data["shard_count"]),
-            bool(data["dry_run"]),
-            str(data["run_dir"]),
-        )
-
-
-def prepare_run(
+def prepare(
     paths: ProjectPaths,
     *,
     campaign: str,
@@ -137,24 +80,24 @@ def prepare_run(
     return run
 
 
-def extract(run: Run, *, sql_url: str | None) -> dict[str, Any]:
-    counts = extract_audience(run.spec(), sql_url=sql_url, snapshot=run.staging.snapshot)
+def extract_audience(run: Run, *, sql_url: str | None) -> dict[str, Any]:
+    counts = extract.extract_audience(run.spec(), sql_url=sql_url, snapshot=run.staging.snapshot)
     write_json(run.staging.extract_counts, counts.to_dict())
     return counts.to_dict()
 
 
-def validate(run: Run) -> dict[str, Any]:
+def validate_audience(run: Run) -> dict[str, Any]:
     st = run.staging
-    outcome = validate_audience(
+    outcome = validate.validate_audience(
         run.spec(), snapshot=st.snapshot, valid_out=st.valid_audience, quarantine_out=st.quarantine
     )
     write_json(st.audience_validation, outcome.to_dict())
     return {k: v for k, v in outcome.to_dict().items() if k != "gx"}
 
 
-def render(run: Run, paths: ProjectPaths) -> dict[str, Any]:
+def render_content(run: Run, paths: ProjectPaths) -> dict[str, Any]:
     spec = run.spec()
-    contents = render_all(
+    contents = content.render_content(
         paths.templates,
         paths.translations,
         spec.template,
@@ -166,8 +109,8 @@ def render(run: Run, paths: ProjectPaths) -> dict[str, Any]:
             "company_address": spec.company_address,
         },
     )
-    for locale, content in contents.items():
-        write_json(run.staging.content_file(locale), content.to_dict())
+    for locale, rendered in contents.items():
+        write_json(run.staging.content_file(locale), rendered.to_dict())
     return {
         locale: {"subject": c.subject, "untranslated": len(c.untranslated)}
         for locale, c in contents.items()
@@ -181,8 +124,8 @@ def load_contents(run: Run) -> dict[str, LocaleContent]:
     }
 
 
-def build(run: Run, *, secret: bytes) -> dict[str, Any]:
-    count = build_envelopes(
+def build_envelopes(run: Run, *, secret: bytes) -> dict[str, Any]:
+    count = envelopes.build_envelopes(
         run.spec(),
         valid_audience=run.staging.valid_audience,
         out=run.staging.envelopes,
@@ -191,7 +134,7 @@ def build(run: Run, *, secret: bytes) -> dict[str, Any]:
     return {"envelopes": count}
 
 
-def freeze(run: Run, *, outbox: Outbox, build_body: Any = None) -> dict[str, Any]:
+def freeze_batches(run: Run, *, outbox: Outbox, build_body: Any = None) -> dict[str, Any]:
     """Write the request bodies and manifest, and stage every batch in the outbox.
 
     Who each batch is for follows from the envelopes alone (each locale's, ``batch_size`` at a
@@ -214,7 +157,7 @@ def freeze(run: Run, *, outbox: Outbox, build_body: Any = None) -> dict[str, Any
             frozen.result,
         )
         try:
-            manifest = freeze_batches(
+            manifest = batches.freeze_batches(
                 spec,
                 run_id=run.run_id,
                 envelopes=st.envelopes,
@@ -280,13 +223,13 @@ def _members_by_envelope(
     by_locale: dict[str, list[tuple[str, int]]] = {}
     for batch_id, locale, recipients in plan:
         by_locale.setdefault(locale, []).append((batch_id, recipients))
-    for locale, batches in by_locale.items():
+    for locale, locale_batches in by_locale.items():
         table = pq.read_table(
             envelopes,
             columns=["email", "user_id", "values_sha256"],
             filters=[("locale", "=", locale)],
         )
-        batch_ids = chain.from_iterable(repeat(batch_id, n) for batch_id, n in batches)
+        batch_ids = chain.from_iterable(repeat(batch_id, n) for batch_id, n in locale_batches)
         yield from zip(
             table.column("email").to_pylist(),
             table.column("user_id").to_pylist(),
@@ -307,10 +250,10 @@ def manifest_summary(manifest: Manifest, shard_count: int) -> dict[str, Any]:
     }
 
 
-def gate(run: Run, *, secret: bytes) -> dict[str, Any]:
+def check_envelopes(run: Run, *, secret: bytes) -> dict[str, Any]:
     st = run.staging
     valid = read_json(st.audience_validation)["valid"]
-    result = check_envelopes(
+    result = quality_gate.check_envelopes(
         run.spec(),
         manifest_path=st.manifest,
         valid_audience=st.valid_audience,
@@ -342,7 +285,7 @@ def _approved_manifest(run: Run, manifest_sha256: str, outbox: Outbox) -> Manife
     return manifest
 
 
-def guard(
+def guard_shard(
     run: Run,
     *,
     manifest_sha256: str,
@@ -353,7 +296,7 @@ def guard(
     """The envelope guard on every request of one shard (by default the whole run as one
     shard), before any request of the run is sent: ``send`` starts only once every shard has
     passed."""
-    return guard_shard(
+    return shards.guard_shard(
         run_key=run.run_key,
         manifest=_approved_manifest(run, manifest_sha256, outbox),
         payloads_dir=run.staging.payloads_dir,
@@ -363,7 +306,7 @@ def guard(
     )
 
 
-def send(
+def send_shard(
     run: Run,
     *,
     shard: int,
@@ -379,7 +322,7 @@ def send(
         outbox, run.run_key, spec.rate.requests_per_second, spec.rate.recipients_per_second
     )
     with transport:
-        return send_shard(
+        return shards.send_shard(
             run_key=run.run_key,
             manifest=manifest,
             payloads_dir=run.staging.payloads_dir,
@@ -393,10 +336,10 @@ def send(
         )
 
 
-def report(run: Run, *, outbox: Outbox | None, approval: dict[str, Any]) -> dict[str, Any]:
+def reconcile(run: Run, *, outbox: Outbox | None, approval: dict[str, Any]) -> dict[str, Any]:
     st = run.staging
     manifest = load_manifest(st.manifest) if st.manifest.exists() else None
-    result = reconcile(
+    result = report.reconcile(
         run_key=run.run_key,
         manifest=manifest,
         outbox=outbox if manifest is not None else None,
@@ -412,11 +355,9 @@ def report(run: Run, *, outbox: Outbox | None, approval: dict[str, Any]) -> dict
     return result
 
 
-def canary(run: Run, *, secret: bytes, transport: Transport) -> dict[str, Any]:
+def canary_send(run: Run, *, secret: bytes, transport: Transport) -> dict[str, Any]:
     """Send the frozen content to the campaign's seed list (nothing when it has none)."""
-    from mailroom.canary import send_canary
-
-    return send_canary(
+    return canary.canary_send(
         run.spec(),
         run_id=run.run_id,
         contents=load_contents(run),
@@ -424,3 +365,8 @@ def canary(run: Run, *, secret: bytes, transport: Transport) -> dict[str, Any]:
         transport=transport,
         out_dir=run.staging.canary_dir,
     )
+
+
+def summarise(run: Run, *, triggered_by: str | None) -> str:
+    """What the approver reads: counts, checks, a preview per locale, the manifest digest."""
+    return summary.approval_markdown(summary.approval_summary(run, triggered_by=triggered_by))

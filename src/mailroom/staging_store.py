@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from mailroom.batches import load_manifest
 from mailroom.errors import MailroomError
-from mailroom.payloads import load_manifest
 from mailroom.staging import RunStaging, is_url, local_path
 
 log = logging.getLogger(__name__)

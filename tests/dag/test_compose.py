@@ -241,14 +241,14 @@ def test_init_runs_commands_that_exist_and_is_valid_bash() -> None:
 def test_dev_server_runs_the_project_console_script() -> None:
     import tomllib
 
-    from mailroom.sendgrid_dev_server.__main__ import build_parser
+    from sendgrid_dev.__main__ import build_parser
 
     service = services()["sendgrid-dev"]
     entrypoint = as_args(service["entrypoint"])
     assert entrypoint[:2] == ["/usr/bin/dumb-init", "--"]
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     assert entrypoint[2] in scripts
-    assert scripts[entrypoint[2]] == "mailroom.sendgrid_dev_server.__main__:main"
+    assert scripts[entrypoint[2]] == "sendgrid_dev.__main__:main"
     args = build_parser().parse_args(as_args(service["command"]))
     assert args.host == "0.0.0.0"
     assert args.port == 3030
@@ -454,7 +454,7 @@ def _connection_args(conn_id: str) -> dict[str, Any]:
 
 
 def test_connections_and_variables_the_dag_reads_are_created_by_init() -> None:
-    settings_source = (REPO / "plugins" / "mailroom_airflow" / "settings.py").read_text()
+    settings_source = (REPO / "src" / "mailroom_airflow" / "settings.py").read_text()
     needed = {
         conn_id
         for conn_id in ("mailroom_outbox", "mailroom_staging")

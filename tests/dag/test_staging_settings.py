@@ -36,7 +36,7 @@ def staged_on(s3: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
 def test_tasks_keep_the_run_folder_on_object_storage_with_the_staging_connection(
     staged_on: S3Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from mailroom_airflow import stages
+    from mailroom_airflow import tasks
 
     monkeypatch.setenv(
         "AIRFLOW_CONN_MAILROOM_STAGING",
@@ -49,9 +49,9 @@ def test_tasks_keep_the_run_folder_on_object_storage_with_the_staging_connection
             }
         ),
     )
-    prepared = stages.prepare("winter_update", False, 2, "manual__conn")
+    prepared = tasks.prepare("winter_update", False, 2, "manual__conn")
     assert prepared["run_dir"] == staged_on.url("airflow/winter_update/manual__conn")
-    stages.record_approval(
+    tasks.record_approval(
         prepared, {"chosen_options": ["Approve"], "responded_by_user": {"name": "approver"}}
     )
     objects = staged_on.keys("airflow/winter_update/manual__conn")
@@ -61,12 +61,12 @@ def test_tasks_keep_the_run_folder_on_object_storage_with_the_staging_connection
 def test_without_the_connection_the_standard_aws_settings_apply(
     staged_on: S3Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from mailroom_airflow import stages
+    from mailroom_airflow import tasks
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", staged_on.endpoint_url)
-    prepared = stages.prepare("winter_update", True, 1, "manual__env")
+    prepared = tasks.prepare("winter_update", True, 1, "manual__env")
     assert "campaign.yaml" in staged_on.keys("airflow/winter_update/manual__env")
     assert prepared["dry_run"] is True
 

@@ -35,7 +35,7 @@ def _transport(conn: Any, kind: str, tmp_path: Path, dry_run: bool = False) -> A
 
 
 def test_an_smtp_connection_builds_the_smtp_transport(tmp_path: Path) -> None:
-    from mailroom.transports.smtp import SmtpTransport
+    from mailroom.delivery.transports.smtp import SmtpTransport
 
     conn = _connection(
         "smtp",
@@ -95,7 +95,7 @@ def test_a_wrong_smtp_connection_is_a_clear_error(conn: Any, expected: str, tmp_
 
 
 def test_a_dry_run_and_the_file_transport_never_reach_a_connection(tmp_path: Path) -> None:
-    from mailroom.transports.file import FileTransport
+    from mailroom.delivery.transports.file import FileTransport
 
     for kind, dry_run in (("smtp", True), ("sendgrid", True), ("file", False)):
         transport, lookup = _transport(None, kind, tmp_path, dry_run=dry_run)

@@ -35,12 +35,12 @@ import pytest
 import requests
 import yaml
 
+from mailroom.audience.sample import generate
 from mailroom.cli.airflow_api import AirflowApi
 from mailroom.cli.local_airflow import LocalAirflow, free_port
-from mailroom.outbox import FAILED, HALTED, SENDING, SENT, STAGED, UNKNOWN, Outbox
-from mailroom.sample_audience import generate
-from mailroom.sendgrid_dev_server import accepted_recipients, read_accepted
+from mailroom.delivery.outbox import FAILED, HALTED, SENDING, SENT, STAGED, UNKNOWN, Outbox
 from mailroom.staging import run_folder_name
+from sendgrid_dev import accepted_recipients, read_accepted
 from support.local_services import PG_HOST, PG_PORT, PG_USER, Broker, Databases
 from support.processes import stop_process_group
 from support.s3_server import KEY, SECRET, S3Server, s3_server_process
@@ -66,7 +66,7 @@ def dev_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     log = (tmp_path / "sendgrid-dev.log").open("ab")
     proc = subprocess.Popen(
         [
-            *(sys.executable, "-m", "mailroom.sendgrid_dev_server", "--port", "0"),
+            *(sys.executable, "-m", "sendgrid_dev", "--port", "0"),
             *("--data-dir", str(data_dir), "--log-every", "50"),
         ],
         stdout=subprocess.PIPE,

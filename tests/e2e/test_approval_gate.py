@@ -21,14 +21,14 @@ from urllib.parse import quote
 import pytest
 import yaml
 
+from mailroom.audience.sample import SampleAudience, generate
+from mailroom.batches import load_manifest
 from mailroom.cli.airflow_api import AirflowApi, AirflowApiError
 from mailroom.cli.approvals import Approvals
 from mailroom.cli.local_airflow import LocalAirflow, free_port
 from mailroom.cli.main import main as mailroom
-from mailroom.payloads import load_manifest
-from mailroom.sample_audience import SampleAudience, generate
-from mailroom.sendgrid_dev_server import SendGridDevServer, accepted_recipients
 from mailroom.staging import RunStaging
+from sendgrid_dev import SendGridDevServer, accepted_recipients
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 REPO = Path(__file__).resolve().parents[2]

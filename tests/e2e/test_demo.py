@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import requests
 
+from mailroom.audience.sample import generate
 from mailroom.cli.local_airflow import free_port
-from mailroom.sample_audience import generate
-from mailroom.sendgrid_dev_server import accepted_recipients, read_accepted
+from sendgrid_dev import accepted_recipients, read_accepted
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 REPO = Path(__file__).resolve().parents[2]

@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from mailroom.sample_audience import SampleAudience, generate
-from mailroom.sendgrid_dev_server import SendGridDevServer, accepted_recipients
+from mailroom.audience.sample import SampleAudience, generate
 from mailroom.staging import RunStaging
+from sendgrid_dev import SendGridDevServer, accepted_recipients
 from support.airflow_env import REPO, set_connections, set_variables
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from mailroom import pipeline
-from mailroom.outbox import Outbox
-from mailroom.payloads import Manifest
+from mailroom.batches import Manifest
+from mailroom.delivery.outbox import Outbox
+from mailroom.delivery.shards import guard_shard
 from mailroom.pipeline import ProjectPaths, Run
-from mailroom.sending import guard_shard
 
 
 def built_run(
@@ -23,7 +23,7 @@ def built_run(
     dry_run: bool = False,
 ) -> Run:
     """Prepare a run of ``campaign`` and run extract, validate, render and build on it."""
-    run = pipeline.prepare_run(
+    run = pipeline.prepare(
         paths,
         campaign=campaign,
         run_id=run_id,
@@ -31,10 +31,10 @@ def built_run(
         shard_count=shard_count,
         dry_run=dry_run,
     )
-    pipeline.extract(run, sql_url=users_url)
-    pipeline.validate(run)
-    pipeline.render(run, paths)
-    pipeline.build(run, secret=secret)
+    pipeline.extract_audience(run, sql_url=users_url)
+    pipeline.validate_audience(run)
+    pipeline.render_content(run, paths)
+    pipeline.build_envelopes(run, secret=secret)
     return run
 
 

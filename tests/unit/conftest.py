@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from mailroom.pipeline import ProjectPaths
-from mailroom.sendgrid_dev_server import SendGridDevServer
+from sendgrid_dev import SendGridDevServer
 
 REPO = Path(__file__).resolve().parents[2]
 PG_HOST, PG_PORT, PG_USER = "127.0.0.1", 5432, "postgres"

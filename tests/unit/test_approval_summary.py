@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from mailroom import pipeline
-from mailroom.approval_summary import (
+from mailroom.approval.summary import (
     MASKED_TOKEN,
     approval_markdown,
     approval_summary,
@@ -17,10 +17,10 @@ from mailroom.approval_summary import (
     decision_line,
     format_duration,
 )
-from mailroom.outbox import Outbox
-from mailroom.payloads import load_manifest
+from mailroom.audience.sample import SampleAudience, generate
+from mailroom.batches import load_manifest
+from mailroom.delivery.outbox import Outbox
 from mailroom.pipeline import ProjectPaths, Run
-from mailroom.sample_audience import SampleAudience, generate
 from support.runs import built_run
 
 pytestmark = pytest.mark.unit
@@ -48,10 +48,10 @@ def gated_run(
     )
     outbox = Outbox(f"sqlite:///{tmp / 'outbox.sqlite'}")
     try:
-        pipeline.freeze(run, outbox=outbox)
+        pipeline.freeze_batches(run, outbox=outbox)
     finally:
         outbox.dispose()
-    pipeline.gate(run, secret=SECRET)
+    pipeline.check_envelopes(run, secret=SECRET)
     return run, approval_summary(run, triggered_by="analyst")
 
 

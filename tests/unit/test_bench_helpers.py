@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from mailroom.campaign_spec import parse_campaign
-from mailroom.sendgrid_dev_server import SendGridDevServer, read_accepted
+from sendgrid_dev import SendGridDevServer, read_accepted
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 sys.path.insert(0, str(BENCH))
@@ -123,8 +123,14 @@ def test_breakdown_splits_each_task_and_the_run_adds_up() -> None:
          "start_date": _iso(t0 + 21), "end_date": _iso(t0 + 22)},
     ]  # fmt: skip
     records = [
-        {"stage": "extract", "shard": None, "start": t0 + 4, "end": t0 + 9, "peak_rss_mb": 300},
-        {"stage": "send", "shard": 1, "start": t0 + 17, "end": t0 + 19, "peak_rss_mb": 200},
+        {
+            "stage": "extract_audience",
+            "shard": None,
+            "start": t0 + 4,
+            "end": t0 + 9,
+            "peak_rss_mb": 300,
+        },
+        {"stage": "send_shard", "shard": 1, "start": t0 + 17, "end": t0 + 19, "peak_rss_mb": 200},
     ]
 
     result = e2e_airflow.breakdown(t0, tis, records)

@@ -9,10 +9,10 @@ import pytest
 import yaml
 
 from mailroom import pipeline
+from mailroom.delivery.transports.sendgrid import SendGridSettings, SendGridTransport
 from mailroom.errors import EnvelopeViolation
 from mailroom.pipeline import ProjectPaths
-from mailroom.sendgrid_dev_server import SendGridDevServer, accepted_recipients
-from mailroom.transports.sendgrid import SendGridSettings, SendGridTransport
+from sendgrid_dev import SendGridDevServer, accepted_recipients
 
 pytestmark = pytest.mark.unit
 SEEDS = ["qa@example-exchange.test", "compliance@example-exchange.test"]
@@ -26,7 +26,7 @@ def _run(tmp_path: Path, seeds: list[str]) -> pipeline.Run:
     spec["seed_list"] = seeds
     spec_path.write_text(yaml.safe_dump(spec))
     paths = ProjectPaths.under(include)
-    run = pipeline.prepare_run(
+    run = pipeline.prepare(
         paths,
         campaign="winter_update",
         run_id="manual__canary",
@@ -34,7 +34,7 @@ def _run(tmp_path: Path, seeds: list[str]) -> pipeline.Run:
         shard_count=1,
         dry_run=False,
     )
-    pipeline.render(run, paths)
+    pipeline.render_content(run, paths)
     return run
 
 
@@ -46,7 +46,7 @@ def test_canary_reaches_each_seed_once_per_locale_with_seed_values(
     tmp_path: Path, dev_server: SendGridDevServer
 ) -> None:
     run = _run(tmp_path, SEEDS)
-    outcome = pipeline.canary(run, secret=b"canary", transport=_transport(dev_server))
+    outcome = pipeline.canary_send(run, secret=b"canary", transport=_transport(dev_server))
     records = dev_server.accepted()
     assert len(records) == len(run.spec().locales)
     assert sorted(outcome["locales"]) == sorted(run.spec().locales)
@@ -62,7 +62,10 @@ def test_canary_reaches_each_seed_once_per_locale_with_seed_values(
 
 def test_no_seed_list_sends_nothing(tmp_path: Path, dev_server: SendGridDevServer) -> None:
     run = _run(tmp_path, [])
-    assert pipeline.canary(run, secret=b"canary", transport=_transport(dev_server))["sent"] is False
+    assert (
+        pipeline.canary_send(run, secret=b"canary", transport=_transport(dev_server))["sent"]
+        is False
+    )
     assert dev_server.stats().received == 0
 
 
@@ -70,7 +73,7 @@ def test_canary_goes_through_the_envelope_guard(
     tmp_path: Path, dev_server: SendGridDevServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     run = _run(tmp_path, SEEDS)
-    import mailroom.canary as canary_module
+    import mailroom.approval.canary as canary_module
 
     original = canary_module.sendgrid_request_body
 
@@ -87,5 +90,5 @@ def test_canary_goes_through_the_envelope_guard(
 
     monkeypatch.setattr(canary_module, "sendgrid_request_body", everyone_in_one_to)
     with pytest.raises(EnvelopeViolation):
-        pipeline.canary(run, secret=b"canary", transport=_transport(dev_server))
+        pipeline.canary_send(run, secret=b"canary", transport=_transport(dev_server))
     assert dev_server.stats().received == 0

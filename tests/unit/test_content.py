@@ -15,7 +15,7 @@ from babel.messages.catalog import Catalog
 from babel.messages.plurals import get_plural
 from babel.messages.pofile import read_po, write_po
 
-from mailroom.content import LocaleContent, render_all, render_locale
+from mailroom.content import LocaleContent, render_content, render_locale
 from mailroom.errors import ContentError
 from mailroom.substitutions import tags_in
 
@@ -139,7 +139,7 @@ def by_tag(root: Element, tag: str) -> list[Element]:
 
 @pytest.fixture(scope="module")
 def rendered() -> dict[str, LocaleContent]:
-    return render_all(
+    return render_content(
         TEMPLATES, TRANSLATIONS, "winter_update", locales=LOCALES, fields=FIELDS, campaign=CAMPAIGN
     )
 
@@ -291,7 +291,7 @@ def test_from_dict_rejects_malformed_payloads(payload: object) -> None:
 
 def test_render_all_needs_locales() -> None:
     with pytest.raises(ContentError, match="no locales"):
-        render_all(
+        render_content(
             TEMPLATES, TRANSLATIONS, "winter_update", locales=[], fields=FIELDS, campaign=CAMPAIGN
         )
 

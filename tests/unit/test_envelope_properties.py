@@ -23,12 +23,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mailroom.addresses import is_valid_single_address, normalise
+from mailroom.batches import sendgrid_request_body, serialise
 from mailroom.campaign_spec import CampaignSpec, load_campaign
-from mailroom.content import LocaleContent, render_all
-from mailroom.envelope_guard import recipients_of_body
+from mailroom.checks.envelope_guard import recipients_of_body
+from mailroom.content import LocaleContent, render_content
 from mailroom.envelopes import envelope_values
 from mailroom.errors import EnvelopeViolation
-from mailroom.payloads import sendgrid_request_body, serialise
 from mailroom.substitutions import substitution_tag
 from mailroom.unsubscribe import unsubscribe_token, verify_unsubscribe_token
 
@@ -58,7 +58,7 @@ def spec() -> CampaignSpec:
 @cache
 def contents() -> dict[str, LocaleContent]:
     s = spec()
-    return render_all(
+    return render_content(
         INCLUDE / "templates",
         INCLUDE / "translations",
         s.template,
@@ -299,7 +299,7 @@ def test_the_guard_finds_a_foreign_address_exactly_as_one_by_one(
 ) -> None:
     """Reading every personalization in one pass refuses exactly the requests that reading each
     on its own (``_shows_address`` on its ``_text_of``, the reference) refuses."""
-    from mailroom import envelope_guard as guard
+    from mailroom.checks import envelope_guard as guard
 
     recipients = [f"user{i}@example.com" for i in range(len(people))]
     personalizations: list[dict[str, Any]] = []

@@ -21,10 +21,10 @@ import pytest
 import sqlalchemy as sa
 
 import mailroom.envelopes as envelopes_module
-from mailroom.audience import extract_audience, snapshot_schema
-from mailroom.audience_validation import validate_audience
+from mailroom.audience.extract import extract_audience, snapshot_schema
+from mailroom.audience.validate import validate_audience
 from mailroom.campaign_spec import AudienceSource, CampaignSpec, load_campaign
-from mailroom.envelope_guard import values_digest
+from mailroom.checks.envelope_guard import values_digest
 from mailroom.envelopes import build_envelopes, clean_value, envelope_values
 from mailroom.errors import AudienceError, ValidationFailed
 from mailroom.unsubscribe import unsubscribe_token, verify_unsubscribe_token

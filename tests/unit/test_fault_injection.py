@@ -11,13 +11,14 @@ import pytest
 import yaml
 
 from mailroom import pipeline
-from mailroom.outbox import FINAL_STATES, SENT, UNKNOWN, Outbox
-from mailroom.payloads import load_manifest
+from mailroom.audience.sample import generate
+from mailroom.batches import load_manifest
+from mailroom.delivery.outbox import FINAL_STATES, SENT, UNKNOWN, Outbox
+from mailroom.delivery.rate import RetryPolicy, SharedRateLimiter
+from mailroom.delivery.shards import send_shard
+from mailroom.delivery.transports.sendgrid import SendGridSettings, SendGridTransport
 from mailroom.pipeline import ProjectPaths
-from mailroom.sample_audience import generate
-from mailroom.sendgrid_dev_server import Faults, SendGridDevServer, accepted_recipients
-from mailroom.sending import RetryPolicy, SharedRateLimiter, send_shard
-from mailroom.transports.sendgrid import SendGridSettings, SendGridTransport
+from sendgrid_dev import Faults, SendGridDevServer, accepted_recipients
 from support.runs import built_run
 
 pytestmark = pytest.mark.unit
@@ -42,8 +43,8 @@ def test_every_fault_at_once_ends_with_each_recipient_accounted_for(tmp_path: Pa
         secret=b"faults",
     )
     outbox = Outbox(f"sqlite:///{tmp_path / 'outbox.sqlite'}")
-    frozen = pipeline.freeze(run, outbox=outbox)
-    pipeline.guard(run, manifest_sha256=frozen["manifest_sha256"], outbox=outbox)
+    frozen = pipeline.freeze_batches(run, outbox=outbox)
+    pipeline.guard_shard(run, manifest_sha256=frozen["manifest_sha256"], outbox=outbox)
     manifest = load_manifest(run.staging.manifest)
 
     faults = Faults(

@@ -32,11 +32,8 @@ import pytest
 
 from mailroom import pipeline
 from mailroom.addresses import mask_addresses
-from mailroom.campaign_spec import CampaignSpec
-from mailroom.content import LocaleContent
-from mailroom.errors import EnvelopeViolation, MailroomError, ValidationFailed
-from mailroom.outbox import Outbox
-from mailroom.payloads import (
+from mailroom.audience.sample import generate
+from mailroom.batches import (
     BodyBuilder,
     Envelope,
     iter_envelopes_by_locale,
@@ -44,12 +41,15 @@ from mailroom.payloads import (
     personalization,
     sendgrid_request_body,
 )
+from mailroom.campaign_spec import CampaignSpec
+from mailroom.content import LocaleContent
+from mailroom.delivery.outbox import Outbox
+from mailroom.delivery.transports.sendgrid import SendGridSettings, SendGridTransport
+from mailroom.errors import EnvelopeViolation, MailroomError, ValidationFailed
 from mailroom.pipeline import ProjectPaths, Run
-from mailroom.sample_audience import generate
-from mailroom.sendgrid_dev_server import SendGridDevServer
 from mailroom.staging import RunStaging, read_json
 from mailroom.substitutions import substitution_tag
-from mailroom.transports.sendgrid import SendGridSettings, SendGridTransport
+from sendgrid_dev import SendGridDevServer
 from support.runs import built_run
 
 pytestmark = pytest.mark.unit
@@ -421,8 +421,9 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Prepared:
         secret=SECRET,
     )
     clean_run = copy_run(run, root / "baseline")
-    pipeline.freeze(clean_run, outbox=Outbox(f"sqlite:///{root / 'baseline.sqlite'}"))
-    pipeline.gate(clean_run, secret=SECRET)  # the unmutated run passes: the mutants are the cause
+    pipeline.freeze_batches(clean_run, outbox=Outbox(f"sqlite:///{root / 'baseline.sqlite'}"))
+    # The unmutated run passes: the mutants are the cause.
+    pipeline.check_envelopes(clean_run, secret=SECRET)
     manifest = load_manifest(clean_run.staging.manifest)
     assert len(manifest.batches) >= 2, "the mutants need at least two requests"
     baseline = {
@@ -448,7 +449,7 @@ def freeze_mutant(prepared: Prepared, mutant: Mutant, where: Path) -> Frozen:
     run = copy_run(prepared.run, where / "run")
     outbox = Outbox(f"sqlite:///{where / 'outbox.sqlite'}")
     builder = mutant.builder(run) if mutant.builder else None
-    summary = pipeline.freeze(run, outbox=outbox, build_body=builder)
+    summary = pipeline.freeze_batches(run, outbox=outbox, build_body=builder)
     if mutant.after_freeze:
         mutant.after_freeze(run)
     manifest = load_manifest(run.staging.manifest)
@@ -467,7 +468,7 @@ def send_everything(frozen: Frozen, server: SendGridDevServer) -> None:
     """What the DAG does after approval: every shard's guard pass, then every shard's send."""
     shards = frozen.summary["shards"]
     for shard in shards:
-        pipeline.guard(
+        pipeline.guard_shard(
             frozen.run,
             manifest_sha256=frozen.summary["manifest_sha256"],
             outbox=frozen.outbox,
@@ -476,7 +477,7 @@ def send_everything(frozen: Frozen, server: SendGridDevServer) -> None:
         )
     for shard in shards:
         transport = SendGridTransport(SendGridSettings("SG.test", server.url, timeout_seconds=10))
-        pipeline.send(
+        pipeline.send_shard(
             frozen.run,
             shard=shard,
             manifest_sha256=frozen.summary["manifest_sha256"],
@@ -589,7 +590,7 @@ def _check_layer(
 
 def _through_the_gate(frozen: Frozen, server: SendGridDevServer) -> tuple[bool, str]:
     try:
-        pipeline.gate(frozen.run, secret=SECRET)
+        pipeline.check_envelopes(frozen.run, secret=SECRET)
     except ValidationFailed:
         return True, ", ".join(_gate_failures(frozen.run))
     # Approval would now be asked for and the run would send: see what would have left.

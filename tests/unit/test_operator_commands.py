@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from mailroom.cli.main import main
-from mailroom.outbox import SENDING, UNKNOWN, Outbox, StagedBatch
+from mailroom.delivery.outbox import SENDING, UNKNOWN, Outbox, StagedBatch
 
 pytestmark = pytest.mark.unit
 RUN = "winter_update/manual__ops"

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from mailroom.outbox import (
+from mailroom.delivery.outbox import (
     ALL_STATES,
     FAILED,
     HALTED,

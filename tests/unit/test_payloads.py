@@ -19,13 +19,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mailroom import pipeline
+from mailroom.audience.sample import generate
+from mailroom.batches import freeze_batches, sendgrid_request_body
 from mailroom.campaign_spec import CampaignSpec, load_campaign
 from mailroom.content import LocaleContent
 from mailroom.envelopes import build_envelopes
 from mailroom.json_columns import json_objects, json_strings
-from mailroom.payloads import freeze_batches, sendgrid_request_body
 from mailroom.pipeline import ProjectPaths
-from mailroom.sample_audience import generate
 from support.runs import built_run
 
 pytestmark = pytest.mark.unit

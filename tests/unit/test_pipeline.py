@@ -11,6 +11,10 @@ from typing import Any
 import pytest
 
 from mailroom import pipeline
+from mailroom.audience.sample import SampleAudience, generate
+from mailroom.batches import BatchEntry, load_manifest, sendgrid_request_body
+from mailroom.delivery.outbox import Outbox
+from mailroom.delivery.transports.sendgrid import SendGridSettings, SendGridTransport
 from mailroom.errors import (
     AudienceError,
     CampaignSpecError,
@@ -18,12 +22,8 @@ from mailroom.errors import (
     EnvelopeViolation,
     ValidationFailed,
 )
-from mailroom.outbox import Outbox
-from mailroom.payloads import BatchEntry, load_manifest, sendgrid_request_body
 from mailroom.pipeline import ProjectPaths, Run
-from mailroom.sample_audience import SampleAudience, generate
-from mailroom.sendgrid_dev_server import SendGridDevServer, accepted_recipients
-from mailroom.transports.sendgrid import SendGridSettings, SendGridTransport
+from sendgrid_dev import SendGridDevServer, accepted_recipients
 from support.runs import built_run
 
 pytestmark = pytest.mark.unit
@@ -53,7 +53,7 @@ def run_batches(run: Run, shard: int, count: int) -> list[BatchEntry]:
 def guard_all(run: Run, frozen: dict[str, Any], outbox: Outbox) -> None:
     """What the DAG's guard_shard tasks do after approval: the guard on every request."""
     for shard in frozen["shards"]:
-        pipeline.guard(
+        pipeline.guard_shard(
             run,
             manifest_sha256=frozen["manifest_sha256"],
             outbox=outbox,
@@ -66,7 +66,7 @@ def send_all(run: Run, frozen: dict[str, Any], outbox: Outbox, server: SendGridD
     guard_all(run, frozen, outbox)
     for shard in frozen["shards"]:
         transport = SendGridTransport(SendGridSettings("SG.test", server.url, timeout_seconds=10))
-        pipeline.send(
+        pipeline.send_shard(
             run,
             shard=shard,
             manifest_sha256=frozen["manifest_sha256"],
@@ -84,8 +84,8 @@ def test_every_valid_recipient_gets_exactly_one_envelope(
 ) -> None:
     run = prepared(tmp_path, project_paths, audience)
     outbox = Outbox(f"sqlite:///{tmp_path / 'outbox.sqlite'}")
-    frozen = pipeline.freeze(run, outbox=outbox)
-    pipeline.gate(run, secret=SECRET)
+    frozen = pipeline.freeze_batches(run, outbox=outbox)
+    pipeline.check_envelopes(run, secret=SECRET)
     send_all(run, frozen, outbox, dev_server)
 
     records = dev_server.accepted()
@@ -97,7 +97,7 @@ def test_every_valid_recipient_gets_exactly_one_envelope(
             assert len(item["to"]) == 1
             assert "cc" not in item
             assert "bcc" not in item
-    report = pipeline.report(
+    report = pipeline.reconcile(
         run, outbox=outbox, approval={"decision": "approved", "by": "approver"}
     )
     assert report["status"] == "sent"
@@ -117,7 +117,7 @@ def test_each_recipient_sees_only_their_own_values(
 ) -> None:
     run = prepared(tmp_path, project_paths, audience, shards=1)
     outbox = Outbox(f"sqlite:///{tmp_path / 'outbox.sqlite'}")
-    frozen = pipeline.freeze(run, outbox=outbox)
+    frozen = pipeline.freeze_batches(run, outbox=outbox)
     send_all(run, frozen, outbox, dev_server)
     import sqlite3
 
@@ -159,9 +159,9 @@ def test_the_2019_change_is_stopped_by_the_gate_and_by_the_guard(
 
     run = prepared(tmp_path, project_paths, audience)
     outbox = Outbox(f"sqlite:///{tmp_path / 'outbox.sqlite'}")
-    frozen = pipeline.freeze(run, outbox=outbox, build_body=everyone_in_one_to)
+    frozen = pipeline.freeze_batches(run, outbox=outbox, build_body=everyone_in_one_to)
     with pytest.raises(ValidationFailed, match="n_to"):
-        pipeline.gate(run, secret=SECRET)
+        pipeline.check_envelopes(run, secret=SECRET)
     # Without the gate, the guard inside the transport refuses the first request.
     with pytest.raises(EnvelopeViolation, match="recipients in 'to', not 1"):
         send_all(run, frozen, outbox, dev_server)
@@ -188,7 +188,7 @@ def test_a_freeze_that_fails_midway_stages_nothing(
     run = prepared(tmp_path, project_paths, audience)
     outbox = Outbox(f"sqlite:///{tmp_path / 'outbox.sqlite'}")
     with pytest.raises(RuntimeError, match="disk full"):
-        pipeline.freeze(run, outbox=outbox, build_body=fails_on_the_third)
+        pipeline.freeze_batches(run, outbox=outbox, build_body=fails_on_the_third)
     assert outbox.manifest_sha256(run.run_key) is None
     assert outbox.states(run.run_key) == {}
     with outbox.engine.connect() as conn:
@@ -197,7 +197,7 @@ def test_a_freeze_that_fails_midway_stages_nothing(
         ).scalar_one()
     assert left == 0
 
-    frozen = pipeline.freeze(run, outbox=outbox)
+    frozen = pipeline.freeze_batches(run, outbox=outbox)
     assert outbox.manifest_sha256(run.run_key) == frozen["manifest_sha256"]
     staged = sum(len(outbox.batch_members(run.run_key, b)) for b in outbox.states(run.run_key))
     assert staged == frozen["recipients"] == len(audience.expected)
@@ -211,13 +211,13 @@ def test_a_payload_edited_after_freezing_is_refused(
 ) -> None:
     run = prepared(tmp_path, project_paths, audience)
     outbox = Outbox(f"sqlite:///{tmp_path / 'outbox.sqlite'}")
-    frozen = pipeline.freeze(run, outbox=outbox)
+    frozen = pipeline.freeze_batches(run, outbox=outbox)
     first = sorted(run.staging.payloads_dir.glob("en-*.json"))[0]
     body = json.loads(first.read_bytes())
     body["subject"] = "Urgent: verify your wallet"
     first.write_bytes(json.dumps(body).encode())
     with pytest.raises(ValidationFailed, match="digest_matches"):
-        pipeline.gate(run, secret=SECRET)
+        pipeline.check_envelopes(run, secret=SECRET)
     with pytest.raises(EnvelopeViolation, match="not in the approved manifest"):
         send_all(run, frozen, outbox, dev_server)
     assert dev_server.accepted() == []
@@ -247,7 +247,7 @@ def test_a_broken_body_in_the_last_request_stops_the_run_before_its_first_reques
         return body
 
     outbox = Outbox(f"sqlite:///{tmp_path / 'outbox.sqlite'}")
-    frozen = pipeline.freeze(run, outbox=outbox, build_body=last_one_broken)
+    frozen = pipeline.freeze_batches(run, outbox=outbox, build_body=last_one_broken)
     assert calls == plan_size
     with pytest.raises(EnvelopeViolation, match="shows the address of another recipient"):
         send_all(run, frozen, outbox, dev_server)
@@ -255,7 +255,7 @@ def test_a_broken_body_in_the_last_request_stops_the_run_before_its_first_reques
     states = Counter(s.state for s in outbox.states(run.run_key).values())
     assert states == {"failed": 1, "halted": frozen["requests"] - 1}
     assert outbox.halt_requested(run.run_key)
-    report = pipeline.report(run, outbox=outbox, approval={"decision": "approved", "by": "a"})
+    report = pipeline.reconcile(run, outbox=outbox, approval={"decision": "approved", "by": "a"})
     assert report["balanced"] is True
     assert report["outbox"]["sent"]["recipients"] == 0
 
@@ -268,7 +268,7 @@ def test_no_shard_sends_before_the_guard_has_cleared_every_request(
 ) -> None:
     run = prepared(tmp_path, project_paths, audience, shards=2)
     outbox = Outbox(f"sqlite:///{tmp_path / 'outbox.sqlite'}")
-    frozen = pipeline.freeze(run, outbox=outbox)
+    frozen = pipeline.freeze_batches(run, outbox=outbox)
     transport = SendGridTransport(SendGridSettings("SG.test", dev_server.url, timeout_seconds=10))
     send_one = {
         "shard": 0,
@@ -278,18 +278,18 @@ def test_no_shard_sends_before_the_guard_has_cleared_every_request(
         "shard_count": 2,
     }
     with pytest.raises(EnvelopeViolation, match="have not been cleared by the envelope guard"):
-        pipeline.send(run, **send_one)
+        pipeline.send_shard(run, **send_one)
     # Shard 0 cleared, shard 1 not yet: shard 0 still waits for the whole run.
-    pipeline.guard(
+    pipeline.guard_shard(
         run, manifest_sha256=frozen["manifest_sha256"], outbox=outbox, shard=0, shard_count=2
     )
     with pytest.raises(EnvelopeViolation, match="have not been cleared"):
-        pipeline.send(run, **send_one)
+        pipeline.send_shard(run, **send_one)
     assert dev_server.stats().received == 0
-    pipeline.guard(
+    pipeline.guard_shard(
         run, manifest_sha256=frozen["manifest_sha256"], outbox=outbox, shard=1, shard_count=2
     )
-    assert pipeline.send(run, **send_one)["states"] == {"sent": len(run_batches(run, 0, 2))}
+    assert pipeline.send_shard(run, **send_one)["states"] == {"sent": len(run_batches(run, 0, 2))}
 
 
 def test_a_body_edited_after_the_guard_cleared_it_is_refused_when_it_is_sent(
@@ -301,7 +301,7 @@ def test_a_body_edited_after_the_guard_cleared_it_is_refused_when_it_is_sent(
     """Cleared is not a pass to send: each request is guarded again on the bytes that leave."""
     run = prepared(tmp_path, project_paths, audience, shards=1)
     outbox = Outbox(f"sqlite:///{tmp_path / 'outbox.sqlite'}")
-    frozen = pipeline.freeze(run, outbox=outbox)
+    frozen = pipeline.freeze_batches(run, outbox=outbox)
     guard_all(run, frozen, outbox)
     last = run_batches(run, 0, 1)[-1]
     path = run.staging.payloads_dir / last.file
@@ -310,7 +310,7 @@ def test_a_body_edited_after_the_guard_cleared_it_is_refused_when_it_is_sent(
     path.write_bytes(json.dumps(body).encode())
     transport = SendGridTransport(SendGridSettings("SG.test", dev_server.url, timeout_seconds=10))
     with pytest.raises(EnvelopeViolation, match="not in the approved manifest"):
-        pipeline.send(
+        pipeline.send_shard(
             run,
             shard=0,
             manifest_sha256=frozen["manifest_sha256"],
@@ -331,7 +331,7 @@ def test_a_manifest_swapped_after_approval_is_refused(
 ) -> None:
     run = prepared(tmp_path, project_paths, audience)
     outbox = Outbox(f"sqlite:///{tmp_path / 'outbox.sqlite'}")
-    frozen = pipeline.freeze(run, outbox=outbox)
+    frozen = pipeline.freeze_batches(run, outbox=outbox)
     manifest = json.loads(run.staging.manifest.read_text())
     manifest["batches"] = manifest["batches"][:1]
     run.staging.manifest.write_text(json.dumps(manifest))
@@ -342,7 +342,7 @@ def test_a_manifest_swapped_after_approval_is_refused(
 
 def test_unknown_campaign_is_a_clear_error(tmp_path: Path, project_paths: ProjectPaths) -> None:
     with pytest.raises(CampaignSpecError, match=r"unknown campaign 'no_such'.*winter_update"):
-        pipeline.prepare_run(
+        pipeline.prepare(
             project_paths,
             campaign="no_such",
             run_id="r",
@@ -355,7 +355,7 @@ def test_unknown_campaign_is_a_clear_error(tmp_path: Path, project_paths: Projec
 def test_unreachable_users_database_is_a_clear_error(
     tmp_path: Path, project_paths: ProjectPaths
 ) -> None:
-    run = pipeline.prepare_run(
+    run = pipeline.prepare(
         project_paths,
         campaign="winter_update",
         run_id="r",
@@ -364,7 +364,7 @@ def test_unreachable_users_database_is_a_clear_error(
         dry_run=False,
     )
     with pytest.raises(AudienceError, match="cannot read the audience database"):
-        pipeline.extract(run, sql_url="postgresql+psycopg2://nobody@127.0.0.1:1/users")
+        pipeline.extract_audience(run, sql_url="postgresql+psycopg2://nobody@127.0.0.1:1/users")
 
 
 def _copy_include(tmp_path: Path, project_paths: ProjectPaths) -> ProjectPaths:
@@ -382,7 +382,7 @@ def test_template_with_an_undefined_variable_fails_render(
         "{% block content %}", "{% block content %}{{ recipient.account_balance }}", 1
     )
     body.write_text(text)
-    run = pipeline.prepare_run(
+    run = pipeline.prepare(
         paths,
         campaign="winter_update",
         run_id="r",
@@ -391,7 +391,7 @@ def test_template_with_an_undefined_variable_fails_render(
         dry_run=False,
     )
     with pytest.raises(ContentError, match="account_balance"):
-        pipeline.render(run, paths)
+        pipeline.render_content(run, paths)
 
 
 def test_missing_translation_catalog_fails_render(
@@ -399,7 +399,7 @@ def test_missing_translation_catalog_fails_render(
 ) -> None:
     paths = _copy_include(tmp_path, project_paths)
     shutil.rmtree(paths.translations / "ja")
-    run = pipeline.prepare_run(
+    run = pipeline.prepare(
         paths,
         campaign="winter_update",
         run_id="r",
@@ -408,14 +408,14 @@ def test_missing_translation_catalog_fails_render(
         dry_run=False,
     )
     with pytest.raises(ContentError, match="ja"):
-        pipeline.render(run, paths)
+        pipeline.render_content(run, paths)
 
 
 def test_template_syntax_error_fails_render(tmp_path: Path, project_paths: ProjectPaths) -> None:
     paths = _copy_include(tmp_path, project_paths)
     body = paths.templates / "winter_update" / "body.html"
     body.write_text(body.read_text().replace("{% endblock %}", "{% endblok %}", 1))
-    run = pipeline.prepare_run(
+    run = pipeline.prepare(
         paths,
         campaign="winter_update",
         run_id="r",
@@ -424,4 +424,4 @@ def test_template_syntax_error_fails_render(tmp_path: Path, project_paths: Proje
         dry_run=False,
     )
     with pytest.raises(ContentError, match=r"body\.html"):
-        pipeline.render(run, paths)
+        pipeline.render_content(run, paths)

@@ -31,14 +31,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mailroom import pipeline, quality_gate
+from mailroom import pipeline
+from mailroom.audience.sample import generate
+from mailroom.batches import load_manifest, serialise
 from mailroom.campaign_spec import CampaignSpec, Unsubscribe, load_campaign
+from mailroom.checks import quality_gate
+from mailroom.delivery.outbox import Outbox
 from mailroom.envelopes import envelope_value_columns, envelope_values
 from mailroom.errors import ValidationFailed
-from mailroom.outbox import Outbox
-from mailroom.payloads import load_manifest, serialise
 from mailroom.pipeline import ProjectPaths, Run
-from mailroom.sample_audience import generate
 from mailroom.staging import RunStaging, read_json
 from mailroom.unsubscribe import TokensInBackground, unsubscribe_token, unsubscribe_tokens
 from support.runs import built_run
@@ -72,7 +73,7 @@ def clean_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
     )
     outbox = Outbox(f"sqlite:///{root / 'outbox.sqlite'}")
     try:
-        pipeline.freeze(run, outbox=outbox)
+        pipeline.freeze_batches(run, outbox=outbox)
     finally:
         outbox.dispose()
     assert len(load_manifest(run.staging.manifest).batches) >= 3
@@ -373,7 +374,7 @@ def gate_pages(run: Run) -> dict[Path, str]:
 
 def test_data_docs_are_kept_with_a_passing_run(clean_run: Run, tmp_path: Path) -> None:
     run = copy_run(clean_run, tmp_path / "run")
-    summary = pipeline.gate(run, secret=SECRET)
+    summary = pipeline.check_envelopes(run, secret=SECRET)
     assert summary["success"]
     result = read_json(run.staging.gate_result)
     assert result["data_docs"] == "gate/data_docs/index.html"
@@ -403,7 +404,7 @@ def test_data_docs_of_a_failing_gate_name_the_checks_but_no_address(
     path.write_bytes(serialise(body))
 
     with pytest.raises(ValidationFailed, match="values_match"):
-        pipeline.gate(run, secret=SECRET)
+        pipeline.check_envelopes(run, secret=SECRET)
 
     result = read_json(run.staging.gate_result)
     failed = {
@@ -439,7 +440,7 @@ def test_a_run_of_unreadable_bodies_fails_the_gate_with_its_docs(
     for entry in load_manifest(run.staging.manifest).batches:
         (run.staging.payloads_dir / entry.file).write_bytes(b"to: everyone")
     with pytest.raises(ValidationFailed, match="json_object"):
-        pipeline.gate(run, secret=SECRET)
+        pipeline.check_envelopes(run, secret=SECRET)
     result = read_json(run.staging.gate_result)
     assert result["personalizations"] == 0
     assert (run.staging.root / result["data_docs"]).is_file()
@@ -450,7 +451,7 @@ def test_data_docs_replace_those_of_an_earlier_attempt(clean_run: Run, tmp_path:
     stale = run.staging.gate_data_docs / "validations" / "stale.html"
     stale.parent.mkdir(parents=True)
     stale.write_text("from an earlier attempt")
-    pipeline.gate(run, secret=SECRET)
+    pipeline.check_envelopes(run, secret=SECRET)
     assert not stale.exists()
     assert (run.staging.gate_data_docs / "index.html").is_file()
 

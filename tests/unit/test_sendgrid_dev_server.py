@@ -20,7 +20,7 @@ from sendgrid import SendGridAPIClient
 from sendgrid.helpers.mail import Mail
 
 from mailroom.errors import MailroomError
-from mailroom.sendgrid_dev_server import (
+from sendgrid_dev import (
     ACCEPTED_FILE_NAME,
     DevServerError,
     Faults,
@@ -28,7 +28,7 @@ from mailroom.sendgrid_dev_server import (
     accepted_recipients,
     read_accepted,
 )
-from mailroom.sendgrid_dev_server.__main__ import READY_PREFIX
+from sendgrid_dev.__main__ import READY_PREFIX
 
 pytestmark = pytest.mark.unit
 
@@ -732,7 +732,7 @@ def test_cli_server_in_another_process_records_to_the_data_dir(tmp_path: Path) -
         [
             sys.executable,
             "-m",
-            "mailroom.sendgrid_dev_server",
+            "sendgrid_dev",
             "--port",
             "0",
             "--data-dir",
@@ -780,7 +780,7 @@ def test_cli_server_in_another_process_records_to_the_data_dir(tmp_path: Path) -
 
 def test_cli_refuses_bad_fault_flags() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "mailroom.sendgrid_dev_server", "--status-429-every", "-2"],
+        [sys.executable, "-m", "sendgrid_dev", "--status-429-every", "-2"],
         capture_output=True,
         text=True,
         env={**os.environ, "PYTHONPATH": str(SRC_DIR)},

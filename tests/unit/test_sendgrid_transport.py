@@ -21,15 +21,25 @@ from typing import Any
 
 import pytest
 
-from mailroom.envelope_guard import ApprovedManifest, GuardedBody
+from mailroom.batches import BatchEntry, Manifest, serialise
+from mailroom.checks.envelope_guard import ApprovedManifest, GuardedBody
+from mailroom.delivery.outbox import (
+    FAILED,
+    HALTED,
+    SENDING,
+    SENT,
+    STAGED,
+    UNKNOWN,
+    Outbox,
+    StagedBatch,
+)
+from mailroom.delivery.rate import RateLimiter, RetryPolicy
+from mailroom.delivery.shards import send_shard
+from mailroom.delivery.transports.base import Delivery, Transport
+from mailroom.delivery.transports.file import FileTransport
+from mailroom.delivery.transports.sendgrid import SendGridSettings, SendGridTransport
 from mailroom.errors import EnvelopeViolation, TransportError
-from mailroom.outbox import FAILED, HALTED, SENDING, SENT, STAGED, UNKNOWN, Outbox, StagedBatch
-from mailroom.payloads import BatchEntry, Manifest, serialise
-from mailroom.sendgrid_dev_server import Faults, SendGridDevServer, accepted_recipients
-from mailroom.sending import RateLimiter, RetryPolicy, send_shard
-from mailroom.transports.base import Delivery, Transport
-from mailroom.transports.file import FileTransport
-from mailroom.transports.sendgrid import SendGridSettings, SendGridTransport
+from sendgrid_dev import Faults, SendGridDevServer, accepted_recipients
 from support.runs import guard_every_request
 
 pytestmark = pytest.mark.unit
@@ -526,7 +536,12 @@ def test_no_log_record_names_a_recipient_while_sending(
     server: SendGridDevServer, staged: Staged, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    for name in ("mailroom", "mailroom.sending", "mailroom.outbox", "mailroom.transports"):
+    for name in (
+        "mailroom",
+        "mailroom.delivery.shards",
+        "mailroom.delivery.outbox",
+        "mailroom.delivery.transports",
+    ):
         caplog.set_level(logging.DEBUG, logger=name)
     server.set_faults(Faults(status_5xx_every=3, status_429_every=5, drop_after_accept_every=4))
 
@@ -539,7 +554,7 @@ def test_no_log_record_names_a_recipient_while_sending(
         staged.send(transport, retry=RetryPolicy(max_attempts=1), log_every=1)
 
     assert any(
-        r.name.startswith("mailroom.sending") and r.levelno == logging.WARNING
+        r.name.startswith("mailroom.delivery.shards") and r.levelno == logging.WARNING
         for r in caplog.records
     ), "the faults should have been logged"
     assert any(r.levelno == logging.ERROR for r in caplog.records)

@@ -12,14 +12,15 @@ import pytest
 import yaml
 
 from mailroom import pipeline
+from mailroom.audience.sample import generate
+from mailroom.batches import load_manifest
+from mailroom.delivery.outbox import HALTED, SENT, Outbox
+from mailroom.delivery.rate import RetryPolicy, SharedRateLimiter
+from mailroom.delivery.shards import send_shard
+from mailroom.delivery.transports.sendgrid import SendGridSettings, SendGridTransport
 from mailroom.errors import EnvelopeViolation
-from mailroom.outbox import HALTED, SENT, Outbox
-from mailroom.payloads import load_manifest
 from mailroom.pipeline import ProjectPaths, Run
-from mailroom.sample_audience import generate
-from mailroom.sendgrid_dev_server import Faults, SendGridDevServer, accepted_recipients
-from mailroom.sending import RetryPolicy, SharedRateLimiter, send_shard
-from mailroom.transports.sendgrid import SendGridSettings, SendGridTransport
+from sendgrid_dev import Faults, SendGridDevServer, accepted_recipients
 from support.runs import built_run
 
 pytestmark = pytest.mark.unit
@@ -53,9 +54,9 @@ def frozen_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Run, dict[str,
 def _fresh(frozen_run: tuple[Run, dict[str, Any], Path], tmp_path: Path) -> tuple[Run, Outbox, str]:
     run, _, _ = frozen_run
     outbox = Outbox(f"sqlite:///{tmp_path / 'outbox.sqlite'}")
-    frozen = pipeline.freeze(run, outbox=outbox)
+    frozen = pipeline.freeze_batches(run, outbox=outbox)
     # What the DAG's guard_shard tasks do after approval, before any shard sends.
-    pipeline.guard(run, manifest_sha256=frozen["manifest_sha256"], outbox=outbox)
+    pipeline.guard_shard(run, manifest_sha256=frozen["manifest_sha256"], outbox=outbox)
     return run, outbox, frozen["manifest_sha256"]
 
 

@@ -28,20 +28,21 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
-from mailroom.envelope_guard import ApprovedManifest, values_digest
-from mailroom.errors import EnvelopeViolation, TransportError
-from mailroom.outbox import FAILED, HALTED, SENDING, SENT, STAGED, UNKNOWN, Member, Outbox
-from mailroom.outbox import StagedBatch as OutboxBatch
-from mailroom.payloads import BatchEntry, Manifest, serialise, sha256_hex
-from mailroom.sending import RateLimiter, RetryPolicy, send_shard
-from mailroom.transports.base import MemoryLedger
-from mailroom.transports.file import FileTransport
-from mailroom.transports.smtp import (
+from mailroom.batches import BatchEntry, Manifest, serialise, sha256_hex
+from mailroom.checks.envelope_guard import ApprovedManifest, values_digest
+from mailroom.delivery.outbox import FAILED, HALTED, SENDING, SENT, STAGED, UNKNOWN, Member, Outbox
+from mailroom.delivery.outbox import StagedBatch as OutboxBatch
+from mailroom.delivery.rate import RateLimiter, RetryPolicy
+from mailroom.delivery.shards import send_shard
+from mailroom.delivery.transports.base import MemoryLedger
+from mailroom.delivery.transports.file import FileTransport
+from mailroom.delivery.transports.smtp import (
     SmtpSettings,
     SmtpTransport,
     build_mime_message,
     check_mime_message,
 )
+from mailroom.errors import EnvelopeViolation, TransportError
 from support.runs import guard_every_request
 
 pytestmark = pytest.mark.unit
@@ -401,7 +402,7 @@ def test_every_recipient_gets_one_message_to_them_alone_with_their_own_values(
     server = smtp_server()
     run = stage_run(6)
     checked: list[bytes] = []
-    import mailroom.transports.smtp as smtp_module
+    import mailroom.delivery.transports.smtp as smtp_module
 
     real_check = smtp_module.check_mime_message
 

@@ -16,15 +16,15 @@ from typing import Any
 import pytest
 
 from mailroom import pipeline
-from mailroom.approval_summary import approval_summary
-from mailroom.outbox import Outbox
-from mailroom.payloads import load_manifest
+from mailroom.approval.summary import approval_summary
+from mailroom.audience.sample import SampleAudience, generate
+from mailroom.batches import load_manifest
+from mailroom.delivery.outbox import Outbox
+from mailroom.delivery.transports.sendgrid import SendGridSettings, SendGridTransport
 from mailroom.pipeline import ProjectPaths, Run
-from mailroom.sample_audience import SampleAudience, generate
-from mailroom.sendgrid_dev_server import SendGridDevServer, accepted_recipients
 from mailroom.staging import read_json, run_location, write_json
 from mailroom.staging_store import MANIFEST, SPEC, STAGES, RunStore, StagingError
-from mailroom.transports.sendgrid import SendGridSettings, SendGridTransport
+from sendgrid_dev import SendGridDevServer, accepted_recipients
 from support.s3_server import SECRET, S3Server, threaded_s3_server
 
 pytestmark = pytest.mark.unit
@@ -63,7 +63,7 @@ def prepare(s3: S3Server, prefix: str, shards: int = SHARDS) -> dict[str, Any]:
     root = s3.url(prefix)
     store = RunStore(run_location(root, "winter_update", "manual__s3"), **_opts(s3))
     with store.working_copy("prepare") as folder:
-        run = pipeline.prepare_run(
+        run = pipeline.prepare(
             ProjectPaths.under(REPO / "include"),
             campaign="winter_update",
             run_id="manual__s3",
@@ -88,18 +88,18 @@ def frozen(
     outbox_url = f"sqlite:///{tmp_path_factory.mktemp('outbox') / 'outbox.sqlite'}"
     paths = ProjectPaths.under(REPO / "include")
     with in_stage(s3, xcom, "extract_audience") as run:
-        pipeline.extract(run, sql_url=audience.url())
+        pipeline.extract_audience(run, sql_url=audience.url())
     with in_stage(s3, xcom, "validate_audience") as run:
-        pipeline.validate(run)
+        pipeline.validate_audience(run)
     with in_stage(s3, xcom, "render_content") as run:
-        pipeline.render(run, paths)
+        pipeline.render_content(run, paths)
     with in_stage(s3, xcom, "build_envelopes") as run:
-        pipeline.build(run, secret=UNSUBSCRIBE_SECRET)
+        pipeline.build_envelopes(run, secret=UNSUBSCRIBE_SECRET)
     outbox = Outbox(outbox_url)
     try:
         store = RunStore(xcom["run_dir"], **_opts(s3))
         with in_stage(s3, xcom, "freeze_batches", store=store) as run:
-            result = pipeline.freeze(run, outbox=outbox)
+            result = pipeline.freeze_batches(run, outbox=outbox)
         # The manifest goes up after every request body it names.
         assert list(store.last.uploaded)[-1] == MANIFEST
     finally:
@@ -116,7 +116,7 @@ def test_a_whole_run_goes_through_the_object_store(
     xcom, result, outbox_url = frozen
     assert xcom["run_dir"] == s3.url("frozen/winter_update/manual__s3")
     with in_stage(s3, xcom, "check_envelopes") as run:
-        gate = pipeline.gate(run, secret=UNSUBSCRIBE_SECRET)
+        gate = pipeline.check_envelopes(run, secret=UNSUBSCRIBE_SECRET)
     assert gate["success"] is True
     with in_stage(s3, xcom, "summarise") as run:
         summary = approval_summary(run, triggered_by="analyst")
@@ -129,7 +129,7 @@ def test_a_whole_run_goes_through_the_object_store(
         count = len(result["shards"])
         for shard in result["shards"]:
             with in_stage(s3, xcom, "guard_shard", shard=(shard, count)) as run:
-                pipeline.guard(
+                pipeline.guard_shard(
                     run,
                     manifest_sha256=result["manifest_sha256"],
                     outbox=outbox,
@@ -138,7 +138,7 @@ def test_a_whole_run_goes_through_the_object_store(
                 )
         for shard in result["shards"]:
             with in_stage(s3, xcom, "send_shard", shard=(shard, count)) as run:
-                pipeline.send(
+                pipeline.send_shard(
                     run,
                     shard=shard,
                     manifest_sha256=result["manifest_sha256"],
@@ -150,7 +150,7 @@ def test_a_whole_run_goes_through_the_object_store(
                 )
         with in_stage(s3, xcom, "reconcile") as run:
             approval = read_json(run.staging.approval)
-            report = pipeline.report(run, outbox=outbox, approval=approval)
+            report = pipeline.reconcile(run, outbox=outbox, approval=approval)
     finally:
         outbox.dispose()
 
@@ -320,7 +320,7 @@ def test_every_task_of_the_dag_opens_a_declared_stage() -> None:
     }
     opened = {
         str(arg.value)
-        for call in calls(REPO / "plugins" / "mailroom_airflow" / "stages.py")
+        for call in calls(REPO / "src" / "mailroom_airflow" / "tasks.py")
         if name(call) in {"_working", "working_copy"}
         for arg in call.args
         if isinstance(arg, ast.Constant)

@@ -22,11 +22,11 @@ from typing import Any
 
 import requests
 
+from mailroom.audience.sample import SampleAudience, generate
 from mailroom.cli.airflow_api import AirflowApi, AirflowApiError
 from mailroom.cli.approvals import APPROVE, REJECT, Approvals
 from mailroom.cli.approvals import render as render_approval
 from mailroom.cli.local_airflow import LocalAirflow, free_port
-from mailroom.sample_audience import SampleAudience, generate
 
 DAG_ID = "mailroom_campaign"
 CAMPAIGN = "winter_update"
@@ -146,7 +146,7 @@ class Demo:
             [
                 sys.executable,
                 "-m",
-                "mailroom.sendgrid_dev_server",
+                "sendgrid_dev",
                 "--port",
                 str(port),
                 "--data-dir",
@@ -171,7 +171,7 @@ class Demo:
         raise RuntimeError(f"the dev server did not start; see {log}")
 
     def verify_received(self, audience: SampleAudience) -> bool:
-        from mailroom.sendgrid_dev_server import accepted_recipients, read_accepted
+        from sendgrid_dev import accepted_recipients, read_accepted
 
         records = read_accepted(self.dev_server_dir)
         received = Counter(e.lower() for e in accepted_recipients(records))

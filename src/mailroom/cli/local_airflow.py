@@ -114,7 +114,6 @@ class LocalAirflow:
             "PYTHONPATH": os.pathsep.join(
                 [
                     str(self.repo / "src"),
-                    str(self.repo / "plugins"),
                     os.environ.get("PYTHONPATH", ""),
                 ]
             ),

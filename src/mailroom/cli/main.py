@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
     if args.command == "sample-audience":
-        from mailroom.sample_audience import generate
+        from mailroom.audience.sample import generate
 
         result = generate(args.path, users=args.users)
         print(f"{result.path}: {result.users} users, {len(result.expected)} should receive mail")

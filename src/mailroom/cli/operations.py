@@ -14,7 +14,7 @@ import os
 import sys
 from typing import Any
 
-from mailroom.outbox import FAILED, UNKNOWN, Outbox
+from mailroom.delivery.outbox import FAILED, UNKNOWN, Outbox
 
 
 def add_commands(sub: Any) -> None:

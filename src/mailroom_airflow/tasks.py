@@ -1,5 +1,9 @@
 """Task bodies: resolve Airflow connections and variables, then call the domain pipeline.
 
+Each function is named like its task and calls the ``mailroom.pipeline`` function of the same
+name. The DAG file imports this module while it is parsed, so the domain package (pandas, Arrow,
+Great Expectations, Babel, the SendGrid SDK) is imported only inside the bodies, when a task runs.
+
 Each body works on its run's folder through ``_working``: the folder itself when staging is
 local, a working copy with the stage's declared inputs when it is on object storage.
 """
@@ -9,17 +13,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from airflow.sdk.exceptions import AirflowFailException
 
-from mailroom import pipeline
-from mailroom.approval_summary import approval_markdown, approval_summary, decision_line
 from mailroom.errors import EnvelopeViolation, MailroomError
-from mailroom.outbox import Outbox
-from mailroom.pipeline import Run
+from mailroom.run import Run
 from mailroom.staging import read_json, run_location, write_json
 from mailroom_airflow import settings
+
+if TYPE_CHECKING:
+    from mailroom.delivery.outbox import Outbox
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +37,24 @@ def _working(
         yield Run.from_xcom(prepared, working_dir=folder)
 
 
+@contextmanager
+def _outbox() -> Iterator[Outbox]:
+    from mailroom.delivery.outbox import Outbox
+
+    outbox = Outbox(settings.outbox_url())
+    try:
+        yield outbox
+    finally:
+        outbox.dispose()
+
+
 def prepare(campaign: str, dry_run: bool, shard_count: int, run_id: str) -> dict[str, Any]:
+    from mailroom import pipeline
+
     root = settings.staging_root()
     store = settings.run_store(run_location(root, campaign, run_id))
     with store.working_copy("prepare") as folder:
-        run = pipeline.prepare_run(
+        run = pipeline.prepare(
             settings.project_paths(),
             campaign=campaign,
             run_id=run_id,
@@ -54,47 +71,54 @@ def prepare(campaign: str, dry_run: bool, shard_count: int, run_id: str) -> dict
     }
 
 
-def extract(prepared: dict[str, Any]) -> dict[str, Any]:
+def extract_audience(prepared: dict[str, Any]) -> dict[str, Any]:
+    from mailroom import pipeline
+
     with _working(prepared, "extract_audience") as run:
         conn_id = run.spec().audience.connection_id
-        return pipeline.extract(run, sql_url=settings.sql_url(conn_id) if conn_id else None)
+        return pipeline.extract_audience(
+            run, sql_url=settings.sql_url(conn_id) if conn_id else None
+        )
 
 
-def validate(prepared: dict[str, Any]) -> dict[str, Any]:
+def validate_audience(prepared: dict[str, Any]) -> dict[str, Any]:
+    from mailroom import pipeline
+
     with _working(prepared, "validate_audience") as run:
-        return pipeline.validate(run)
+        return pipeline.validate_audience(run)
 
 
-def render(prepared: dict[str, Any]) -> dict[str, Any]:
+def render_content(prepared: dict[str, Any]) -> dict[str, Any]:
+    from mailroom import pipeline
+
     with _working(prepared, "render_content") as run:
-        return pipeline.render(run, settings.project_paths())
+        return pipeline.render_content(run, settings.project_paths())
 
 
-def build(prepared: dict[str, Any]) -> dict[str, Any]:
+def build_envelopes(prepared: dict[str, Any]) -> dict[str, Any]:
+    from mailroom import pipeline
+
     with _working(prepared, "build_envelopes") as run:
-        return pipeline.build(run, secret=settings.unsubscribe_secret())
+        return pipeline.build_envelopes(run, secret=settings.unsubscribe_secret())
 
 
-def freeze(prepared: dict[str, Any]) -> dict[str, Any]:
-    outbox = Outbox(settings.outbox_url())
-    try:
-        with _working(prepared, "freeze_batches") as run:
-            return pipeline.freeze(run, outbox=outbox)
-    finally:
-        outbox.dispose()
+def freeze_batches(prepared: dict[str, Any]) -> dict[str, Any]:
+    from mailroom import pipeline
+
+    with _outbox() as outbox, _working(prepared, "freeze_batches") as run:
+        return pipeline.freeze_batches(run, outbox=outbox)
 
 
-def gate(prepared: dict[str, Any]) -> dict[str, Any]:
+def check_envelopes(prepared: dict[str, Any]) -> dict[str, Any]:
+    from mailroom import pipeline
+
     with _working(prepared, "check_envelopes") as run:
-        return pipeline.gate(run, secret=settings.unsubscribe_secret())
+        return pipeline.check_envelopes(run, secret=settings.unsubscribe_secret())
 
 
-def summarise(prepared: dict[str, Any], triggered_by: str | None) -> str:
-    with _working(prepared, "summarise") as run:
-        return approval_markdown(approval_summary(run, triggered_by=triggered_by))
+def canary_send(prepared: dict[str, Any]) -> dict[str, Any]:
+    from mailroom import pipeline
 
-
-def canary(prepared: dict[str, Any]) -> dict[str, Any]:
     with _working(prepared, "canary_send") as run:
         spec = run.spec()
         if not spec.seed_list:
@@ -105,15 +129,23 @@ def canary(prepared: dict[str, Any]) -> dict[str, Any]:
             dry_run_dir=run.staging.canary_dir / "dry_run_outbox",
             kind=spec.transport,
         )
-        return pipeline.canary(run, secret=settings.unsubscribe_secret(), transport=transport)
+        return pipeline.canary_send(run, secret=settings.unsubscribe_secret(), transport=transport)
 
 
-def guard(prepared: dict[str, Any], frozen: dict[str, Any], shard: int) -> dict[str, Any]:
+def summarise(prepared: dict[str, Any], triggered_by: str | None) -> str:
+    from mailroom import pipeline
+
+    with _working(prepared, "summarise") as run:
+        return pipeline.summarise(run, triggered_by=triggered_by)
+
+
+def guard_shard(prepared: dict[str, Any], frozen: dict[str, Any], shard: int) -> dict[str, Any]:
+    from mailroom import pipeline
+
     shard_count = len(frozen["shards"])
-    outbox = Outbox(settings.outbox_url())
     try:
-        with _working(prepared, "guard_shard", shard=(shard, shard_count)) as run:
-            return pipeline.guard(
+        with _outbox() as outbox, _working(prepared, "guard_shard", (shard, shard_count)) as run:
+            return pipeline.guard_shard(
                 run,
                 manifest_sha256=frozen["manifest_sha256"],
                 outbox=outbox,
@@ -123,37 +155,33 @@ def guard(prepared: dict[str, Any], frozen: dict[str, Any], shard: int) -> dict[
     except EnvelopeViolation as exc:
         # The same bytes would be refused again: no retry, the run is halted already.
         raise AirflowFailException(str(exc)) from exc
-    finally:
-        outbox.dispose()
 
 
-def send(prepared: dict[str, Any], frozen: dict[str, Any], shard: int) -> dict[str, Any]:
+def send_shard(prepared: dict[str, Any], frozen: dict[str, Any], shard: int) -> dict[str, Any]:
+    from mailroom import pipeline
+
     shard_count = len(frozen["shards"])
-    outbox = Outbox(settings.outbox_url())
-    try:
-        with _working(prepared, "send_shard", shard=(shard, shard_count)) as run:
-            transport = settings.transport(
-                run.spec().connection_id,
-                dry_run=run.dry_run,
-                dry_run_dir=run.staging.dry_run_outbox,
-                kind=run.spec().transport,
-            )
-            log.info(
-                "to halt this run: `mailroom halt %s` or set the Airflow Variable %s",
-                run.run_key,
-                settings.halt_variable_key(run.run_id),
-            )
-            return pipeline.send(
-                run,
-                shard=shard,
-                manifest_sha256=frozen["manifest_sha256"],
-                transport=transport,
-                outbox=outbox,
-                shard_count=shard_count,
-                halt_signal=lambda: settings.halt_variable(run.run_id),
-            )
-    finally:
-        outbox.dispose()
+    with _outbox() as outbox, _working(prepared, "send_shard", (shard, shard_count)) as run:
+        transport = settings.transport(
+            run.spec().connection_id,
+            dry_run=run.dry_run,
+            dry_run_dir=run.staging.dry_run_outbox,
+            kind=run.spec().transport,
+        )
+        log.info(
+            "to halt this run: `mailroom halt %s` or set the Airflow Variable %s",
+            run.run_key,
+            settings.halt_variable_key(run.run_id),
+        )
+        return pipeline.send_shard(
+            run,
+            shard=shard,
+            manifest_sha256=frozen["manifest_sha256"],
+            transport=transport,
+            outbox=outbox,
+            shard_count=shard_count,
+            halt_signal=lambda: settings.halt_variable(run.run_id),
+        )
 
 
 def record_approval(prepared: dict[str, Any], event: dict[str, Any]) -> None:
@@ -162,18 +190,17 @@ def record_approval(prepared: dict[str, Any], event: dict[str, Any]) -> None:
 
 
 def reconcile(prepared: dict[str, Any]) -> dict[str, Any]:
-    outbox = Outbox(settings.outbox_url())
-    try:
-        with _working(prepared, "reconcile") as run:
-            approval = (
-                read_json(run.staging.approval)
-                if run.staging.approval.exists()
-                else {"decision": "none", "detail": "the approval gate did not complete"}
-            )
-            report = pipeline.report(run, outbox=outbox, approval=approval)
-            where = run.where(run.staging.report)
-    finally:
-        outbox.dispose()
+    from mailroom import pipeline
+    from mailroom.approval.summary import decision_line
+
+    with _outbox() as outbox, _working(prepared, "reconcile") as run:
+        approval = (
+            read_json(run.staging.approval)
+            if run.staging.approval.exists()
+            else {"decision": "none", "detail": "the approval gate did not complete"}
+        )
+        report = pipeline.reconcile(run, outbox=outbox, approval=approval)
+        where = run.where(run.staging.report)
     log.info(
         "campaign %s: %s; report %s",
         report["status"].upper(),

@@ -2,8 +2,8 @@
 
 from typing import Any
 
-from mailroom.sendgrid_dev_server.store import AcceptedRecord
 from mailroom.substitutions import apply_substitutions
+from sendgrid_dev.store import AcceptedRecord
 
 __all__ = ["apply_substitutions", "render_personalization"]
 

@@ -39,10 +39,8 @@ from email.utils import formatdate, make_msgid
 from typing import Any
 
 from mailroom.addresses import is_valid_single_address, mask, mask_addresses
-from mailroom.envelope_guard import GuardedBody
-from mailroom.errors import EnvelopeViolation, SendHalted, TransportError
-from mailroom.substitutions import apply_substitutions
-from mailroom.transports.base import (
+from mailroom.checks.envelope_guard import GuardedBody
+from mailroom.delivery.transports.base import (
     RECIPIENT_FAILED,
     RECIPIENT_SENDING,
     RECIPIENT_SENT,
@@ -52,6 +50,8 @@ from mailroom.transports.base import (
     RecipientLedger,
     Transport,
 )
+from mailroom.errors import EnvelopeViolation, SendHalted, TransportError
+from mailroom.substitutions import apply_substitutions
 
 log = logging.getLogger(__name__)
 

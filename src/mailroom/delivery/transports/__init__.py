@@ -1,5 +1,5 @@
 """Transports: one interface, several implementations chosen by name."""
 
-from mailroom.transports.base import Delivery, Transport
+from mailroom.delivery.transports.base import Delivery, Transport
 
 __all__ = ["Delivery", "Transport"]

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, fields
 from enum import Enum
 from typing import Any
 
-from mailroom.sendgrid_dev_server.errors import DevServerError
+from sendgrid_dev.errors import DevServerError
 
 # Cycled through in order by the 5xx fault: the statuses a client meets from SendGrid itself
 # (500) and from the load balancers in front of it (502, 503).

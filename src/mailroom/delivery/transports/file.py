@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mailroom.envelope_guard import GuardedBody
-from mailroom.transports.base import Delivery, Transport
+from mailroom.checks.envelope_guard import GuardedBody
+from mailroom.delivery.transports.base import Delivery, Transport
 
 
 class FileTransport(Transport):

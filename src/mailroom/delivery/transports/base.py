@@ -13,7 +13,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from mailroom.envelope_guard import ApprovedManifest, GuardedBody, check_envelope
+from mailroom.checks.envelope_guard import ApprovedManifest, GuardedBody, check_envelope
 
 # A recipient's own states, when a transport records them one by one (the batch's vocabulary).
 RECIPIENT_SENDING, RECIPIENT_SENT, RECIPIENT_FAILED, RECIPIENT_UNKNOWN = (

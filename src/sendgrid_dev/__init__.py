@@ -4,17 +4,17 @@ Point the official SDK at it with ``SendGridAPIClient(key, host=server.url)``; i
 arrived with ``server.accepted()``, ``read_accepted(data_dir)`` or the ``/_dev`` endpoints.
 """
 
-from mailroom.sendgrid_dev_server.errors import DevServerError
-from mailroom.sendgrid_dev_server.faults import Faults
-from mailroom.sendgrid_dev_server.rendering import apply_substitutions, render_personalization
-from mailroom.sendgrid_dev_server.server import DevServerStats, SendGridDevServer
-from mailroom.sendgrid_dev_server.store import (
+from sendgrid_dev.errors import DevServerError
+from sendgrid_dev.faults import Faults
+from sendgrid_dev.rendering import apply_substitutions, render_personalization
+from sendgrid_dev.server import DevServerStats, SendGridDevServer
+from sendgrid_dev.store import (
     ACCEPTED_FILE_NAME,
     AcceptedRecord,
     accepted_recipients,
     read_accepted,
 )
-from mailroom.sendgrid_dev_server.validation import FieldError, validate_mail_send
+from sendgrid_dev.validation import FieldError, validate_mail_send
 
 __all__ = [
     "ACCEPTED_FILE_NAME",

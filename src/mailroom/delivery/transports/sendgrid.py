@@ -9,9 +9,9 @@ import urllib.error
 from dataclasses import dataclass
 
 from mailroom.addresses import mask_addresses
-from mailroom.envelope_guard import GuardedBody
+from mailroom.checks.envelope_guard import GuardedBody
+from mailroom.delivery.transports.base import Delivery, Transport
 from mailroom.errors import TransportError
-from mailroom.transports.base import Delivery, Transport
 
 DEFAULT_HOST = "https://api.sendgrid.com"
 DEFAULT_TIMEOUT_SECONDS = 30.0

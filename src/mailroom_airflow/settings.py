@@ -8,15 +8,18 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 from airflow.sdk import Connection, Variable
 
 from mailroom.errors import MailroomError
-from mailroom.pipeline import ProjectPaths
+from mailroom.run import ProjectPaths
 from mailroom.staging import is_url, local_path
-from mailroom.staging_store import RunStore
-from mailroom.transports.base import Transport
+
+if TYPE_CHECKING:
+    from mailroom.delivery.transports.base import Transport
+    from mailroom.staging_store import RunStore
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SENDGRID_DEFAULT_HOST = "https://api.sendgrid.com"
@@ -42,6 +45,8 @@ def run_store(location: str) -> RunStore:
     (login = access key id, password = secret key, extra = further fsspec storage options such as
     ``{"endpoint_url": "http://minio:9000"}``), or without it the filesystem's own defaults
     (for S3 the standard AWS variables, profile or instance role)."""
+    from mailroom.staging_store import RunStore
+
     if not is_url(location):
         return RunStore(location)
     try:
@@ -130,14 +135,14 @@ def transport(
     """The campaign's transport (``kind``: the spec's ``transport``) from connection
     ``conn_id``; a dry run, or ``transport: file``, writes the requests to ``dry_run_dir``."""
     if dry_run or kind == "file":
-        from mailroom.transports.file import FileTransport
+        from mailroom.delivery.transports.file import FileTransport
 
         return FileTransport(dry_run_dir)
     if kind == "smtp":
         return smtp_transport(conn_id)
     if kind != "sendgrid":
         raise MailroomError(f"unknown transport {kind!r}")
-    from mailroom.transports.sendgrid import SendGridSettings, SendGridTransport
+    from mailroom.delivery.transports.sendgrid import SendGridSettings, SendGridTransport
 
     conn = _connection(conn_id)
     host = conn.host or SENDGRID_DEFAULT_HOST
@@ -154,7 +159,7 @@ def transport(
 def smtp_transport(conn_id: str) -> Transport:
     """An SMTP connection: host, port, login, password; extra ``security`` (``starttls``, the
     default, ``tls`` or ``none``), ``timeout`` (seconds) and ``local_hostname`` (EHLO name)."""
-    from mailroom.transports.smtp import DEFAULT_PORTS, SmtpSettings, SmtpTransport
+    from mailroom.delivery.transports.smtp import DEFAULT_PORTS, SmtpSettings, SmtpTransport
 
     conn = _connection(conn_id)
     if (conn.conn_type or "").lower() != "smtp":
@@ -188,8 +193,9 @@ class _MissingConnection(MailroomError):
 
 def _connection(conn_id: str) -> Connection:
     try:
-        return Connection.get(conn_id)
+        conn: Connection = Connection.get(conn_id)
     except Exception as exc:
         if "not found" in str(exc).lower() or "isn't defined" in str(exc).lower():
             raise _MissingConnection(f"Airflow connection {conn_id!r} is not defined") from exc
         raise
+    return conn

@@ -15,8 +15,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from mailroom.sendgrid_dev_server.errors import DevServerError
-from mailroom.sendgrid_dev_server.validation import iter_recipient_addresses
+from sendgrid_dev.errors import DevServerError
+from sendgrid_dev.validation import iter_recipient_addresses
 
 ACCEPTED_FILE_NAME = "accepted.jsonl"
 # SendGrid's X-Message-Id is 22 URL-safe characters, i.e. 16 random bytes in unpadded base64.

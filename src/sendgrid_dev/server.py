@@ -24,8 +24,8 @@ from types import TracebackType
 from typing import Any, Literal, Self
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from mailroom.sendgrid_dev_server.errors import DevServerError
-from mailroom.sendgrid_dev_server.faults import (
+from sendgrid_dev.errors import DevServerError
+from sendgrid_dev.faults import (
     SERVER_ERROR_STATUSES,
     Faults,
     InjectedFault,
@@ -33,9 +33,9 @@ from mailroom.sendgrid_dev_server.faults import (
     drop_due,
     scheduled_fault,
 )
-from mailroom.sendgrid_dev_server.rendering import render_personalization
-from mailroom.sendgrid_dev_server.store import AcceptedRecord, MessageStore, open_store
-from mailroom.sendgrid_dev_server.validation import (
+from sendgrid_dev.rendering import render_personalization
+from sendgrid_dev.store import AcceptedRecord, MessageStore, open_store
+from sendgrid_dev.validation import (
     MAX_REQUEST_BYTES,
     is_sandbox,
     iter_recipient_addresses,
@@ -56,7 +56,7 @@ HOME_PAGE_RECENT = 50
 # documented default per-endpoint limit is 600 requests a minute.
 REPORTED_RATE_LIMIT = 600
 
-logger = logging.getLogger("mailroom.sendgrid_dev_server")
+logger = logging.getLogger("sendgrid_dev")
 
 
 @dataclass(slots=True)

@@ -44,8 +44,9 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from mailroom.addresses import SINGLE_ADDRESS_PATTERN
+from mailroom.batches import BatchEntry, load_manifest, sha256_hex
 from mailroom.campaign_spec import CampaignSpec
-from mailroom.envelope_guard import (
+from mailroom.checks.envelope_guard import (
     MAX_BODY_BYTES,
     MAX_PERSONALIZATIONS,
     MAX_RECIPIENTS,
@@ -53,7 +54,6 @@ from mailroom.envelope_guard import (
 )
 from mailroom.envelopes import envelope_value_columns, envelope_value_names
 from mailroom.gx_runtime import Suite, summarise, validate_suites
-from mailroom.payloads import BatchEntry, load_manifest, sha256_hex
 from mailroom.staging import RunStaging
 from mailroom.substitutions import LEFTOVER_MARKER, TAG_PATTERN
 from mailroom.unsubscribe import TokensInBackground
@@ -170,8 +170,8 @@ def check_envelopes(
     expected_recipients: int,
     data_docs_dir: Path | None = None,
 ) -> GateResult:
-    """Validate the frozen payloads; unless ``success``, nothing may be sent (``pipeline.gate``
-    raises ValidationFailed).
+    """Validate the frozen batches; unless ``success``, nothing may be sent
+    (``pipeline.check_envelopes`` raises ValidationFailed).
 
     GX's Data Docs for both suites are written to ``data_docs_dir`` (by default the run's
     ``gate/data_docs``, when the manifest is where a run keeps it), whether the gate passes or

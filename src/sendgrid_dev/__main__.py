@@ -14,15 +14,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from mailroom.sendgrid_dev_server.errors import DevServerError
-from mailroom.sendgrid_dev_server.faults import Faults
-from mailroom.sendgrid_dev_server.server import SendGridDevServer
+from sendgrid_dev.errors import DevServerError
+from sendgrid_dev.faults import Faults
+from sendgrid_dev.server import SendGridDevServer
 
 READY_PREFIX = "mailroom-sendgrid-dev listening on "
 DEFAULT_PORT = 3030
 DEFAULT_LOG_EVERY = 1000
 
-logger = logging.getLogger("mailroom.sendgrid_dev_server")
+logger = logging.getLogger("sendgrid_dev")
 
 
 def build_parser() -> argparse.ArgumentParser:

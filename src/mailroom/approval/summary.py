@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from mailroom.addresses import mask
-from mailroom.payloads import load_manifest
-from mailroom.pipeline import Run
-from mailroom.sendgrid_dev_server.rendering import apply_substitutions
+from mailroom.batches import load_manifest
+from mailroom.run import Run
 from mailroom.staging import read_json
-from mailroom.substitutions import UNSUBSCRIBE_FIELD, substitution_tag
+from mailroom.substitutions import UNSUBSCRIBE_FIELD, apply_substitutions, substitution_tag
 
 PREVIEW_LINES = 6
 PREVIEW_LINE_CHARS = 160

@@ -12,9 +12,8 @@ from typing import Any
 
 from airflow.providers.standard.operators.hitl import ApprovalOperator
 
-from mailroom.approval_summary import decision_line
 from mailroom.errors import MailroomError
-from mailroom_airflow import settings, stages
+from mailroom_airflow import settings, tasks
 
 
 class CampaignApprovalOperator(ApprovalOperator):
@@ -65,7 +64,9 @@ class CampaignApprovalOperator(ApprovalOperator):
     def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
         # The answer goes into the run's folder first, so the report states who decided what and
         # when, whatever the operator does next (skip, fail, or carry on).
+        from mailroom.approval.summary import decision_line
+
         prepared = context["ti"].xcom_pull(task_ids=self.prepare_task_id)
-        stages.record_approval(prepared, event)
-        self.log.info("approval: %s", decision_line(stages.approval_record(event)))
+        tasks.record_approval(prepared, event)
+        self.log.info("approval: %s", decision_line(tasks.approval_record(event)))
         return super().execute_complete(context, event)

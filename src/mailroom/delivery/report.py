@@ -8,8 +8,17 @@ from typing import Any
 
 import pandas as pd
 
-from mailroom.outbox import FAILED, FINAL_STATES, HALTED, SENDING, SENT, STAGED, UNKNOWN, Outbox
-from mailroom.payloads import Manifest
+from mailroom.batches import Manifest
+from mailroom.delivery.outbox import (
+    FAILED,
+    FINAL_STATES,
+    HALTED,
+    SENDING,
+    SENT,
+    STAGED,
+    UNKNOWN,
+    Outbox,
+)
 
 
 def reconcile(

@@ -13,14 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from mailroom.addresses import mask
+from mailroom.batches import sendgrid_request_body, serialise, sha256_hex
 from mailroom.campaign_spec import CampaignSpec
+from mailroom.checks.envelope_guard import ApprovedManifest
 from mailroom.content import LocaleContent
-from mailroom.envelope_guard import ApprovedManifest
+from mailroom.delivery.transports.base import Transport
 from mailroom.envelopes import envelope_values
 from mailroom.errors import MailroomError
-from mailroom.payloads import sendgrid_request_body, serialise, sha256_hex
 from mailroom.staging import write_json
-from mailroom.transports.base import Transport
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def seed_envelopes(spec: CampaignSpec, secret: bytes) -> list[dict[str, Any]]:
     return envelopes
 
 
-def send_canary(
+def canary_send(
     spec: CampaignSpec,
     *,
     run_id: str,

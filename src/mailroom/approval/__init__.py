@@ -1,0 +1,1 @@
+"""What the approver reads (the summary) and the canary send to the seed list before it."""
