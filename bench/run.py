@@ -401,7 +401,7 @@ def run_stage(stage: str, work: Path, context: dict[str, Any]) -> dict[str, Any]
     elif stage == "freeze":
         summary = pipeline.freeze_batches(run, outbox=Outbox(outbox_url))
         (work / "manifest_sha256").write_text(summary["manifest_sha256"])
-        extra = {"requests": summary["requests"]}
+        extra = {"batches": summary["batches"]}
         rows, unit = summary["recipients"], "envelopes"
     elif stage == "encode_baseline":
         done = baselines.bare_encode(staging.manifest, work / "encode_baseline")
@@ -432,7 +432,7 @@ def run_stage(stage: str, work: Path, context: dict[str, Any]) -> dict[str, Any]
             run, manifest_sha256=(work / "manifest_sha256").read_text(), outbox=outbox
         )
         outbox.dispose()
-        extra = {"requests": result["requests"]}
+        extra = {"batches": result["batches"]}
         rows, unit = result["recipients"], "recipients cleared"
     elif stage == "send":
         from mailroom.delivery.transports.sendgrid import SendGridSettings, SendGridTransport
@@ -456,7 +456,7 @@ def run_stage(stage: str, work: Path, context: dict[str, Any]) -> dict[str, Any]
         )
         outbox.dispose()
         extra = {
-            "requests": result["batches"],
+            "batches": result["batches"],
             "states": result["states"],
             "parts_seconds": {k: round(v, 3) for k, v in parts.items()},
         }

@@ -132,7 +132,7 @@ def freeze_batches(
     run_id: str,
     envelopes: Path,
     contents: dict[str, LocaleContent],
-    payloads_dir: Path,
+    batches_dir: Path,
     manifest_path: Path,
     build_body: BodyBuilder = sendgrid_request_body,
 ) -> Manifest:
@@ -142,8 +142,8 @@ def freeze_batches(
     byte for byte what ``serialise(sendgrid_request_body(...))`` gives; any other builder is
     called batch by batch.
     """
-    payloads_dir.mkdir(parents=True, exist_ok=True)
-    for stale in payloads_dir.glob("*.json"):
+    batches_dir.mkdir(parents=True, exist_ok=True)
+    for stale in batches_dir.glob("*.json"):
         stale.unlink()
     entries: list[BatchEntry] = []
     for locale in spec.locales:
@@ -173,7 +173,7 @@ def freeze_batches(
             )
         for batch_id, data, recipients in bodies:
             name = f"{batch_id}.json"
-            (payloads_dir / name).write_bytes(data)
+            (batches_dir / name).write_bytes(data)
             entries.append(
                 BatchEntry(
                     batch_id, len(entries), locale, name, sha256_hex(data), len(data), recipients
@@ -211,7 +211,7 @@ def _spliced_bodies(
     the envelopes' own JSON: every personalization is one row's text, every batch's are joined
     by Arrow, and the rest of the body is the standard builder's, serialised with no
     personalization. (Re-serialising the stored JSON gives the same text: it was written with
-    the same escaping and separators; ``tests/unit/test_payloads.py`` checks the bytes.)"""
+    the same escaping and separators; ``tests/unit/test_batches.py`` checks the bytes.)"""
     table = pq.read_table(
         envelopes, columns=["email", "substitutions", "headers"], filters=[("locale", "=", locale)]
     )
@@ -250,7 +250,7 @@ def load_manifest(manifest_path: Path, expected_sha256: str | None = None) -> Ma
     if expected_sha256 is not None and digest != expected_sha256:
         raise EnvelopeViolation(
             f"manifest {manifest_path} has digest {digest[:12]}…, not the approved "
-            f"{expected_sha256[:12]}…: the payloads changed after they were frozen"
+            f"{expected_sha256[:12]}…: the batches changed after they were frozen"
         )
     raw = read_json(manifest_path)
     batches = tuple(BatchEntry(**b) for b in raw["batches"])

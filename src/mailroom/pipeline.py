@@ -162,7 +162,7 @@ def freeze_batches(run: Run, *, outbox: Outbox, build_body: Any = None) -> dict[
                 run_id=run.run_id,
                 envelopes=st.envelopes,
                 contents=load_contents(run),
-                payloads_dir=st.payloads_dir,
+                batches_dir=st.batches_dir,
                 manifest_path=st.manifest,
                 **kwargs,
             )
@@ -185,7 +185,7 @@ def freeze_batches(run: Run, *, outbox: Outbox, build_body: Any = None) -> dict[
             raise
         staging.result()
     log.info(
-        "freeze: %d requests, %d recipients, manifest %s",
+        "freeze: %d batches, %d recipients, manifest %s",
         len(manifest.batches),
         manifest.recipients,
         manifest.sha256,
@@ -243,7 +243,7 @@ def manifest_summary(manifest: Manifest, shard_count: int) -> dict[str, Any]:
     shards = min(shard_count, max(len(manifest.batches), 1))
     return {
         "manifest_sha256": manifest.sha256,
-        "requests": len(manifest.batches),
+        "batches": len(manifest.batches),
         "recipients": manifest.recipients,
         "per_locale": manifest.per_locale(),
         "shards": list(range(shards)),
@@ -264,14 +264,14 @@ def check_envelopes(run: Run, *, secret: bytes) -> dict[str, Any]:
     write_json(st.gate_result, result.to_dict())
     if not result.success:
         raise ValidationFailed(
-            "the data-quality gate failed on the frozen payloads; nothing will be sent: "
+            "the data-quality gate failed on the frozen batches; nothing will be sent: "
             + "; ".join(result.failures())
             + f" (Great Expectations Data Docs: {run.where(st.root / (result.data_docs or ''))})"
         )
     return {
         "success": True,
         "personalizations": result.personalizations,
-        "requests": result.requests,
+        "batches": result.batches,
         "data_docs": result.data_docs,
     }
 
@@ -299,7 +299,7 @@ def guard_shard(
     return shards.guard_shard(
         run_key=run.run_key,
         manifest=_approved_manifest(run, manifest_sha256, outbox),
-        payloads_dir=run.staging.payloads_dir,
+        batches_dir=run.staging.batches_dir,
         shard_index=shard,
         shard_count=shard_count,
         outbox=outbox,
@@ -325,7 +325,7 @@ def send_shard(
         return shards.send_shard(
             run_key=run.run_key,
             manifest=manifest,
-            payloads_dir=run.staging.payloads_dir,
+            batches_dir=run.staging.batches_dir,
             shard_index=shard,
             shard_count=shard_count,
             transport=transport,

@@ -54,7 +54,7 @@ class RunStaging:
         return self.root / "campaign.yaml"
 
     def create(self) -> RunStaging:
-        for folder in (self.audience_dir, self.content_dir, self.payloads_dir, self.gate_dir):
+        for folder in (self.audience_dir, self.content_dir, self.batches_dir, self.gate_dir):
             folder.mkdir(parents=True, exist_ok=True)
         return self
 
@@ -94,12 +94,12 @@ class RunStaging:
         return self.root / "envelopes.parquet"
 
     @property
-    def payloads_dir(self) -> Path:
-        return self.root / "payloads"
+    def batches_dir(self) -> Path:
+        return self.root / "batches"
 
     @property
     def manifest(self) -> Path:
-        return self.payloads_dir / "manifest.json"
+        return self.batches_dir / "manifest.json"
 
     @property
     def gate_dir(self) -> Path:

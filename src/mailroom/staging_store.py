@@ -7,7 +7,7 @@ local folder holding only the files its stage reads (``STAGES`` declares them, p
 place), and afterwards uploads the files the stage wrote, whole objects only and the stage's
 marker (the manifest, the gate's result, the report) last: a reader that finds the marker finds
 everything before it, and never half a file. A send shard fetches the manifest and its own
-shard's request bodies, not the whole payload folder.
+shard's request bodies, not the whole batches folder.
 
 Credentials come from the caller's ``storage_options`` (the Airflow adapter reads them from a
 connection) or the filesystem's own defaults (for S3: the standard AWS variables, profiles and
@@ -56,7 +56,7 @@ GATE_RESULT = _rel(_LAYOUT.gate_result)
 APPROVAL = _rel(_LAYOUT.approval)
 REPORT = _rel(_LAYOUT.report)
 CONTENT = _folder(_LAYOUT.content_dir)
-PAYLOADS = _folder(_LAYOUT.payloads_dir)
+BATCHES = _folder(_LAYOUT.batches_dir)
 
 
 class StagingError(MailroomError):
@@ -70,7 +70,7 @@ class StageFiles:
 
     reads: tuple[str, ...] = ()  # must be there: a missing one fails the task before it starts
     optional: tuple[str, ...] = ()  # fetched when there
-    payloads: str = ""  # request bodies named by the manifest: "shard" or "first_per_locale"
+    batches: str = ""  # request bodies named by the manifest: "shard" or "first_per_locale"
     writes: tuple[str, ...] = ()
     last: tuple[str, ...] = ()  # uploaded after everything else the stage wrote
     replaces: tuple[str, ...] = ()  # folders holding exactly what the stage wrote (stale removed)
@@ -85,10 +85,10 @@ STAGES: dict[str, StageFiles] = {
     "render_content": StageFiles(reads=(SPEC,), writes=(CONTENT,)),
     "build_envelopes": StageFiles(reads=(SPEC, VALID), writes=(ENVELOPES,)),
     "freeze_batches": StageFiles(
-        reads=(SPEC, ENVELOPES, CONTENT), writes=(PAYLOADS,), last=(MANIFEST,), replaces=(PAYLOADS,)
+        reads=(SPEC, ENVELOPES, CONTENT), writes=(BATCHES,), last=(MANIFEST,), replaces=(BATCHES,)
     ),
     "check_envelopes": StageFiles(
-        reads=(SPEC, MANIFEST, PAYLOADS, VALID, VALIDATION),
+        reads=(SPEC, MANIFEST, BATCHES, VALID, VALIDATION),
         writes=(_folder(_LAYOUT.gate_dir),),
         last=(GATE_RESULT,),
         replaces=(_folder(_LAYOUT.gate_data_docs),),
@@ -101,13 +101,13 @@ STAGES: dict[str, StageFiles] = {
             _rel(_LAYOUT.canary_dir / "result.json"),
             _rel(_LAYOUT.gate_data_docs / "index.html"),
         ),
-        payloads="first_per_locale",
+        batches="first_per_locale",
         writes=(_folder(_LAYOUT.preview_dir),),
     ),
     "approve": StageFiles(writes=(APPROVAL,)),
-    "guard_shard": StageFiles(reads=(SPEC, MANIFEST), payloads="shard"),
+    "guard_shard": StageFiles(reads=(SPEC, MANIFEST), batches="shard"),
     "send_shard": StageFiles(
-        reads=(SPEC, MANIFEST), payloads="shard", writes=(_folder(_LAYOUT.dry_run_outbox),)
+        reads=(SPEC, MANIFEST), batches="shard", writes=(_folder(_LAYOUT.dry_run_outbox),)
     ),
     # Runs whatever happened before (trigger rule all_done): every input may be missing.
     "reconcile": StageFiles(
@@ -172,7 +172,7 @@ class RunStore:
         files = STAGES.get(stage)
         if files is None:
             raise StagingError(f"unknown stage {stage!r}: declare its files in STAGES")
-        if files.payloads == "shard" and shard is None:
+        if files.batches == "shard" and shard is None:
             raise StagingError(f"stage {stage!r} needs its shard (index, count)")
         self.last = Transfer()
         root = Path(tempfile.mkdtemp(prefix=f"mailroom-{stage}-", dir=self.work_dir))
@@ -227,7 +227,7 @@ class RunStore:
         self, root: Path, stage: str, files: StageFiles, shard: tuple[int, int] | None
     ) -> dict[str, tuple[int, int]]:
         started = time.monotonic()
-        listing = self.listing() if files.reads or files.optional or files.payloads else {}
+        listing = self.listing() if files.reads or files.optional or files.batches else {}
         wanted: dict[str, int] = {}
         missing = []
         for entry in files.reads:
@@ -239,14 +239,14 @@ class RunStore:
             wanted.update(_matching(listing, entry))
         self._require(stage, missing)
         self._get(root, wanted)
-        if files.payloads:
+        if files.batches:
             manifest = load_manifest(root / MANIFEST)
-            if files.payloads == "shard":
+            if files.batches == "shard":
                 assert shard is not None
                 entries = manifest.shard(*shard)
             else:
                 entries = list({b.locale: b for b in reversed(manifest.batches)}.values())
-            names = [_rel(_LAYOUT.payloads_dir / b.file) for b in entries]
+            names = [_rel(_LAYOUT.batches_dir / b.file) for b in entries]
             self._require(stage, [n for n in names if n not in listing])
             bodies = {n: listing[n] for n in names}
             self._get(root, bodies)

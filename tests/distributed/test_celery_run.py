@@ -251,10 +251,10 @@ def test_celery_run_on_two_workers_survives_a_killed_worker(
             report["not_sent_file"]
             == f"{staging}/{CAMPAIGN}/{run_folder_name(run_id)}/not_sent.csv"
         )
-        manifest = json.loads(fs.cat(f"{s3.bucket}/{prefix}/payloads/manifest.json"))
+        manifest = json.loads(fs.cat(f"{s3.bucket}/{prefix}/batches/manifest.json"))
         assert len(manifest["batches"]) == counts[SENT]["batches"] + counts[UNKNOWN]["batches"]
         for batch in manifest["batches"]:
-            assert objects[f"payloads/{batch['file']}"] == batch["size"], batch["file"]
+            assert objects[f"batches/{batch['file']}"] == batch["size"], batch["file"]
         for name in ("campaign.yaml", "envelopes.parquet", "gate/result.json", "approval.json"):
             assert name in objects, name
         assert any(k.startswith("gate/data_docs/") for k in objects)
@@ -264,8 +264,8 @@ def test_celery_run_on_two_workers_survives_a_killed_worker(
         assert len(left) <= len(killed_shards), left
         fetches = _shard_fetches(tmp_path / "airflow" / "logs")
         assert fetches, "no send_shard task logged what it fetched"
-        payload_files = len(manifest["batches"])
-        assert all(files < payload_files for files, _, _ in fetches), fetches
+        batch_files = len(manifest["batches"])
+        assert all(files < batch_files for files, _, _ in fetches), fetches
         print(
             f"\ndistributed run {run_id}: {final}; {len(records)} requests, "
             f"{sum(received.values())} recipients of {len(audience.expected)} expected; "

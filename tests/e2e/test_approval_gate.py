@@ -308,16 +308,16 @@ def test_no_answer_in_time_counts_as_reject(gate: GateEnv) -> None:
     assert "campaign TIMED_OUT: TIMED OUT without an answer" in gate.task_log(run_id, "reconcile")
 
 
-def test_payload_changed_after_the_summary_is_refused_before_any_request(gate: GateEnv) -> None:
+def test_a_batch_changed_after_the_summary_is_refused_before_any_request(gate: GateEnv) -> None:
     run_id = gate.trigger("gate_tamper", shards=1)
     gate.wait_at_gate(run_id)
     folder = gate.folder("gate_tamper", run_id)
     manifest = json.loads(folder.manifest.read_text("utf-8"))
     assert manifest["batch_count"] == 1
-    payload = folder.payloads_dir / manifest["batches"][0]["file"]
-    body = json.loads(payload.read_bytes())
+    frozen = folder.batches_dir / manifest["batches"][0]["file"]
+    body = json.loads(frozen.read_bytes())
     body["subject"] = "URGENT: confirm your password at https://phish.example"
-    payload.write_bytes(json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode())
+    frozen.write_bytes(json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode())
 
     Approvals(gate.api("approver")).answer(run_id, "Approve")
     assert gate.wait_finished(run_id) == "failed"

@@ -39,14 +39,14 @@ def built_run(
 
 
 def guard_every_request(
-    run_key: str, manifest: Manifest, payloads_dir: Path, outbox: Outbox
+    run_key: str, manifest: Manifest, batches_dir: Path, outbox: Outbox
 ) -> None:
     """What the DAG's guard_shard tasks do after approval: the envelope guard on every request
     of the run, which ``send_shard`` requires before it sends anything."""
     guard_shard(
         run_key=run_key,
         manifest=manifest,
-        payloads_dir=payloads_dir,
+        batches_dir=batches_dir,
         shard_index=0,
         shard_count=1,
         outbox=outbox,

@@ -70,9 +70,9 @@ def test_counts_add_up_overall_and_per_locale(
     for entry in per_locale.values():
         assert entry["kept"] == entry["quarantined"] + entry["recipients"]
     assert sum(e["recipients"] for e in per_locale.values()) == a["to_send"]
-    assert sum(e["requests"] for e in per_locale.values()) == summary["requests"]
+    assert sum(e["batches"] for e in per_locale.values()) == summary["batches"]
     assert summary["manifest_sha256"] == load_manifest(run.staging.manifest).sha256
-    assert summary["shards"] == min(4, summary["requests"])
+    assert summary["shards"] == min(4, summary["batches"])
 
 
 def test_preview_is_one_real_recipient_with_their_own_values_masked(
@@ -82,7 +82,7 @@ def test_preview_is_one_real_recipient_with_their_own_values_masked(
     manifest = load_manifest(run.staging.manifest)
     for locale, preview in summary["previews"].items():
         first_batch = next(b for b in manifest.batches if b.locale == locale)
-        body = json.loads((run.staging.payloads_dir / first_batch.file).read_bytes())
+        body = json.loads((run.staging.batches_dir / first_batch.file).read_bytes())
         person = body["personalizations"][0]
         address = person["to"][0]["email"]
         first_name = person["substitutions"]["%%first_name%%"]
@@ -124,7 +124,7 @@ def test_markdown_shows_what_the_approver_needs(gated_run: tuple[Run, dict[str, 
     # No recipient's address appears anywhere in what the approver reads.
     manifest = load_manifest(run.staging.manifest)
     for batch in manifest.batches:
-        body = json.loads((run.staging.payloads_dir / batch.file).read_bytes())
+        body = json.loads((run.staging.batches_dir / batch.file).read_bytes())
         for person in body["personalizations"]:
             assert person["to"][0]["email"] not in text
 

@@ -31,12 +31,12 @@ REPO = BENCH.parent
 
 def _frozen(tmp_path: Path, bodies: list[dict[str, Any]]) -> Path:
     """A manifest and its bodies in the layout freeze writes (plain JSON, compact)."""
-    payloads = tmp_path / "payloads"
-    payloads.mkdir()
+    batches_dir = tmp_path / "batches"
+    batches_dir.mkdir()
     batches = []
     for i, body in enumerate(bodies):
         data = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
-        (payloads / f"b{i}.json").write_bytes(data)
+        (batches_dir / f"b{i}.json").write_bytes(data)
         batches.append(
             {
                 "file": f"b{i}.json",
@@ -44,7 +44,7 @@ def _frozen(tmp_path: Path, bodies: list[dict[str, Any]]) -> Path:
                 "recipients": len(body["personalizations"]),
             }
         )
-    manifest = payloads / "manifest.json"
+    manifest = batches_dir / "manifest.json"
     manifest.write_text(json.dumps({"batches": batches}))
     return manifest
 

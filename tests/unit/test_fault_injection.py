@@ -63,7 +63,7 @@ def test_every_fault_at_once_ends_with_each_recipient_accounted_for(tmp_path: Pa
                 send_shard(
                     run_key=run.run_key,
                     manifest=manifest,
-                    payloads_dir=run.staging.payloads_dir,
+                    batches_dir=run.staging.batches_dir,
                     shard_index=index,
                     shard_count=SHARDS,
                     transport=SendGridTransport(SendGridSettings("SG.t", server.url, 5.0)),

@@ -1,9 +1,9 @@
-"""Invariant 1, tried for real: mutant payload builders against each layer on its own.
+"""Invariant 1, tried for real: mutant body builders against each layer on its own.
 
 Every mutant breaks the one-recipient-per-envelope rule in one way. Each is frozen into a fresh
 copy of one prepared run and then meets one layer alone:
 
-* ``gate``: the pipeline as deployed: the data-quality gate runs on the frozen payloads and must
+* ``gate``: the pipeline as deployed: the data-quality gate runs on the frozen batches and must
   raise ``ValidationFailed`` (so approval is never reached); had it passed, the run would go on
   to send, so the dev server's request count shows what would have left.
 * ``guard``: the gate is skipped; the run is sent as the DAG sends it after approval (the guard's
@@ -65,7 +65,7 @@ UNSUBSCRIBE_HTML = substitution_tag("unsubscribe_url", html=True)
 Body = dict[str, Any]
 
 
-# --- mutant payload builders ------------------------------------------------------------------
+# --- mutant body builders ------------------------------------------------------------------
 def clean(spec: CampaignSpec, content: LocaleContent, envelopes: Any, custom_args: Any) -> Body:
     return sendgrid_request_body(spec, content, envelopes, custom_args)
 
@@ -251,7 +251,7 @@ def recipient_not_in_audience(body: Body, _content: LocaleContent) -> None:
 def edit_after_freeze(run: Run) -> None:
     """Rewrite the first frozen request (a new subject) after the manifest pinned its digest."""
     manifest = load_manifest(run.staging.manifest)
-    path = run.staging.payloads_dir / manifest.batches[0].file
+    path = run.staging.batches_dir / manifest.batches[0].file
     body = json.loads(path.read_bytes())
     body["subject"] = "Urgent: verify your wallet"
     path.write_bytes(json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode())
@@ -340,7 +340,7 @@ MUTANTS = [
         r"not exactly one valid address",
     ),
     _m(
-        "payload edited after freeze",
+        "batch edited after freeze",
         None,
         {"digest_matches"},
         r"not in the approved manifest",
@@ -427,7 +427,7 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Prepared:
     manifest = load_manifest(clean_run.staging.manifest)
     assert len(manifest.batches) >= 2, "the mutants need at least two requests"
     baseline = {
-        b.batch_id: (clean_run.staging.payloads_dir / b.file).read_bytes() for b in manifest.batches
+        b.batch_id: (clean_run.staging.batches_dir / b.file).read_bytes() for b in manifest.batches
     }
     return Prepared(run, baseline)
 
@@ -457,7 +457,7 @@ def freeze_mutant(prepared: Prepared, mutant: Mutant, where: Path) -> Frozen:
         (
             i
             for i, b in enumerate(manifest.batches)
-            if prepared.baseline.get(b.batch_id) != (run.staging.payloads_dir / b.file).read_bytes()
+            if prepared.baseline.get(b.batch_id) != (run.staging.batches_dir / b.file).read_bytes()
         ),
         None,
     )

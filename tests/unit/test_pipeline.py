@@ -203,7 +203,7 @@ def test_a_freeze_that_fails_midway_stages_nothing(
     assert staged == frozen["recipients"] == len(audience.expected)
 
 
-def test_a_payload_edited_after_freezing_is_refused(
+def test_a_batch_edited_after_freezing_is_refused(
     tmp_path: Path,
     project_paths: ProjectPaths,
     audience: SampleAudience,
@@ -212,7 +212,7 @@ def test_a_payload_edited_after_freezing_is_refused(
     run = prepared(tmp_path, project_paths, audience)
     outbox = Outbox(f"sqlite:///{tmp_path / 'outbox.sqlite'}")
     frozen = pipeline.freeze_batches(run, outbox=outbox)
-    first = sorted(run.staging.payloads_dir.glob("en-*.json"))[0]
+    first = sorted(run.staging.batches_dir.glob("en-*.json"))[0]
     body = json.loads(first.read_bytes())
     body["subject"] = "Urgent: verify your wallet"
     first.write_bytes(json.dumps(body).encode())
@@ -253,7 +253,7 @@ def test_a_broken_body_in_the_last_request_stops_the_run_before_its_first_reques
         send_all(run, frozen, outbox, dev_server)
     assert dev_server.stats().received == 0
     states = Counter(s.state for s in outbox.states(run.run_key).values())
-    assert states == {"failed": 1, "halted": frozen["requests"] - 1}
+    assert states == {"failed": 1, "halted": frozen["batches"] - 1}
     assert outbox.halt_requested(run.run_key)
     report = pipeline.reconcile(run, outbox=outbox, approval={"decision": "approved", "by": "a"})
     assert report["balanced"] is True
@@ -304,7 +304,7 @@ def test_a_body_edited_after_the_guard_cleared_it_is_refused_when_it_is_sent(
     frozen = pipeline.freeze_batches(run, outbox=outbox)
     guard_all(run, frozen, outbox)
     last = run_batches(run, 0, 1)[-1]
-    path = run.staging.payloads_dir / last.file
+    path = run.staging.batches_dir / last.file
     body = json.loads(path.read_bytes())
     body["subject"] = "Urgent: verify your wallet"
     path.write_bytes(json.dumps(body).encode())
@@ -319,7 +319,7 @@ def test_a_body_edited_after_the_guard_cleared_it_is_refused_when_it_is_sent(
             shard_count=1,
         )
     sent = {json.dumps(r["body"], sort_keys=True) for r in dev_server.accepted()}
-    assert len(sent) == frozen["requests"] - 1
+    assert len(sent) == frozen["batches"] - 1
     assert outbox.states(run.run_key)[last.batch_id].state == "failed"
 
 

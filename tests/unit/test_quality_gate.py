@@ -86,7 +86,7 @@ def copy_run(run: Run, dest: Path) -> Run:
 
 
 def first_body(run: Run) -> Path:
-    return run.staging.payloads_dir / load_manifest(run.staging.manifest).batches[0].file
+    return run.staging.batches_dir / load_manifest(run.staging.manifest).batches[0].file
 
 
 # --- body mutations: (name, bytes -> bytes, read by the strict reader?) -------------------------
@@ -294,7 +294,7 @@ MUTATIONS = [
 
 
 def explode(run: Run, *, strict: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
-    return quality_gate.explode_payloads(
+    return quality_gate.explode_batches(
         run.spec(),
         manifest_path=run.staging.manifest,
         valid_audience=run.staging.valid_audience,
@@ -308,7 +308,7 @@ def test_both_readers_give_the_same_rows(
     mutation: Mutation, clean_run: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Two requests per group: several groups, read ahead in the second thread.
-    monkeypatch.setattr(quality_gate, "CHUNK_REQUESTS", 2)
+    monkeypatch.setattr(quality_gate, "CHUNK_BATCHES", 2)
     run = copy_run(clean_run, tmp_path / "run")
     path = first_body(run)
     path.write_bytes(mutation.apply(path.read_bytes()))
@@ -331,7 +331,7 @@ def test_both_readers_give_the_same_rows(
     pd.testing.assert_frame_equal(strict_people, generic_people)
     pd.testing.assert_frame_equal(strict_requests, generic_requests)
     assert list(strict_people.columns) == list(quality_gate.PERSONALIZATION_COLUMNS)
-    assert list(strict_requests.columns) == list(quality_gate.REQUEST_COLUMNS)
+    assert list(strict_requests.columns) == list(quality_gate.BATCH_COLUMNS)
     if mutation.name in ("clean", "recipients in another order"):  # only the order differs
         assert strict_people["values_match"].all()
         assert strict_people["in_audience"].all()
@@ -353,7 +353,7 @@ def test_tokens_made_in_the_background_give_the_same_rows(clean_run: Run) -> Non
         min_rows=0,
     )
     assert tokens.in_background
-    background = quality_gate.explode_payloads(
+    background = quality_gate.explode_batches(
         clean_run.spec(),
         manifest_path=clean_run.staging.manifest,
         valid_audience=clean_run.staging.valid_audience,
@@ -381,7 +381,7 @@ def test_data_docs_are_kept_with_a_passing_run(clean_run: Run, tmp_path: Path) -
     assert (run.staging.root / result["data_docs"]).is_file()
     pages = gate_pages(run)
     assert any("validations" in p.parts and "envelopes" in p.parts for p in pages)
-    assert any("validations" in p.parts and "requests" in p.parts for p in pages)
+    assert any("validations" in p.parts and "batches" in p.parts for p in pages)
 
 
 def audience_addresses(run: Run) -> set[str]:
@@ -438,7 +438,7 @@ def test_a_run_of_unreadable_bodies_fails_the_gate_with_its_docs(
 ) -> None:
     run = copy_run(clean_run, tmp_path / "run")
     for entry in load_manifest(run.staging.manifest).batches:
-        (run.staging.payloads_dir / entry.file).write_bytes(b"to: everyone")
+        (run.staging.batches_dir / entry.file).write_bytes(b"to: everyone")
     with pytest.raises(ValidationFailed, match="json_object"):
         pipeline.check_envelopes(run, secret=SECRET)
     result = read_json(run.staging.gate_result)

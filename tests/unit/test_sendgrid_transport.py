@@ -325,7 +325,7 @@ def test_the_sdk_logger_cannot_log_request_bodies(caplog: pytest.LogCaptureFixtu
 class Staged:
     run_key: str
     manifest: Manifest
-    payloads_dir: Path
+    batches_dir: Path
     outbox: Outbox
     addresses: list[str]
 
@@ -333,7 +333,7 @@ class Staged:
         return send_shard(
             run_key=self.run_key,
             manifest=self.manifest,
-            payloads_dir=self.payloads_dir,
+            batches_dir=self.batches_dir,
             shard_index=kwargs.pop("shard_index", 0),
             shard_count=kwargs.pop("shard_count", 1),
             transport=transport,
@@ -360,14 +360,14 @@ class Staged:
 def staged(tmp_path: Path) -> Iterator[Staged]:
     """Six frozen requests of three recipients each, written to disk and staged in an outbox."""
     run_key = "winter_update/manual__transport"
-    payloads = tmp_path / "payloads"
-    payloads.mkdir()
+    batches_dir = tmp_path / "batches"
+    batches_dir.mkdir()
     entries, members, addresses = [], [], []
     for index in range(6):
         batch_id = f"en-{index + 1:05d}"
         emails = [f"Person{index}.{n}@Example.com" for n in range(3)]
         data = serialise(mail_body(*emails, batch_id=batch_id))
-        (payloads / f"{batch_id}.json").write_bytes(data)
+        (batches_dir / f"{batch_id}.json").write_bytes(data)
         entries.append(
             BatchEntry(
                 batch_id,
@@ -392,8 +392,8 @@ def staged(tmp_path: Path) -> Iterator[Staged]:
         [StagedBatch(e.batch_id, e.index, e.locale, e.sha256, e.recipients) for e in entries],
         members,
     )
-    guard_every_request(run_key, manifest, payloads, outbox)
-    yield Staged(run_key, manifest, payloads, outbox, addresses)
+    guard_every_request(run_key, manifest, batches_dir, outbox)
+    yield Staged(run_key, manifest, batches_dir, outbox, addresses)
     outbox.dispose()
 
 
@@ -504,12 +504,12 @@ def test_a_batch_left_sending_by_a_dead_worker_becomes_unknown_and_is_not_sent(
     staged.accounted()
 
 
-def test_a_payload_changed_after_approval_is_refused_and_stops_the_shard(
+def test_a_batch_changed_after_approval_is_refused_and_stops_the_shard(
     server: SendGridDevServer, staged: Staged
 ) -> None:
     """Changed after the guard's pass cleared it: the guard inside the transport refuses it."""
     second = staged.manifest.batches[1]
-    path = staged.payloads_dir / second.file
+    path = staged.batches_dir / second.file
     path.write_bytes(path.read_bytes().replace(b"Winter", b"Summer"))
 
     with sendgrid(server) as transport, pytest.raises(EnvelopeViolation):

@@ -68,7 +68,7 @@ def _shard(
     return send_shard(
         run_key=run.run_key,
         manifest=load_manifest(run.staging.manifest),
-        payloads_dir=run.staging.payloads_dir,
+        batches_dir=run.staging.batches_dir,
         shard_index=index,
         shard_count=count,
         transport=transport,
@@ -172,7 +172,7 @@ def test_a_guard_violation_halts_every_shard_of_the_run(
     run, outbox, _ = _fresh(frozen_run, tmp_path)
     manifest = load_manifest(run.staging.manifest)
     tampered = manifest.shard(0, 3)[0]
-    path = run.staging.payloads_dir / tampered.file
+    path = run.staging.batches_dir / tampered.file
     path.write_bytes(path.read_bytes().replace(b'"subject":"', b'"subject":"URGENT ', 1))
     with pytest.raises(EnvelopeViolation):
         _shard(run, outbox, dev_server, 0, 3)

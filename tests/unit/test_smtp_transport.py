@@ -290,7 +290,7 @@ def request_body(recipients: list[Person]) -> dict[str, Any]:
 class Run:
     run_key: str
     manifest: Manifest
-    payloads: Path
+    batches_dir: Path
     outbox: Outbox
     people: list[Person]
 
@@ -298,7 +298,7 @@ class Run:
         return [b.batch_id for b in self.manifest.batches]
 
     def body(self, index: int = 0) -> bytes:
-        return (self.payloads / self.manifest.batches[index].file).read_bytes()
+        return (self.batches_dir / self.manifest.batches[index].file).read_bytes()
 
     def approved(self) -> ApprovedManifest:
         return ApprovedManifest(self.manifest.sha256, self.manifest.digests)
@@ -316,15 +316,15 @@ def stage_run(tmp_path: Path) -> Iterator[Callable[..., Run]]:
     outboxes: list[Outbox] = []
 
     def stage(count: int = 5, batch_size: int = 1000) -> Run:
-        payloads = tmp_path / "payloads"
-        payloads.mkdir(exist_ok=True)
+        batches_dir = tmp_path / "batches"
+        batches_dir.mkdir(exist_ok=True)
         everyone = people(count)
         entries, members = [], []
         for index, start in enumerate(range(0, count, batch_size)):
             chunk = everyone[start : start + batch_size]
             batch_id = f"en-{index + 1:05d}"
             data = serialise(request_body(chunk))
-            (payloads / f"{batch_id}.json").write_bytes(data)
+            (batches_dir / f"{batch_id}.json").write_bytes(data)
             entries.append(
                 BatchEntry(
                     batch_id,
@@ -355,8 +355,8 @@ def stage_run(tmp_path: Path) -> Iterator[Callable[..., Run]]:
             [OutboxBatch(e.batch_id, e.index, e.locale, e.sha256, e.recipients) for e in entries],
             members,
         )
-        guard_every_request(run_key, manifest, payloads, outbox)
-        return Run(run_key, manifest, payloads, outbox, everyone)
+        guard_every_request(run_key, manifest, batches_dir, outbox)
+        return Run(run_key, manifest, batches_dir, outbox, everyone)
 
     yield stage
     for outbox in outboxes:
@@ -368,7 +368,7 @@ def send(run: Run, transport: Any, **kwargs: Any) -> dict[str, Any]:
         return send_shard(
             run_key=run.run_key,
             manifest=run.manifest,
-            payloads_dir=run.payloads,
+            batches_dir=run.batches_dir,
             shard_index=0,
             shard_count=1,
             transport=transport,

@@ -83,7 +83,7 @@ def _opts(s3: S3Server) -> dict[str, Any]:
 def frozen(
     s3: S3Server, audience: SampleAudience, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[dict[str, Any], dict[str, Any], str]:
-    """A run on the server up to its frozen payloads: (prepared, frozen, outbox URL)."""
+    """A run on the server up to its frozen batches: (prepared, frozen, outbox URL)."""
     xcom = prepare(s3, "frozen")
     outbox_url = f"sqlite:///{tmp_path_factory.mktemp('outbox') / 'outbox.sqlite'}"
     paths = ProjectPaths.under(REPO / "include")
@@ -175,13 +175,13 @@ def test_a_whole_run_goes_through_the_object_store(
         "approval.json",
         "report.json",
         "not_sent.csv",
-        *(f"payloads/{b.file}" for b in manifest.batches),
+        *(f"batches/{b.file}" for b in manifest.batches),
         *(f"preview/{loc}.html" for loc in manifest.per_locale()),
     }
     assert expected <= set(objects), expected - set(objects)
     # Whole objects: each request body has exactly the size the manifest recorded.
     for b in manifest.batches:
-        assert objects[f"payloads/{b.file}"] == b.size
+        assert objects[f"batches/{b.file}"] == b.size
 
 
 def load_manifest_from(s3: S3Server, xcom: dict[str, Any]) -> Any:
@@ -200,7 +200,7 @@ def test_a_send_shard_fetches_only_the_manifest_and_its_own_request_bodies(
         store = RunStore(xcom["run_dir"], **_opts(s3))
         with store.working_copy("send_shard", shard=(shard, SHARDS)) as folder:
             local = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
-        own = {f"payloads/{b.file}" for b in manifest.shard(shard, SHARDS)}
+        own = {f"batches/{b.file}" for b in manifest.shard(shard, SHARDS)}
         assert own
         assert set(store.last.fetched) == {SPEC, MANIFEST} | own
         assert local == {SPEC, MANIFEST} | own
@@ -242,25 +242,25 @@ def test_a_stage_replacing_a_folder_removes_stale_objects_and_keeps_undeclared_f
     xcom = prepare(s3, "replace")
     fs = s3.filesystem()
     base = f"{s3.bucket}/replace/winter_update/manual__s3"
-    fs.pipe({f"{base}/payloads/old-00001.json": b"{}", f"{base}/envelopes.parquet": b"x"})
+    fs.pipe({f"{base}/batches/old-00001.json": b"{}", f"{base}/envelopes.parquet": b"x"})
     fs.pipe(f"{base}/content/en.json", b"{}")
     store = RunStore(xcom["run_dir"], **_opts(s3))
     with store.working_copy("freeze_batches") as folder:
-        (folder / "payloads").mkdir(exist_ok=True)
-        (folder / "payloads" / "en-00001.json").write_text("{}")
-        (folder / "payloads" / "manifest.json").write_text("{}")
+        (folder / "batches").mkdir(exist_ok=True)
+        (folder / "batches" / "en-00001.json").write_text("{}")
+        (folder / "batches" / "manifest.json").write_text("{}")
         (folder / "scratch.txt").write_text("not declared by the stage")
     objects = s3.keys("replace/winter_update/manual__s3")
-    assert "payloads/en-00001.json" in objects
-    assert "payloads/old-00001.json" not in objects
+    assert "batches/en-00001.json" in objects
+    assert "batches/old-00001.json" not in objects
     assert "scratch.txt" not in objects
-    assert store.last.removed == ["payloads/old-00001.json"]
-    assert list(store.last.uploaded) == ["payloads/en-00001.json", MANIFEST]
+    assert store.last.removed == ["batches/old-00001.json"]
+    assert list(store.last.uploaded) == ["batches/en-00001.json", MANIFEST]
 
 
 def test_a_local_staging_folder_is_used_in_place(tmp_path: Path) -> None:
     folder = tmp_path / "staging" / "winter_update" / "run"
-    (folder / "payloads").mkdir(parents=True)
+    (folder / "batches").mkdir(parents=True)
     manifest = folder / MANIFEST
     manifest.write_text('{"batches": []}')
     inode = manifest.stat().st_ino

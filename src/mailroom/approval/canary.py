@@ -1,4 +1,4 @@
-"""canary_send: the real payload shape to the campaign's seed list, before anyone approves.
+"""canary_send: the real request shape to the campaign's seed list, before anyone approves.
 
 Each locale's frozen content goes to every internal seed address, one personalization each, with
 seed values of its own (never a real recipient's), through the same transport and the same

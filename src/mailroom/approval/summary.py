@@ -55,22 +55,22 @@ def approval_summary(run: Run, *, triggered_by: str | None) -> dict[str, Any]:
             "kept": kept.get(loc, 0),
             "quarantined": quarantined.get(loc, 0),
             "recipients": 0,
-            "requests": 0,
+            "batches": 0,
             "subject": content["subject"],
             "untranslated": len(content.get("untranslated") or []),
         }
     for b in manifest.batches:
         entry = per_locale.setdefault(
             b.locale,
-            {"kept": 0, "quarantined": 0, "recipients": 0, "requests": 0, "subject": ""},
+            {"kept": 0, "quarantined": 0, "recipients": 0, "batches": 0, "subject": ""},
         )
-        entry["requests"] += 1
+        entry["batches"] += 1
         entry["recipients"] += b.recipients
 
-    requests = len(manifest.batches)
+    batch_count = len(manifest.batches)
     recipients = manifest.recipients
     rps, rcps = spec.rate.requests_per_second, spec.rate.recipients_per_second
-    estimates = [n / rate for n, rate in ((requests, rps), (recipients, rcps)) if rate]
+    estimates = [n / rate for n, rate in ((batch_count, rps), (recipients, rcps)) if rate]
     checks = [
         c
         for part in ("personalization_checks", "request_checks")
@@ -105,7 +105,7 @@ def approval_summary(run: Run, *, triggered_by: str | None) -> dict[str, Any]:
         "quality": {
             "success": bool(gate["success"]),
             "personalizations": gate["personalizations"],
-            "requests": gate["requests"],
+            "batches": gate["batches"],
             "checks": len(checks),
             "checks_failed": [_check_name(c) for c in checks if not c.get("success")],
             "result_file": run.where(st.gate_result),
@@ -117,9 +117,9 @@ def approval_summary(run: Run, *, triggered_by: str | None) -> dict[str, Any]:
         "canary": read_json(st.canary_dir / "result.json")
         if (st.canary_dir / "result.json").exists()
         else None,
-        "requests": requests,
+        "batches": batch_count,
         "recipients": recipients,
-        "shards": min(run.shard_count, max(requests, 1)),
+        "shards": min(run.shard_count, max(batch_count, 1)),
         "rate_requests_per_second": rps,
         "rate_recipients_per_second": rcps,
         "estimated_seconds": round(max(estimates), 1) if estimates else None,
@@ -147,7 +147,7 @@ def write_previews(run: Run) -> dict[str, dict[str, Any]]:
     for entry in manifest.batches:
         if entry.locale in previews:
             continue
-        body = json.loads((st.payloads_dir / entry.file).read_bytes())
+        body = json.loads((st.batches_dir / entry.file).read_bytes())
         first = body["personalizations"][0]
         subs = dict(first.get("substitutions") or {})
         subs[substitution_tag(UNSUBSCRIBE_FIELD, html=False)] = masked_url
@@ -201,13 +201,13 @@ def approval_markdown(summary: dict[str, Any]) -> str:
         f"assigned ({a['locale_defaulted']:,} recipients got the default locale).",
         "",
         "### Per locale",
-        "| locale | kept | quarantined | to send | requests | untranslated | subject |",
+        "| locale | kept | quarantined | to send | batches | untranslated | subject |",
         "|---|---:|---:|---:|---:|---:|---|",
     ]
     for loc, e in summary["per_locale"].items():
         lines.append(
             f"| {loc} | {e['kept']:,} | {e['quarantined']:,} | {e['recipients']:,} "
-            f"| {e['requests']:,} | {e.get('untranslated', 0)} | {_cell(e['subject'])} |"
+            f"| {e['batches']:,} | {e.get('untranslated', 0)} | {_cell(e['subject'])} |"
         )
     lines += [
         "",
@@ -217,9 +217,9 @@ def approval_markdown(summary: dict[str, Any]) -> str:
         + (f", quarantined rows `{q['quarantine_file']}`" if q["quarantine_file"] else "")
         + ".",
         "",
-        f"Gate on the frozen payloads: **{'PASSED' if q['success'] else 'FAILED'}** — "
+        f"Gate on the frozen batches: **{'PASSED' if q['success'] else 'FAILED'}** — "
         f"{q['checks'] - len(q['checks_failed'])} of {q['checks']} checks passed on "
-        f"{q['personalizations']:,} personalizations in {q['requests']:,} requests "
+        f"{q['personalizations']:,} personalizations in {q['batches']:,} batches "
         "(one recipient each, no cc/bcc, no address twice, every value the recipient's own)"
         + (f"; failed: {', '.join(q['checks_failed'])}" if q["checks_failed"] else "")
         + ".",
@@ -255,10 +255,10 @@ def approval_markdown(summary: dict[str, Any]) -> str:
     lines += [
         "",
         "### Sending",
-        f"{summary['requests']:,} requests for {summary['recipients']:,} recipients over "
-        f"{summary['shards']} shard(s); {_rate(summary)}.",
+        f"{summary['batches']:,} batches (one request each) for {summary['recipients']:,} "
+        f"recipients over {summary['shards']} shard(s); {_rate(summary)}.",
         "",
-        f"Approve sends exactly the payload manifest `{summary['manifest_sha256']}`: every request "
+        f"Approve sends exactly the manifest `{summary['manifest_sha256']}`: every request "
         "whose bytes differ from it is refused. Reject, or no answer within "
         f"{_hours(summary['response_timeout_hours'])}, ends the run with nothing sent.",
         "",

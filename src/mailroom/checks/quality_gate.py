@@ -1,10 +1,10 @@
-"""check_envelopes: the data-quality gate on the frozen payloads themselves.
+"""check_envelopes: the data-quality gate on the frozen batches themselves.
 
 It reads back the exact request bodies from the staging area, explodes them to one row per
 personalization and one row per request, and validates both with Great Expectations, whose Data
 Docs (counts only: an unexpected value here is an address) it leaves with the run. It knows
 nothing of how the bodies were built: expected values are recomputed from the validated audience,
-so a broken payload builder cannot vouch for itself.
+so a broken body builder cannot vouch for itself.
 
 Each body is read one of two ways, which give the same rows:
 
@@ -77,7 +77,7 @@ PERSONALIZATION_COLUMNS = (
     "extra_fields",
     "to_entry_problems",
 )
-REQUEST_COLUMNS = (
+BATCH_COLUMNS = (
     "batch_id",
     "json_object",
     "personalizations",
@@ -97,14 +97,14 @@ _NUMBERED = frozenset({"email_key"})
 _BOOL_COLUMNS = frozenset({"in_audience", "values_match", "json_object", "digest_matches"})
 # Requests parsed together by the strict reader (a few dozen MB); the next group is read and
 # parsed in a second thread while this one is checked.
-CHUNK_REQUESTS = 64
+CHUNK_BATCHES = 64
 
 
 @dataclass(frozen=True)
 class GateResult:
     success: bool
     personalizations: int
-    requests: int
+    batches: int
     personalization_checks: dict[str, Any]
     request_checks: dict[str, Any]
     data_docs: str | None = None  # GX's Data Docs index, relative to the run folder
@@ -124,7 +124,7 @@ class GateResult:
         return out
 
 
-def explode_payloads(
+def explode_batches(
     spec: CampaignSpec,
     *,
     manifest_path: Path,
@@ -146,19 +146,19 @@ def explode_payloads(
         audience = _Audience(spec, secret, valid_audience, made)
         shape = _RegularShape(spec) if strict_reader else None
         people = _Columns(PERSONALIZATION_COLUMNS)
-        requests = _Columns(REQUEST_COLUMNS)
+        batch_rows = _Columns(BATCH_COLUMNS)
         for group in _read_groups(manifest.batches, manifest_path.parent, shape):
             if group.parsed is not None and shape is not None:
-                _explode_regular(group, group.parsed, audience, shape, people, requests)
+                _explode_regular(group, group.parsed, audience, shape, people, batch_rows)
                 continue
             # Something in this group is irregular: find which, and read only those slowly.
             for one in group.split():
                 body = shape.parse(one.datas) if shape is not None else None
                 if body is not None and shape is not None:
-                    _explode_regular(one, body, audience, shape, people, requests)
+                    _explode_regular(one, body, audience, shape, people, batch_rows)
                 else:
-                    _explode_generic(one, audience, people, requests)
-    return people.frame(), requests.frame()
+                    _explode_generic(one, audience, people, batch_rows)
+    return people.frame(), batch_rows.frame()
 
 
 def check_envelopes(
@@ -185,7 +185,7 @@ def check_envelopes(
     with audience_tokens(spec, secret, valid_audience) as tokens:
         import great_expectations.expectations as gxe
 
-        people, requests = explode_payloads(
+        people, batch_rows = explode_batches(
             spec,
             manifest_path=manifest_path,
             valid_audience=valid_audience,
@@ -212,8 +212,8 @@ def check_envelopes(
         ],
     )
     request_suite = Suite(
-        name="requests",
-        frame=requests,
+        name="batches",
+        frame=batch_rows,
         expectations=[
             gxe.ExpectColumnValuesToBeInSet(column="json_object", value_set=[True]),
             gxe.ExpectColumnValuesToBeBetween(
@@ -245,15 +245,15 @@ def check_envelopes(
     result = GateResult(
         success=bool(people_result.success and request_result.success),
         personalizations=len(people),
-        requests=len(requests),
+        batches=len(batch_rows),
         personalization_checks=summarise(people_result),
         request_checks=summarise(request_result),
         data_docs=docs,
     )
     log.info(
-        "check_envelopes: %d personalizations in %d requests, success=%s, data docs %s",
+        "check_envelopes: %d personalizations in %d batches, success=%s, data docs %s",
         result.personalizations,
-        result.requests,
+        result.batches,
         result.success,
         docs,
     )
@@ -396,7 +396,7 @@ def _read_groups(
         parsed = shape.parse(datas) if shape is not None else None
         return _Group(entries, datas, digests, parsed)
 
-    groups = [list(batches[i : i + CHUNK_REQUESTS]) for i in range(0, len(batches), CHUNK_REQUESTS)]
+    groups = [list(batches[i : i + CHUNK_BATCHES]) for i in range(0, len(batches), CHUNK_BATCHES)]
     if not groups:
         return
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gate-read") as pool:
@@ -512,7 +512,7 @@ def _explode_regular(
     audience: _Audience,
     shape: _RegularShape,
     people: _Columns,
-    requests: _Columns,
+    batch_rows: _Columns,
 ) -> None:
     parts = bodies.field("personalizations")
     per_request = pc.list_value_length(parts).to_numpy(zero_copy_only=False).astype(np.int64)
@@ -560,7 +560,7 @@ def _explode_regular(
         texts = [subjects[i]] + [c["value"] for c in contents[i]]
         tags_used, leftovers = _tags_and_markers(texts)
         unknown[i] = len(tags_used - set(shape.tags))
-        requests.append_row(
+        batch_rows.append_row(
             batch_id=entry.batch_id,
             json_object=True,
             personalizations=int(per_request[i]),
@@ -596,7 +596,7 @@ def _explode_generic(
     one: _Group,
     audience: _Audience,
     people: _Columns,
-    requests: _Columns,
+    batch_rows: _Columns,
 ) -> None:
     (entry,), (data,), (digest_matches,) = one.entries, one.datas, one.digests_match
     try:
@@ -604,7 +604,7 @@ def _explode_generic(
     except (UnicodeDecodeError, ValueError):
         body = None
     if not isinstance(body, dict):
-        requests.append_row(
+        batch_rows.append_row(
             batch_id=entry.batch_id,
             json_object=False,
             personalizations=0,
@@ -666,7 +666,7 @@ def _explode_generic(
             else int(to is not None),
         )
     mail_settings = body.get("mail_settings")
-    requests.append_row(
+    batch_rows.append_row(
         batch_id=entry.batch_id,
         json_object=True,
         personalizations=len(items),

@@ -127,7 +127,7 @@ class Approvals:
             raise ApprovalError(f"run {run_id} was already {item.status}", 409)
         if manifest_sha256 and manifest_sha256 not in item.body:
             raise ApprovalError(
-                f"run {run_id} asks to approve a different payload manifest than "
+                f"run {run_id} asks to approve a different manifest than "
                 f"{manifest_sha256}: look at it again with `mailroom approvals show {run_id}`"
             )
         age = (datetime.now(UTC) - item.created_at).total_seconds()
@@ -209,7 +209,7 @@ def add_parser(sub: Any) -> None:
         if name == "approve":
             cmd.add_argument(
                 "--manifest-sha256",
-                help="refuse unless the run's summary names this payload manifest digest",
+                help="refuse unless the run's summary names this manifest digest",
             )
         cmd.add_argument(
             "--airflow-url",

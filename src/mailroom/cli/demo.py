@@ -274,7 +274,7 @@ def print_report(report: dict[str, Any] | None) -> None:
     if report.get("equation"):
         say(f"  {report['equation']} (balanced: {report['balanced']})")
     for locale, entry in (report.get("staged", {}).get("per_locale") or {}).items():
-        say(f"  {locale}: {entry['recipients']} recipients in {entry['batches']} requests")
+        say(f"  {locale}: {entry['recipients']} recipients in {entry['batches']} batches")
     say(f"  not sent (with reasons): {report['not_sent_rows']} rows in {report['not_sent_file']}")
 
 

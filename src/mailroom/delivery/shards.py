@@ -63,7 +63,7 @@ def guard_shard(
     *,
     run_key: str,
     manifest: Manifest,
-    payloads_dir: Path,
+    batches_dir: Path,
     shard_index: int,
     shard_count: int,
     outbox: Outbox,
@@ -83,7 +83,7 @@ def guard_shard(
     cleared: list[tuple[str, str]] = []
     personalizations = 0
     for position, entry in enumerate(mine, start=1):
-        body = (payloads_dir / entry.file).read_bytes()
+        body = (batches_dir / entry.file).read_bytes()
         try:
             guarded = check_envelope(body, approved, outbox.batch_members(run_key, entry.batch_id))
         except EnvelopeViolation as exc:
@@ -106,7 +106,7 @@ def guard_shard(
         if position % log_every == 0 or position == len(mine):
             elapsed = max(time.monotonic() - started, 1e-6)
             log.info(
-                "guard shard %d/%d: %d/%d requests cleared, %d recipients, %.0f recipients/s",
+                "guard shard %d/%d: %d/%d batches cleared, %d recipients, %.0f recipients/s",
                 shard_index,
                 shard_count,
                 position,
@@ -117,7 +117,7 @@ def guard_shard(
     outbox.mark_guarded(run_key, cleared)
     return {
         "shard": shard_index,
-        "requests": len(cleared),
+        "batches": len(cleared),
         "recipients": personalizations,
         "seconds": round(time.monotonic() - started, 3),
     }
@@ -127,7 +127,7 @@ def send_shard(
     *,
     run_key: str,
     manifest: Manifest,
-    payloads_dir: Path,
+    batches_dir: Path,
     shard_index: int,
     shard_count: int,
     transport: Transport,
@@ -203,7 +203,7 @@ def send_shard(
             progress.skipped += 1
             continue
         state = _send_batch(
-            run_key, entry, payloads_dir, approved, transport, outbox, limiter, retry
+            run_key, entry, batches_dir, approved, transport, outbox, limiter, retry
         )
         progress.record(state, entry.recipients)
         if state != HALTED:  # a halt mid-batch is not a failure
@@ -230,14 +230,14 @@ def send_shard(
 def _send_batch(
     run_key: str,
     entry: BatchEntry,
-    payloads_dir: Path,
+    batches_dir: Path,
     approved: ApprovedManifest,
     transport: Transport,
     outbox: Outbox,
     limiter: RateLimiter | SharedRateLimiter,
     retry: RetryPolicy,
 ) -> str:
-    body = (payloads_dir / entry.file).read_bytes()
+    body = (batches_dir / entry.file).read_bytes()
     members = outbox.batch_members(run_key, entry.batch_id)
     ledger = outbox.ledger(run_key, entry.batch_id) if transport.delivers_per_recipient else None
     if ledger is None and outbox.recipient_outcomes(run_key, entry.batch_id):
@@ -262,7 +262,7 @@ def _send_batch(
             return HALTED
         except EnvelopeViolation as exc:
             outbox.finish(run_key, entry.batch_id, FAILED, error=f"envelope guard: {exc}")
-            # One refused request means the payloads cannot be trusted: stop every shard of the
+            # One refused batch means the frozen batches cannot be trusted: stop every shard of the
             # run, not only this one (a retried shard would otherwise carry on with the rest).
             outbox.request_halt(
                 run_key, reason=f"envelope guard refused batch {entry.batch_id}: {exc}"

@@ -79,7 +79,7 @@ def _freeze_both_ways(
             run_id="manual__t",
             envelopes=envelopes,
             contents=contents,
-            payloads_dir=folder,
+            batches_dir=folder,
             manifest_path=folder / "manifest.json",
             build_body=builder,
         )
