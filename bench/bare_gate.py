@@ -29,10 +29,10 @@ import pyarrow.parquet as pq
 
 from mailroom.addresses import SINGLE_ADDRESS_PATTERN
 from mailroom.campaign_spec import CampaignSpec
-from mailroom.checks.envelope_guard import (
-    MAX_BODY_BYTES,
+from mailroom.checks.limits import (
     MAX_PERSONALIZATIONS,
     MAX_RECIPIENTS,
+    MAX_REQUEST_BYTES,
     RESERVED_HEADERS,
 )
 from mailroom.envelopes import envelope_value_columns
@@ -54,7 +54,7 @@ def bare_gate(
     bodies = pajson.read_json(pa.BufferReader(b"\n".join(datas))).combine_chunks()
     fails: dict[str, int] = {
         "digest": len(datas) - digests_ok,
-        "size": sum(not 1 <= len(d) <= MAX_BODY_BYTES for d in datas),
+        "size": sum(not 1 <= len(d) < MAX_REQUEST_BYTES for d in datas),
     }
 
     parts = bodies.column("personalizations").combine_chunks()

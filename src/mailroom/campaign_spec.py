@@ -15,11 +15,11 @@ from typing import Any
 import yaml
 
 from mailroom.addresses import is_valid_single_address
+from mailroom.checks.limits import MAX_PERSONALIZATIONS
 from mailroom.errors import CampaignSpecError
 
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 LOCALE_PATTERN = re.compile(r"[a-z]{2,3}(_[A-Z]{2})?")
-SENDGRID_MAX_PERSONALIZATIONS = 1000
 TRANSPORTS = ("sendgrid", "smtp", "file")
 # The Airflow connection a transport uses when the spec names none.
 DEFAULT_CONNECTIONS = {
@@ -172,11 +172,9 @@ def parse_campaign(raw: object, *, source: str) -> CampaignSpec:
 
     batch_size = reader.optional("batch_size", int)
     if batch_size is None:
-        batch_size = SENDGRID_MAX_PERSONALIZATIONS
-    if not 1 <= batch_size <= SENDGRID_MAX_PERSONALIZATIONS:
-        raise CampaignSpecError(
-            f"{source}: field 'batch_size' must be 1..{SENDGRID_MAX_PERSONALIZATIONS}"
-        )
+        batch_size = MAX_PERSONALIZATIONS
+    if not 1 <= batch_size <= MAX_PERSONALIZATIONS:
+        raise CampaignSpecError(f"{source}: field 'batch_size' must be 1..{MAX_PERSONALIZATIONS}")
     max_invalid = reader.optional("max_invalid_fraction", (int, float))
     max_invalid = 0.05 if max_invalid is None else float(max_invalid)
     if not 0.0 <= max_invalid <= 1.0:

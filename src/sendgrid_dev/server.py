@@ -1,10 +1,11 @@
 """A local stand-in for ``https://api.sendgrid.com`` that records what a client sent.
 
 It speaks enough of the v3 mail-send API for the official SDK and the pipeline to talk to it
-unchanged, answers the way SendGrid documents (202, 400, 401, 413, sandbox 200), and can be told
-to fail on purpose. It runs on the standard library alone so it can start anywhere the pipeline
-runs; HTTP/1.1 keep-alive with an exact Content-Length on every answer lets one client connection
-carry thousands of requests.
+unchanged, answers the way SendGrid documents (202, 400, 401, 413, sandbox 200), checks every
+body against SendGrid's published OpenAPI document and documented rules (``validation.py``), and
+can be told to fail on purpose. It needs only the standard library and ``jsonschema`` (one of
+Mailroom's own dependencies) so it can start anywhere the pipeline runs; HTTP/1.1 keep-alive with an
+exact Content-Length on every answer lets one client connection carry thousands of requests.
 """
 
 import contextlib
@@ -24,6 +25,7 @@ from types import TracebackType
 from typing import Any, Literal, Self
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from mailroom.checks.limits import MAX_REQUEST_BYTES
 from sendgrid_dev.errors import DevServerError
 from sendgrid_dev.faults import (
     SERVER_ERROR_STATUSES,
@@ -34,13 +36,9 @@ from sendgrid_dev.faults import (
     scheduled_fault,
 )
 from sendgrid_dev.rendering import render_personalization
+from sendgrid_dev.schema import mail_send_validator
 from sendgrid_dev.store import AcceptedRecord, MessageStore, open_store
-from sendgrid_dev.validation import (
-    MAX_REQUEST_BYTES,
-    is_sandbox,
-    iter_recipient_addresses,
-    validate_mail_send,
-)
+from sendgrid_dev.validation import is_sandbox, iter_recipient_addresses, validate_mail_send
 
 MAIL_SEND_PATH = "/v3/mail/send"
 # An idle keep-alive connection holds a thread; this bounds how long a vanished client keeps it.
@@ -620,6 +618,9 @@ class SendGridDevServer:
     def start(self) -> Self:
         if self._httpd is not None:
             raise DevServerError("this dev server was already started")
+        # Compiled before the port is bound, once per process: a missing or unreadable OpenAPI
+        # document stops the start, and no request waits for it.
+        mail_send_validator()
         self._store = open_store(self._data_dir)
         app = _App(self._traffic, self._store, self._api_key)
         try:

@@ -28,31 +28,15 @@ from typing import Any
 from urllib.parse import unquote
 
 from mailroom.addresses import is_valid_single_address
+from mailroom.checks.limits import (
+    MAX_PERSONALIZATIONS,
+    MAX_RECIPIENTS,
+    MAX_REQUEST_BYTES,
+    RESERVED_HEADERS,
+)
 from mailroom.errors import EnvelopeViolation
 from mailroom.substitutions import LEFTOVER_MARKER, TAG_PATTERN, UNSUBSCRIBE_FIELD, substitution_tag
 
-MAX_PERSONALIZATIONS = 1000
-MAX_RECIPIENTS = 1000
-MAX_BODY_BYTES = 30 * 1024 * 1024  # SendGrid's limit on the total message size
-RESERVED_HEADERS = frozenset(
-    h.lower()
-    for h in (
-        "x-sg-id",
-        "x-sg-eid",
-        "received",
-        "dkim-signature",
-        "Content-Type",
-        "Content-Transfer-Encoding",
-        "To",
-        "From",
-        "Subject",
-        "Reply-To",
-        "CC",
-        "BCC",
-        "Sender",
-        "Return-Path",
-    )
-)
 # Per-personalization fields that cannot show a recipient anything Mailroom did not put in the
 # shared content: a per-personalization ``subject`` or ``dynamic_template_data`` could carry
 # another user's data past every other rule, and Mailroom never sets them.
@@ -139,8 +123,10 @@ def recipients_of_body(body: bytes) -> tuple[str, ...]:
 
 
 def _parse_and_check(body: bytes) -> tuple[dict[str, Any], tuple[str, ...]]:
-    if len(body) > MAX_BODY_BYTES:
-        raise EnvelopeViolation(f"request is {len(body)} bytes, over the {MAX_BODY_BYTES} limit")
+    if len(body) >= MAX_REQUEST_BYTES:
+        raise EnvelopeViolation(
+            f"request is {len(body)} bytes; SendGrid takes less than {MAX_REQUEST_BYTES}"
+        )
     try:
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
