@@ -36,6 +36,9 @@ from mailroom.audience.sample import generate
 from mailroom.batches import load_manifest, serialise
 from mailroom.campaign_spec import CampaignSpec, Unsubscribe, load_campaign
 from mailroom.checks import quality_gate
+from mailroom.checks.quality_gate import bodies
+from mailroom.checks.quality_gate.audience import Audience
+from mailroom.checks.quality_gate.regular import RegularShape
 from mailroom.delivery.outbox import Outbox
 from mailroom.envelopes import envelope_value_columns, envelope_values
 from mailroom.errors import ValidationFailed
@@ -308,22 +311,22 @@ def test_both_readers_give_the_same_rows(
     mutation: Mutation, clean_run: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Two requests per group: several groups, read ahead in the second thread.
-    monkeypatch.setattr(quality_gate, "CHUNK_BATCHES", 2)
+    monkeypatch.setattr(bodies, "CHUNK_BATCHES", 2)
     run = copy_run(clean_run, tmp_path / "run")
     path = first_body(run)
     path.write_bytes(mutation.apply(path.read_bytes()))
 
-    shape = quality_gate._RegularShape(run.spec())
+    shape = RegularShape(run.spec())
     assert (shape.parse([path.read_bytes()]) is not None) == mutation.regular
 
     lookups: list[int] = []
-    by_hash = quality_gate._Audience._lookup
+    by_hash = Audience._lookup
 
     def counted(self: Any, keys: pa.Array) -> Any:
         lookups.append(len(keys))
         return by_hash(self, keys)
 
-    monkeypatch.setattr(quality_gate._Audience, "_lookup", counted)
+    monkeypatch.setattr(Audience, "_lookup", counted)
     strict_people, strict_requests = explode(run, strict=True)
     if mutation.name == "clean":  # in audience order: every row found by position
         assert lookups == []

@@ -1,0 +1,127 @@
+"""check_envelopes: the data-quality gate on the frozen batches themselves.
+
+It reads back the exact request bodies from the staging area, explodes them to one row per
+personalization and one row per batch, and validates both with Great Expectations, whose Data
+Docs (counts only: an unexpected value here is an address) it leaves with the run. It knows
+nothing of how the bodies were built: expected values are recomputed from the validated audience,
+so a broken body builder cannot vouch for itself.
+
+The package, in reading order:
+
+* ``rules``: what the gate checks, the expectations every personalization row and every
+  batch row must meet (SendGrid's limits from ``mailroom.checks.limits``);
+* ``explode``: how those rows are made from the frozen bytes (``bodies`` reads them a group at a
+  time; ``regular`` reads the shape Mailroom writes column-wise, ``generic`` any other body;
+  ``rows`` holds the columns);
+* ``audience``: the validated audience, who may receive and what each one's envelope must carry.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mailroom.campaign_spec import CampaignSpec
+from mailroom.checks.quality_gate import rules
+from mailroom.checks.quality_gate.audience import audience_tokens
+from mailroom.checks.quality_gate.explode import explode_batches
+from mailroom.checks.quality_gate.rows import BATCH_COLUMNS, PERSONALIZATION_COLUMNS
+from mailroom.gx_runtime import Suite, summarise, validate_suites
+from mailroom.staging import RunStaging
+
+__all__ = [
+    "BATCH_COLUMNS",
+    "PERSONALIZATION_COLUMNS",
+    "GateResult",
+    "check_envelopes",
+    "explode_batches",
+]
+
+log = logging.getLogger(__name__)
+
+
+def check_envelopes(
+    spec: CampaignSpec,
+    *,
+    manifest_path: Path,
+    valid_audience: Path,
+    secret: bytes,
+    expected_recipients: int,
+    data_docs_dir: Path | None = None,
+) -> GateResult:
+    """Validate the frozen batches; unless ``success``, nothing may be sent
+    (``pipeline.check_envelopes`` raises ValidationFailed).
+
+    GX's Data Docs for both suites are written to ``data_docs_dir`` (by default the run's
+    ``gate/data_docs``, when the manifest is where a run keeps it), whether the gate passes or
+    not, before this returns.
+    """
+    run = RunStaging(manifest_path.parent.parent)
+    if data_docs_dir is None and run.manifest == manifest_path:
+        data_docs_dir = run.gate_data_docs
+
+    # Started before Great Expectations is imported (seconds, in a task process of its own):
+    # making the rules imports it.
+    with audience_tokens(spec, secret, valid_audience) as tokens:
+        people_rules = rules.for_personalizations(expected_recipients)
+        batch_rules = rules.for_batches()
+        people, batch_rows = explode_batches(
+            spec,
+            manifest_path=manifest_path,
+            valid_audience=valid_audience,
+            secret=secret,
+            tokens=tokens,
+        )
+    people_result, batch_result = validate_suites(
+        [
+            Suite(name="envelopes", frame=people, expectations=people_rules),
+            Suite(name="batches", frame=batch_rows, expectations=batch_rules),
+        ],
+        data_docs_dir=data_docs_dir,
+    )
+    docs = None
+    if data_docs_dir is not None:
+        index = data_docs_dir / "index.html"
+        docs = str(index.relative_to(run.root)) if index.is_relative_to(run.root) else str(index)
+    result = GateResult(
+        success=bool(people_result.success and batch_result.success),
+        personalizations=len(people),
+        batches=len(batch_rows),
+        personalization_checks=summarise(people_result),
+        request_checks=summarise(batch_result),
+        data_docs=docs,
+    )
+    log.info(
+        "check_envelopes: %d personalizations in %d batches, success=%s, data docs %s",
+        result.personalizations,
+        result.batches,
+        result.success,
+        docs,
+    )
+    return result
+
+
+@dataclass(frozen=True)
+class GateResult:
+    success: bool
+    personalizations: int
+    batches: int
+    personalization_checks: dict[str, Any]
+    request_checks: dict[str, Any]
+    data_docs: str | None = None  # GX's Data Docs index, relative to the run folder
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def failures(self) -> list[str]:
+        out = []
+        for part in (self.personalization_checks, self.request_checks):
+            for check in part["checks"]:
+                if not check["success"]:
+                    column = f"({check['column']})" if check.get("column") else ""
+                    out.append(
+                        f"{check['expectation']}{column}: {check['unexpected_count']} unexpected"
+                    )
+        return out
