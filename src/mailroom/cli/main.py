@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         return approvals.run_command(args)
     if args.command in {"status", "halt", "resume", "resend"}:
         return operations.run_command(args)
+    if args.command == "outbox":
+        return operations.run_outbox_command(args)
     if args.command == "fetch-run":
         from mailroom.staging_store import RunStore, StagingError, safe_location
 

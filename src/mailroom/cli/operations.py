@@ -1,4 +1,5 @@
-"""Operator commands on a run's outbox: status, halt, resume, resend the unknown.
+"""Operator commands on a run's outbox: status, halt, resume, resend the unknown; and
+``outbox upgrade``, the outbox's schema to this release's.
 
 They work on the outbox database directly (``--outbox-url`` or ``MAILROOM_OUTBOX_URL``), so they
 act at once on every shard of a run, wherever it runs. Resuming or resending only makes batches
@@ -14,7 +15,7 @@ import os
 import sys
 from typing import Any
 
-from mailroom.delivery.outbox import FAILED, UNKNOWN, Outbox
+from mailroom.delivery.outbox import BatchState, Outbox, UnknownOutboxRevision
 
 
 def add_commands(sub: Any) -> None:
@@ -34,6 +35,33 @@ def add_commands(sub: Any) -> None:
         if name in {"resume", "resend"}:
             cmd.add_argument("--airflow-url", help="also clear the run's send tasks through REST")
             cmd.add_argument("--user", default=os.environ.get("MAILROOM_AIRFLOW_USER"))
+    outbox = sub.add_parser("outbox", help="the outbox database itself")
+    outbox_sub = outbox.add_subparsers(dest="outbox_command", required=True)
+    upgrade = outbox_sub.add_parser(
+        "upgrade",
+        help="bring the outbox's tables to this release's schema (opening it does too); prints "
+        "the revision before and after",
+    )
+    upgrade.add_argument("--outbox-url", default=os.environ.get("MAILROOM_OUTBOX_URL"))
+
+
+def run_outbox_command(args: argparse.Namespace) -> int:
+    """``mailroom outbox upgrade``: open the outbox (which upgrades it) and say what it did."""
+    if not args.outbox_url:
+        print("mailroom: give --outbox-url or set MAILROOM_OUTBOX_URL", file=sys.stderr)
+        return 2
+    try:
+        outbox = Outbox(args.outbox_url)
+    except UnknownOutboxRevision as exc:
+        print(f"mailroom outbox upgrade: {exc}", file=sys.stderr)
+        return 1
+    outbox.dispose()
+    schema = outbox.schema
+    print(f"outbox schema before: {schema.describe_before()}")
+    print(f"outbox schema after:  {schema.after} (this release's newest)")
+    if not schema.changed:
+        print("nothing to do: it was already there")
+    return 0
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -53,9 +81,12 @@ def run_command(args: argparse.Namespace) -> int:
             print(f"halt lifted for {args.run_key}")
             _clear_send_tasks(args)
         elif args.command == "resend":
-            states = [UNKNOWN, FAILED] if args.failed else [UNKNOWN]
+            states = (
+                [BatchState.UNKNOWN, BatchState.FAILED] if args.failed else [BatchState.UNKNOWN]
+            )
             moved = outbox.requeue(args.run_key, states)
-            print(f"{moved} batch(es) of {args.run_key} in {states} are sendable again")
+            names = [s.value for s in states]
+            print(f"{moved} batch(es) of {args.run_key} in {names} are sendable again")
             _clear_send_tasks(args)
         print(json.dumps(outbox.counts(args.run_key), indent=2))
         return 0

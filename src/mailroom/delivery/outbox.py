@@ -1,17 +1,24 @@
 """The outbox: every batch's state and every recipient's batch, in a real SQL database.
 
-Batch states: ``staged → sending → sent | failed | unknown | halted``. Each change is a
-compare-and-set UPDATE in its own transaction, so two shards (or a retried shard) can never both
-send one batch, and a batch left ``sending`` by a killed worker becomes ``unknown`` rather than
-being sent again. Recipients are keyed by (run, address): the database itself refuses an address
-in two batches of one run.
+States are ``BatchState`` members (stored as their string values): ``staged → sending → sent |
+failed | unknown | halted``. Every change of state is a compare-and-set UPDATE (``_set_state``:
+``WHERE state IN (the states it may come from)``) in a transaction of its own, so two shards (or
+a retried shard) can never both send one batch, and a batch left ``sending`` by a killed worker
+becomes ``unknown`` rather than being sent again. Recipients are keyed by (run, address): the
+database itself refuses an address in two batches of one run.
 
 A transport that sends one message per recipient (SMTP) also records each recipient's own state
 (``sending → sent | failed | unknown``, with its message id or error) through a ``BatchLedger``: a
 failure in the middle of a 1,000-message batch then leaves the messages already sent on record,
-and a retry or resume of the batch skips them. A recipient without a state of its own (every
-recipient of a whole-request transport such as SendGrid) is in its batch's state; counts,
+and a retry or resume of the batch skips them. A recipient without a state of its own (NULL:
+every recipient of a whole-request transport such as SendGrid) is in its batch's state; counts,
 ``not_sent`` and ``requeue`` go by each recipient's own state where it has one.
+
+The tables below are this release's schema; the database gets it from the Alembic revisions in
+``outbox_migrations``, run when an ``Outbox`` opens (or by ``mailroom outbox upgrade``): a new
+database is created by them, an outbox of an earlier release is upgraded in place, one at a time
+when several tasks open it at once, and a database a newer release upgraded is refused
+(``UnknownOutboxRevision``). A change to these tables is a new revision there.
 """
 
 from __future__ import annotations
@@ -23,23 +30,38 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from enum import StrEnum
 from itertools import islice
 from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 
+from mailroom.delivery import outbox_migrations
+from mailroom.delivery.outbox_migrations import SchemaUpgrade as SchemaUpgrade
+from mailroom.delivery.outbox_migrations import UnknownOutboxRevision as UnknownOutboxRevision
+
 log = logging.getLogger(__name__)
 
-STAGED, SENDING, SENT, FAILED, UNKNOWN, HALTED = (
-    "staged",
-    "sending",
-    "sent",
-    "failed",
-    "unknown",
-    "halted",
-)
-FINAL_STATES = (SENT, FAILED, UNKNOWN, HALTED)
-ALL_STATES = (STAGED, SENDING, *FINAL_STATES)
+
+class BatchState(StrEnum):
+    """Where a batch is: ``staged → sending → sent | failed | unknown | halted``.
+
+    A recipient of a batch sent one message per recipient has one of ``sending``, ``sent``,
+    ``failed``, ``unknown`` of its own (NULL: in its batch's state). The values are what the
+    database stores.
+    """
+
+    STAGED = "staged"
+    SENDING = "sending"
+    SENT = "sent"
+    FAILED = "failed"
+    UNKNOWN = "unknown"
+    HALTED = "halted"
+
+
+FINAL_STATES = (BatchState.SENT, BatchState.FAILED, BatchState.UNKNOWN, BatchState.HALTED)
+# A recipient's own outcomes, after ``sending``.
+_RECIPIENT_OUTCOMES = (BatchState.SENT, BatchState.FAILED, BatchState.UNKNOWN)
 
 metadata = sa.MetaData()
 runs = sa.Table(
@@ -87,18 +109,6 @@ recipients = sa.Table(
     sa.Column("updated_at", sa.DateTime(timezone=True)),
     sa.Index("ix_mailroom_recipients_batch", "run_key", "batch_id"),
 )
-# Columns added after the first release: created on an existing database when it is opened.
-_ADDED_COLUMNS = {
-    "mailroom_runs": ("halt_reason", "next_request_at", "next_recipient_at"),
-    "mailroom_batches": ("guarded_sha256",),
-    "mailroom_recipients": (
-        "values_sha256",
-        "state",
-        "message_id",
-        "last_error",
-        "updated_at",
-    ),
-}
 
 
 class Member(NamedTuple):
@@ -120,21 +130,23 @@ class StagedBatch:
 
 
 @dataclass(frozen=True)
-class BatchState:
+class BatchRecord:
+    """A batch's row: its state, attempts and outcome."""
+
     batch_id: str
-    state: str
+    state: BatchState
     attempts: int
     message_id: str | None
     last_error: str | None
 
 
 @dataclass(frozen=True)
-class RecipientState:
+class RecipientRecord:
     """One recipient's own outcome, when its batch was sent one message per recipient."""
 
     email: str
     batch_id: str
-    state: str | None
+    state: BatchState | None
     message_id: str | None
     last_error: str | None
 
@@ -189,6 +201,8 @@ def _now() -> datetime:
 
 class Outbox:
     def __init__(self, url: str) -> None:
+        """Open the outbox at ``url``, creating or upgrading its tables to this release's schema
+        first (``outbox_migrations``); ``schema`` says what that found and did."""
         self.url = url
         connect_args: dict[str, Any] = {}
         if url.startswith("sqlite"):
@@ -196,8 +210,11 @@ class Outbox:
         self.engine = sa.create_engine(url, connect_args=connect_args, pool_pre_ping=True)
         if url.startswith("sqlite"):
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
-        _create_tables(self.engine)
-        _add_missing_columns(self.engine)
+        try:
+            self.schema: SchemaUpgrade = outbox_migrations.upgrade(self.engine)
+        except BaseException:
+            self.engine.dispose()
+            raise
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -231,7 +248,7 @@ class Outbox:
             started = conn.execute(
                 sa.select(sa.func.count())
                 .select_from(batches)
-                .where(batches.c.run_key == run_key, batches.c.state != STAGED)
+                .where(batches.c.run_key == run_key, batches.c.state != BatchState.STAGED)
             ).scalar_one()
             if started:
                 raise OutboxConflict(
@@ -280,7 +297,7 @@ class Outbox:
                             "locale": b.locale,
                             "sha256": b.sha256,
                             "recipients": b.recipients,
-                            "state": STAGED,
+                            "state": BatchState.STAGED,
                             "attempts": 0,
                             "updated_at": now,
                         }
@@ -331,30 +348,33 @@ class Outbox:
 
     def refuse(self, run_key: str, batch_id: str, error: str) -> bool:
         """``staged|halted → failed`` without a request: the guard refused the batch's body."""
-        return self._move(run_key, batch_id, (STAGED, HALTED), FAILED, error=error)
+        return self._move(run_key, batch_id, _SENDABLE, BatchState.FAILED, error=error)
 
     # sending --------------------------------------------------------------------------------
     def claim(self, run_key: str, batch_id: str) -> bool:
         """``staged|halted → sending``; False when someone else has it or it is done."""
-        return self._move(run_key, batch_id, (STAGED, HALTED), SENDING, attempts=True)
+        return self._move(run_key, batch_id, _SENDABLE, BatchState.SENDING, count_attempt=True)
 
     def finish(
         self,
         run_key: str,
         batch_id: str,
-        state: str,
+        state: BatchState,
         *,
         message_id: str | None = None,
         error: str | None = None,
     ) -> None:
+        """``sending →`` a final state, with the provider's message id or the error."""
         if state not in FINAL_STATES:
             raise ValueError(f"not a final state: {state}")
-        if not self._move(run_key, batch_id, (SENDING,), state, message_id=message_id, error=error):
+        if not self._move(
+            run_key, batch_id, (BatchState.SENDING,), state, message_id=message_id, error=error
+        ):
             raise OutboxConflict(f"batch {batch_id} of {run_key} was not 'sending'")
 
     def release(self, run_key: str, batch_id: str, error: str) -> None:
         """``sending → staged`` when the request certainly did not leave (e.g. refused connect)."""
-        self._move(run_key, batch_id, (SENDING,), STAGED, error=error)
+        self._move(run_key, batch_id, (BatchState.SENDING,), BatchState.STAGED, error=error)
 
     def mark_interrupted(self, run_key: str, batch_ids: Sequence[str]) -> int:
         """Batches left ``sending`` by a dead worker may have been accepted: ``unknown``.
@@ -365,92 +385,70 @@ class Outbox:
         Returns how many batches were interrupted.
         """
         now = _now()
+        these = (batches.c.run_key == run_key, batches.c.batch_id.in_(batch_ids))
         in_flight = (
             sa.select(batches.c.batch_id)
+            .where(*these, batches.c.state == BatchState.SENDING)
+            .scalar_subquery()
+        )
+        per_recipient = (
+            sa.select(recipients.c.batch_id)
             .where(
-                batches.c.run_key == run_key,
-                batches.c.batch_id.in_(batch_ids),
-                batches.c.state == SENDING,
+                recipients.c.run_key == run_key,
+                recipients.c.batch_id.in_(batch_ids),
+                recipients.c.state.is_not(None),
             )
             .scalar_subquery()
         )
         with self.engine.begin() as conn:
-            conn.execute(
-                recipients.update()
-                .where(
-                    recipients.c.run_key == run_key,
-                    recipients.c.batch_id.in_(in_flight),
-                    recipients.c.state == SENDING,
-                )
-                .values(
-                    state=UNKNOWN,
-                    updated_at=now,
-                    last_error="interrupted while this message was being sent: "
-                    "the server may have accepted it",
-                )
+            _set_state(
+                conn,
+                recipients,
+                (recipients.c.run_key == run_key, recipients.c.batch_id.in_(in_flight)),
+                (BatchState.SENDING,),
+                BatchState.UNKNOWN,
+                error="interrupted while this message was being sent: "
+                "the server may have accepted it",
+                now=now,
             )
-            per_recipient = (
-                sa.select(recipients.c.batch_id)
-                .where(
-                    recipients.c.run_key == run_key,
-                    recipients.c.batch_id.in_(batch_ids),
-                    recipients.c.state.is_not(None),
-                )
-                .scalar_subquery()
+            resumed = _set_state(
+                conn,
+                batches,
+                (*these, batches.c.batch_id.in_(per_recipient)),
+                (BatchState.SENDING,),
+                BatchState.STAGED,
+                error="interrupted mid-batch: the messages on record are not sent again, the "
+                "rest continue",
+                now=now,
             )
-            resumed = conn.execute(
-                batches.update()
-                .where(
-                    batches.c.run_key == run_key,
-                    batches.c.batch_id.in_(batch_ids),
-                    batches.c.state == SENDING,
-                    batches.c.batch_id.in_(per_recipient),
-                )
-                .values(
-                    state=STAGED,
-                    updated_at=now,
-                    last_error="interrupted mid-batch: the messages on record are not sent "
-                    "again, the rest continue",
-                )
+            unknown = _set_state(
+                conn,
+                batches,
+                these,
+                (BatchState.SENDING,),
+                BatchState.UNKNOWN,
+                error="interrupted while sending: the provider may have accepted it",
+                now=now,
             )
-            result = conn.execute(
-                batches.update()
-                .where(
-                    batches.c.run_key == run_key,
-                    batches.c.batch_id.in_(batch_ids),
-                    batches.c.state == SENDING,
-                )
-                .values(
-                    state=UNKNOWN,
-                    updated_at=now,
-                    last_error="interrupted while sending: the provider may have accepted it",
-                )
-            )
-            return int(resumed.rowcount or 0) + int(result.rowcount or 0)
+            return resumed + unknown
 
     def halt_remaining(self, run_key: str, batch_ids: Sequence[str]) -> int:
+        """``staged → halted`` for these batches, with the run's halt reason."""
+        reason = sa.func.coalesce(
+            sa.select(runs.c.halt_reason).where(runs.c.run_key == run_key).scalar_subquery(),
+            "halted by an operator",
+        )
         with self.engine.begin() as conn:
-            result = conn.execute(
-                batches.update()
-                .where(
-                    batches.c.run_key == run_key,
-                    batches.c.batch_id.in_(batch_ids),
-                    batches.c.state == STAGED,
-                )
-                .values(
-                    state=HALTED,
-                    updated_at=_now(),
-                    last_error=sa.func.coalesce(
-                        sa.select(runs.c.halt_reason)
-                        .where(runs.c.run_key == run_key)
-                        .scalar_subquery(),
-                        "halted by an operator",
-                    ),
-                )
+            return _set_state(
+                conn,
+                batches,
+                (batches.c.run_key == run_key, batches.c.batch_id.in_(batch_ids)),
+                (BatchState.STAGED,),
+                BatchState.HALTED,
+                error=reason,
             )
-            return int(result.rowcount or 0)
 
-    def requeue(self, run_key: str, states: Sequence[str]) -> int:
+    def requeue(self, run_key: str, states: Sequence[BatchState]) -> int:
         """Operator's explicit choice to send ``unknown``/``failed`` batches again.
 
         For batches sent one message per recipient, only the recipients in those states are
@@ -458,40 +456,37 @@ class Outbox:
         Returns how many batches became sendable.
         """
         now = _now()
+        this_run = (batches.c.run_key == run_key,)
+        with_such_recipients = (
+            sa.select(recipients.c.batch_id)
+            .where(recipients.c.run_key == run_key, recipients.c.state.in_(states))
+            .scalar_subquery()
+        )
+        staged = (
+            sa.select(batches.c.batch_id)
+            .where(*this_run, batches.c.state == BatchState.STAGED)
+            .scalar_subquery()
+        )
         with self.engine.begin() as conn:
-            with_such_recipients = (
-                sa.select(recipients.c.batch_id)
-                .where(recipients.c.run_key == run_key, recipients.c.state.in_(states))
-                .scalar_subquery()
+            moved = _set_state(conn, batches, this_run, states, BatchState.STAGED, now=now)
+            # A batch that ended otherwise but holds recipients in those states.
+            moved += _set_state(
+                conn,
+                batches,
+                (*this_run, batches.c.batch_id.in_(with_such_recipients)),
+                (BatchState.FAILED, BatchState.UNKNOWN, BatchState.HALTED),
+                BatchState.STAGED,
+                now=now,
             )
-            result = conn.execute(
-                batches.update()
-                .where(
-                    batches.c.run_key == run_key,
-                    sa.or_(
-                        batches.c.state.in_(states),
-                        sa.and_(
-                            batches.c.state.in_((FAILED, UNKNOWN, HALTED)),
-                            batches.c.batch_id.in_(with_such_recipients),
-                        ),
-                    ),
-                )
-                .values(state=STAGED, updated_at=now)
+            _set_state(
+                conn,
+                recipients,
+                (recipients.c.run_key == run_key, recipients.c.batch_id.in_(staged)),
+                states,
+                None,
+                now=now,
             )
-            conn.execute(
-                recipients.update()
-                .where(
-                    recipients.c.run_key == run_key,
-                    recipients.c.state.in_(states),
-                    recipients.c.batch_id.in_(
-                        sa.select(batches.c.batch_id)
-                        .where(batches.c.run_key == run_key, batches.c.state == STAGED)
-                        .scalar_subquery()
-                    ),
-                )
-                .values(state=None, updated_at=now)
-            )
-            return int(result.rowcount or 0)
+            return moved
 
     def request_halt(self, run_key: str, halted: bool = True, reason: str | None = None) -> bool:
         """Ask every shard of a run to stop before its next request (or, with False, resume)."""
@@ -562,7 +557,7 @@ class Outbox:
         run_key: str,
         batch_id: str,
         email: str,
-        state: str | None,
+        state: BatchState | None,
         *,
         message_id: str | None = None,
         error: str | None = None,
@@ -570,27 +565,25 @@ class Outbox:
         """One recipient's own state, compare-and-set: not yet attempted (NULL) → ``sending``;
         ``sending`` → ``sent | failed | unknown``, or back to NULL (``state=None``) when the
         message certainly did not leave. False when the recipient was not in the state before."""
-        if state == SENDING:
-            before: Any = recipients.c.state.is_(None)
-        elif state is None or state in (SENT, FAILED, UNKNOWN):
-            before = recipients.c.state == SENDING
+        before: tuple[BatchState | None, ...]
+        if state == BatchState.SENDING:
+            before = (None,)
+        elif state is None or state in _RECIPIENT_OUTCOMES:
+            before = (BatchState.SENDING,)
         else:
             raise ValueError(f"not a recipient state: {state}")
-        values = _outcome_values(state, message_id, error)
+        the_recipient = (
+            recipients.c.run_key == run_key,
+            recipients.c.batch_id == batch_id,
+            recipients.c.email_key == email.lower(),
+        )
         with self.engine.begin() as conn:
-            result = conn.execute(
-                recipients.update()
-                .where(
-                    recipients.c.run_key == run_key,
-                    recipients.c.batch_id == batch_id,
-                    recipients.c.email_key == email.lower(),
-                    before,
-                )
-                .values(**values)
+            changed = _set_state(
+                conn, recipients, the_recipient, before, state, message_id=message_id, error=error
             )
-            return result.rowcount == 1
+            return changed == 1
 
-    def recipient_outcomes(self, run_key: str, batch_id: str) -> dict[str, str]:
+    def recipient_outcomes(self, run_key: str, batch_id: str) -> dict[str, BatchState]:
         """Recipients of a batch with a state of their own: address → state."""
         with self.engine.connect() as conn:
             rows = conn.execute(
@@ -600,7 +593,7 @@ class Outbox:
                     recipients.c.state.is_not(None),
                 )
             )
-            return {email: state for email, state in rows}
+            return {email: BatchState(state) for email, state in rows}
 
     def unsent_recipients(self, run_key: str, batch_id: str) -> list[str]:
         """Recipients of a batch whose message was never handed to the server, in address
@@ -618,7 +611,7 @@ class Outbox:
                 ).scalars()
             )
 
-    def recipient_states(self, run_key: str, batch_id: str) -> dict[str, RecipientState]:
+    def recipient_states(self, run_key: str, batch_id: str) -> dict[str, RecipientRecord]:
         """Every recipient of a batch with its own state (None: in the batch's state)."""
         with self.engine.connect() as conn:
             rows = conn.execute(
@@ -630,17 +623,28 @@ class Outbox:
                     recipients.c.last_error,
                 ).where(recipients.c.run_key == run_key, recipients.c.batch_id == batch_id)
             )
-            return {row[0]: RecipientState(*row) for row in rows}
+            return {
+                email: RecipientRecord(
+                    email, batch, None if state is None else BatchState(state), message_id, error
+                )
+                for email, batch, state, message_id, error in rows
+            }
 
     # reading --------------------------------------------------------------------------------
-    def states(self, run_key: str, batch_ids: Sequence[str] | None = None) -> dict[str, BatchState]:
+    def states(
+        self, run_key: str, batch_ids: Sequence[str] | None = None
+    ) -> dict[str, BatchRecord]:
         query = sa.select(batches).where(batches.c.run_key == run_key)
         if batch_ids is not None:
             query = query.where(batches.c.batch_id.in_(batch_ids))
         with self.engine.connect() as conn:
             return {
-                row.batch_id: BatchState(
-                    row.batch_id, row.state, row.attempts, row.message_id, row.last_error
+                row.batch_id: BatchRecord(
+                    row.batch_id,
+                    BatchState(row.state),
+                    row.attempts,
+                    row.message_id,
+                    row.last_error,
                 )
                 for row in conn.execute(query)
             }
@@ -656,7 +660,7 @@ class Outbox:
             return {email: digest for email, digest in rows}
 
     def counts(self, run_key: str) -> dict[str, dict[str, int]]:
-        """Per state: how many batches and recipients."""
+        """Per state (its value, a plain string): how many batches and recipients."""
         query = (
             sa.select(
                 batches.c.state,
@@ -677,7 +681,7 @@ class Outbox:
             )
             .group_by(batches.c.state, recipients.c.state)
         )
-        out = {s: {"batches": 0, "recipients": 0} for s in ALL_STATES}
+        out = {s.value: {"batches": 0, "recipients": 0} for s in BatchState}
         with self.engine.connect() as conn:
             for state, n, people in conn.execute(query):
                 out[state] = {"batches": int(n), "recipients": int(people)}
@@ -702,7 +706,7 @@ class Outbox:
                 error.label("last_error"),
             )
             .join(batches, _same_batch())
-            .where(recipients.c.run_key == run_key, state != SENT)
+            .where(recipients.c.run_key == run_key, state != BatchState.SENT)
             .order_by(batches.c.batch_index, recipients.c.email_key)
         )
         with self.engine.connect() as conn:
@@ -713,27 +717,27 @@ class Outbox:
         self,
         run_key: str,
         batch_id: str,
-        from_states: Sequence[str],
-        to_state: str,
+        from_states: Sequence[BatchState],
+        to_state: BatchState,
         *,
-        attempts: bool = False,
+        count_attempt: bool = False,
         message_id: str | None = None,
         error: str | None = None,
     ) -> bool:
-        values = _outcome_values(to_state, message_id, error)
-        if attempts:
-            values["attempts"] = batches.c.attempts + 1
+        """One batch's compare-and-set, in a transaction of its own."""
+        the_batch = (batches.c.run_key == run_key, batches.c.batch_id == batch_id)
         with self.engine.begin() as conn:
-            result = conn.execute(
-                batches.update()
-                .where(
-                    batches.c.run_key == run_key,
-                    batches.c.batch_id == batch_id,
-                    batches.c.state.in_(from_states),
-                )
-                .values(**values)
+            changed = _set_state(
+                conn,
+                batches,
+                the_batch,
+                from_states,
+                to_state,
+                message_id=message_id,
+                error=error,
+                count_attempt=count_attempt,
             )
-            return result.rowcount == 1
+            return changed == 1
 
 
 class BatchLedger:
@@ -746,16 +750,21 @@ class BatchLedger:
         self.halt_check_interval = halt_check_interval
         self._halt_checked: float | None = None
 
-    def settled(self) -> dict[str, str]:
+    def settled(self) -> dict[str, BatchState]:
         return self.outbox.recipient_outcomes(self.run_key, self.batch_id)
 
     def begin(self, email: str) -> bool:
-        return self.outbox.mark_recipient(self.run_key, self.batch_id, email, SENDING)
+        return self.outbox.mark_recipient(self.run_key, self.batch_id, email, BatchState.SENDING)
 
     def finish(
-        self, email: str, state: str, *, message_id: str | None = None, error: str | None = None
+        self,
+        email: str,
+        state: BatchState,
+        *,
+        message_id: str | None = None,
+        error: str | None = None,
     ) -> None:
-        if state not in (SENT, FAILED, UNKNOWN):
+        if state not in _RECIPIENT_OUTCOMES:
             raise ValueError(f"not a final recipient state: {state}")
         if not self.outbox.mark_recipient(
             self.run_key, self.batch_id, email, state, message_id=message_id, error=error
@@ -781,58 +790,39 @@ def _same_batch() -> Any:
     )
 
 
-def _create_tables(engine: sa.Engine) -> None:
-    """Create missing tables; two tasks opening a new outbox at once may race to do it."""
-    attempts = 20
-    for attempt in range(attempts):
-        try:
-            metadata.create_all(engine)
-            return
-        except sa.exc.DBAPIError as exc:
-            # Another task created a table between our check and our CREATE (with several
-            # tables, that can happen more than once): look again.
-            if "already exists" not in str(exc).lower() or attempt == attempts - 1:
-                raise
-            time.sleep(0.02 * (attempt + 1))
+# Where a batch may be claimed (or refused) from.
+_SENDABLE = (BatchState.STAGED, BatchState.HALTED)
 
 
-def _outcome_values(state: str | None, message_id: str | None, error: str | None) -> dict[str, Any]:
-    """The columns one state change writes, for a batch row or a recipient row alike."""
-    values: dict[str, Any] = {"state": state, "updated_at": _now()}
+def _set_state(
+    conn: sa.Connection,
+    table: sa.Table,
+    where: Sequence[sa.ColumnElement[bool]],
+    from_states: Sequence[BatchState | None],
+    to_state: BatchState | None,
+    *,
+    message_id: str | None = None,
+    error: str | sa.ColumnElement[Any] | None = None,
+    count_attempt: bool = False,
+    now: datetime | None = None,
+) -> int:
+    """The compare-and-set every change of state is, for batch and recipient rows alike:
+    ``UPDATE table SET state = to_state, updated_at [, message_id, last_error, attempts + 1]
+    WHERE <where> AND state IN (from_states)`` (None: a recipient without a state of its own).
+    Returns how many rows changed; the rows in another state are left alone."""
+    known = [s for s in from_states if s is not None]
+    was = [table.c.state.in_(known)] if known else []
+    if None in from_states:
+        was.append(table.c.state.is_(None))
+    values: dict[str, Any] = {"state": to_state, "updated_at": now or _now()}
     if message_id is not None:
         values["message_id"] = message_id
     if error is not None:
-        values["last_error"] = error[:2000]
-    return values
-
-
-def _add_missing_columns(engine: sa.Engine) -> None:
-    """Add the columns of later releases to tables an earlier release created."""
-    inspector = sa.inspect(engine)
-    for table_name, names in _ADDED_COLUMNS.items():
-        have = {c["name"] for c in inspector.get_columns(table_name)}
-        for name in names:
-            if name in have:
-                continue
-            column = metadata.tables[table_name].c[name]
-            ddl = (
-                f"ALTER TABLE {table_name} ADD COLUMN {name} "
-                f"{column.type.compile(dialect=engine.dialect)}"
-            )
-            default = getattr(column.default, "arg", None)
-            if isinstance(default, int | float):
-                # Existing rows take the default; NOT NULL needs one to be addable at all.
-                ddl += f" DEFAULT {default!r}"
-                if not column.nullable:
-                    ddl += " NOT NULL"
-            try:
-                with engine.begin() as conn:
-                    conn.execute(sa.text(ddl))
-            except sa.exc.DBAPIError:
-                # Another process added it first; anything else shows on the re-read.
-                if name not in {c["name"] for c in sa.inspect(engine).get_columns(table_name)}:
-                    raise
-            log.info("outbox: added column %s.%s", table_name, name)
+        values["last_error"] = error[:2000] if isinstance(error, str) else error
+    if count_attempt:
+        values["attempts"] = table.c.attempts + 1
+    result = conn.execute(table.update().where(*where, sa.or_(*was)).values(**values))
+    return int(result.rowcount or 0)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -9,16 +9,7 @@ from typing import Any
 import pandas as pd
 
 from mailroom.batches import Manifest
-from mailroom.delivery.outbox import (
-    FAILED,
-    FINAL_STATES,
-    HALTED,
-    SENDING,
-    SENT,
-    STAGED,
-    UNKNOWN,
-    Outbox,
-)
+from mailroom.delivery.outbox import FINAL_STATES, BatchState, Outbox
 
 
 def reconcile(
@@ -73,17 +64,18 @@ def reconcile(
         report["balanced"] = None
         return report
     accounted = sum(counts[s]["recipients"] for s in FINAL_STATES)
-    pending = counts[STAGED]["recipients"] + counts[SENDING]["recipients"]
+    pending = counts[BatchState.STAGED]["recipients"] + counts[BatchState.SENDING]["recipients"]
     report["balanced"] = staged_total == accounted + pending
     report["equation"] = (
-        f"staged {staged_total} = sent {counts[SENT]['recipients']} + failed "
-        f"{counts[FAILED]['recipients']} + unknown {counts[UNKNOWN]['recipients']} + halted "
-        f"{counts[HALTED]['recipients']} + never attempted {pending}"
+        f"staged {staged_total} = sent {counts[BatchState.SENT]['recipients']} + failed "
+        f"{counts[BatchState.FAILED]['recipients']} + unknown "
+        f"{counts[BatchState.UNKNOWN]['recipients']} + halted "
+        f"{counts[BatchState.HALTED]['recipients']} + never attempted {pending}"
     )
     if approval.get("decision") != "approved":
         decision = approval.get("decision")
         report["status"] = decision if decision in {"rejected", "timed_out"} else "not_approved"
-    elif counts[SENT]["recipients"] == staged_total:
+    elif counts[BatchState.SENT]["recipients"] == staged_total:
         report["status"] = "sent"
     else:
         report["status"] = "incomplete"
@@ -91,6 +83,6 @@ def reconcile(
 
 
 def _default_reason(state: str, approval: dict[str, Any]) -> str:
-    if state == STAGED and approval.get("decision") != "approved":
+    if state == BatchState.STAGED and approval.get("decision") != "approved":
         return f"not sent: {approval.get('decision', 'no approval')}"
     return f"batch {state}"

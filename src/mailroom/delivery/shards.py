@@ -23,7 +23,7 @@ from typing import Any
 from mailroom.addresses import mask_addresses
 from mailroom.batches import BatchEntry, Manifest
 from mailroom.checks.envelope_guard import ApprovedManifest, check_envelope
-from mailroom.delivery.outbox import FAILED, HALTED, SENT, STAGED, UNKNOWN, Outbox
+from mailroom.delivery.outbox import BatchState, Outbox
 from mailroom.delivery.rate import RateLimiter, RetryPolicy, SharedRateLimiter
 from mailroom.delivery.transports.base import Transport
 from mailroom.errors import EnvelopeViolation, SendHalted, TransportError
@@ -40,10 +40,10 @@ class ShardProgress:
     skipped: int = 0
     states: dict[str, int] = field(default_factory=dict)
 
-    def record(self, state: str, recipients: int) -> None:
+    def record(self, state: BatchState, recipients: int) -> None:
         self.done += 1
-        self.states[state] = self.states.get(state, 0) + 1
-        if state == SENT:
+        self.states[state.value] = self.states.get(state.value, 0) + 1
+        if state == BatchState.SENT:
             self.recipients_sent += recipients
 
     def line(self) -> str:
@@ -175,7 +175,7 @@ def send_shard(
     settled = {
         batch_id
         for batch_id, st in outbox.states(run_key, [b.batch_id for b in mine]).items()
-        if st.state not in (STAGED, HALTED)
+        if st.state not in (BatchState.STAGED, BatchState.HALTED)
     }
     consecutive_failures = 0
     signal_checked = 0.0
@@ -206,8 +206,8 @@ def send_shard(
             run_key, entry, batches_dir, approved, transport, outbox, limiter, retry
         )
         progress.record(state, entry.recipients)
-        if state != HALTED:  # a halt mid-batch is not a failure
-            consecutive_failures = 0 if state == SENT else consecutive_failures + 1
+        if state != BatchState.HALTED:  # a halt mid-batch is not a failure
+            consecutive_failures = 0 if state == BatchState.SENT else consecutive_failures + 1
         if max_consecutive_failures and consecutive_failures >= max_consecutive_failures:
             reason = f"paused after {consecutive_failures} consecutive failed batches"
             outbox.request_halt(run_key, reason=reason)
@@ -217,7 +217,7 @@ def send_shard(
     states = outbox.states(run_key, [b.batch_id for b in mine])
     summary: dict[str, int] = {}
     for st in states.values():
-        summary[st.state] = summary.get(st.state, 0) + 1
+        summary[st.state.value] = summary.get(st.state.value, 0) + 1
     return {
         "shard": shard_index,
         "batches": len(mine),
@@ -236,7 +236,7 @@ def _send_batch(
     outbox: Outbox,
     limiter: RateLimiter | SharedRateLimiter,
     retry: RetryPolicy,
-) -> str:
+) -> BatchState:
     body = (batches_dir / entry.file).read_bytes()
     members = outbox.batch_members(run_key, entry.batch_id)
     ledger = outbox.ledger(run_key, entry.batch_id) if transport.delivers_per_recipient else None
@@ -246,9 +246,9 @@ def _send_batch(
             f"recipients of this batch already have outcomes of their own: the {transport.name} "
             "transport sends whole requests and would send them again"
         )
-        outbox.finish(run_key, entry.batch_id, FAILED, error=error)
+        outbox.finish(run_key, entry.batch_id, BatchState.FAILED, error=error)
         log.error("batch %s: %s", entry.batch_id, error)
-        return FAILED
+        return BatchState.FAILED
     attempt = 0
     while True:
         attempt += 1
@@ -257,11 +257,13 @@ def _send_batch(
         try:
             delivery = transport.send(body, approved, expected_recipients=members, ledger=ledger)
         except SendHalted as exc:
-            outbox.finish(run_key, entry.batch_id, HALTED, error=str(exc))
+            outbox.finish(run_key, entry.batch_id, BatchState.HALTED, error=str(exc))
             log.warning("batch %s: halted mid-batch: %s", entry.batch_id, exc)
-            return HALTED
+            return BatchState.HALTED
         except EnvelopeViolation as exc:
-            outbox.finish(run_key, entry.batch_id, FAILED, error=f"envelope guard: {exc}")
+            outbox.finish(
+                run_key, entry.batch_id, BatchState.FAILED, error=f"envelope guard: {exc}"
+            )
             # One refused batch means the frozen batches cannot be trusted: stop every shard of the
             # run, not only this one (a retried shard would otherwise carry on with the rest).
             outbox.request_halt(
@@ -271,11 +273,11 @@ def _send_batch(
         except TransportError as exc:
             message = mask_addresses(str(exc))
             if exc.outcome_unknown:
-                outbox.finish(run_key, entry.batch_id, UNKNOWN, error=message)
+                outbox.finish(run_key, entry.batch_id, BatchState.UNKNOWN, error=message)
                 log.warning(
                     "batch %s: outcome unknown (%s); not resending", entry.batch_id, message
                 )
-                return UNKNOWN
+                return BatchState.UNKNOWN
             if exc.retryable and attempt < retry.max_attempts:
                 pause = retry.delay(attempt, exc.retry_after)
                 log.warning(
@@ -283,8 +285,8 @@ def _send_batch(
                 )
                 time.sleep(pause)
                 continue
-            outbox.finish(run_key, entry.batch_id, FAILED, error=message)
+            outbox.finish(run_key, entry.batch_id, BatchState.FAILED, error=message)
             log.error("batch %s: failed after %d attempt(s): %s", entry.batch_id, attempt, message)
-            return FAILED
-        outbox.finish(run_key, entry.batch_id, SENT, message_id=delivery.message_id)
-        return SENT
+            return BatchState.FAILED
+        outbox.finish(run_key, entry.batch_id, BatchState.SENT, message_id=delivery.message_id)
+        return BatchState.SENT

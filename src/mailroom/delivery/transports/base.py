@@ -14,14 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from mailroom.checks.envelope_guard import ApprovedManifest, GuardedBody, check_envelope
-
-# A recipient's own states, when a transport records them one by one (the batch's vocabulary).
-RECIPIENT_SENDING, RECIPIENT_SENT, RECIPIENT_FAILED, RECIPIENT_UNKNOWN = (
-    "sending",
-    "sent",
-    "failed",
-    "unknown",
-)
+from mailroom.delivery.outbox import BatchState
 
 
 @dataclass(frozen=True)
@@ -35,12 +28,13 @@ class Delivery:
 class RecipientLedger(Protocol):
     """Where a per-recipient transport records each message of one batch.
 
-    Addresses are compared lower-cased. A message may only leave after ``begin`` returned True
-    for its recipient, so a worker killed at any point leaves that recipient ``sending`` (then
-    ``unknown``), never unrecorded.
+    A recipient's states are its batch's (``BatchState``): ``sending → sent | failed |
+    unknown``. Addresses are compared lower-cased. A message may only leave after ``begin``
+    returned True for its recipient, so a worker killed at any point leaves that recipient
+    ``sending`` (then ``unknown``), never unrecorded.
     """
 
-    def settled(self) -> Mapping[str, str]:
+    def settled(self) -> Mapping[str, BatchState]:
         """Recipients of the batch with an outcome already (sent, failed, unknown, or a message
         in flight): lower-cased address → state. They must not be sent again."""
         ...
@@ -50,7 +44,12 @@ class RecipientLedger(Protocol):
         ...
 
     def finish(
-        self, email: str, state: str, *, message_id: str | None = None, error: str | None = None
+        self,
+        email: str,
+        state: BatchState,
+        *,
+        message_id: str | None = None,
+        error: str | None = None,
     ) -> None:
         """``sending → sent | failed | unknown``."""
         ...
@@ -69,25 +68,30 @@ class RecipientLedger(Protocol):
 class MemoryLedger:
     """A ledger kept in memory, for a transport used without an outbox."""
 
-    states: dict[str, str] = field(default_factory=dict)
+    states: dict[str, BatchState] = field(default_factory=dict)
     message_ids: dict[str, str] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
 
-    def settled(self) -> Mapping[str, str]:
+    def settled(self) -> Mapping[str, BatchState]:
         return dict(self.states)
 
     def begin(self, email: str) -> bool:
         key = email.lower()
         if key in self.states:
             return False
-        self.states[key] = RECIPIENT_SENDING
+        self.states[key] = BatchState.SENDING
         return True
 
     def finish(
-        self, email: str, state: str, *, message_id: str | None = None, error: str | None = None
+        self,
+        email: str,
+        state: BatchState,
+        *,
+        message_id: str | None = None,
+        error: str | None = None,
     ) -> None:
         key = email.lower()
-        if self.states.get(key) != RECIPIENT_SENDING:
+        if self.states.get(key) != BatchState.SENDING:
             raise ValueError(f"recipient {key!r} is not sending")
         self.states[key] = state
         if message_id is not None:
@@ -97,7 +101,7 @@ class MemoryLedger:
 
     def release(self, email: str, error: str) -> None:
         key = email.lower()
-        if self.states.get(key) == RECIPIENT_SENDING:
+        if self.states.get(key) == BatchState.SENDING:
             del self.states[key]
         self.errors[key] = error
 

@@ -40,11 +40,8 @@ from typing import Any
 
 from mailroom.addresses import is_valid_single_address, mask, mask_addresses
 from mailroom.checks.envelope_guard import GuardedBody
+from mailroom.delivery.outbox import BatchState
 from mailroom.delivery.transports.base import (
-    RECIPIENT_FAILED,
-    RECIPIENT_SENDING,
-    RECIPIENT_SENT,
-    RECIPIENT_UNKNOWN,
     Delivery,
     MemoryLedger,
     RecipientLedger,
@@ -281,14 +278,14 @@ class SmtpTransport(Transport):
             except TransportError as exc:
                 ledger.release(email, mask_addresses(str(exc)))  # certainly not accepted
                 raise
-            if state == RECIPIENT_SENT:
+            if state == BatchState.SENT:
                 ledger.finish(email, state, message_id=detail)
             else:
                 detail = mask_addresses(detail)
                 ledger.finish(email, state, error=detail)
                 log.warning("request %s: %s %s: %s", batch, mask(email), state, detail)
             counts[state] += 1
-            unknown_in_a_row = unknown_in_a_row + 1 if state == RECIPIENT_UNKNOWN else 0
+            unknown_in_a_row = unknown_in_a_row + 1 if state == BatchState.UNKNOWN else 0
             if unknown_in_a_row >= MAX_UNKNOWN_IN_A_ROW:
                 raise TransportError(
                     f"{unknown_in_a_row} messages in a row lost their answer after DATA: "
@@ -297,9 +294,9 @@ class SmtpTransport(Transport):
         log.info(
             "request %s: %d message(s) sent, %d failed, %d unknown now; %d already on record",
             batch,
-            counts[RECIPIENT_SENT],
-            counts[RECIPIENT_FAILED],
-            counts[RECIPIENT_UNKNOWN],
+            counts[BatchState.SENT],
+            counts[BatchState.FAILED],
+            counts[BatchState.UNKNOWN],
             len(guarded.recipients) - len(todo),
         )
         return self._outcome(guarded, ledger)
@@ -309,16 +306,16 @@ class SmtpTransport(Transport):
         final = {k.lower(): v for k, v in ledger.settled().items()}
         states = Counter(final.get(r.lower(), "not sent") for r in guarded.recipients)
         total = len(guarded.recipients)
-        if states[RECIPIENT_SENT] == total:
+        if states[BatchState.SENT] == total:
             return Delivery(message_id=f"smtp-{guarded.sha256[:22]}", status=250)
-        lost = states[RECIPIENT_UNKNOWN] + states[RECIPIENT_SENDING]
+        lost = states[BatchState.UNKNOWN] + states[BatchState.SENDING]
         summary = ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
         if lost:
             raise TransportError(
                 f"{lost} of {total} message(s) lost their answer after DATA ({summary})",
                 outcome_unknown=True,
             )
-        raise TransportError(f"{total - states[RECIPIENT_SENT]} of {total} not sent ({summary})")
+        raise TransportError(f"{total - states[BatchState.SENT]} of {total} not sent ({summary})")
 
     def _guarded_message(self, body: Mapping[str, Any], index: int, email: str) -> GuardedMessage:
         sender = str((body.get("from") or {}).get("email") or "")
@@ -334,7 +331,7 @@ class SmtpTransport(Transport):
         return GuardedMessage(sender, email, data, str(msg.get("Message-ID", message_id)))
 
     # one message ------------------------------------------------------------------------------
-    def _transmit(self, message: GuardedMessage) -> tuple[str, str]:
+    def _transmit(self, message: GuardedMessage) -> tuple[BatchState, str]:
         """Send one guarded message: (``sent``, Message-ID), (``failed``, reply) for a 5xx to
         this recipient, (``unknown``, why) when the answer was lost after the final ``.``.
         Raises TransportError for a 4xx or anything that refuses the whole batch."""
@@ -345,7 +342,7 @@ class SmtpTransport(Transport):
             reply: bytes | str
             try:
                 conn.sendmail(message.mail_from, [message.rcpt], message.data)
-                return RECIPIENT_SENT, message.message_id
+                return BatchState.SENT, message.message_id
             except smtplib.SMTPRecipientsRefused as exc:
                 code, reply = next(iter(exc.recipients.values()), (0, b""))
                 where = "RCPT TO"
@@ -363,7 +360,7 @@ class SmtpTransport(Transport):
                 self._drop()
                 if delivered_whole:
                     return (
-                        RECIPIENT_UNKNOWN,
+                        BatchState.UNKNOWN,
                         "connection lost after the message was sent (after DATA): the server "
                         f"may have accepted it ({type(exc).__name__})",
                     )
@@ -384,7 +381,7 @@ class SmtpTransport(Transport):
                 raise TransportError(detail, status=code, retryable=True)
             if where in ("MAIL FROM", "EHLO"):  # every message would be refused alike
                 raise TransportError(detail, status=code)
-            return RECIPIENT_FAILED, detail
+            return BatchState.FAILED, detail
         raise AssertionError("unreachable")  # pragma: no cover
 
     # the connection ---------------------------------------------------------------------------
