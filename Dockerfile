@@ -1,5 +1,6 @@
-# Mailroom on Apache Airflow: the official image plus the pinned lock, the package, the DAG,
-# the Airflow adapters (plugins/) and the campaigns, templates and catalogs (include/).
+# Mailroom on Apache Airflow: the official image plus the pinned lock, the packages (the domain
+# package, its Airflow adapters and the dev server), the DAG, the Airflow plugin (plugins/) and
+# the campaigns, templates and catalogs (include/).
 # Build: docker compose build   (or: docker build -t mailroom-airflow:local .)
 #
 # The base image's Airflow and Python versions must match the lock: apache-airflow==3.3.2 in
@@ -21,12 +22,13 @@ USER airflow
 COPY --chown=airflow:0 requirements.txt /opt/mailroom/requirements.txt
 RUN pip install --no-cache-dir -r /opt/mailroom/requirements.txt
 
-# 2. The domain package, without dependencies: the lock already installed them.
+# 2. The packages (src/: mailroom, mailroom_airflow, sendgrid_dev), without dependencies: the
+#    lock already installed them.
 COPY --chown=airflow:0 pyproject.toml README.md /opt/mailroom/
 COPY --chown=airflow:0 src/ /opt/mailroom/src/
 RUN pip install --no-cache-dir --no-deps /opt/mailroom
 
-# 3. What Airflow loads: the DAG, the adapters, and what the tasks read at run time.
+# 3. What Airflow loads: the DAG, the plugin, and what the tasks read at run time.
 COPY --chown=airflow:0 dags/ /opt/airflow/dags/
 COPY --chown=airflow:0 plugins/ /opt/airflow/plugins/
 COPY --chown=airflow:0 include/ /opt/airflow/include/

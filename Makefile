@@ -9,7 +9,7 @@ USERS ?= 10000
 export PYTHONPATH := $(CURDIR)/src:$(CURDIR)/dags
 
 .DEFAULT_GOAL := help
-.PHONY: help venv demo test test-unit test-dag test-integration test-e2e test-distributed lint typecheck check lock translations dev-server clean bench bench-e2e
+.PHONY: help venv demo test test-unit test-dag test-integration test-e2e test-distributed lint typecheck check lock lock-check translations dev-server clean bench bench-e2e
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -56,8 +56,22 @@ typecheck: $(STAMP) ## mypy on the packages, the DAG and the plugin
 
 check: lint typecheck ## Lint and type checks
 
+PIP_COMPILE := $(BIN)/pip-compile --quiet --no-header --strip-extras --no-emit-index-url --no-emit-find-links
+
 lock: ## Recompile requirements.txt from requirements.in
-	$(BIN)/pip-compile --quiet --no-header --strip-extras --no-emit-index-url --no-emit-find-links -o requirements.txt requirements.in
+	$(PIP_COMPILE) -o requirements.txt requirements.in
+
+# pip-compile keeps the pins its output file already has: compiling onto a copy of the lock
+# changes nothing while the lock satisfies requirements.in, whatever newer releases exist.
+lock-check: $(STAMP) ## Fail with a diff unless requirements.txt is what requirements.in compiles to (never rewrites it)
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	cp requirements.txt "$$tmp/requirements.txt" && \
+	$(PIP_COMPILE) -o "$$tmp/requirements.txt" requirements.in && \
+	if ! diff -u --label requirements.txt --label "compiled from requirements.in" \
+		requirements.txt "$$tmp/requirements.txt"; then \
+		echo "requirements.txt does not match requirements.in: run \`make lock\` and commit both" >&2; \
+		exit 1; \
+	fi
 
 translations: $(STAMP) ## Re-extract messages and update every locale's catalog
 	$(BIN)/pybabel extract -F babel.cfg --ignore-dirs='.* __pycache__ var .venv .airflow' -c TRANSLATORS: \

@@ -1,6 +1,7 @@
-"""freeze_batches: the exact SendGrid request bodies, written once, with a SHA-256 manifest.
+"""freeze_batches: every batch's body (the exact SendGrid request), written once, with a SHA-256
+manifest.
 
-One request = one locale's content + up to ``batch_size`` personalizations of one recipient
+One batch = one locale's content + up to ``batch_size`` personalizations of one recipient
 each. The bytes written here are the bytes the senders send: nothing re-serialises them later,
 so the manifest digest the approver sees pins every byte that can leave.
 """

@@ -7,7 +7,7 @@ local folder holding only the files its stage reads (``STAGES`` declares them, p
 place), and afterwards uploads the files the stage wrote, whole objects only and the stage's
 marker (the manifest, the gate's result, the report) last: a reader that finds the marker finds
 everything before it, and never half a file. A send shard fetches the manifest and its own
-shard's request bodies, not the whole batches folder.
+shard's batch bodies, not the whole batches folder.
 
 Credentials come from the caller's ``storage_options`` (the Airflow adapter reads them from a
 connection) or the filesystem's own defaults (for S3: the standard AWS variables, profiles and
@@ -70,7 +70,7 @@ class StageFiles:
 
     reads: tuple[str, ...] = ()  # must be there: a missing one fails the task before it starts
     optional: tuple[str, ...] = ()  # fetched when there
-    batches: str = ""  # request bodies named by the manifest: "shard" or "first_per_locale"
+    batches: str = ""  # batch bodies named by the manifest: "shard" or "first_per_locale"
     writes: tuple[str, ...] = ()
     last: tuple[str, ...] = ()  # uploaded after everything else the stage wrote
     replaces: tuple[str, ...] = ()  # folders holding exactly what the stage wrote (stale removed)

@@ -27,6 +27,7 @@ from support.local_services import (
     Databases,
     Services,
 )
+from support.markers import POSTGRES, require_marker
 
 
 def _pg_ready() -> bool:
@@ -141,9 +142,13 @@ def local_services() -> Iterator[Services]:
 
 
 @pytest.fixture
-def fresh_databases(local_services: Services) -> Iterator[Databases]:
+def fresh_databases(
+    request: pytest.FixtureRequest, local_services: Services
+) -> Iterator[Databases]:
     """Two new databases, Airflow's metadata and Mailroom's outbox, dropped afterwards."""
     import psycopg2
+
+    require_marker(request, POSTGRES)
 
     token = uuid.uuid4().hex[:10]
     dbs = Databases(f"mailroom_dist_{token}_airflow", f"mailroom_dist_{token}_outbox")

@@ -27,7 +27,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 from urllib.parse import quote
 
 import psutil
@@ -38,14 +38,14 @@ import yaml
 from mailroom.audience.sample import generate
 from mailroom.cli.airflow_api import AirflowApi
 from mailroom.cli.local_airflow import LocalAirflow, free_port
-from mailroom.delivery.outbox import FAILED, HALTED, SENDING, SENT, STAGED, UNKNOWN, Outbox
+from mailroom.delivery.outbox import BatchState, Outbox
 from mailroom.staging import run_folder_name
 from sendgrid_dev import accepted_recipients, read_accepted
 from support.local_services import PG_HOST, PG_PORT, PG_USER, Broker, Databases
 from support.processes import stop_process_group
 from support.s3_server import KEY, SECRET, S3Server, s3_server_process
 
-pytestmark = [pytest.mark.distributed, pytest.mark.timeout(1800)]
+pytestmark = [pytest.mark.distributed, pytest.mark.postgres, pytest.mark.timeout(1800)]
 
 REPO = Path(__file__).resolve().parents[2]
 DAG_ID = "mailroom_campaign"
@@ -74,8 +74,8 @@ def dev_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         start_new_session=True,
     )
     try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline().decode().strip()
+        stdout = cast(IO[bytes], proc.stdout)  # never None: stdout=subprocess.PIPE
+        line = stdout.readline().decode().strip()
         assert line.startswith("mailroom-sendgrid-dev listening on "), line
         yield line.rsplit(" ", 1)[1], data_dir
     finally:
@@ -190,7 +190,9 @@ def test_celery_run_on_two_workers_survives_a_killed_worker(
         outbox = Outbox(Databases.url(fresh_databases.outbox))
         try:
             counts = outbox.counts(run_key)
-            unknown_batches = [b for b, st in outbox.states(run_key).items() if st.state == UNKNOWN]
+            unknown_batches = [
+                b for b, st in outbox.states(run_key).items() if st.state == BatchState.UNKNOWN
+            ]
             maybe_received: set[str] = set()
             for batch_id in unknown_batches:
                 maybe_received |= {e.lower() for e in outbox.batch_members(run_key, batch_id)}
@@ -198,9 +200,11 @@ def test_celery_run_on_two_workers_survives_a_killed_worker(
             outbox.dispose()
 
         # 1. Every batch ended sent, or unknown (cut off by the kill); nothing failed or hangs.
-        assert counts[FAILED]["batches"] == counts[HALTED]["batches"] == 0, counts
-        assert counts[STAGED]["batches"] == counts[SENDING]["batches"] == 0, counts
-        assert counts[UNKNOWN]["batches"] <= len(killed_shards), counts
+        batches = {state: counts[state]["batches"] for state in BatchState}
+        recipients = {state: counts[state]["recipients"] for state in BatchState}
+        assert batches[BatchState.FAILED] == batches[BatchState.HALTED] == 0, counts
+        assert batches[BatchState.STAGED] == batches[BatchState.SENDING] == 0, counts
+        assert batches[BatchState.UNKNOWN] <= len(killed_shards), counts
         expected_state = "success" if not unknown_batches else "failed"
         assert final == expected_state, (final, counts)
 
@@ -215,7 +219,9 @@ def test_celery_run_on_two_workers_survives_a_killed_worker(
             f"{len(missing - maybe_received)} expected recipients were never sent the message "
             "and are not in an 'unknown' batch"
         )
-        assert counts[SENT]["recipients"] + counts[UNKNOWN]["recipients"] == len(audience.expected)
+        assert recipients[BatchState.SENT] + recipients[BatchState.UNKNOWN] == len(
+            audience.expected
+        )
         for record in records:
             assert len(record["body"]["personalizations"]) <= BATCH_SIZE
             for item in record["body"]["personalizations"]:
@@ -252,7 +258,7 @@ def test_celery_run_on_two_workers_survives_a_killed_worker(
             == f"{staging}/{CAMPAIGN}/{run_folder_name(run_id)}/not_sent.csv"
         )
         manifest = json.loads(fs.cat(f"{s3.bucket}/{prefix}/batches/manifest.json"))
-        assert len(manifest["batches"]) == counts[SENT]["batches"] + counts[UNKNOWN]["batches"]
+        assert len(manifest["batches"]) == batches[BatchState.SENT] + batches[BatchState.UNKNOWN]
         for batch in manifest["batches"]:
             assert objects[f"batches/{batch['file']}"] == batch["size"], batch["file"]
         for name in ("campaign.yaml", "envelopes.parquet", "gate/result.json", "approval.json"):

@@ -52,6 +52,7 @@ def dag(
 
     bag = DagBag(dag_folder=str(REPO / "dags"))
     assert bag.import_errors == {}
+    assert bag.captured_warnings == {}
     # Resolve every ORM mapper here: the approver thread must not trigger imports of its own.
     import airflow.models
     import airflow.models.hitl  # noqa: F401
@@ -82,8 +83,8 @@ class Approver(threading.Thread):
         from airflow.models.hitl import HITLDetail
         from airflow.models.taskinstance import TaskInstance
         from airflow.models.trigger import handle_event_submit
+        from airflow.sdk import timezone
         from airflow.triggers.base import TriggerEvent
-        from airflow.utils import timezone
         from airflow.utils.session import create_session
         from airflow.utils.state import TaskInstanceState
         from sqlalchemy import select

@@ -8,6 +8,7 @@ import pytest
 
 from mailroom.pipeline import ProjectPaths
 from sendgrid_dev import SendGridDevServer
+from support.markers import POSTGRES, require_marker
 
 REPO = Path(__file__).resolve().parents[2]
 PG_HOST, PG_PORT, PG_USER = "127.0.0.1", 5432, "postgres"
@@ -24,9 +25,19 @@ def dev_server(tmp_path: Path) -> Iterator[SendGridDevServer]:
         yield server
 
 
+@pytest.fixture
+def postgres_url(request: pytest.FixtureRequest) -> str:
+    """The session's database on the local PostgreSQL; only for tests marked ``postgres``."""
+    require_marker(request, POSTGRES)  # before the database, so a missing marker is the error
+    return str(request.getfixturevalue("postgres_database"))
+
+
 @pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    """A database of its own on the local PostgreSQL for this test session, dropped after."""
+def postgres_database() -> Iterator[str]:
+    """A database of its own on the local PostgreSQL for this test session, dropped after.
+
+    Tests ask for ``postgres_url``, which checks they carry the ``postgres`` marker.
+    """
     try:
         import psycopg2
     except ImportError as exc:  # pragma: no cover - the lock file installs it

@@ -322,6 +322,7 @@ def test_extract_from_sqlite_drops_suppressed_and_duplicates_and_maps_locales(
     check_extracted(counts, tmp_path / "snap.parquet")
 
 
+@pytest.mark.postgres
 def test_extract_from_postgresql_reads_every_row(
     spec: CampaignSpec, tmp_path: Path, postgres_url: str
 ) -> None:

@@ -13,7 +13,7 @@ import yaml
 from mailroom import pipeline
 from mailroom.audience.sample import generate
 from mailroom.batches import load_manifest
-from mailroom.delivery.outbox import FINAL_STATES, SENT, UNKNOWN, Outbox
+from mailroom.delivery.outbox import FINAL_STATES, BatchState, Outbox
 from mailroom.delivery.rate import RetryPolicy, SharedRateLimiter
 from mailroom.delivery.shards import send_shard
 from mailroom.delivery.transports.sendgrid import SendGridSettings, SendGridTransport
@@ -99,14 +99,17 @@ def test_every_fault_at_once_ends_with_each_recipient_accounted_for(tmp_path: Pa
     assert counts["staged"]["recipients"] == counts["sending"]["recipients"] == 0
 
     # The unknown batches are exactly those whose answer the server dropped.
-    sent_ids = {s.message_id for s in states.values() if s.state == SENT}
+    sent_ids = {s.message_id for s in states.values() if s.state == BatchState.SENT}
     dropped = {
         r["body"]["custom_args"]["mailroom_batch"]
         for r in records
         if r["message_id"] not in sent_ids
     }
-    unknown = {batch_id for batch_id, s in states.items() if s.state == UNKNOWN}
+    unknown = {batch_id for batch_id, s in states.items() if s.state == BatchState.UNKNOWN}
     assert unknown == dropped
     assert len(unknown) == stats.dropped_after_accept
     # Everyone else got it: sent batches cover every expected recipient not in an unknown batch.
-    assert counts[SENT]["recipients"] + counts[UNKNOWN]["recipients"] == manifest.recipients
+    assert (
+        counts[BatchState.SENT]["recipients"] + counts[BatchState.UNKNOWN]["recipients"]
+        == manifest.recipients
+    )

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from mailroom.cli.main import main
-from mailroom.delivery.outbox import SENDING, UNKNOWN, Outbox, StagedBatch
+from mailroom.delivery.outbox import BatchState, Outbox, StagedBatch
 
 pytestmark = pytest.mark.unit
 RUN = "winter_update/manual__ops"
@@ -27,7 +27,7 @@ def outbox_url(tmp_path: Path) -> str:
         [("a@example.com", "u1", "en-00001"), ("b@example.com", "u2", "en-00002")],
     )
     assert outbox.claim(RUN, "en-00001")
-    outbox.finish(RUN, "en-00001", UNKNOWN, error="answer lost")
+    outbox.finish(RUN, "en-00001", BatchState.UNKNOWN, error="answer lost")
     outbox.dispose()
     return url
 
@@ -50,7 +50,7 @@ def test_resend_makes_only_unknown_batches_sendable(outbox_url: str) -> None:
     states = outbox.states(RUN)
     assert states["en-00001"].state == "staged"
     assert outbox.claim(RUN, "en-00001")
-    assert outbox.states(RUN)["en-00001"].state == SENDING
+    assert outbox.states(RUN)["en-00001"].state == BatchState.SENDING
 
 
 def test_unknown_run_and_missing_outbox_are_clear_errors(

@@ -23,16 +23,7 @@ import pytest
 
 from mailroom.batches import BatchEntry, Manifest, serialise
 from mailroom.checks.envelope_guard import ApprovedManifest, GuardedBody
-from mailroom.delivery.outbox import (
-    FAILED,
-    HALTED,
-    SENDING,
-    SENT,
-    STAGED,
-    UNKNOWN,
-    Outbox,
-    StagedBatch,
-)
+from mailroom.delivery.outbox import FINAL_STATES, BatchState, Outbox, StagedBatch
 from mailroom.delivery.rate import RateLimiter, RetryPolicy
 from mailroom.delivery.shards import send_shard
 from mailroom.delivery.transports.base import Delivery, Transport
@@ -346,13 +337,13 @@ class Staged:
     def accounted(self) -> dict[str, dict[str, int]]:
         """The reconcile equation: staged = sent + failed + unknown + halted."""
         counts = self.outbox.counts(self.run_key)
-        assert counts[STAGED] == {"batches": 0, "recipients": 0}
-        assert counts[SENDING] == {"batches": 0, "recipients": 0}
+        assert counts[BatchState.STAGED] == {"batches": 0, "recipients": 0}
+        assert counts[BatchState.SENDING] == {"batches": 0, "recipients": 0}
         for unit, total in (
             ("batches", len(self.manifest.batches)),
             ("recipients", len(self.addresses)),
         ):
-            assert sum(counts[s][unit] for s in (SENT, FAILED, UNKNOWN, HALTED)) == total
+            assert sum(counts[s][unit] for s in FINAL_STATES) == total
         return counts
 
 
@@ -410,7 +401,7 @@ def test_send_shard_retries_transient_failures_and_sends_each_batch_once(
     with sendgrid(server) as transport:
         summary = staged.send(transport)
 
-    assert summary["states"] == {SENT: 6}
+    assert summary["states"] == {BatchState.SENT: 6}
     assert summary["recipients_sent"] == 18
     received = Counter(a.lower() for a in accepted_recipients(server.accepted()))
     assert received == Counter(a.lower() for a in staged.addresses)
@@ -418,7 +409,7 @@ def test_send_shard_retries_transient_failures_and_sends_each_batch_once(
     accepted_ids = {r["message_id"] for r in server.accepted()}
     assert {s.message_id for s in states.values()} == accepted_ids
     assert max(s.attempts for s in states.values()) == 1  # retries happen inside one claim
-    assert staged.accounted()[SENT] == {"batches": 6, "recipients": 18}
+    assert staged.accounted()[BatchState.SENT] == {"batches": 6, "recipients": 18}
 
     # A retried or cleared shard sends nothing again.
     with sendgrid(server) as transport:
@@ -435,12 +426,14 @@ def test_lost_answers_end_unknown_and_are_not_resent(
     with sendgrid(server) as transport:
         summary = staged.send(transport)
 
-    assert summary["states"] == {SENT: 3, UNKNOWN: 3}
+    assert summary["states"] == {BatchState.SENT: 3, BatchState.UNKNOWN: 3}
     states = staged.outbox.states(staged.run_key)
     by_index = [states[b.batch_id].state for b in staged.manifest.batches]
-    assert by_index == [SENT, UNKNOWN, SENT, UNKNOWN, SENT, UNKNOWN]
+    assert by_index == [BatchState.SENT, BatchState.UNKNOWN] * 3
     assert all(
-        "answer lost" in (states[b].last_error or "") for b in states if states[b].state == UNKNOWN
+        "answer lost" in (states[b].last_error or "")
+        for b in states
+        if states[b].state == BatchState.UNKNOWN
     )
     received_before = server.stats().received
     assert received_before == 6
@@ -449,12 +442,12 @@ def test_lost_answers_end_unknown_and_are_not_resent(
         again = staged.send(transport)
 
     assert server.stats().received == received_before
-    assert again["states"] == {SENT: 3, UNKNOWN: 3}
+    assert again["states"] == {BatchState.SENT: 3, BatchState.UNKNOWN: 3}
     counts = staged.accounted()
-    assert counts[UNKNOWN] == {"batches": 3, "recipients": 9}
+    assert counts[BatchState.UNKNOWN] == {"batches": 3, "recipients": 9}
     not_sent = list(staged.outbox.not_sent(staged.run_key))
     assert len(not_sent) == 9
-    assert {r["state"] for r in not_sent} == {UNKNOWN}
+    assert {r["state"] for r in not_sent} == {BatchState.UNKNOWN}
 
 
 def test_a_batch_that_keeps_failing_ends_failed_with_its_reason(
@@ -467,9 +460,9 @@ def test_a_batch_that_keeps_failing_ends_failed_with_its_reason(
             transport, retry=RetryPolicy(max_attempts=2, base_delay=0.001, max_delay=0.002)
         )
 
-    assert summary["states"] == {FAILED: 6}
+    assert summary["states"] == {BatchState.FAILED: 6}
     assert server.stats().received == 12
-    assert staged.accounted()[FAILED] == {"batches": 6, "recipients": 18}
+    assert staged.accounted()[BatchState.FAILED] == {"batches": 6, "recipients": 18}
     reasons = {r["last_error"] for r in staged.outbox.not_sent(staged.run_key)}
     assert all(reason.startswith("SendGrid answered 50") for reason in reasons)
 
@@ -482,9 +475,9 @@ def test_a_halted_run_sends_nothing_and_every_batch_is_accounted_for(
     with sendgrid(server) as transport:
         summary = staged.send(transport)
 
-    assert summary["states"] == {HALTED: 6}
+    assert summary["states"] == {BatchState.HALTED: 6}
     assert server.stats().received == 0
-    assert staged.accounted()[HALTED] == {"batches": 6, "recipients": 18}
+    assert staged.accounted()[BatchState.HALTED] == {"batches": 6, "recipients": 18}
 
 
 def test_a_batch_left_sending_by_a_dead_worker_becomes_unknown_and_is_not_sent(
@@ -496,8 +489,8 @@ def test_a_batch_left_sending_by_a_dead_worker_becomes_unknown_and_is_not_sent(
     with sendgrid(server) as transport:
         summary = staged.send(transport)
 
-    assert summary["states"] == {SENT: 5, UNKNOWN: 1}
-    assert staged.outbox.states(staged.run_key)[interrupted].state == UNKNOWN
+    assert summary["states"] == {BatchState.SENT: 5, BatchState.UNKNOWN: 1}
+    assert staged.outbox.states(staged.run_key)[interrupted].state == BatchState.UNKNOWN
     assert server.stats().received == 5
     interrupted_batch = {a.lower() for a in staged.addresses[6:9]}
     assert not interrupted_batch & {a.lower() for a in accepted_recipients(server.accepted())}
@@ -516,7 +509,7 @@ def test_a_batch_changed_after_approval_is_refused_and_stops_the_shard(
         staged.send(transport)
 
     states = staged.outbox.states(staged.run_key)
-    assert states[second.batch_id].state == FAILED
+    assert states[second.batch_id].state == BatchState.FAILED
     assert "envelope guard" in (states[second.batch_id].last_error or "")
     assert server.stats().received == 1  # only the first batch left
 
@@ -528,7 +521,7 @@ def test_shards_split_the_batches_and_together_send_each_once(
         summaries = [staged.send(transport, shard_index=i, shard_count=4) for i in range(4)]
 
     assert [s["batches"] for s in summaries] == [2, 2, 1, 1]
-    assert staged.accounted()[SENT] == {"batches": 6, "recipients": 18}
+    assert staged.accounted()[BatchState.SENT] == {"batches": 6, "recipients": 18}
     assert sorted(accepted_recipients(server.accepted())) == sorted(staged.addresses)
 
 
@@ -549,7 +542,7 @@ def test_no_log_record_names_a_recipient_while_sending(
         staged.send(transport, log_every=1)
     # Also the failure path: a provider refusal is logged with its message.
     server.set_faults(Faults(status_5xx_every=1))
-    staged.outbox.requeue(staged.run_key, [UNKNOWN])
+    staged.outbox.requeue(staged.run_key, [BatchState.UNKNOWN])
     with sendgrid(server) as transport:
         staged.send(transport, retry=RetryPolicy(max_attempts=1), log_every=1)
 

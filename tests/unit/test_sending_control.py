@@ -14,7 +14,7 @@ import yaml
 from mailroom import pipeline
 from mailroom.audience.sample import generate
 from mailroom.batches import load_manifest
-from mailroom.delivery.outbox import HALTED, SENT, Outbox
+from mailroom.delivery.outbox import BatchState, Outbox
 from mailroom.delivery.rate import RetryPolicy, SharedRateLimiter
 from mailroom.delivery.shards import send_shard
 from mailroom.delivery.transports.sendgrid import SendGridSettings, SendGridTransport
@@ -92,14 +92,14 @@ def test_halt_mid_run_then_resume_sends_everyone_once(
     first = _shard(
         run, outbox, dev_server, 0, 1, halt_signal=halt_after_five, halt_signal_interval=0.0
     )
-    assert first["states"][SENT] == 5
-    assert first["states"][HALTED] > 0
+    assert first["states"][BatchState.SENT] == 5
+    assert first["states"][BatchState.HALTED] > 0
     assert outbox.halt_reason(run.run_key) == "operator pressed halt"
     assert len(dev_server.accepted()) == 5
 
     outbox.request_halt(run.run_key, halted=False)
     second = _shard(run, outbox, dev_server, 0, 1)
-    assert second["states"] == {SENT: first["batches"]}
+    assert second["states"] == {BatchState.SENT: first["batches"]}
     received = Counter(e.lower() for e in accepted_recipients(dev_server.accepted()))
     assert set(received) == frozen_run[1]["expected"]
     assert max(received.values()) == 1
@@ -112,7 +112,7 @@ def test_a_run_pauses_itself_after_consecutive_failures(
     with SendGridDevServer(faults=Faults(status_5xx_every=1)) as failing:
         result = _shard(run, outbox, failing, 0, 1, max_consecutive_failures=3)
     assert result["states"]["failed"] == 3
-    assert result["states"][HALTED] == result["batches"] - 3
+    assert result["states"][BatchState.HALTED] == result["batches"] - 3
     assert outbox.halt_reason(run.run_key) == "paused after 3 consecutive failed batches"
     counts = outbox.counts(run.run_key)
     staged = sum(b.recipients for b in load_manifest(run.staging.manifest).batches)
@@ -180,5 +180,5 @@ def test_a_guard_violation_halts_every_shard_of_the_run(
     # Shard 0 retried by Airflow, and the other shards, send nothing more.
     for index in range(3):
         result = _shard(run, outbox, dev_server, index, 3)
-        assert result["states"].get(SENT, 0) == 0
+        assert result["states"].get(BatchState.SENT, 0) == 0
     assert dev_server.stats().received == 0

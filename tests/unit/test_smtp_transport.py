@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from email import policy as email_policy
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from aiosmtpd.controller import Controller
@@ -30,7 +30,7 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from mailroom.batches import BatchEntry, Manifest, serialise, sha256_hex
 from mailroom.checks.envelope_guard import ApprovedManifest, values_digest
-from mailroom.delivery.outbox import FAILED, HALTED, SENDING, SENT, STAGED, UNKNOWN, Member, Outbox
+from mailroom.delivery.outbox import BatchState, Member, Outbox
 from mailroom.delivery.outbox import StagedBatch as OutboxBatch
 from mailroom.delivery.rate import RateLimiter, RetryPolicy
 from mailroom.delivery.shards import send_shard
@@ -380,9 +380,8 @@ def send(run: Run, transport: Any, **kwargs: Any) -> dict[str, Any]:
 
 
 def parse(data: bytes) -> EmailMessage:
-    message = email.message_from_bytes(data, policy=email_policy.default)
-    assert isinstance(message, EmailMessage)
-    return message
+    # policy.default always builds an EmailMessage (the stubs say Message).
+    return cast(EmailMessage, email.message_from_bytes(data, policy=email_policy.default))
 
 
 def part(message: EmailMessage, subtype: str) -> str:
@@ -415,7 +414,7 @@ def test_every_recipient_gets_one_message_to_them_alone_with_their_own_values(
     result = send(run, transport_for(server))
 
     received = server.handler.received
-    assert result["states"] == {SENT: 1}
+    assert result["states"] == {BatchState.SENT: 1}
     assert len(received) == len(run.people)
     assert len({r.session for r in received}) == 1  # one connection, kept open
     message_ids = set()
@@ -449,7 +448,7 @@ def test_every_recipient_gets_one_message_to_them_alone_with_their_own_values(
         assert envelope.data in checked
     assert len(message_ids) == len(run.people)
     own = run.outbox.recipient_states(run.run_key, run.batch_ids()[0])
-    assert {st.state for st in own.values()} == {SENT}
+    assert {st.state for st in own.values()} == {BatchState.SENT}
     assert {st.message_id for st in own.values()} == message_ids
     assert list(run.outbox.not_sent(run.run_key)) == []
 
@@ -461,7 +460,7 @@ def test_a_connection_the_server_closes_between_messages_is_opened_again(
     server.handler.close_every = 2
     run = stage_run(5)
 
-    assert send(run, transport_for(server))["states"] == {SENT: 1}
+    assert send(run, transport_for(server))["states"] == {BatchState.SENT: 1}
 
     assert sorted(r.rcpt_tos[0] for r in server.handler.received) == sorted(
         p.email for p in run.people
@@ -500,7 +499,7 @@ def test_starttls_and_auth(
         ssl_context=client_tls(certificate),
     )
 
-    assert send(run, transport)["states"] == {SENT: 1}
+    assert send(run, transport)["states"] == {BatchState.SENT: 1}
 
     assert len(server.handler.received) == 3
     assert all(r.tls and r.authenticated for r in server.handler.received)
@@ -549,7 +548,7 @@ def test_implicit_tls(
     run = stage_run(2)
 
     transport = transport_for(server, security="tls", ssl_context=client_tls(certificate))
-    assert send(run, transport)["states"] == {SENT: 1}
+    assert send(run, transport)["states"] == {BatchState.SENT: 1}
 
     assert len(server.handler.received) == 2
 
@@ -565,7 +564,7 @@ def test_a_4xx_on_one_rcpt_is_retried_and_nobody_gets_two(
     greylisted = run.people[2].email
     server.handler.rcpt_replies[greylisted] = ["451 4.7.1 Greylisted, try again later"]
 
-    assert send(run, transport_for(server))["states"] == {SENT: 1}
+    assert send(run, transport_for(server))["states"] == {BatchState.SENT: 1}
 
     delivered = Counter(r.rcpt_tos[0] for r in server.handler.received)
     assert delivered == Counter({p.email: 1 for p in run.people})
@@ -582,18 +581,18 @@ def test_a_4xx_that_persists_fails_the_batch_and_keeps_the_sent_ones_sent(
     stuck = run.people[1].email
     server.handler.data_replies[stuck] = ["452 4.2.2 Mailbox full"] * 10
 
-    assert send(run, transport_for(server))["states"] == {FAILED: 1}
+    assert send(run, transport_for(server))["states"] == {BatchState.FAILED: 1}
 
     assert [r.rcpt_tos[0] for r in server.handler.received] == [run.people[0].email]
     assert run.own_states() == {
-        run.people[0].email: SENT,
+        run.people[0].email: BatchState.SENT,
         stuck: None,  # not sent: its batch's state and reason stand for it
         run.people[2].email: None,
         run.people[3].email: None,
     }
     counts = run.outbox.counts(run.run_key)
-    assert counts[SENT]["recipients"] == 1
-    assert counts[FAILED]["recipients"] == 3
+    assert counts[BatchState.SENT]["recipients"] == 1
+    assert counts[BatchState.FAILED]["recipients"] == 3
     reasons = {r["email_key"]: r["last_error"] for r in run.outbox.not_sent(run.run_key)}
     assert set(reasons) == {stuck, run.people[2].email, run.people[3].email}
     assert "452" in reasons[stuck]
@@ -607,23 +606,23 @@ def test_a_5xx_fails_only_that_recipient_and_the_others_are_sent(
     gone = run.people[1].email
     server.handler.rcpt_replies[gone] = ["550 5.1.1 No such user here"]
 
-    assert send(run, transport_for(server))["states"] == {FAILED: 1}
+    assert send(run, transport_for(server))["states"] == {BatchState.FAILED: 1}
 
     assert sorted(r.rcpt_tos[0] for r in server.handler.received) == sorted(
         p.email for p in run.people if p.email != gone
     )
     assert server.handler.rcpt_attempts[gone] == 1  # a 5xx is not retried
     states = run.own_states()
-    assert states.pop(gone) == FAILED
-    assert set(states.values()) == {SENT}
+    assert states.pop(gone) == BatchState.FAILED
+    assert set(states.values()) == {BatchState.SENT}
     [row] = run.outbox.not_sent(run.run_key)
-    assert (row["email_key"], row["state"]) == (gone, FAILED)
+    assert (row["email_key"], row["state"]) == (gone, BatchState.FAILED)
     assert "550" in row["last_error"]
     assert gone not in row["last_error"]
     counts = run.outbox.counts(run.run_key)
-    assert counts[SENT]["recipients"] == 4
-    assert counts[FAILED]["recipients"] == 1
-    assert counts[FAILED]["batches"] == 1
+    assert counts[BatchState.SENT]["recipients"] == 4
+    assert counts[BatchState.FAILED]["recipients"] == 1
+    assert counts[BatchState.FAILED]["batches"] == 1
 
 
 def test_a_connection_lost_after_data_leaves_that_one_unknown_and_never_resends_it(
@@ -634,16 +633,16 @@ def test_a_connection_lost_after_data_leaves_that_one_unknown_and_never_resends_
     lost = run.people[2].email
     server.handler.drop_after_data.add(lost)
 
-    assert send(run, transport_for(server))["states"] == {UNKNOWN: 1}
+    assert send(run, transport_for(server))["states"] == {BatchState.UNKNOWN: 1}
 
     assert Counter(r.rcpt_tos[0] for r in server.handler.received) == Counter(
         {p.email: 1 for p in run.people}
     )
     states = run.own_states()
-    assert states.pop(lost) == UNKNOWN
-    assert set(states.values()) == {SENT}
+    assert states.pop(lost) == BatchState.UNKNOWN
+    assert set(states.values()) == {BatchState.SENT}
     [row] = run.outbox.not_sent(run.run_key)
-    assert (row["email_key"], row["state"]) == (lost, UNKNOWN)
+    assert (row["email_key"], row["state"]) == (lost, BatchState.UNKNOWN)
     assert "after DATA" in row["last_error"]
 
     # A retried shard sends nothing: the batch's outcome is settled.
@@ -651,8 +650,8 @@ def test_a_connection_lost_after_data_leaves_that_one_unknown_and_never_resends_
     assert len(server.handler.received) == 5
 
     # The operator's explicit resend sends that one message again, and only it.
-    assert run.outbox.requeue(run.run_key, [UNKNOWN]) == 1
-    assert send(run, transport_for(server))["states"] == {SENT: 1}
+    assert run.outbox.requeue(run.run_key, [BatchState.UNKNOWN]) == 1
+    assert send(run, transport_for(server))["states"] == {BatchState.SENT: 1}
     assert [r.rcpt_tos[0] for r in server.handler.received[5:]] == [lost]
 
 
@@ -663,19 +662,21 @@ def test_answers_lost_again_and_again_stop_the_batch_instead_of_burning_through_
     run = stage_run(6)
     server.handler.drop_after_data.update(p.email for p in run.people[1:4])
 
-    assert send(run, transport_for(server))["states"] == {FAILED: 1}
+    assert send(run, transport_for(server))["states"] == {BatchState.FAILED: 1}
 
     assert len(server.handler.received) == 4  # the fifth and sixth were never attempted
     assert run.own_states() == {
-        run.people[0].email: SENT,
-        run.people[1].email: UNKNOWN,
-        run.people[2].email: UNKNOWN,
-        run.people[3].email: UNKNOWN,
+        run.people[0].email: BatchState.SENT,
+        run.people[1].email: BatchState.UNKNOWN,
+        run.people[2].email: BatchState.UNKNOWN,
+        run.people[3].email: BatchState.UNKNOWN,
         run.people[4].email: None,
         run.people[5].email: None,
     }
     counts = run.outbox.counts(run.run_key)
-    assert [counts[s]["recipients"] for s in (SENT, UNKNOWN, FAILED)] == [1, 3, 2]
+    assert [
+        counts[s]["recipients"] for s in (BatchState.SENT, BatchState.UNKNOWN, BatchState.FAILED)
+    ] == [1, 3, 2]
 
 
 def test_a_refused_connection_is_retryable_and_sends_nothing(
@@ -711,7 +712,7 @@ def test_resume_after_a_failure_mid_batch_sends_only_the_rest(
 
     handler.on_message = shut_down_after_three
 
-    assert send(run, transport_for(server))["states"] == {FAILED: 1}
+    assert send(run, transport_for(server))["states"] == {BatchState.FAILED: 1}
     first = [r.rcpt_tos[0] for r in handler.received]
     assert first == [p.email for p in run.people[:3]]
     assert run.outbox.unsent_recipients(run.run_key, run.batch_ids()[0]) == sorted(
@@ -720,8 +721,8 @@ def test_resume_after_a_failure_mid_batch_sends_only_the_rest(
 
     handler.mail_reply = None
     handler.on_message = None
-    assert run.outbox.requeue(run.run_key, [FAILED]) == 1
-    assert send(run, transport_for(server))["states"] == {SENT: 1}
+    assert run.outbox.requeue(run.run_key, [BatchState.FAILED]) == 1
+    assert send(run, transport_for(server))["states"] == {BatchState.SENT: 1}
 
     assert Counter(r.rcpt_tos[0] for r in handler.received) == Counter(
         {p.email: 1 for p in run.people}
@@ -739,23 +740,25 @@ def test_a_worker_killed_mid_batch_leaves_only_the_message_in_flight_unknown(
     # What a worker killed while sending the third message leaves behind.
     assert box.claim(run.run_key, batch_id)
     for person in run.people[:3]:
-        assert box.mark_recipient(run.run_key, batch_id, person.email, SENDING)
+        assert box.mark_recipient(run.run_key, batch_id, person.email, BatchState.SENDING)
     for person in run.people[:2]:
-        assert box.mark_recipient(run.run_key, batch_id, person.email, SENT, message_id="<m>")
+        assert box.mark_recipient(
+            run.run_key, batch_id, person.email, BatchState.SENT, message_id="<m>"
+        )
 
-    assert send(run, transport_for(server))["states"] == {UNKNOWN: 1}
+    assert send(run, transport_for(server))["states"] == {BatchState.UNKNOWN: 1}
 
     assert [r.rcpt_tos[0] for r in server.handler.received] == [p.email for p in run.people[3:]]
     assert run.own_states() == {
-        run.people[0].email: SENT,
-        run.people[1].email: SENT,
-        run.people[2].email: UNKNOWN,
-        run.people[3].email: SENT,
-        run.people[4].email: SENT,
+        run.people[0].email: BatchState.SENT,
+        run.people[1].email: BatchState.SENT,
+        run.people[2].email: BatchState.UNKNOWN,
+        run.people[3].email: BatchState.SENT,
+        run.people[4].email: BatchState.SENT,
     }
     counts = box.counts(run.run_key)
-    assert counts[SENT]["recipients"] == 4
-    assert counts[UNKNOWN]["recipients"] == 1
+    assert counts[BatchState.SENT]["recipients"] == 4
+    assert counts[BatchState.UNKNOWN]["recipients"] == 1
 
 
 def test_a_halt_mid_batch_stops_before_the_next_message_and_resume_sends_the_rest(
@@ -770,15 +773,15 @@ def test_a_halt_mid_batch_stops_before_the_next_message_and_resume_sends_the_res
             box.request_halt(run.run_key, reason="operator: wrong subject?")
 
     server.handler.on_message = halt_after_two
-    assert send(run, transport_for(server))["states"] == {HALTED: 1}
+    assert send(run, transport_for(server))["states"] == {BatchState.HALTED: 1}
     assert len(server.handler.received) == 2
     [row, *_] = box.not_sent(run.run_key)
-    assert row["state"] == HALTED
+    assert row["state"] == BatchState.HALTED
     assert "wrong subject" in row["last_error"]
 
     server.handler.on_message = None
     box.request_halt(run.run_key, halted=False)
-    assert send(run, transport_for(server))["states"] == {SENT: 1}
+    assert send(run, transport_for(server))["states"] == {BatchState.SENT: 1}
     assert Counter(r.rcpt_tos[0] for r in server.handler.received) == Counter(
         {p.email: 1 for p in run.people}
     )
@@ -789,11 +792,11 @@ def test_a_whole_request_transport_refuses_a_batch_partly_sent_per_recipient(
 ) -> None:
     run = stage_run(3)
     batch_id = run.batch_ids()[0]
-    assert run.outbox.mark_recipient(run.run_key, batch_id, run.people[0].email, SENDING)
-    assert run.outbox.mark_recipient(run.run_key, batch_id, run.people[0].email, SENT)
+    assert run.outbox.mark_recipient(run.run_key, batch_id, run.people[0].email, BatchState.SENDING)
+    assert run.outbox.mark_recipient(run.run_key, batch_id, run.people[0].email, BatchState.SENT)
     out = tmp_path / "file-transport"
 
-    assert send(run, FileTransport(out))["states"] == {FAILED: 1}
+    assert send(run, FileTransport(out))["states"] == {BatchState.FAILED: 1}
 
     assert list(out.iterdir()) == []
     assert "would send them again" in (run.outbox.states(run.run_key)[batch_id].last_error or "")
@@ -968,7 +971,7 @@ def test_a_mutant_message_builder_is_stopped_before_anything_leaves(
 
     assert server.handler.received == []
     assert server.handler.rcpt_attempts == Counter()
-    assert run.batch_state() == FAILED
+    assert run.batch_state() == BatchState.FAILED
     assert set(run.own_states().values()) == {None}
 
 
@@ -1037,17 +1040,17 @@ def test_outbox_ledger_records_each_recipient_compare_and_set(
 
     assert ledger.begin(first.upper())
     assert not ledger.begin(first)
-    ledger.finish(first, SENT, message_id="<1@mailroom.test>")
+    ledger.finish(first, BatchState.SENT, message_id="<1@mailroom.test>")
     assert ledger.begin(second)
     ledger.release(second, "451 try later")
-    assert ledger.settled() == {first: SENT}
+    assert ledger.settled() == {first: BatchState.SENT}
     assert run.outbox.unsent_recipients(run.run_key, batch_id) == [second]
     with pytest.raises(Exception, match="not 'sending'"):
-        ledger.finish(second, SENT)
+        ledger.finish(second, BatchState.SENT)
     assert run.outbox.recipient_states(run.run_key, batch_id)[first].message_id == (
         "<1@mailroom.test>"
     )
-    assert run.batch_state() == STAGED  # the ledger never moves the batch itself
+    assert run.batch_state() == BatchState.STAGED  # the ledger never moves the batch itself
 
 
 def test_threads_do_not_share_a_message(stage_run: Callable[..., Run]) -> None:
@@ -1060,7 +1063,9 @@ def test_threads_do_not_share_a_message(stage_run: Callable[..., Run]) -> None:
 
     def race() -> None:
         barrier.wait()
-        wins.append(run.outbox.mark_recipient(run.run_key, batch_id, email_address, SENDING))
+        wins.append(
+            run.outbox.mark_recipient(run.run_key, batch_id, email_address, BatchState.SENDING)
+        )
 
     threads = [threading.Thread(target=race) for _ in range(4)]
     for thread in threads:
