@@ -369,4 +369,4 @@ def canary_send(run: Run, *, secret: bytes, transport: Transport) -> dict[str, A
 
 def summarise(run: Run, *, triggered_by: str | None) -> str:
     """What the approver reads: counts, checks, a preview per locale, the manifest digest."""
-    return summary.approval_markdown(summary.approval_summary(run, triggered_by=triggered_by))
+    return summary.summarise(run, triggered_by=triggered_by)

@@ -37,6 +37,11 @@ def data_docs_index(run: Run) -> Path:
     return run.staging.gate_data_docs / "index.html"
 
 
+def summarise(run: Run, *, triggered_by: str | None) -> str:
+    """The approval page's Markdown for a run (``approval_summary`` rendered)."""
+    return approval_markdown(approval_summary(run, triggered_by=triggered_by))
+
+
 def approval_summary(run: Run, *, triggered_by: str | None) -> dict[str, Any]:
     """The numbers behind the approval, as one JSON-able dict; writes the previews."""
     st = run.staging

@@ -38,6 +38,8 @@ from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 
+from mailroom.errors import MailroomError
+
 log = logging.getLogger(__name__)
 
 VERSION_TABLE = "mailroom_alembic_version"
@@ -52,7 +54,7 @@ _HERE = Path(__file__).resolve().parent
 _IN_PROCESS = threading.Lock()
 
 
-class UnknownOutboxRevision(Exception):
+class UnknownOutboxRevision(MailroomError):
     """The outbox is at a revision this release does not know: a newer release upgraded it."""
 
 
