@@ -91,7 +91,7 @@ batches = sa.Table(
     sa.Column("last_error", sa.Text),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
     # The digest of the body the envelope guard cleared before any request of the run left
-    # (``sending.guard_shard``); a shard sends nothing while any batch of its run lacks it.
+    # (``shards.guard_shard``); a shard sends nothing while any batch of its run lacks it.
     sa.Column("guarded_sha256", sa.String(64)),
 )
 recipients = sa.Table(
