@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import os
 import secrets
@@ -29,6 +30,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from mailroom import pipeline
 from services import (
     API_KEY,
     PG_HOST,
@@ -47,21 +49,8 @@ HOOK_DIR = Path(__file__).resolve().parent / "airflow_hook"
 DAG_ID = "mailroom_campaign"
 CAMPAIGN = "winter_update"
 FINISHED = {"success", "failed"}
-# The hooked functions (src/mailroom_airflow/tasks.py calls them), named like their tasks.
-TASKS = (
-    "prepare",
-    "extract_audience",
-    "validate_audience",
-    "render_content",
-    "build_envelopes",
-    "freeze_batches",
-    "check_envelopes",
-    "canary_send",
-    "summarise",
-    "guard_shard",
-    "send_shard",
-    "reconcile",
-)
+# The hooked functions: every function ``mailroom.pipeline`` exports, named like its task.
+TASKS = frozenset(name for name in pipeline.__all__ if inspect.isfunction(getattr(pipeline, name)))
 
 
 def main() -> int:

@@ -13,29 +13,16 @@ from __future__ import annotations
 import functools
 import importlib.abc
 import importlib.machinery
+import inspect
 import json
 import os
 import sys
 import time
 
 _TIMINGS = os.environ.get("MAILROOM_BENCH_TIMINGS")
-# The functions each task body calls into (``src/mailroom_airflow/tasks.py``).
-_WRAP = {
-    "mailroom.pipeline": (
-        "prepare",
-        "extract_audience",
-        "validate_audience",
-        "render_content",
-        "build_envelopes",
-        "freeze_batches",
-        "check_envelopes",
-        "canary_send",
-        "summarise",
-        "guard_shard",
-        "send_shard",
-        "reconcile",
-    ),
-}
+# The module each task body calls into (``src/mailroom_airflow/tasks.py``): every function it
+# exports (``__all__``) is named like the task that calls it.
+_WRAP = "mailroom.pipeline"
 
 
 def _status_mb(key: str) -> float | None:
@@ -85,14 +72,14 @@ class _Loader(importlib.abc.Loader):
 
     def exec_module(self, module):
         self.inner.exec_module(module)
-        for name in _WRAP[module.__name__]:
-            if callable(getattr(module, name, None)):
+        for name in module.__all__:
+            if inspect.isfunction(getattr(module, name)):
                 setattr(module, name, _timed(name, getattr(module, name)))
 
 
 class _Finder(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path, target=None):
-        if fullname not in _WRAP:
+        if fullname != _WRAP:
             return None
         spec = importlib.machinery.PathFinder.find_spec(fullname, path)
         if spec is not None and spec.loader is not None:
