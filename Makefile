@@ -71,7 +71,7 @@ lock-check: $(STAMP) ## Fail with a diff unless requirements.txt is what require
 		requirements.txt "$$tmp/requirements.txt"; then \
 		echo "requirements.txt does not match requirements.in: run \`make lock\` and commit both" >&2; \
 		exit 1; \
-	fi
+	fi && echo "lock-check: requirements.txt is what requirements.in compiles to"
 
 translations: $(STAMP) ## Re-extract messages and update every locale's catalog
 	$(BIN)/pybabel extract -F babel.cfg --ignore-dirs='.* __pycache__ var .venv .airflow' -c TRANSLATORS: \
