@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,6 +64,33 @@ def sendgrid_request_body(
     if spec.categories:
         body["categories"] = list(spec.categories)
     return body
+
+
+def batch_custom_args(spec: CampaignSpec, run_id: str, batch_id: str) -> dict[str, str]:
+    """The top-level ``custom_args`` of a batch: which campaign, run and batch it is (SendGrid
+    shows them in its activity search and events; never any personal data)."""
+    return {"mailroom_campaign": spec.name, "mailroom_run": run_id, "mailroom_batch": batch_id}
+
+
+def shared_part(
+    spec: CampaignSpec, content: LocaleContent, run_id: str, batch_id: str
+) -> dict[str, Any]:
+    """Everything of a batch's body but its personalizations, rebuilt from the approved inputs
+    (the campaign spec and the locale's rendered content): what every recipient of it sees."""
+    body = sendgrid_request_body(spec, content, [], batch_custom_args(spec, run_id, batch_id))
+    del body["personalizations"]
+    return body
+
+
+def shared_parts(
+    spec: CampaignSpec, contents: Mapping[str, LocaleContent], manifest: Manifest
+) -> dict[str, dict[str, Any]]:
+    """Each batch's ``shared_part``, by the SHA-256 of its body: what the envelope guard
+    compares every body with."""
+    return {
+        b.sha256: shared_part(spec, contents[b.locale], manifest.run_id, b.batch_id)
+        for b in manifest.batches
+    }
 
 
 def serialise(body: dict[str, Any]) -> bytes:
@@ -152,11 +179,7 @@ def freeze_batches(
             raise EnvelopeViolation(f"no rendered content for locale {locale!r}")
 
         def custom_args(batch_id: str) -> dict[str, str]:
-            return {
-                "mailroom_campaign": spec.name,
-                "mailroom_run": run_id,
-                "mailroom_batch": batch_id,
-            }
+            return batch_custom_args(spec, run_id, batch_id)
 
         bodies: Iterator[tuple[str, bytes, int]]
         if build_body is sendgrid_request_body:

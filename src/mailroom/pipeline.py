@@ -296,9 +296,11 @@ def guard_shard(
     """The envelope guard on every request of one shard (by default the whole run as one
     shard), before any request of the run is sent: ``send`` starts only once every shard has
     passed."""
+    manifest = _approved_manifest(run, manifest_sha256, outbox)
     return shards.guard_shard(
         run_key=run.run_key,
-        manifest=_approved_manifest(run, manifest_sha256, outbox),
+        manifest=manifest,
+        shared=batches.shared_parts(run.spec(), load_contents(run), manifest),
         batches_dir=run.staging.batches_dir,
         shard_index=shard,
         shard_count=shard_count,
@@ -325,6 +327,7 @@ def send_shard(
         return shards.send_shard(
             run_key=run.run_key,
             manifest=manifest,
+            shared=batches.shared_parts(spec, load_contents(run), manifest),
             batches_dir=run.staging.batches_dir,
             shard_index=shard,
             shard_count=shard_count,

@@ -105,9 +105,12 @@ STAGES: dict[str, StageFiles] = {
         writes=(_folder(_LAYOUT.preview_dir),),
     ),
     "approve": StageFiles(writes=(APPROVAL,)),
-    "guard_shard": StageFiles(reads=(SPEC, MANIFEST), batches="shard"),
+    # The guard compares every body with what the spec and the rendered content give.
+    "guard_shard": StageFiles(reads=(SPEC, MANIFEST, CONTENT), batches="shard"),
     "send_shard": StageFiles(
-        reads=(SPEC, MANIFEST), batches="shard", writes=(_folder(_LAYOUT.dry_run_outbox),)
+        reads=(SPEC, MANIFEST, CONTENT),
+        batches="shard",
+        writes=(_folder(_LAYOUT.dry_run_outbox),),
     ),
     # Runs whatever happened before (trigger rule all_done): every input may be missing.
     "reconcile": StageFiles(

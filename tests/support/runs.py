@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
+from typing import Any
 
 from mailroom import pipeline
 from mailroom.batches import Manifest
@@ -38,14 +41,33 @@ def built_run(
     return run
 
 
+def shared_of(*bodies: bytes) -> dict[str, dict[str, Any]]:
+    """For bodies a test writes by hand: each one's shared part (all but its personalizations)
+    taken from the body itself, as if the approved inputs gave exactly that. The reconstruction
+    from the spec and the content (``batches.shared_parts``) has tests of its own."""
+    return {
+        hashlib.sha256(body).hexdigest(): {
+            k: v for k, v in json.loads(body).items() if k != "personalizations"
+        }
+        for body in bodies
+    }
+
+
+def shared_in(manifest: Manifest, batches_dir: Path) -> dict[str, dict[str, Any]]:
+    """``shared_of`` every body of a hand-written manifest."""
+    return shared_of(*((batches_dir / b.file).read_bytes() for b in manifest.batches))
+
+
 def guard_every_request(
     run_key: str, manifest: Manifest, batches_dir: Path, outbox: Outbox
 ) -> None:
     """What the DAG's guard_shard tasks do after approval: the envelope guard on every request
-    of the run, which ``send_shard`` requires before it sends anything."""
+    of the run, which ``send_shard`` requires before it sends anything (for a hand-written
+    manifest: see ``shared_of``)."""
     guard_shard(
         run_key=run_key,
         manifest=manifest,
+        shared=shared_in(manifest, batches_dir),
         batches_dir=batches_dir,
         shard_index=0,
         shard_count=1,

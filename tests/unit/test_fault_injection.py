@@ -12,7 +12,7 @@ import yaml
 
 from mailroom import pipeline
 from mailroom.audience.sample import generate
-from mailroom.batches import load_manifest
+from mailroom.batches import load_manifest, shared_parts
 from mailroom.delivery.outbox import FINAL_STATES, BatchState, Outbox
 from mailroom.delivery.rate import RetryPolicy, SharedRateLimiter
 from mailroom.delivery.shards import send_shard
@@ -63,6 +63,7 @@ def test_every_fault_at_once_ends_with_each_recipient_accounted_for(tmp_path: Pa
                 send_shard(
                     run_key=run.run_key,
                     manifest=manifest,
+                    shared=shared_parts(run.spec(), pipeline.load_contents(run), manifest),
                     batches_dir=run.staging.batches_dir,
                     shard_index=index,
                     shard_count=SHARDS,

@@ -248,6 +248,109 @@ def recipient_not_in_audience(body: Body, _content: LocaleContent) -> None:
     body["personalizations"][0]["to"] = [{"email": OUTSIDER.replace("@", f"+{batch}@")}]
 
 
+# --- shared parts the approved inputs do not give (the guard rebuilds them) -------------------
+def smtpapi_fan_out(body: Body, _content: LocaleContent) -> None:
+    """SendGrid's SMTP-relay header: every recipient of the request in one ``to`` list."""
+    to = [p["to"][0]["email"] for p in body["personalizations"]]
+    body["headers"] = {"X-SMTPAPI": json.dumps({"to": to})}
+
+
+def read_receipt_to_outsider(body: Body, _content: LocaleContent) -> None:
+    body["headers"] = {"Disposition-Notification-To": OUTSIDER}
+
+
+def reply_to_outsider(body: Body, _content: LocaleContent) -> None:
+    body["reply_to"] = {"email": OUTSIDER}
+
+
+def template_replaces_content(body: Body, _content: LocaleContent) -> None:
+    body["template_id"] = "d-0123456789abcdef0123456789abcdef"
+
+
+def unsubscribe_group(body: Body, _content: LocaleContent) -> None:
+    body["asm"] = {"group_id": 1}
+
+
+def attachment_of_addresses(body: Body, _content: LocaleContent) -> None:
+    """A CSV of the request's own addresses, attached for everyone."""
+    import base64
+
+    rows = "\n".join(p["to"][0]["email"] for p in body["personalizations"])
+    body["attachments"] = [
+        {"content": base64.b64encode(rows.encode()).decode(), "filename": "list.csv"}
+    ]
+
+
+def subject_rendered_for_the_first(body: Body, content: LocaleContent) -> None:
+    """The shared subject rendered once with the first recipient's own value."""
+    first = body["personalizations"][0]["substitutions"][FIRST_NAME]
+    assert FIRST_NAME in content.subject, "the example subject is personal"
+    body["subject"] = content.subject.replace(FIRST_NAME, first)
+
+
+def literal_unsubscribe_link_in_html(body: Body, _content: LocaleContent) -> None:
+    """The first recipient's own unsubscribe link written into the shared HTML."""
+    link = body["personalizations"][0]["substitutions"][UNSUBSCRIBE_HTML]
+    html = next(c for c in body["content"] if c["type"] == "text/html")
+    html["value"] = html["value"].replace(UNSUBSCRIBE_HTML, link)
+
+
+def fullwidth_at_address_in_html(body: Body, _content: LocaleContent) -> None:
+    html = next(c for c in body["content"] if c["type"] == "text/html")
+    fullwidth_at = "\uff20"
+    html["value"] += f"<p>{_to(body, 1).replace('@', fullwidth_at)}</p>"
+
+
+def spelled_out_address_in_text(body: Body, _content: LocaleContent) -> None:
+    text = next(c for c in body["content"] if c["type"] == "text/plain")
+    local, domain = _to(body, 1).split("@")
+    text["value"] += f"\n{local} (at) {domain.replace('.', ' (dot) ')}"
+
+
+def address_split_by_markup(body: Body, _content: LocaleContent) -> None:
+    html = next(c for c in body["content"] if c["type"] == "text/html")
+    local, domain = _to(body, 1).split("@")
+    html["value"] += f"<p>{local}@<span></span>{domain}</p>"
+
+
+def sender_name_with_a_recipient(body: Body, _content: LocaleContent) -> None:
+    body["from"] = {**body["from"], "name": _to(body, 0)}
+
+
+def category_with_a_recipient(body: Body, _content: LocaleContent) -> None:
+    body["categories"] = [_to(body, 0)]
+
+
+def custom_args_with_a_recipient(body: Body, _content: LocaleContent) -> None:
+    body["custom_args"] = {**body["custom_args"], "user": _to(body, 0)}
+
+
+def footer_setting_with_a_recipient(body: Body, _content: LocaleContent) -> None:
+    body["mail_settings"] = {"footer": {"enable": True, "text": f"For {_to(body, 0)}"}}
+
+
+def extra_content_part(body: Body, _content: LocaleContent) -> None:
+    body["content"] = [*body["content"], {"type": "text/x-amp-html", "value": _to(body, 0)}]
+
+
+def scheduled_send(body: Body, _content: LocaleContent) -> None:
+    body["send_at"] = 4102444800
+
+
+def personal_custom_args(body: Body, _content: LocaleContent) -> None:
+    body["personalizations"][1]["custom_args"] = {"seen_with": _to(body, 0)}
+
+
+def personal_send_at(body: Body, _content: LocaleContent) -> None:
+    body["personalizations"][0]["send_at"] = 4102444800
+
+
+def display_name_with_another_first_name(body: Body, _content: LocaleContent) -> None:
+    """No address at all: user A's first name as user B's display name."""
+    parts = body["personalizations"]
+    parts[1]["to"][0]["name"] = parts[0]["substitutions"][FIRST_NAME]
+
+
 def edit_after_freeze(run: Run) -> None:
     """Rewrite the first frozen request (a new subject) after the manifest pinned its digest."""
     manifest = load_manifest(run.staging.manifest)
@@ -267,6 +370,9 @@ class Mutant:
     # The first request is left clean: only the guard's pass over the whole run, not the check
     # of each request as it leaves, can stop this mutant before anything is sent.
     first_request_clean: bool = False
+    # The gate does not rebuild the shared parts from the approved inputs yet, so it misses this
+    # one: its case is an expected failure (strict: it fails once the gate catches it).
+    gate_misses: bool = False
 
 
 def _m(
@@ -279,6 +385,8 @@ def _m(
     return Mutant(name, builder, frozenset(gate), guard, **kwargs)
 
 
+SHARED = r"not what the approved spec and content give"
+NEVER_WRITTEN = r"field\(s\) the freeze never writes"
 MUTANTS = [
     _m(
         "2019 change: batch in one 'to'",
@@ -286,15 +394,22 @@ MUTANTS = [
         {"n_to"},
         r"recipients in 'to', not 1",
     ),
-    _m("SDK default Mail(to_emails=[...])", sdk_default, {"n_to"}, r"recipients in 'to', not 1"),
+    _m(
+        "SDK default Mail(to_emails=[...])",
+        sdk_default,
+        {"n_to"},
+        r"recipients in 'to', not 1|" + SHARED,
+    ),
     _m("cc of another user", wrapping(cc_other_user), {"n_cc"}, r"has \['cc'\]"),
     _m("bcc of another user", wrapping(bcc_other_user), {"n_bcc"}, r"has \['bcc'\]"),
-    _m("top-level bcc", wrapping(top_level_bcc), {"top_level_cc_bcc"}, r"top-level 'bcc'"),
+    _m(
+        "top-level bcc", wrapping(top_level_bcc), {"top_level_cc_bcc"}, r"top-level 'bcc'|" + SHARED
+    ),
     _m(
         "mail_settings.bcc copy",
         wrapping(mail_settings_bcc),
         {"top_level_cc_bcc"},
-        r"'bcc' mail setting",
+        r"'bcc' mail setting|" + SHARED,
     ),
     _m(
         "same address twice in a request",
@@ -362,37 +477,159 @@ MUTANTS = [
         "A's address in the shared content",
         wrapping(address_in_shared_content),
         {"audience_addresses_shared"},
-        r"parts every recipient sees",
+        r"parts every recipient sees|" + SHARED,
     ),
     _m(
         "display name holding an address",
         wrapping(display_name_hides_address),
         {"to_entry_problems"},
-        r"name could hide an address",
+        r"'to' is not exactly one \{email\}",
     ),
     _m(
         "A's name in B's own subject",
         wrapping(personal_subject_with_other_users_name),
         {"extra_fields"},
-        r"unexpected fields \['subject'\]",
+        r"personalization \d+ has 1 field\(s\) the freeze never writes",
     ),
     _m(
         "leftover {{ }} marker in content",
         wrapping(leftover_jinja_marker),
         {"leftover_markers"},
-        r"template marker left",
+        r"template marker left|" + SHARED,
     ),
     _m(
         "unresolved %%tag%% in subject",
         wrapping(unresolved_tag),
         {"unresolved_tags"},
-        r"substitution tag\(s\) of the content unfilled",
+        r"substitution tag\(s\) of the content unfilled|" + SHARED,
     ),
     _m(
         "recipient not in the audience",
         wrapping(recipient_not_in_audience),
         {"in_audience"},
         r"outside its batch",
+    ),
+    # Shared parts the approved inputs do not give: the guard rebuilds every body's shared
+    # part from the campaign spec and the locale's rendered content and refuses any difference.
+    _m(
+        "X-SMTPAPI fan-out header",
+        wrapping(smtpapi_fan_out),
+        {"audience_addresses_shared"},
+        SHARED,
+    ),
+    _m(
+        "read receipts to an outsider",
+        wrapping(read_receipt_to_outsider),
+        {"shared_part"},
+        SHARED,
+        gate_misses=True,
+    ),
+    _m(
+        "reply_to an outsider",
+        wrapping(reply_to_outsider),
+        {"shared_part"},
+        SHARED,
+        gate_misses=True,
+    ),
+    _m(
+        "template_id replaces the content",
+        wrapping(template_replaces_content),
+        {"shared_part"},
+        SHARED,
+        gate_misses=True,
+    ),
+    _m(
+        "asm unsubscribe group",
+        wrapping(unsubscribe_group),
+        {"shared_part"},
+        SHARED,
+        gate_misses=True,
+    ),
+    _m(
+        "CSV of the addresses attached",
+        wrapping(attachment_of_addresses),
+        {"shared_part"},
+        SHARED,
+        gate_misses=True,
+    ),
+    _m(
+        "subject rendered for the first",
+        wrapping(subject_rendered_for_the_first),
+        {"shared_part"},
+        r"differs in subject",
+        gate_misses=True,
+    ),
+    _m(
+        "A's unsubscribe link in shared HTML",
+        wrapping(literal_unsubscribe_link_in_html),
+        {"shared_part"},
+        r"differs in content",
+        gate_misses=True,
+    ),
+    _m(
+        "fullwidth ＠ address in shared HTML",
+        wrapping(fullwidth_at_address_in_html),
+        {"shared_part"},
+        r"differs in content",
+        gate_misses=True,
+    ),
+    _m(
+        "'user (at) x (dot) com' in text",
+        wrapping(spelled_out_address_in_text),
+        {"shared_part"},
+        r"differs in content",
+        gate_misses=True,
+    ),
+    _m(
+        "address split by markup in HTML",
+        wrapping(address_split_by_markup),
+        {"shared_part"},
+        r"differs in content",
+        gate_misses=True,
+    ),
+    _m(
+        "a recipient as the sender's name",
+        wrapping(sender_name_with_a_recipient),
+        {"audience_addresses_shared"},
+        r"differs in from",
+    ),
+    _m(
+        "a recipient as a category",
+        wrapping(category_with_a_recipient),
+        {"audience_addresses_shared"},
+        SHARED,
+    ),
+    _m(
+        "a recipient in custom_args",
+        wrapping(custom_args_with_a_recipient),
+        {"audience_addresses_shared"},
+        r"differs in custom_args",
+    ),
+    _m(
+        "a recipient in the footer setting",
+        wrapping(footer_setting_with_a_recipient),
+        {"audience_addresses_shared"},
+        SHARED,
+    ),
+    _m(
+        "a third content part",
+        wrapping(extra_content_part),
+        {"audience_addresses_shared"},
+        r"differs in content",
+    ),
+    _m("scheduled send_at", wrapping(scheduled_send), {"shared_part"}, SHARED, gate_misses=True),
+    _m(
+        "custom_args in a personalization",
+        wrapping(personal_custom_args),
+        {"extra_fields"},
+        NEVER_WRITTEN,
+    ),
+    _m("send_at in a personalization", wrapping(personal_send_at), {"extra_fields"}, NEVER_WRITTEN),
+    _m(
+        "A's first name as B's display name",
+        wrapping(display_name_with_another_first_name),
+        {"to_entry_problems"},
+        r"'to' is not exactly one \{email\}",
     ),
 ]
 BY_NAME = {m.name: m for m in MUTANTS}
@@ -549,7 +786,12 @@ def _gate_failures(run: Run) -> list[str]:
 def _cases() -> Iterator[Any]:
     for mutant in MUTANTS:
         for layer in LAYERS:
-            yield pytest.param(mutant.name, layer, id=f"{layer}-{mutant.name}")
+            marks = (
+                [pytest.mark.xfail(strict=True, reason="the gate does not rebuild shared parts")]
+                if layer == "gate" and mutant.gate_misses
+                else []
+            )
+            yield pytest.param(mutant.name, layer, id=f"{layer}-{mutant.name}", marks=marks)
 
 
 @pytest.mark.parametrize(("name", "layer"), list(_cases()))

@@ -31,7 +31,7 @@ from mailroom.delivery.transports.file import FileTransport
 from mailroom.delivery.transports.sendgrid import SendGridSettings, SendGridTransport
 from mailroom.errors import EnvelopeViolation, TransportError
 from sendgrid_dev import Faults, SendGridDevServer, accepted_recipients
-from support.runs import guard_every_request
+from support.runs import guard_every_request, shared_in, shared_of
 
 pytestmark = pytest.mark.unit
 
@@ -82,8 +82,8 @@ def mail_body(*emails: str, batch_id: str = "en-00001", **top_level: Any) -> dic
 
 
 def approve(*bodies: bytes) -> ApprovedManifest:
-    digests = frozenset(hashlib.sha256(b).hexdigest() for b in bodies)
-    return ApprovedManifest("a" * 64, digests)
+    shared = shared_of(*bodies)
+    return ApprovedManifest("a" * 64, frozenset(shared), shared)
 
 
 def sendgrid(server: SendGridDevServer, api_key: str = API_KEY) -> SendGridTransport:
@@ -324,6 +324,7 @@ class Staged:
         return send_shard(
             run_key=self.run_key,
             manifest=self.manifest,
+            shared=shared_in(self.manifest, self.batches_dir),
             batches_dir=self.batches_dir,
             shard_index=kwargs.pop("shard_index", 0),
             shard_count=kwargs.pop("shard_count", 1),

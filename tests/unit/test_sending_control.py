@@ -13,7 +13,7 @@ import yaml
 
 from mailroom import pipeline
 from mailroom.audience.sample import generate
-from mailroom.batches import load_manifest
+from mailroom.batches import load_manifest, shared_parts
 from mailroom.delivery.outbox import BatchState, Outbox
 from mailroom.delivery.rate import RetryPolicy, SharedRateLimiter
 from mailroom.delivery.shards import send_shard
@@ -65,9 +65,11 @@ def _shard(
 ) -> dict[str, Any]:
     transport = SendGridTransport(SendGridSettings("SG.test", server.url, timeout_seconds=5))
     kwargs.setdefault("limiter", SharedRateLimiter(outbox, run.run_key, None, None))
+    manifest = load_manifest(run.staging.manifest)
     return send_shard(
         run_key=run.run_key,
-        manifest=load_manifest(run.staging.manifest),
+        manifest=manifest,
+        shared=shared_parts(run.spec(), pipeline.load_contents(run), manifest),
         batches_dir=run.staging.batches_dir,
         shard_index=index,
         shard_count=count,

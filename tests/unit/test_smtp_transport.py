@@ -43,7 +43,7 @@ from mailroom.delivery.transports.smtp import (
     check_mime_message,
 )
 from mailroom.errors import EnvelopeViolation, TransportError
-from support.runs import guard_every_request
+from support.runs import guard_every_request, shared_in, shared_of
 
 pytestmark = pytest.mark.unit
 
@@ -301,7 +301,9 @@ class Run:
         return (self.batches_dir / self.manifest.batches[index].file).read_bytes()
 
     def approved(self) -> ApprovedManifest:
-        return ApprovedManifest(self.manifest.sha256, self.manifest.digests)
+        return ApprovedManifest(
+            self.manifest.sha256, self.manifest.digests, shared_in(self.manifest, self.batches_dir)
+        )
 
     def own_states(self, batch: int = 0) -> dict[str, str | None]:
         states = self.outbox.recipient_states(self.run_key, self.batch_ids()[batch])
@@ -368,6 +370,7 @@ def send(run: Run, transport: Any, **kwargs: Any) -> dict[str, Any]:
         return send_shard(
             run_key=run.run_key,
             manifest=run.manifest,
+            shared=shared_in(run.manifest, run.batches_dir),
             batches_dir=run.batches_dir,
             shard_index=0,
             shard_count=1,
@@ -984,7 +987,7 @@ def test_a_line_break_in_a_substituted_subject_is_refused(
     body = request_body(run.people)
     body["personalizations"][1]["substitutions"]["%%first_name%%"] = "Eve\r\nBcc: x@evil.test"
     data = serialise(body)
-    approved = ApprovedManifest("m" * 64, frozenset({sha256_hex(data)}))
+    approved = ApprovedManifest("m" * 64, frozenset({sha256_hex(data)}), shared_of(data))
     transport = transport_for(server)
 
     with transport, pytest.raises(EnvelopeViolation, match="personalization 1"):

@@ -190,7 +190,7 @@ def load_manifest_from(s3: S3Server, xcom: dict[str, Any]) -> Any:
         return load_manifest(folder / MANIFEST)
 
 
-def test_a_send_shard_fetches_only_the_manifest_and_its_own_request_bodies(
+def test_a_send_shard_fetches_only_the_manifest_the_content_and_its_own_batch_bodies(
     s3: S3Server, frozen: tuple[dict[str, Any], dict[str, Any], str]
 ) -> None:
     xcom, _, _ = frozen
@@ -202,8 +202,10 @@ def test_a_send_shard_fetches_only_the_manifest_and_its_own_request_bodies(
             local = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
         own = {f"batches/{b.file}" for b in manifest.shard(shard, SHARDS)}
         assert own
-        assert set(store.last.fetched) == {SPEC, MANIFEST} | own
-        assert local == {SPEC, MANIFEST} | own
+        # The rendered content: the guard rebuilds every body's shared part from it.
+        content = {f"content/{locale}.json" for locale in {b.locale for b in manifest.batches}}
+        assert set(store.last.fetched) == {SPEC, MANIFEST} | content | own
+        assert local == {SPEC, MANIFEST} | content | own
         assert store.last.uploaded == {}  # it wrote nothing (no dry run)
         assert not folder.exists()  # the working copy is gone afterwards
 

@@ -13,7 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from mailroom.addresses import mask
-from mailroom.batches import sendgrid_request_body, serialise, sha256_hex
+from mailroom.batches import (
+    batch_custom_args,
+    sendgrid_request_body,
+    serialise,
+    sha256_hex,
+    shared_part,
+)
 from mailroom.campaign_spec import CampaignSpec
 from mailroom.checks.envelope_guard import ApprovedManifest
 from mailroom.content import LocaleContent
@@ -54,19 +60,19 @@ def canary_send(
         return {"sent": False, "reason": "the campaign has no seed_list"}
     envelopes = seed_envelopes(spec, secret)
     bodies = {}
+    shared = {}
     for locale in spec.locales:
-        custom_args = {
-            "mailroom_campaign": spec.name,
-            "mailroom_run": run_id,
-            "mailroom_batch": f"canary-{locale}",
-        }
+        batch_id = f"canary-{locale}"
         bodies[locale] = serialise(
-            sendgrid_request_body(spec, contents[locale], envelopes, custom_args)
+            sendgrid_request_body(
+                spec, contents[locale], envelopes, batch_custom_args(spec, run_id, batch_id)
+            )
         )
+        shared[sha256_hex(bodies[locale])] = shared_part(spec, contents[locale], run_id, batch_id)
     out_dir.mkdir(parents=True, exist_ok=True)
     for locale, body in bodies.items():
         (out_dir / f"{locale}.json").write_bytes(body)
-    approved = ApprovedManifest("canary", frozenset(sha256_hex(b) for b in bodies.values()))
+    approved = ApprovedManifest("canary", frozenset(shared), shared)
     outcome: dict[str, Any] = {
         "sent": True,
         "seeds": [mask(a) for a in spec.seed_list],

@@ -1,14 +1,19 @@
 """The envelope guard: the last check on the exact bytes a transport is about to send.
 
-It parses the serialised body (never the object that produced it) and refuses it unless every
-personalization has exactly one recipient in ``to`` and nothing in cc/bcc (nor a ``bcc`` mail
-setting), no address appears twice, every address is one valid address, no reserved header is
-set, no recipient's address appears in another recipient's personalization or in the parts every
-recipient sees, each personalization's unsubscribe link is its own (the same link in its
-substitutions and its ``List-Unsubscribe`` header, and no other personalization's), every
-substitution tag the content uses is filled and no template marker is left, the request is
-within the provider's limits, its SHA-256 is in the approved manifest, and (when the outbox says
-who this batch is for) its recipients are exactly those.
+It parses the serialised body strictly (UTF-8, one JSON object, no key twice in an object; never
+the object that produced it) and refuses it unless its SHA-256 is in the approved manifest and
+everything but its personalizations is exactly what the approved inputs give: the shared part
+that ``batches.shared_part`` rebuilds from the campaign spec and the locale's rendered content
+(``ApprovedManifest.shared``), not from the frozen bodies, so a field the freeze never writes or
+a shared value that differs (a header, a reply-to, a template, an attachment, a subject or HTML
+rendered with someone's data) is refused whatever it holds. Then every personalization must be
+exactly ``to`` (one ``{email}``), ``substitutions`` and ``headers``, with nothing in cc/bcc (nor
+a ``bcc`` mail setting), no address twice, every address one valid address, no reserved header,
+no recipient's address in another recipient's personalization or in the shared parts, each
+personalization's own unsubscribe link (the same link in its substitutions and its
+``List-Unsubscribe`` header, and no other personalization's), every substitution tag the
+content uses filled and no template marker left, within the provider's limits, and (when the
+outbox says who this batch is for) its recipients exactly those, each with their own values.
 
 Transports cannot skip it: ``Transport.send`` runs it and only hands ``GuardedBody`` values to
 the provider-specific code.
@@ -37,13 +42,11 @@ from mailroom.checks.limits import (
 from mailroom.errors import EnvelopeViolation
 from mailroom.substitutions import LEFTOVER_MARKER, TAG_PATTERN, UNSUBSCRIBE_FIELD, substitution_tag
 
-# Per-personalization fields that cannot show a recipient anything Mailroom did not put in the
-# shared content: a per-personalization ``subject`` or ``dynamic_template_data`` could carry
-# another user's data past every other rule, and Mailroom never sets them.
-_ALLOWED_PERSONALIZATION_KEYS = frozenset(
-    {"to", "substitutions", "headers", "custom_args", "send_at"}
-)
-_ALLOWED_TO_KEYS = frozenset({"email", "name"})
+# A personalization is exactly what the freeze writes (``batches.personalization``): anything
+# else (a ``subject``, ``dynamic_template_data``, ``custom_args``, ``send_at``, a display name)
+# is a field Mailroom never sets, and could carry another user's data past every other rule.
+_PERSONALIZATION_KEYS = frozenset({"to", "substitutions", "headers"})
+_TO_KEYS = frozenset({"email"})
 _UNSUBSCRIBE_TAG = substitution_tag(UNSUBSCRIBE_FIELD, html=False)
 _UNSUBSCRIBE_HTML_TAG = substitution_tag(UNSUBSCRIBE_FIELD, html=True)
 # Around an "@": the local part's tail and the domain's head, in lower-cased text.
@@ -53,10 +56,13 @@ _DOMAIN_HEAD = re.compile(r"[a-z0-9-]+(?:\.[a-z0-9-]+)*")
 
 @dataclass(frozen=True)
 class ApprovedManifest:
-    """What the approver approved: the manifest's digest and every request digest in it."""
+    """What the approver approved: the manifest's digest, every body digest in it, and, by body
+    digest, what the approved inputs (the campaign spec and the locale's rendered content) give
+    for everything of that body but its personalizations (``batches.shared_parts``)."""
 
     sha256: str
     digests: frozenset[str]
+    shared: Mapping[str, Mapping[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -94,7 +100,12 @@ def check_envelope(
         raise EnvelopeViolation(
             f"request {digest[:12]}… is not in the approved manifest {approved.sha256[:12]}…"
         )
-    data, recipients = _parse_and_check(body)
+    expected_shared = approved.shared.get(digest)
+    if expected_shared is None:
+        raise EnvelopeViolation(f"request {digest[:12]}… has no reconstruction to compare with")
+    data = _parse(body)
+    _check_shared_part(data, expected_shared, digest)
+    recipients = _check(data)
     if expected_recipients is not None:
         expected = {e.lower() for e in expected_recipients}
         got = {r.lower() for r in recipients}
@@ -119,20 +130,28 @@ def check_envelope(
 
 def recipients_of_body(body: bytes) -> tuple[str, ...]:
     """Check the one-recipient rules on a serialised request; returns its recipients in order."""
-    return _parse_and_check(body)[1]
+    return _check(_parse(body))
 
 
-def _parse_and_check(body: bytes) -> tuple[dict[str, Any], tuple[str, ...]]:
+def _parse(body: bytes) -> dict[str, Any]:
+    """The body as one JSON object, parsed strictly: UTF-8, no key twice in an object."""
     if len(body) >= MAX_REQUEST_BYTES:
         raise EnvelopeViolation(
             f"request is {len(body)} bytes; SendGrid takes less than {MAX_REQUEST_BYTES}"
         )
     try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise EnvelopeViolation(f"request body is not JSON: {exc}") from exc
+        data = json.loads(body.decode("utf-8"), object_pairs_hook=_object_without_repeats)
+    except UnicodeDecodeError:
+        raise EnvelopeViolation("request body is not UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise EnvelopeViolation(f"request body is not one JSON value: {exc.msg}") from None
     if not isinstance(data, dict):
         raise EnvelopeViolation("request body is not a JSON object")
+    return data
+
+
+def _check(data: dict[str, Any]) -> tuple[str, ...]:
+    """The one-recipient rules; returns the recipient of each personalization, in order."""
     for key in ("cc", "bcc"):
         if key in data:
             raise EnvelopeViolation(f"request sets a top-level {key!r}")
@@ -162,30 +181,60 @@ def _parse_and_check(body: bytes) -> tuple[dict[str, Any], tuple[str, ...]]:
     _check_content(data, personalizations)
     _check_unsubscribe_links(personalizations)
     _check_no_foreign_addresses(data, personalizations, recipients)
-    return data, tuple(recipients)
+    return tuple(recipients)
+
+
+def _object_without_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refused when a key appears twice in it: parsers disagree about which copy
+    wins, so a repeated ``personalizations`` or ``email`` could show one reader other bytes."""
+    data = dict(pairs)
+    if len(data) != len(pairs):
+        raise EnvelopeViolation("request body repeats a key within one JSON object")
+    return data
+
+
+def _check_shared_part(data: dict[str, Any], expected: Mapping[str, Any], digest: str) -> None:
+    """Everything but the personalizations is exactly what the approved inputs give."""
+    shared = {k: v for k, v in data.items() if k != "personalizations"}
+    if shared == expected:
+        return
+    unexpected = set(shared) - set(expected)
+    differing = sorted(
+        k for k in expected if k not in shared or shared[k] != expected[k]
+    )  # names of fields the freeze writes: no value, no address
+    raise EnvelopeViolation(
+        f"request {digest[:12]}… is not what the approved spec and content give: "
+        + "; ".join(
+            part
+            for part in (
+                f"{len(unexpected)} field(s) the freeze never writes" if unexpected else "",
+                f"differs in {', '.join(differing)}" if differing else "",
+            )
+            if part
+        )
+    )
 
 
 def _single_recipient(item: Any, i: int) -> str:
     if not isinstance(item, dict):
         raise EnvelopeViolation(f"personalization {i} is not an object")
-    extra = set(item) - _ALLOWED_PERSONALIZATION_KEYS
+    extra = set(item) - _PERSONALIZATION_KEYS
     if extra & {"cc", "bcc"}:
         raise EnvelopeViolation(f"personalization {i} has {sorted(extra & {'cc', 'bcc'})}")
     if extra:
-        raise EnvelopeViolation(f"personalization {i} has unexpected fields {sorted(extra)}")
+        raise EnvelopeViolation(
+            f"personalization {i} has {len(extra)} field(s) the freeze never writes"
+        )
     to = item.get("to")
     if not isinstance(to, list) or len(to) != 1:
         count = len(to) if isinstance(to, list) else 0
         raise EnvelopeViolation(f"personalization {i} has {count} recipients in 'to', not 1")
     entry = to[0]
-    if isinstance(entry, dict) and set(entry) - _ALLOWED_TO_KEYS:
-        raise EnvelopeViolation(f"personalization {i}: 'to' has unexpected fields")
-    email = entry.get("email") if isinstance(entry, dict) else None
+    if not isinstance(entry, dict) or set(entry) != _TO_KEYS:
+        raise EnvelopeViolation(f"personalization {i}: 'to' is not exactly one {{email}}")
+    email = entry["email"]
     if not is_valid_single_address(email):
         raise EnvelopeViolation(f"personalization {i}: 'to' is not exactly one valid address")
-    name = entry.get("name")
-    if name is not None and (not isinstance(name, str) or any(c in name for c in "\r\n,;<>@")):
-        raise EnvelopeViolation(f"personalization {i}: the recipient name could hide an address")
     _check_headers(item.get("headers"), f"personalization {i}")
     return str(email)
 

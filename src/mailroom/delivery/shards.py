@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +63,7 @@ def guard_shard(
     *,
     run_key: str,
     manifest: Manifest,
+    shared: Mapping[str, Mapping[str, Any]],
     batches_dir: Path,
     shard_index: int,
     shard_count: int,
@@ -78,7 +79,7 @@ def guard_shard(
     reason, then raises ``EnvelopeViolation``: nothing of the run is sent.
     """
     mine = manifest.shard(shard_index, shard_count)
-    approved = ApprovedManifest(manifest.sha256, manifest.digests)
+    approved = ApprovedManifest(manifest.sha256, manifest.digests, shared)
     started = time.monotonic()
     cleared: list[tuple[str, str]] = []
     personalizations = 0
@@ -127,6 +128,7 @@ def send_shard(
     *,
     run_key: str,
     manifest: Manifest,
+    shared: Mapping[str, Mapping[str, Any]],
     batches_dir: Path,
     shard_index: int,
     shard_count: int,
@@ -155,7 +157,7 @@ def send_shard(
             "the run is sent"
         )
     mine = manifest.shard(shard_index, shard_count)
-    approved = ApprovedManifest(manifest.sha256, manifest.digests)
+    approved = ApprovedManifest(manifest.sha256, manifest.digests, shared)
     interrupted = outbox.mark_interrupted(run_key, [b.batch_id for b in mine])
     if interrupted:
         log.warning(
