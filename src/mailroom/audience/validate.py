@@ -2,6 +2,11 @@
 
 GX itself names the failing rows (by user id); those rows go to the quarantine file with the
 expectation that caught them as the reason. Above the campaign's threshold the run fails.
+
+A row whose template field shows another audience member's address (a first name holding a
+batch-mate's address) is quarantined here, with that reason, by the envelope guard's own reading
+of an address in text: sent, the guard would refuse its whole batch after approval and halt the
+run. A field showing the row's own address is no danger and goes out.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import pandas as pd
 
 from mailroom.addresses import SINGLE_ADDRESS_PATTERN
 from mailroom.campaign_spec import CampaignSpec
+from mailroom.checks.envelope_guard import shows_address
 from mailroom.errors import ValidationFailed
 from mailroom.gx_runtime import summarise, validate_frame
 
@@ -58,7 +64,29 @@ def audience_expectations(spec: CampaignSpec) -> list[Any]:
     for field in spec.fields:
         expectations.append(gxe.ExpectColumnValuesToNotBeNull(column=field))
         expectations.append(gxe.ExpectColumnValueLengthsToBeBetween(column=field, min_value=1))
+        expectations.append(
+            gxe.ExpectColumnValuesToBeInSet(column=_shows_another(field), value_set=[False])
+        )
     return expectations
+
+
+def _shows_another(field: str) -> str:
+    return f"{field}__shows_another_address"
+
+
+# Text that may hold an address as the guard reads one: an "@", or one encoded.
+_MAY_HOLD_AN_ADDRESS = r"@|%40|&#|&commat"
+
+
+def _shows_another_address(values: pd.Series, own: pd.Series, everyone: set[str]) -> pd.Series:
+    """For each row: whether its value shows an audience address other than the row's own."""
+    shows = pd.Series(False, index=values.index)
+    text = values.astype("string")
+    maybe = text.str.contains(_MAY_HOLD_AN_ADDRESS, case=False, regex=True).fillna(False)
+    for i in maybe[maybe].index:
+        mine = own[i] if isinstance(own[i], str) else None
+        shows[i] = shows_address(str(text[i]), everyone, own=mine)
+    return shows
 
 
 def validate_audience(
@@ -66,6 +94,12 @@ def validate_audience(
 ) -> AudienceValidation:
     frame = pd.read_parquet(snapshot)
     frame["email_key"] = frame["email"].str.lower()
+    everyone = set(frame["email_key"].dropna())
+    for field in spec.fields:
+        frame[_shows_another(field)] = _shows_another_address(
+            frame[field], frame["email_key"], everyone
+        )
+    derived = ["email_key", *(_shows_another(f) for f in spec.fields)]
     result = validate_frame(
         frame,
         suite_name="audience",
@@ -74,12 +108,12 @@ def validate_audience(
     )
     reasons = _reasons_by_user(result)
     bad = frame["user_id"].isin(reasons.keys()) | frame["user_id"].isna()
-    quarantine = frame[bad].drop(columns=["email_key"]).copy()
+    quarantine = frame[bad].drop(columns=derived).copy()
     quarantine["reason"] = [
         reasons.get(uid, "user_id missing") if isinstance(uid, str) else "user_id missing"
         for uid in quarantine["user_id"]
     ]
-    valid = frame[~bad].drop(columns=["email_key"])
+    valid = frame[~bad].drop(columns=derived)
     valid.to_parquet(valid_out, index=False)
     quarantine.to_parquet(quarantine_out, index=False)
 

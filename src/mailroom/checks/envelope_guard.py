@@ -311,7 +311,7 @@ def _check_no_foreign_addresses(
     """No recipient's address shows in another's personalization or in the shared parts."""
     everyone = {r.lower() for r in recipients}
     shared = {k: v for k, v in data.items() if k != "personalizations"}
-    if _shows_address(_text_of(shared), everyone):
+    if shows_address(_text_of(shared), everyone):
         raise EnvelopeViolation("a recipient's address appears in the parts every recipient sees")
     texts = [_personalization_text(item) for item in personalizations]
     # All personalizations in one pass: a line break ends any address, so joined by line
@@ -327,7 +327,7 @@ def _check_no_foreign_addresses(
     # Those holding what could be an encoded "@" are read again, decoded, one by one.
     encoded = {bisect_right(ends, found.start()) for found in _ENCODED_AT_PATTERN.finditer(joined)}
     for i in sorted(encoded):
-        if _shows_address(texts[i], everyone, own=recipients[i].lower()):
+        if shows_address(texts[i], everyone, own=recipients[i].lower()):
             raise EnvelopeViolation(
                 f"personalization {i} shows the address of another recipient of the request"
             )
@@ -367,7 +367,7 @@ def _text_of(value: Any) -> str:
     return "\n".join(parts)
 
 
-def _shows_address(text: str, candidates: set[str], own: str | None = None) -> bool:
+def shows_address(text: str, candidates: Collection[str], own: str | None = None) -> bool:
     """Whether a candidate address other than ``own`` occurs in ``text``, also HTML-escaped or
     %-encoded."""
     low = text.lower()

@@ -1,0 +1,80 @@
+"""A bad row is quarantined before approval and the run sends around it: it never halts an
+approved run at the envelope guard."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from mailroom import pipeline
+from mailroom.audience.sample import generate
+from mailroom.delivery.outbox import Outbox
+from mailroom.delivery.transports.sendgrid import SendGridSettings, SendGridTransport
+from mailroom.pipeline import ProjectPaths
+from sendgrid_dev import SendGridDevServer, accepted_recipients
+from support.runs import built_run
+
+pytestmark = pytest.mark.unit
+SECRET = b"audience-validation"
+# Three recipients of one locale (en: every fifth user), in one batch of the example campaign.
+NAMED_AFTER_A_BATCH_MATE = "u00000010"
+NAMED_AFTER_THEMSELVES = "u00000020"
+BATCH_MATE = "user15@example.com"
+
+
+def test_a_name_showing_a_batch_mates_address_is_quarantined_and_the_run_sends_around_it(
+    tmp_path: Path, project_paths: ProjectPaths, dev_server: SendGridDevServer
+) -> None:
+    audience = generate(tmp_path / "users.sqlite", users=300)
+    with sqlite3.connect(audience.path) as conn:
+        for user_id, name in (
+            # As a person types it, and as the guard also reads it: %-encoded.
+            (NAMED_AFTER_A_BATCH_MATE, f"Sam ({BATCH_MATE.upper()})"),
+            ("u00000025", BATCH_MATE.replace("@", "%40")),
+            (NAMED_AFTER_THEMSELVES, "user20@example.com"),
+        ):
+            conn.execute("UPDATE users SET first_name = ? WHERE user_id = ?", (name, user_id))
+    run = built_run(
+        project_paths,
+        users_url=audience.url(),
+        staging_root=tmp_path / "staging",
+        run_id="manual__names",
+        shard_count=1,
+        secret=SECRET,
+    )
+
+    quarantine = pd.read_parquet(run.staging.quarantine).set_index("user_id")["reason"]
+    reason = "expect_column_values_to_be_in_set(first_name__shows_another_address)"
+    assert quarantine.get(NAMED_AFTER_A_BATCH_MATE) == reason
+    assert quarantine.get("u00000025") == reason
+    assert NAMED_AFTER_THEMSELVES not in quarantine.index
+    assert set(pd.read_parquet(run.staging.valid_audience).columns) == {
+        "user_id",
+        "email",
+        "first_name",
+        "locale",
+    }
+
+    outbox = Outbox(f"sqlite:///{tmp_path / 'outbox.sqlite'}")
+    frozen = pipeline.freeze_batches(run, outbox=outbox)
+    pipeline.check_envelopes(run, secret=SECRET)
+    pipeline.guard_shard(run, manifest_sha256=frozen["manifest_sha256"], outbox=outbox)
+    sent = pipeline.send_shard(
+        run,
+        shard=0,
+        manifest_sha256=frozen["manifest_sha256"],
+        transport=SendGridTransport(SendGridSettings("SG.test", dev_server.url, 10.0)),
+        outbox=outbox,
+        shard_count=1,
+    )
+    outbox.dispose()
+
+    assert sent["states"] == {"sent": frozen["batches"]}
+    received = Counter(a.lower() for a in accepted_recipients(dev_server.accepted()))
+    assert max(received.values()) == 1
+    assert {BATCH_MATE, "user20@example.com"} <= set(received)
+    assert {"user10@example.com", "user25@example.com"}.isdisjoint(received)
