@@ -39,6 +39,7 @@ from jinja2 import (
 )
 from markupsafe import Markup
 
+from mailroom.campaign_spec import CampaignSpec
 from mailroom.errors import ContentError
 from mailroom.substitutions import (
     LEFTOVER_MARKER,
@@ -123,6 +124,24 @@ class LocaleContent:
 
 
 def render_content(
+    spec: CampaignSpec, templates_dir: Path, translations_dir: Path
+) -> dict[str, LocaleContent]:
+    """Every locale of the campaign rendered from its template and catalogs, in its order."""
+    return render_locales(
+        templates_dir,
+        translations_dir,
+        spec.template,
+        locales=spec.locales,
+        fields=spec.fields,
+        campaign={
+            "name": spec.name,
+            "sender_name": spec.sender.name,
+            "company_address": spec.company_address,
+        },
+    )
+
+
+def render_locales(
     templates_dir: Path,
     translations_dir: Path,
     template: str,

@@ -97,18 +97,7 @@ def validate_audience(run: Run) -> dict[str, Any]:
 
 def render_content(run: Run, paths: ProjectPaths) -> dict[str, Any]:
     spec = run.spec()
-    contents = content.render_content(
-        paths.templates,
-        paths.translations,
-        spec.template,
-        locales=spec.locales,
-        fields=spec.fields,
-        campaign={
-            "name": spec.name,
-            "sender_name": spec.sender.name,
-            "company_address": spec.company_address,
-        },
-    )
+    contents = content.render_content(spec, paths.templates, paths.translations)
     for locale, rendered in contents.items():
         write_json(run.staging.content_file(locale), rendered.to_dict())
     return {

@@ -1,4 +1,5 @@
-"""render_content: the example campaign in every locale, and the ways rendering must fail."""
+"""render_content and render_locales: the example campaign in every locale, and the ways rendering
+must fail."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from babel.messages.catalog import Catalog
 from babel.messages.plurals import get_plural
 from babel.messages.pofile import read_po, write_po
 
-from mailroom.content import LocaleContent, render_content, render_locale
+from mailroom.content import LocaleContent, render_locale, render_locales
 from mailroom.errors import ContentError
 from mailroom.substitutions import tags_in
 
@@ -139,7 +140,7 @@ def by_tag(root: Element, tag: str) -> list[Element]:
 
 @pytest.fixture(scope="module")
 def rendered() -> dict[str, LocaleContent]:
-    return render_content(
+    return render_locales(
         TEMPLATES, TRANSLATIONS, "winter_update", locales=LOCALES, fields=FIELDS, campaign=CAMPAIGN
     )
 
@@ -291,7 +292,7 @@ def test_from_dict_rejects_malformed_payloads(payload: object) -> None:
 
 def test_render_all_needs_locales() -> None:
     with pytest.raises(ContentError, match="no locales"):
-        render_content(
+        render_locales(
             TEMPLATES, TRANSLATIONS, "winter_update", locales=[], fields=FIELDS, campaign=CAMPAIGN
         )
 

@@ -58,18 +58,7 @@ def spec() -> CampaignSpec:
 @cache
 def contents() -> dict[str, LocaleContent]:
     s = spec()
-    return render_content(
-        INCLUDE / "templates",
-        INCLUDE / "translations",
-        s.template,
-        locales=s.locales,
-        fields=s.fields,
-        campaign={
-            "name": s.name,
-            "sender_name": s.sender.name,
-            "company_address": s.company_address,
-        },
-    )
+    return render_content(s, INCLUDE / "templates", INCLUDE / "translations")
 
 
 # --- strategies -------------------------------------------------------------------------------

@@ -37,18 +37,7 @@ def spec() -> CampaignSpec:
 
 @pytest.fixture(scope="module")
 def contents(spec: CampaignSpec) -> dict[str, LocaleContent]:
-    return render_content(
-        INCLUDE / "templates",
-        INCLUDE / "translations",
-        spec.template,
-        locales=spec.locales,
-        fields=spec.fields,
-        campaign={
-            "name": spec.name,
-            "sender_name": spec.sender.name,
-            "company_address": spec.company_address,
-        },
-    )
+    return render_content(spec, INCLUDE / "templates", INCLUDE / "translations")
 
 
 def _body(spec: CampaignSpec, content: LocaleContent) -> dict[str, Any]:

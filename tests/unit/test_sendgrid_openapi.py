@@ -174,18 +174,7 @@ def test_the_top_level_custom_args_correction_is_still_needed_and_applied() -> N
 def mailroom_request_body() -> dict[str, Any]:
     """A request exactly as Mailroom's standard builder makes it, for three recipients."""
     spec = load_campaign(INCLUDE / "campaigns", "winter_update")
-    content = render_content(
-        INCLUDE / "templates",
-        INCLUDE / "translations",
-        spec.template,
-        locales=spec.locales,
-        fields=spec.fields,
-        campaign={
-            "name": spec.name,
-            "sender_name": spec.sender.name,
-            "company_address": spec.company_address,
-        },
-    )["de"]
+    content = render_content(spec, INCLUDE / "templates", INCLUDE / "translations")["de"]
     envelopes = []
     for index, name in enumerate(["Ada", "Bob & Co", "Zoë"]):
         row = {"user_id": f"u{index}", "email": f"u{index}@example.com", "first_name": name}
