@@ -1,8 +1,9 @@
 """The campaign's stages as functions over one run's staging directory.
 
-Each function is what one DAG task does: it reads the run's files, writes its own, and returns a
-small JSON-able dict (paths, counts, digests) for XCom. Secrets and database URLs are passed in
-by the caller, which resolves them from Airflow connections; nothing here knows about Airflow.
+Each function is what one DAG task does, and has the task's name (so has the domain function it
+calls): it reads the run's files, writes its own, and returns a small JSON-able dict (paths,
+counts, digests) for XCom. Secrets and database URLs are passed in by the caller, which resolves
+them from Airflow connections; nothing here knows about Airflow.
 """
 
 from __future__ import annotations
