@@ -287,7 +287,7 @@ def test_the_guard_finds_a_foreign_address_exactly_as_one_by_one(
     people: list[tuple[str, list[tuple[int, str, str]]]],
 ) -> None:
     """Reading every personalization in one pass refuses exactly the requests that reading each
-    on its own (``_shows_address`` on its ``_text_of``, the reference) refuses."""
+    on its own (``shows_address`` on its ``_text_of``, the reference) refuses."""
     from mailroom.checks import envelope_guard as guard
 
     recipients = [f"user{i}@example.com" for i in range(len(people))]
@@ -313,7 +313,7 @@ def test_the_guard_finds_a_foreign_address_exactly_as_one_by_one(
     flagged = {
         i
         for i, item in enumerate(personalizations)
-        if guard._shows_address(
+        if guard.shows_address(
             guard._text_of({k: v for k, v in item.items() if k != "to"}),
             everyone,
             own=recipients[i],
