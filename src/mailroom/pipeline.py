@@ -243,12 +243,14 @@ def manifest_summary(manifest: Manifest, shard_count: int) -> dict[str, Any]:
 def check_envelopes(run: Run, *, secret: bytes) -> dict[str, Any]:
     st = run.staging
     valid = read_json(st.audience_validation)["valid"]
+    spec = run.spec()
     result = quality_gate.check_envelopes(
-        run.spec(),
+        spec,
         manifest_path=st.manifest,
         valid_audience=st.valid_audience,
         secret=secret,
         expected_recipients=valid,
+        shared=batches.shared_parts(spec, load_contents(run), load_manifest(st.manifest)),
         data_docs_dir=st.gate_data_docs,
     )
     write_json(st.gate_result, result.to_dict())

@@ -88,7 +88,7 @@ STAGES: dict[str, StageFiles] = {
         reads=(SPEC, ENVELOPES, CONTENT), writes=(BATCHES,), last=(MANIFEST,), replaces=(BATCHES,)
     ),
     "check_envelopes": StageFiles(
-        reads=(SPEC, MANIFEST, BATCHES, VALID, VALIDATION),
+        reads=(SPEC, MANIFEST, BATCHES, VALID, VALIDATION, CONTENT),
         writes=(_folder(_LAYOUT.gate_dir),),
         last=(GATE_RESULT,),
         replaces=(_folder(_LAYOUT.gate_data_docs),),

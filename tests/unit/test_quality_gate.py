@@ -33,7 +33,7 @@ from hypothesis import strategies as st
 
 from mailroom import pipeline
 from mailroom.audience.sample import generate
-from mailroom.batches import load_manifest, serialise
+from mailroom.batches import load_manifest, serialise, shared_parts
 from mailroom.campaign_spec import CampaignSpec, Unsubscribe, load_campaign
 from mailroom.checks import quality_gate
 from mailroom.checks.quality_gate import bodies
@@ -296,12 +296,20 @@ MUTATIONS = [
 ]
 
 
+def shared(run: Run) -> dict[str, Any]:
+    """Each batch's shared part as the run's spec and rendered content give it."""
+    return shared_parts(
+        run.spec(), pipeline.load_contents(run), load_manifest(run.staging.manifest)
+    )
+
+
 def explode(run: Run, *, strict: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
     return quality_gate.explode_batches(
         run.spec(),
         manifest_path=run.staging.manifest,
         valid_audience=run.staging.valid_audience,
         secret=SECRET,
+        shared=shared(run),
         strict_reader=strict,
     )
 
@@ -361,6 +369,7 @@ def test_tokens_made_in_the_background_give_the_same_rows(clean_run: Run) -> Non
         manifest_path=clean_run.staging.manifest,
         valid_audience=clean_run.staging.valid_audience,
         secret=SECRET,
+        shared=shared(clean_run),
         tokens=tokens,
     )
     assert tokens._process is None  # closed with the audience

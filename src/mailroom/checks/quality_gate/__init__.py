@@ -19,6 +19,7 @@ The package, in reading order:
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,10 +50,12 @@ def check_envelopes(
     valid_audience: Path,
     secret: bytes,
     expected_recipients: int,
+    shared: Mapping[str, Mapping[str, Any]],
     data_docs_dir: Path | None = None,
 ) -> GateResult:
     """Validate the frozen batches; unless ``success``, nothing may be sent
-    (``pipeline.check_envelopes`` raises ValidationFailed).
+    (``pipeline.check_envelopes`` raises ValidationFailed). ``shared``: each batch's shared part
+    as the approved inputs give it, by body digest (``batches.shared_parts``).
 
     GX's Data Docs for both suites are written to ``data_docs_dir`` (by default the run's
     ``gate/data_docs``, when the manifest is where a run keeps it), whether the gate passes or
@@ -72,6 +75,7 @@ def check_envelopes(
             manifest_path=manifest_path,
             valid_audience=valid_audience,
             secret=secret,
+            shared=shared,
             tokens=tokens,
         )
     people_result, batch_result = validate_suites(

@@ -1,15 +1,20 @@
 """The frozen bodies read back a group at a time, and what their shared texts hold.
 
 ``read_groups`` reads, hashes and (given the regular shape's ``parse``) parses the next group of
-requests in a second thread while the caller checks the current one.
+requests in a second thread while the caller checks the current one. It also holds each body's
+shared part (everything but its personalizations, read strictly: UTF-8, no key twice in an
+object) against what the approved inputs give (``batches.shared_parts``): a field the freeze
+never writes, or a shared value it would not write, fails ``shared_matches``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+import json
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 
@@ -29,12 +34,15 @@ class Group:
     entries: Sequence[BatchEntry]
     datas: Sequence[bytes]
     digests_match: Sequence[bool]
+    shared_match: Sequence[bool]
     parsed: pa.StructArray | None = None
 
     def split(self) -> list[Group]:
         return [
-            Group([e], [d], [ok])
-            for e, d, ok in zip(self.entries, self.datas, self.digests_match, strict=True)
+            Group([e], [d], [ok], [same])
+            for e, d, ok, same in zip(
+                self.entries, self.datas, self.digests_match, self.shared_match, strict=True
+            )
         ]
 
 
@@ -42,6 +50,7 @@ def read_groups(
     batches: Sequence[BatchEntry],
     folder: Path,
     parse: Callable[[Sequence[bytes]], pa.StructArray | None] | None,
+    shared: Mapping[str, Mapping[str, Any]],
 ) -> Iterator[Group]:
     """The requests a group at a time; the next group is read, hashed and parsed in a second
     thread meanwhile (file reads, SHA-256 and Arrow's parser all release the GIL)."""
@@ -49,8 +58,11 @@ def read_groups(
     def load(entries: list[BatchEntry]) -> Group:
         datas = [(folder / e.file).read_bytes() for e in entries]
         digests = [sha256_hex(d) == e.sha256 for d, e in zip(datas, entries, strict=True)]
+        same = [
+            _shared_part_is(d, shared.get(e.sha256)) for d, e in zip(datas, entries, strict=True)
+        ]
         parsed = parse(datas) if parse is not None else None
-        return Group(entries, datas, digests, parsed)
+        return Group(entries, datas, digests, same, parsed)
 
     groups = [list(batches[i : i + CHUNK_BATCHES]) for i in range(0, len(batches), CHUNK_BATCHES)]
     if not groups:
@@ -62,6 +74,27 @@ def read_groups(
             if i + 1 < len(groups):
                 pending = pool.submit(load, groups[i + 1])
             yield group
+
+
+def _shared_part_is(data: bytes, expected: Mapping[str, Any] | None) -> bool:
+    """Whether everything of the body but its personalizations is exactly ``expected``."""
+    if expected is None:
+        return False
+    try:
+        body = json.loads(data.decode("utf-8"), object_pairs_hook=_object_without_repeats)
+    except ValueError:  # not UTF-8, not one JSON value, or a key twice in an object
+        return False
+    return (
+        isinstance(body, dict)
+        and {k: v for k, v in body.items() if k != "personalizations"} == expected
+    )
+
+
+def _object_without_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    data = dict(pairs)
+    if len(data) != len(pairs):
+        raise ValueError("a key twice in one object")
+    return data
 
 
 def tags_and_markers(texts: Sequence[str]) -> tuple[set[str], int]:

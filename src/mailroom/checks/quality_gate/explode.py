@@ -21,7 +21,9 @@ every recipient's unsubscribe token is made in a second process meanwhile
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -41,16 +43,18 @@ def explode_batches(
     manifest_path: Path,
     valid_audience: Path,
     secret: bytes,
+    shared: Mapping[str, Mapping[str, Any]],
     strict_reader: bool = True,
     tokens: TokensInBackground | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """One row per personalization and one row per batch, read from the frozen bytes.
 
     ``email_key`` is the lower-cased address as a number (the same for the same address), as
-    uniqueness needs. ``strict_reader=False`` reads every body the generic way (for tests that
-    compare the two readers). ``tokens``: the audience's unsubscribe tokens, already being made
-    (``audience_tokens``); by default they are started here. Either way they are closed when
-    this returns.
+    uniqueness needs. ``shared``: each batch's shared part as the approved inputs give it, by
+    body digest (``batches.shared_parts``). ``strict_reader=False`` reads every body the generic
+    way (for tests that compare the two readers). ``tokens``: the audience's unsubscribe tokens,
+    already being made (``audience_tokens``); by default they are started here. Either way they
+    are closed when this returns.
     """
     with tokens or audience_tokens(spec, secret, valid_audience) as made:
         manifest = load_manifest(manifest_path)
@@ -59,7 +63,7 @@ def explode_batches(
         people = Columns(PERSONALIZATION_COLUMNS)
         batch_rows = Columns(BATCH_COLUMNS)
         parse = shape.parse if shape is not None else None
-        for group in read_groups(manifest.batches, manifest_path.parent, parse):
+        for group in read_groups(manifest.batches, manifest_path.parent, parse, shared):
             if group.parsed is not None and shape is not None:
                 explode_regular(group, group.parsed, audience, shape, people, batch_rows)
                 continue

@@ -25,7 +25,8 @@ def explode_generic(
     people: Columns,
     batch_rows: Columns,
 ) -> None:
-    (entry,), (data,), (digest_matches,) = one.entries, one.datas, one.digests_match
+    (entry,), (data,) = one.entries, one.datas
+    (digest_matches,), (shared_matches,) = one.digests_match, one.shared_match
     try:
         body = json.loads(data)
     except (UnicodeDecodeError, ValueError):
@@ -38,6 +39,7 @@ def explode_generic(
             recipients=0,
             size=len(data),
             digest_matches=digest_matches,
+            shared_matches=shared_matches,
             top_level_cc_bcc=0,
             top_level_reserved_headers=0,
             unresolved_tags=0,
@@ -100,6 +102,7 @@ def explode_generic(
         recipients=recipient_count,
         size=len(data),
         digest_matches=digest_matches,
+        shared_matches=shared_matches,
         top_level_cc_bcc=int("cc" in body)
         + int("bcc" in body)
         + int(isinstance(mail_settings, dict) and "bcc" in mail_settings),

@@ -31,6 +31,7 @@ BATCH_COLUMNS = (
     "recipients",
     "size",
     "digest_matches",
+    "shared_matches",
     "top_level_cc_bcc",
     "top_level_reserved_headers",
     "unresolved_tags",
@@ -41,7 +42,9 @@ _TEXT_COLUMNS = frozenset({"email", "email_key", "batch_id"})
 # Only compared for equality: handed to GX as numbers, equal for equal text (a fraction of the
 # cost of hashing text, which GX does to every column it gets).
 _NUMBERED = frozenset({"email_key"})
-_BOOL_COLUMNS = frozenset({"in_audience", "values_match", "json_object", "digest_matches"})
+_BOOL_COLUMNS = frozenset(
+    {"in_audience", "values_match", "json_object", "digest_matches", "shared_matches"}
+)
 
 
 class Columns:

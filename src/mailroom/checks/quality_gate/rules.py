@@ -73,6 +73,9 @@ def for_batches() -> list[Any]:
         ),
         # Its SHA-256 is the one in the manifest.
         gxe.ExpectColumnValuesToBeInSet(column="digest_matches", value_set=[True]),
+        # Everything but its personalizations is exactly what the campaign spec and the
+        # locale's rendered content give (read strictly: UTF-8, no key twice in an object).
+        gxe.ExpectColumnValuesToBeInSet(column="shared_matches", value_set=[True]),
         # No ``cc``/``bcc`` (nor the ``bcc`` mail setting) and no reserved header at the top.
         gxe.ExpectColumnValuesToBeBetween(column="top_level_cc_bcc", min_value=0, max_value=0),
         gxe.ExpectColumnValuesToBeBetween(
