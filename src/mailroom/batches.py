@@ -8,6 +8,7 @@ so the manifest digest the approver sees pins every byte that can leave.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -174,12 +175,10 @@ def freeze_batches(
     for stale in batches_dir.glob("*.json"):
         stale.unlink()
     entries: list[BatchEntry] = []
+    custom_args = functools.partial(batch_custom_args, spec, run_id)
     for locale in spec.locales:
         if locale not in contents:
             raise EnvelopeViolation(f"no rendered content for locale {locale!r}")
-
-        def custom_args(batch_id: str) -> dict[str, str]:
-            return batch_custom_args(spec, run_id, batch_id)
 
         bodies: Iterator[tuple[str, bytes, int]]
         if build_body is sendgrid_request_body:

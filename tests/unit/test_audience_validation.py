@@ -78,3 +78,28 @@ def test_a_name_showing_a_batch_mates_address_is_quarantined_and_the_run_sends_a
     assert max(received.values()) == 1
     assert {BATCH_MATE, "user20@example.com"} <= set(received)
     assert {"user10@example.com", "user25@example.com"}.isdisjoint(received)
+
+
+def test_an_audience_whose_fields_hold_no_address_at_all_validates(
+    tmp_path: Path, project_paths: ProjectPaths
+) -> None:
+    from mailroom.audience.validate import validate_audience
+    from mailroom.campaign_spec import load_campaign
+
+    spec = load_campaign(project_paths.campaigns, "winter_update")
+    snapshot = tmp_path / "snapshot.parquet"
+    pd.DataFrame(
+        {
+            "user_id": ["u1", "u2"],
+            "email": ["ann@example.com", "bob@example.org"],
+            "first_name": ["Ann", "Bob"],
+            "locale": ["en", "de"],
+        }
+    ).to_parquet(snapshot, index=False)
+    outcome = validate_audience(
+        spec,
+        snapshot=snapshot,
+        valid_out=tmp_path / "valid.parquet",
+        quarantine_out=tmp_path / "quarantine.parquet",
+    )
+    assert (outcome.valid, outcome.quarantined) == (2, 0)

@@ -80,13 +80,18 @@ _MAY_HOLD_AN_ADDRESS = r"@|%40|&#|&commat"
 
 def _shows_another_address(values: pd.Series, own: pd.Series, everyone: set[str]) -> pd.Series:
     """For each row: whether its value shows an audience address other than the row's own."""
-    shows = pd.Series(False, index=values.index)
     text = values.astype("string")
     maybe = text.str.contains(_MAY_HOLD_AN_ADDRESS, case=False, regex=True).fillna(False)
-    for i in maybe[maybe].index:
-        mine = own[i] if isinstance(own[i], str) else None
-        shows[i] = shows_address(str(text[i]), everyone, own=mine)
-    return shows
+    rows = maybe[maybe].index
+    shows = pd.Series(
+        [
+            shows_address(str(value), everyone, own=mine if isinstance(mine, str) else None)
+            for value, mine in zip(text.loc[rows], own.loc[rows], strict=True)
+        ],
+        index=rows,
+        dtype=bool,
+    )
+    return shows.reindex(values.index, fill_value=False)
 
 
 def validate_audience(
