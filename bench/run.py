@@ -408,7 +408,11 @@ def run_stage(stage: str, work: Path, context: dict[str, Any]) -> dict[str, Any]
         extra = {k: v for k, v in done.items() if k not in ("seconds", "cpu_seconds")}
         rows, unit = done["recipients"], "personalizations"
     elif stage == "gate":
-        outcome = pipeline.check_envelopes(run, secret=SECRET)
+        outbox = Outbox(outbox_url)
+        try:
+            outcome = pipeline.check_envelopes(run, paths, secret=SECRET, outbox=outbox)
+        finally:
+            outbox.dispose()
         rows, unit = outcome["personalizations"], "personalizations"
     elif stage == "gate_baseline":
         fails = bare_gate.bare_gate(

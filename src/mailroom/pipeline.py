@@ -15,7 +15,7 @@ from itertools import chain, repeat
 from pathlib import Path
 from typing import Any
 
-from mailroom import batches, content, envelopes
+from mailroom import batches, content, envelopes, run_inputs
 from mailroom.approval import canary, summary
 from mailroom.audience import extract, validate
 from mailroom.batches import Manifest, batch_id_for, load_manifest
@@ -26,7 +26,7 @@ from mailroom.delivery import report, shards
 from mailroom.delivery.outbox import Outbox, StagedBatch
 from mailroom.delivery.rate import SharedRateLimiter
 from mailroom.delivery.transports.base import Transport
-from mailroom.errors import ValidationFailed
+from mailroom.errors import EnvelopeViolation, ValidationFailed
 from mailroom.run import ProjectPaths, Run
 from mailroom.staging import RunStaging, read_json, run_location, write_json
 
@@ -127,6 +127,8 @@ def build_envelopes(run: Run, *, secret: bytes) -> dict[str, Any]:
 def freeze_batches(run: Run, *, outbox: Outbox, build_body: Any = None) -> dict[str, Any]:
     """Write the request bodies and manifest, and stage every batch in the outbox.
 
+    The outbox also records the digests of the files every request is rebuilt from
+    (``run_inputs``), so a run folder rewritten afterwards is refused by the gate and the guard.
     Who each batch is for follows from the envelopes alone (each locale's, ``batch_size`` at a
     time), so the outbox takes the recipients in a second thread while the bodies are written
     (both mostly outside the GIL: the database, Arrow, hashing, files); the manifest digest and
@@ -139,12 +141,14 @@ def freeze_batches(run: Run, *, outbox: Outbox, build_body: Any = None) -> dict[
     plan = _batch_plan(spec, st.envelopes)
     kwargs = {"build_body": build_body} if build_body is not None else {}
     frozen: Future[tuple[str, list[StagedBatch]]] = Future()
+    inputs = run_inputs.input_digests(st, spec.locales)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="freeze-outbox") as pool:
         staging = pool.submit(
             outbox.stage_members_first,
             run.run_key,
             _members_by_envelope(plan, st.envelopes),
             frozen.result,
+            inputs,
         )
         try:
             manifest = batches.freeze_batches(
@@ -240,17 +244,25 @@ def manifest_summary(manifest: Manifest, shard_count: int) -> dict[str, Any]:
     }
 
 
-def check_envelopes(run: Run, *, secret: bytes) -> dict[str, Any]:
+def check_envelopes(
+    run: Run, paths: ProjectPaths, *, secret: bytes, outbox: Outbox
+) -> dict[str, Any]:
+    """The data-quality gate. It renders every locale's content itself, from the project's
+    templates and catalogs (never the render stage's output), rebuilds each batch's shared part
+    from that and the spec, and holds every body to the digest the outbox staged it with."""
     st = run.staging
     valid = read_json(st.audience_validation)["valid"]
     spec = run.spec()
+    contents = content.render_content(spec, paths.templates, paths.translations)
+    manifest = load_manifest(st.manifest)
     result = quality_gate.check_envelopes(
         spec,
         manifest_path=st.manifest,
         valid_audience=st.valid_audience,
         secret=secret,
         expected_recipients=valid,
-        shared=batches.shared_parts(spec, load_contents(run), load_manifest(st.manifest)),
+        shared=batches.shared_parts(spec, contents, manifest),
+        staged=_as_staged(run, manifest, outbox, contents),
         data_docs_dir=st.gate_data_docs,
     )
     write_json(st.gate_result, result.to_dict())
@@ -268,13 +280,59 @@ def check_envelopes(run: Run, *, secret: bytes) -> dict[str, Any]:
     }
 
 
-def _approved_manifest(run: Run, manifest_sha256: str, outbox: Outbox) -> Manifest:
-    """The run's manifest, refused unless it and the outbox's are the approved one."""
-    manifest = load_manifest(run.staging.manifest, expected_sha256=manifest_sha256)
+def _as_staged(
+    run: Run, manifest: Manifest, outbox: Outbox, contents: dict[str, LocaleContent]
+) -> dict[str, str]:
+    """The digest each batch must have, as the outbox staged it (by batch id), for the gate's
+    ``staged_matches``: none at all unless the manifest and the batches are the ones the outbox
+    staged and the spec's copy and the validated audience are the files it recorded; none for a
+    locale whose recorded content is not what the gate rendered."""
+    st = run.staging
+    recorded = outbox.staged_inputs(run.run_key)
+    staged = outbox.staged_digests(run.run_key)
+    if outbox.manifest_sha256(run.run_key) != manifest.sha256 or set(staged) != {
+        b.batch_id for b in manifest.batches
+    }:
+        log.error("check_envelopes: the manifest is not the one the outbox staged")
+        return {}
+    try:
+        run_inputs.check_inputs(st, recorded, [st.campaign_spec, st.valid_audience])
+    except EnvelopeViolation as exc:
+        log.error("check_envelopes: %s", exc)
+        return {}
+    as_rendered = {
+        locale
+        for locale, rendered in contents.items()
+        if recorded.get(run_inputs.relative(st, st.content_file(locale)))
+        == run_inputs.content_digest(rendered)
+    }
+    for locale in sorted(set(contents) - as_rendered):
+        log.error(
+            "check_envelopes: the content the run was staged with for %s is not what the gate "
+            "renders from the templates and catalogs",
+            locale,
+        )
+    return {b.batch_id: staged[b.batch_id] for b in manifest.batches if b.locale in as_rendered}
+
+
+def _approved(
+    run: Run, manifest_sha256: str, outbox: Outbox
+) -> tuple[Manifest, dict[str, dict[str, Any]]]:
+    """The run's manifest and each body's shared part as the approved inputs give it, refused
+    unless the manifest and the outbox's are the approved one and the spec's copy and the
+    rendered content are the files the run was staged from."""
+    st = run.staging
+    manifest = load_manifest(st.manifest, expected_sha256=manifest_sha256)
     staged_sha = outbox.manifest_sha256(run.run_key)
     if staged_sha != manifest_sha256:
         raise ValidationFailed(f"the outbox holds manifest {staged_sha}, not the approved one")
-    return manifest
+    spec = run.spec()
+    run_inputs.check_inputs(
+        st,
+        outbox.staged_inputs(run.run_key),
+        [st.campaign_spec, *(st.content_file(locale) for locale in spec.locales)],
+    )
+    return manifest, batches.shared_parts(spec, load_contents(run), manifest)
 
 
 def guard_shard(
@@ -288,11 +346,16 @@ def guard_shard(
     """The envelope guard on every request of one shard (by default the whole run as one
     shard), before any request of the run is sent: ``send`` starts only once every shard has
     passed."""
-    manifest = _approved_manifest(run, manifest_sha256, outbox)
+    try:
+        manifest, shared = _approved(run, manifest_sha256, outbox)
+    except EnvelopeViolation as exc:
+        outbox.request_halt(run.run_key, reason=f"envelope guard: {exc}")
+        log.error("guard shard %d: %s; the run is halted, nothing was sent", shard, exc)
+        raise
     return shards.guard_shard(
         run_key=run.run_key,
         manifest=manifest,
-        shared=batches.shared_parts(run.spec(), load_contents(run), manifest),
+        shared=shared,
         batches_dir=run.staging.batches_dir,
         shard_index=shard,
         shard_count=shard_count,
@@ -311,7 +374,7 @@ def send_shard(
     halt_signal: Callable[[], str | None] | None = None,
 ) -> dict[str, Any]:
     spec = run.spec()
-    manifest = _approved_manifest(run, manifest_sha256, outbox)
+    manifest, shared = _approved(run, manifest_sha256, outbox)
     limiter = SharedRateLimiter(
         outbox, run.run_key, spec.rate.requests_per_second, spec.rate.recipients_per_second
     )
@@ -319,7 +382,7 @@ def send_shard(
         return shards.send_shard(
             run_key=run.run_key,
             manifest=manifest,
-            shared=batches.shared_parts(spec, load_contents(run), manifest),
+            shared=shared,
             batches_dir=run.staging.batches_dir,
             shard_index=shard,
             shard_count=shard_count,

@@ -140,11 +140,17 @@ class RunStaging:
         return self.root / "dry_run_outbox"
 
 
+def json_bytes(value: Any) -> bytes:
+    """What ``write_json`` writes for ``value``: the same value always gives the same bytes, so
+    a file's digest can be compared with the digest of a value rebuilt elsewhere."""
+    return json.dumps(value, indent=2, sort_keys=True, default=str).encode("utf-8")
+
+
 def write_json(path: Path, value: Any) -> None:
     """Write atomically: a reader never sees half a file, even if the task is killed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2, sort_keys=True, default=str), encoding="utf-8")
+    tmp.write_bytes(json_bytes(value))
     os.replace(tmp, path)
 
 

@@ -84,11 +84,16 @@ STAGES: dict[str, StageFiles] = {
     ),
     "render_content": StageFiles(reads=(SPEC,), writes=(CONTENT,)),
     "build_envelopes": StageFiles(reads=(SPEC, VALID), writes=(ENVELOPES,)),
+    # Reads the validated audience only for its digest (``run_inputs``), recorded in the outbox.
     "freeze_batches": StageFiles(
-        reads=(SPEC, ENVELOPES, CONTENT), writes=(BATCHES,), last=(MANIFEST,), replaces=(BATCHES,)
+        reads=(SPEC, ENVELOPES, CONTENT, VALID),
+        writes=(BATCHES,),
+        last=(MANIFEST,),
+        replaces=(BATCHES,),
     ),
+    # The gate renders the content itself: it does not read the render stage's.
     "check_envelopes": StageFiles(
-        reads=(SPEC, MANIFEST, BATCHES, VALID, VALIDATION, CONTENT),
+        reads=(SPEC, MANIFEST, BATCHES, VALID, VALIDATION),
         writes=(_folder(_LAYOUT.gate_dir),),
         last=(GATE_RESULT,),
         replaces=(_folder(_LAYOUT.gate_data_docs),),

@@ -112,8 +112,10 @@ def freeze_batches(prepared: dict[str, Any]) -> dict[str, Any]:
 def check_envelopes(prepared: dict[str, Any]) -> dict[str, Any]:
     from mailroom import pipeline
 
-    with _working(prepared, "check_envelopes") as run:
-        return pipeline.check_envelopes(run, secret=settings.unsubscribe_secret())
+    with _outbox() as outbox, _working(prepared, "check_envelopes") as run:
+        return pipeline.check_envelopes(
+            run, settings.project_paths(), secret=settings.unsubscribe_secret(), outbox=outbox
+        )
 
 
 def canary_send(prepared: dict[str, Any]) -> dict[str, Any]:

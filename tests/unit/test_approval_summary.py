@@ -49,9 +49,9 @@ def gated_run(
     outbox = Outbox(f"sqlite:///{tmp / 'outbox.sqlite'}")
     try:
         pipeline.freeze_batches(run, outbox=outbox)
+        pipeline.check_envelopes(run, paths, secret=SECRET, outbox=outbox)
     finally:
         outbox.dispose()
-    pipeline.check_envelopes(run, secret=SECRET)
     return run, approval_summary(run, triggered_by="analyst")
 
 

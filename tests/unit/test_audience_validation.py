@@ -61,7 +61,7 @@ def test_a_name_showing_a_batch_mates_address_is_quarantined_and_the_run_sends_a
 
     outbox = Outbox(f"sqlite:///{tmp_path / 'outbox.sqlite'}")
     frozen = pipeline.freeze_batches(run, outbox=outbox)
-    pipeline.check_envelopes(run, secret=SECRET)
+    pipeline.check_envelopes(run, project_paths, secret=SECRET, outbox=outbox)
     pipeline.guard_shard(run, manifest_sha256=frozen["manifest_sha256"], outbox=outbox)
     sent = pipeline.send_shard(
         run,

@@ -85,7 +85,7 @@ def test_every_valid_recipient_gets_exactly_one_envelope(
     run = prepared(tmp_path, project_paths, audience)
     outbox = Outbox(f"sqlite:///{tmp_path / 'outbox.sqlite'}")
     frozen = pipeline.freeze_batches(run, outbox=outbox)
-    pipeline.check_envelopes(run, secret=SECRET)
+    pipeline.check_envelopes(run, project_paths, secret=SECRET, outbox=outbox)
     send_all(run, frozen, outbox, dev_server)
 
     records = dev_server.accepted()
@@ -161,7 +161,7 @@ def test_the_2019_change_is_stopped_by_the_gate_and_by_the_guard(
     outbox = Outbox(f"sqlite:///{tmp_path / 'outbox.sqlite'}")
     frozen = pipeline.freeze_batches(run, outbox=outbox, build_body=everyone_in_one_to)
     with pytest.raises(ValidationFailed, match="n_to"):
-        pipeline.check_envelopes(run, secret=SECRET)
+        pipeline.check_envelopes(run, project_paths, secret=SECRET, outbox=outbox)
     # Without the gate, the guard inside the transport refuses the first request.
     with pytest.raises(EnvelopeViolation, match="recipients in 'to', not 1"):
         send_all(run, frozen, outbox, dev_server)
@@ -217,7 +217,7 @@ def test_a_batch_edited_after_freezing_is_refused(
     body["subject"] = "Urgent: verify your wallet"
     first.write_bytes(json.dumps(body).encode())
     with pytest.raises(ValidationFailed, match="digest_matches"):
-        pipeline.check_envelopes(run, secret=SECRET)
+        pipeline.check_envelopes(run, project_paths, secret=SECRET, outbox=outbox)
     with pytest.raises(EnvelopeViolation, match="not in the approved manifest"):
         send_all(run, frozen, outbox, dev_server)
     assert dev_server.accepted() == []

@@ -74,13 +74,29 @@ def clean_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
         shard_count=1,
         secret=SECRET,
     )
-    outbox = Outbox(f"sqlite:///{root / 'outbox.sqlite'}")
+    outbox = outbox_of(run)
     try:
         pipeline.freeze_batches(run, outbox=outbox)
     finally:
         outbox.dispose()
     assert len(load_manifest(run.staging.manifest).batches) >= 3
     return run
+
+
+def outbox_of(run: Run) -> Outbox:
+    """The run's outbox, kept in its folder here so that a copy of the run has a copy of it."""
+    return Outbox(f"sqlite:///{run.staging.root / 'outbox.sqlite'}")
+
+
+def check_envelopes(run: Run) -> dict[str, Any]:
+    """The gate task on ``run``, with its own outbox."""
+    outbox = outbox_of(run)
+    try:
+        return pipeline.check_envelopes(
+            run, ProjectPaths.under(INCLUDE), secret=SECRET, outbox=outbox
+        )
+    finally:
+        outbox.dispose()
 
 
 def copy_run(run: Run, dest: Path) -> Run:
@@ -303,6 +319,15 @@ def shared(run: Run) -> dict[str, Any]:
     )
 
 
+def staged(run: Run) -> dict[str, str]:
+    """Each batch's digest as the run's outbox staged it."""
+    outbox = outbox_of(run)
+    try:
+        return outbox.staged_digests(run.run_key)
+    finally:
+        outbox.dispose()
+
+
 def explode(run: Run, *, strict: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
     return quality_gate.explode_batches(
         run.spec(),
@@ -310,6 +335,7 @@ def explode(run: Run, *, strict: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
         valid_audience=run.staging.valid_audience,
         secret=SECRET,
         shared=shared(run),
+        staged=staged(run),
         strict_reader=strict,
     )
 
@@ -348,8 +374,10 @@ def test_both_readers_give_the_same_rows(
         assert strict_people["in_audience"].all()
     if mutation.name == "clean":
         assert strict_requests["digest_matches"].all()
+        assert strict_requests["staged_matches"].all()
     else:
         assert not strict_requests["digest_matches"].iloc[0]
+        assert not strict_requests["staged_matches"].iloc[0]
 
 
 def test_tokens_made_in_the_background_give_the_same_rows(clean_run: Run) -> None:
@@ -370,6 +398,7 @@ def test_tokens_made_in_the_background_give_the_same_rows(clean_run: Run) -> Non
         valid_audience=clean_run.staging.valid_audience,
         secret=SECRET,
         shared=shared(clean_run),
+        staged=staged(clean_run),
         tokens=tokens,
     )
     assert tokens._process is None  # closed with the audience
@@ -386,7 +415,7 @@ def gate_pages(run: Run) -> dict[Path, str]:
 
 def test_data_docs_are_kept_with_a_passing_run(clean_run: Run, tmp_path: Path) -> None:
     run = copy_run(clean_run, tmp_path / "run")
-    summary = pipeline.check_envelopes(run, secret=SECRET)
+    summary = check_envelopes(run)
     assert summary["success"]
     result = read_json(run.staging.gate_result)
     assert result["data_docs"] == "gate/data_docs/index.html"
@@ -416,7 +445,7 @@ def test_data_docs_of_a_failing_gate_name_the_checks_but_no_address(
     path.write_bytes(serialise(body))
 
     with pytest.raises(ValidationFailed, match="values_match"):
-        pipeline.check_envelopes(run, secret=SECRET)
+        check_envelopes(run)
 
     result = read_json(run.staging.gate_result)
     failed = {
@@ -452,7 +481,7 @@ def test_a_run_of_unreadable_bodies_fails_the_gate_with_its_docs(
     for entry in load_manifest(run.staging.manifest).batches:
         (run.staging.batches_dir / entry.file).write_bytes(b"to: everyone")
     with pytest.raises(ValidationFailed, match="json_object"):
-        pipeline.check_envelopes(run, secret=SECRET)
+        check_envelopes(run)
     result = read_json(run.staging.gate_result)
     assert result["personalizations"] == 0
     assert (run.staging.root / result["data_docs"]).is_file()
@@ -463,7 +492,7 @@ def test_data_docs_replace_those_of_an_earlier_attempt(clean_run: Run, tmp_path:
     stale = run.staging.gate_data_docs / "validations" / "stale.html"
     stale.parent.mkdir(parents=True)
     stale.write_text("from an earlier attempt")
-    pipeline.check_envelopes(run, secret=SECRET)
+    check_envelopes(run)
     assert not stale.exists()
     assert (run.staging.gate_data_docs / "index.html").is_file()
 

@@ -115,8 +115,14 @@ def test_a_whole_run_goes_through_the_object_store(
 ) -> None:
     xcom, result, outbox_url = frozen
     assert xcom["run_dir"] == s3.url("frozen/winter_update/manual__s3")
-    with in_stage(s3, xcom, "check_envelopes") as run:
-        gate = pipeline.check_envelopes(run, secret=UNSUBSCRIBE_SECRET)
+    outbox = Outbox(outbox_url)
+    try:
+        with in_stage(s3, xcom, "check_envelopes") as run:
+            gate = pipeline.check_envelopes(
+                run, ProjectPaths.under(REPO / "include"), secret=UNSUBSCRIBE_SECRET, outbox=outbox
+            )
+    finally:
+        outbox.dispose()
     assert gate["success"] is True
     with in_stage(s3, xcom, "summarise") as run:
         summary = approval_summary(run, triggered_by="analyst")
@@ -245,7 +251,7 @@ def test_a_stage_replacing_a_folder_removes_stale_objects_and_keeps_undeclared_f
     fs = s3.filesystem()
     base = f"{s3.bucket}/replace/winter_update/manual__s3"
     fs.pipe({f"{base}/batches/old-00001.json": b"{}", f"{base}/envelopes.parquet": b"x"})
-    fs.pipe(f"{base}/content/en.json", b"{}")
+    fs.pipe({f"{base}/content/en.json": b"{}", f"{base}/audience/valid.parquet": b"x"})
     store = RunStore(xcom["run_dir"], **_opts(s3))
     with store.working_copy("freeze_batches") as folder:
         (folder / "batches").mkdir(exist_ok=True)

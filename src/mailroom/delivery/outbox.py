@@ -27,7 +27,7 @@ import csv
 import io
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -108,6 +108,15 @@ recipients = sa.Table(
     sa.Column("last_error", sa.Text),
     sa.Column("updated_at", sa.DateTime(timezone=True)),
     sa.Index("ix_mailroom_recipients_batch", "run_key", "batch_id"),
+)
+# The SHA-256 of each file the run's requests are rebuilt from (``mailroom.run_inputs``), as it
+# was when the run was staged: a run folder rewritten afterwards is told from the approved one.
+run_inputs = sa.Table(
+    "mailroom_run_inputs",
+    metadata,
+    sa.Column("run_key", sa.String(250), primary_key=True),
+    sa.Column("path", sa.String(250), primary_key=True),
+    sa.Column("sha256", sa.String(64), nullable=False),
 )
 
 
@@ -226,19 +235,22 @@ class Outbox:
         manifest_sha256: str,
         staged: Sequence[StagedBatch],
         members: Iterable[Member | tuple[str, str, str] | tuple[str, str, str, str | None]],
+        inputs: Mapping[str, str] | None = None,
     ) -> None:
-        """Register a run's batches and (email, user_id, batch_id) members, all ``staged``.
+        """Register a run's batches and (email, user_id, batch_id) members, all ``staged``, and
+        the digests of the ``inputs`` its requests are rebuilt from (path → SHA-256).
 
         Re-staging a run is allowed only while nothing of it has been sent; it replaces the old
         rows, so a re-run of the freeze task cannot leave stale batches behind.
         """
-        self.stage_members_first(run_key, members, lambda: (manifest_sha256, staged))
+        self.stage_members_first(run_key, members, lambda: (manifest_sha256, staged), inputs)
 
     def stage_members_first(
         self,
         run_key: str,
         members: Iterable[Member | tuple[str, str, str] | tuple[str, str, str, str | None]],
         batches_when_frozen: Callable[[], tuple[str, Sequence[StagedBatch]]],
+        inputs: Mapping[str, str] | None = None,
     ) -> None:
         """``stage``, in one transaction as well, for a caller still freezing the batches: the
         members go in first, then ``batches_when_frozen()`` (which may wait for the freezing to
@@ -263,7 +275,7 @@ class Outbox:
                 raise OutboxConflict(
                     f"run {run_key} already has {attempted} message(s) attempted: not re-staging"
                 )
-            for table in (recipients, batches, runs):
+            for table in (recipients, batches, run_inputs, runs):
                 conn.execute(table.delete().where(table.c.run_key == run_key))
             rows = iter(members)
             while chunk := list(islice(rows, _STAGE_CHUNK)):
@@ -286,6 +298,14 @@ class Outbox:
                     "next_recipient_at": 0.0,
                 },
             )
+            if inputs:
+                conn.execute(
+                    run_inputs.insert(),
+                    [
+                        {"run_key": run_key, "path": path, "sha256": digest}
+                        for path, digest in sorted(inputs.items())
+                    ],
+                )
             if staged:  # an empty list would insert one row of defaults, not none
                 conn.execute(
                     batches.insert(),
@@ -310,6 +330,24 @@ class Outbox:
             return conn.execute(
                 sa.select(runs.c.manifest_sha256).where(runs.c.run_key == run_key)
             ).scalar_one_or_none()
+
+    def staged_inputs(self, run_key: str) -> dict[str, str]:
+        """The digests of the files the run was staged from: path in the run folder → SHA-256."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(run_inputs.c.path, run_inputs.c.sha256).where(
+                    run_inputs.c.run_key == run_key
+                )
+            )
+            return {path: digest for path, digest in rows}
+
+    def staged_digests(self, run_key: str) -> dict[str, str]:
+        """The body digest each batch of the run was staged with: batch id → SHA-256."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(batches.c.batch_id, batches.c.sha256).where(batches.c.run_key == run_key)
+            )
+            return {batch_id: digest for batch_id, digest in rows}
 
     # the envelope guard's pass over every request, before the first leaves ------------------
     def mark_guarded(self, run_key: str, cleared: Sequence[tuple[str, str]]) -> None:

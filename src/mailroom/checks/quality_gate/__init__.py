@@ -51,11 +51,13 @@ def check_envelopes(
     secret: bytes,
     expected_recipients: int,
     shared: Mapping[str, Mapping[str, Any]],
+    staged: Mapping[str, str],
     data_docs_dir: Path | None = None,
 ) -> GateResult:
     """Validate the frozen batches; unless ``success``, nothing may be sent
     (``pipeline.check_envelopes`` raises ValidationFailed). ``shared``: each batch's shared part
-    as the approved inputs give it, by body digest (``batches.shared_parts``).
+    as the approved inputs give it, by body digest (``batches.shared_parts``); ``staged``: the
+    digest the outbox staged each batch with, by batch id (``staged_matches``).
 
     GX's Data Docs for both suites are written to ``data_docs_dir`` (by default the run's
     ``gate/data_docs``, when the manifest is where a run keeps it), whether the gate passes or
@@ -76,6 +78,7 @@ def check_envelopes(
             valid_audience=valid_audience,
             secret=secret,
             shared=shared,
+            staged=staged,
             tokens=tokens,
         )
     people_result, batch_result = validate_suites(

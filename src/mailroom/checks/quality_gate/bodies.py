@@ -34,14 +34,20 @@ class Group:
     entries: Sequence[BatchEntry]
     datas: Sequence[bytes]
     digests_match: Sequence[bool]
+    staged_match: Sequence[bool]
     shared_match: Sequence[bool]
     parsed: pa.StructArray | None = None
 
     def split(self) -> list[Group]:
         return [
-            Group([e], [d], [ok], [same])
-            for e, d, ok, same in zip(
-                self.entries, self.datas, self.digests_match, self.shared_match, strict=True
+            Group([e], [d], [ok], [staged], [same])
+            for e, d, ok, staged, same in zip(
+                self.entries,
+                self.datas,
+                self.digests_match,
+                self.staged_match,
+                self.shared_match,
+                strict=True,
             )
         ]
 
@@ -51,18 +57,22 @@ def read_groups(
     folder: Path,
     parse: Callable[[Sequence[bytes]], pa.StructArray | None] | None,
     shared: Mapping[str, Mapping[str, Any]],
+    staged: Mapping[str, str],
 ) -> Iterator[Group]:
     """The requests a group at a time; the next group is read, hashed and parsed in a second
-    thread meanwhile (file reads, SHA-256 and Arrow's parser all release the GIL)."""
+    thread meanwhile (file reads, SHA-256 and Arrow's parser all release the GIL). ``staged``:
+    the digest the outbox staged each batch with, by batch id."""
 
     def load(entries: list[BatchEntry]) -> Group:
         datas = [(folder / e.file).read_bytes() for e in entries]
-        digests = [sha256_hex(d) == e.sha256 for d, e in zip(datas, entries, strict=True)]
+        hashes = [sha256_hex(d) for d in datas]
+        digests = [h == e.sha256 for h, e in zip(hashes, entries, strict=True)]
+        as_staged = [h == staged.get(e.batch_id) for h, e in zip(hashes, entries, strict=True)]
         same = [
             _shared_part_is(d, shared.get(e.sha256)) for d, e in zip(datas, entries, strict=True)
         ]
         parsed = parse(datas) if parse is not None else None
-        return Group(entries, datas, digests, same, parsed)
+        return Group(entries, datas, digests, as_staged, same, parsed)
 
     groups = [list(batches[i : i + CHUNK_BATCHES]) for i in range(0, len(batches), CHUNK_BATCHES)]
     if not groups:

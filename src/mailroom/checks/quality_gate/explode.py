@@ -44,6 +44,7 @@ def explode_batches(
     valid_audience: Path,
     secret: bytes,
     shared: Mapping[str, Mapping[str, Any]],
+    staged: Mapping[str, str],
     strict_reader: bool = True,
     tokens: TokensInBackground | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -51,7 +52,9 @@ def explode_batches(
 
     ``email_key`` is the lower-cased address as a number (the same for the same address), as
     uniqueness needs. ``shared``: each batch's shared part as the approved inputs give it, by
-    body digest (``batches.shared_parts``). ``strict_reader=False`` reads every body the generic
+    body digest (``batches.shared_parts``). ``staged``: the digest each batch must have, as the
+    outbox staged it (by batch id; none for a batch whose inputs are not the recorded ones).
+    ``strict_reader=False`` reads every body the generic
     way (for tests that compare the two readers). ``tokens``: the audience's unsubscribe tokens,
     already being made (``audience_tokens``); by default they are started here. Either way they
     are closed when this returns.
@@ -63,7 +66,7 @@ def explode_batches(
         people = Columns(PERSONALIZATION_COLUMNS)
         batch_rows = Columns(BATCH_COLUMNS)
         parse = shape.parse if shape is not None else None
-        for group in read_groups(manifest.batches, manifest_path.parent, parse, shared):
+        for group in read_groups(manifest.batches, manifest_path.parent, parse, shared, staged):
             if group.parsed is not None and shape is not None:
                 explode_regular(group, group.parsed, audience, shape, people, batch_rows)
                 continue

@@ -26,7 +26,8 @@ def explode_generic(
     batch_rows: Columns,
 ) -> None:
     (entry,), (data,) = one.entries, one.datas
-    (digest_matches,), (shared_matches,) = one.digests_match, one.shared_match
+    (digest_matches,), (staged_matches,) = one.digests_match, one.staged_match
+    (shared_matches,) = one.shared_match
     try:
         body = json.loads(data)
     except (UnicodeDecodeError, ValueError):
@@ -39,6 +40,7 @@ def explode_generic(
             recipients=0,
             size=len(data),
             digest_matches=digest_matches,
+            staged_matches=staged_matches,
             shared_matches=shared_matches,
             top_level_cc_bcc=0,
             top_level_reserved_headers=0,
@@ -102,6 +104,7 @@ def explode_generic(
         recipients=recipient_count,
         size=len(data),
         digest_matches=digest_matches,
+        staged_matches=staged_matches,
         shared_matches=shared_matches,
         top_level_cc_bcc=int("cc" in body)
         + int("bcc" in body)

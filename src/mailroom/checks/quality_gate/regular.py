@@ -177,6 +177,7 @@ def explode_regular(
             recipients=int(recipients[i]),
             size=len(group.datas[i]),
             digest_matches=group.digests_match[i],
+            staged_matches=group.staged_match[i],
             shared_matches=group.shared_match[i],
             top_level_cc_bcc=0,
             top_level_reserved_headers=0,

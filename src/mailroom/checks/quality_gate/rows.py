@@ -31,6 +31,7 @@ BATCH_COLUMNS = (
     "recipients",
     "size",
     "digest_matches",
+    "staged_matches",
     "shared_matches",
     "top_level_cc_bcc",
     "top_level_reserved_headers",
@@ -43,7 +44,14 @@ _TEXT_COLUMNS = frozenset({"email", "email_key", "batch_id"})
 # cost of hashing text, which GX does to every column it gets).
 _NUMBERED = frozenset({"email_key"})
 _BOOL_COLUMNS = frozenset(
-    {"in_audience", "values_match", "json_object", "digest_matches", "shared_matches"}
+    {
+        "in_audience",
+        "values_match",
+        "json_object",
+        "digest_matches",
+        "staged_matches",
+        "shared_matches",
+    }
 )
 
 

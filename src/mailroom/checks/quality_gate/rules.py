@@ -73,6 +73,11 @@ def for_batches() -> list[Any]:
         ),
         # Its SHA-256 is the one in the manifest.
         gxe.ExpectColumnValuesToBeInSet(column="digest_matches", value_set=[True]),
+        # Its SHA-256 is the one the outbox staged the batch with, under the manifest the outbox
+        # staged, from the inputs the outbox recorded (the spec's copy, the validated audience,
+        # and content that is what the gate renders itself): a rewritten run folder, manifest
+        # digests recomputed and all, fails here.
+        gxe.ExpectColumnValuesToBeInSet(column="staged_matches", value_set=[True]),
         # Everything but its personalizations is exactly what the campaign spec and the
         # locale's rendered content give (read strictly: UTF-8, no key twice in an object).
         gxe.ExpectColumnValuesToBeInSet(column="shared_matches", value_set=[True]),

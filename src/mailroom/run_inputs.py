@@ -1,0 +1,70 @@
+"""The files a run's requests are rebuilt from, and their digests when the run was staged.
+
+The gate and the envelope guard never trust a request because it is on disk: each rebuilds what
+it must be from the approved inputs (the campaign spec's copy, each locale's rendered content,
+the validated audience) and compares. Those inputs live in the run folder too, so the freeze
+records their SHA-256 in the outbox, in the transaction that stages the run
+(``Outbox.staged_inputs``); every later reader checks the files it rebuilds from against that
+record first (``check_inputs``). A run folder rewritten after staging (a content file edited, a
+spec copy swapped, with the manifest's digests recomputed to match) is refused by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+from mailroom.batches import sha256_hex
+from mailroom.content import LocaleContent
+from mailroom.errors import EnvelopeViolation
+from mailroom.staging import RunStaging, json_bytes
+
+
+def rebuilt_from(staging: RunStaging, locales: Sequence[str]) -> list[Path]:
+    """The files every request of the run is rebuilt from: the spec's copy, each locale's
+    rendered content and the validated audience."""
+    return [
+        staging.campaign_spec,
+        *(staging.content_file(locale) for locale in dict.fromkeys(locales)),
+        staging.valid_audience,
+    ]
+
+
+def relative(staging: RunStaging, path: Path) -> str:
+    """A file's name in the record: its path in the run folder."""
+    return path.relative_to(staging.root).as_posix()
+
+
+def input_digests(staging: RunStaging, locales: Sequence[str]) -> dict[str, str]:
+    """The SHA-256 of each file the run is rebuilt from, by its path in the run folder."""
+    return {
+        relative(staging, path): sha256_hex(path.read_bytes())
+        for path in rebuilt_from(staging, locales)
+    }
+
+
+def content_digest(content: LocaleContent) -> str:
+    """The SHA-256 the content file of ``content`` has (``staging.write_json`` of it): the gate
+    compares the record with the content it renders itself."""
+    return sha256_hex(json_bytes(content.to_dict()))
+
+
+def check_inputs(staging: RunStaging, recorded: Mapping[str, str], paths: Iterable[Path]) -> None:
+    """Refuse unless each of ``paths`` is, byte for byte, the file the run was staged from."""
+    if not recorded:
+        raise EnvelopeViolation(
+            "the outbox records no inputs for this run: it was not staged by this release's "
+            "freeze_batches, so what its requests are rebuilt from cannot be checked"
+        )
+    for path in paths:
+        name = relative(staging, path)
+        expected = recorded.get(name)
+        if expected is None:
+            raise EnvelopeViolation(f"{name} is not among the inputs the run was staged from")
+        if not path.exists():
+            raise EnvelopeViolation(f"{name}, which the run was staged from, is missing")
+        if sha256_hex(path.read_bytes()) != expected:
+            raise EnvelopeViolation(
+                f"{name} is not the file the run was staged from (SHA-256 "
+                f"{expected[:12]}… when staged): the run folder was rewritten after staging"
+            )
