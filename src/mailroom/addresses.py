@@ -1,9 +1,13 @@
-"""Email addresses: normalisation, the single-address rule, and masking for logs."""
+"""Email addresses: normalisation, the one comparison key, the addresses a text shows, the
+single-address rule, and masking for logs."""
 
 from __future__ import annotations
 
+import html
 import re
+import unicodedata
 from functools import lru_cache
+from urllib.parse import unquote
 
 # RFC 5322 dot-atom local part (ASCII) and an ASCII (IDNA-encoded) domain with a dot. Quoted local
 # parts are refused on purpose: they are where separators hide.
@@ -63,3 +67,198 @@ _ANY_ADDRESS = re.compile(r"[^\s<>\"',;:()\[\]]+@[^\s<>\"',;:()\[\]]+")
 def mask_addresses(text: str) -> str:
     """Mask every address-looking token in free text (provider errors, exceptions) for logs."""
     return _ANY_ADDRESS.sub(lambda m: mask(m.group(0)), text)
+
+
+# -- one comparison key, and the addresses a text shows ------------------------------------------
+
+# Characters a reader does not see: soft hyphen, zero-width space/joiners, word joiner and the
+# invisible operators, BOM, bidi controls, variation selectors, Hangul fillers, tag characters.
+# Written between the letters of an address they hide it from a substring search and not from
+# the eye, so no comparison may see them.
+_INVISIBLE = re.compile(
+    "[\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u202a-\u202e"
+    "\u2060-\u2064\u2066-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff9-\ufffb"
+    "\U000e0000-\U000e0fff]"
+)
+# Label separators IDNA accepts that NFKC leaves alone (ideographic and halfwidth full stops).
+_IDEOGRAPHIC_STOPS = str.maketrans({"\u3002": ".", "\uff61": "."})
+
+
+def _clean(text: str) -> str:
+    """``text`` without invisible characters, in NFKC (fullwidth ``＠`` is ``@``). ASCII text is
+    returned as is: it holds neither, and most of an audience is ASCII."""
+    if text.isascii():
+        return text
+    text = _INVISIBLE.sub("", text)
+    return _INVISIBLE.sub("", unicodedata.normalize("NFKC", text)).translate(_IDEOGRAPHIC_STOPS)
+
+
+def readable(text: str) -> str:
+    """``text`` as a person reads it, character by character: invisible characters (soft
+    hyphen, zero-width, BOM, word joiner…) removed and NFKC applied (``ｕｓｅｒ＠`` is
+    ``user@``). ASCII text is returned as is."""
+    return _clean(text)
+
+
+def address_key(raw: object) -> str | None:
+    """The one comparison key of a mailbox: what dedupe, suppression and every "shows an
+    address" check compare, so that two spellings of one mailbox are one key and two mailboxes
+    never are.
+
+    NFKC, invisible characters removed, trimmed, the whole address lower-cased and the domain
+    IDNA-encoded: ``User@Bücher.example``, ``user@xn--bcher-kva.example`` and ``ｕｓｅｒ@…`` are
+    one key. Nothing else is folded (no dots or ``+tags`` dropped): ``ann@``, ``a.nn@`` and
+    ``ann+x@`` are different people. ``None`` when it has no local part and domain around an
+    ``@``. What is *sent* stays ``normalise`` (the local part's case is its owner's).
+    """
+    if not isinstance(raw, str):
+        return None
+    local, sep, domain = _clean(raw).strip().rpartition("@")
+    if not sep or not local or not domain:
+        return None
+    ascii_domain = _ascii_domain(domain)
+    if not ascii_domain:
+        return None
+    return f"{local.lower()}@{ascii_domain}"
+
+
+# How a reader may be shown an "@" without one in the text: encoded (HTML, %-encoding), in a
+# compatibility form NFKC folds, or spelt out. Text with none of these shows no address.
+_AT_WORD = re.compile(r"(?<![a-z0-9])at(?![a-z0-9])")
+_TAG = re.compile(r"<[^<>]*>")
+# Tags a browser renders as a break between the texts around them; the others (span, b, a…)
+# join them: "ann<b></b>@x.com" reads "ann@x.com", "<p>bob</p>ann@x.com" reads "ann@x.com".
+_BLOCK_TAG = re.compile(
+    r"</?(?:address|article|aside|blockquote|body|br|dd|div|dl|dt|footer|h[1-6]|head|header"
+    r"|hr|html|li|main|nav|ol|p|pre|section|table|tbody|td|tfoot|th|thead|title|tr|ul)\b[^<>]*>"
+)
+# "(at)", "[ dot ]", "{.}": found by a pattern that starts with a character class (searched at
+# C speed), marked, then the spaces around the marks dropped with plain replacements.
+_BRACKETED = re.compile(r"[(\[{<] ?(at|dot|\.) ?[)\]}>]")
+_AT_MARK, _DOT_MARK = "\x01", "\x02"
+_SPELLINGS = (
+    (" at ", "@"),
+    (" dot ", "."),
+    (f" {_AT_MARK}", _AT_MARK),
+    (f"{_AT_MARK} ", _AT_MARK),
+    (f" {_DOT_MARK}", _DOT_MARK),
+    (f"{_DOT_MARK} ", _DOT_MARK),
+    (" @", "@"),
+    ("@ ", "@"),
+    (_AT_MARK, "@"),
+    (_DOT_MARK, "."),
+)
+_SPELLING_HINTS = ("at", "dot", "(.", "[.", "{.", "<.", " @", "@ ")
+# Around an "@" (in lower-cased, cleaned text): the local part's tail, read backwards from the
+# "@" (bounded: a local part has at most 64 characters) and the domain's head. Non-ASCII word
+# characters belong to both, so "éann@x.com" is not read as "ann@x.com" only.
+_LOCAL_TAIL_REVERSED = re.compile(r"(?:[a-z0-9!#$%&'*+/=?^_`{|}~.-]|[^\x00-\x7f\W]){1,64}")
+_DOMAIN_HEAD = re.compile(r"(?:[a-z0-9-]|[^\x00-\x7f\W])+(?:\.(?:[a-z0-9-]|[^\x00-\x7f\W])+)*")
+# Characters that may begin an address inside a longer run ("?to=ann@x.com", "/u/ann@x.com",
+# "{{ann@x.com}}"). Not "&", "+", "'", ".", "-" or "_": "tom&jerry@", "x+ann@", "o'ann@" are
+# mailboxes of their own, and reading "jerry@" in them would quarantine their owner for showing
+# their own address.
+_RUN_BREAKS = re.compile(r"[=?/#{}|`^!$*~%]")
+_NON_ASCII = re.compile(r"[^\x00-\x7f]")
+_MAX_DECODE_ROUNDS = 4
+
+
+def addresses_shown(text: str) -> frozenset[str]:
+    """The ``address_key`` of every address ``text`` shows to a person reading it.
+
+    Read as a person would: HTML entities decoded (again, up to a bound, for double escaping),
+    %-encoding decoded, markup tags taken out (joining or breaking the texts around them, both
+    readings), invisible characters dropped, NFKC (``＠`` is ``@``), and "(at)", "[at]", " at ",
+    "(dot)", " dot " spellings read as "@" and ".". Each reading is scanned for "@" and what
+    surrounds it; Unicode domains are IDNA-encoded.
+
+    These are candidates: callers intersect them with a set of keys they care about (the
+    audience), so a string that is no one's address is harmless, and a missing one is a leak.
+    Reading more than one way (tags kept, joined and broken; spellings rewritten or not) only
+    ever adds candidates. Linear in the text: every pattern is bounded or unambiguous, and text
+    that could not hold an "@" in any of these forms returns at once.
+    """
+    if not text:
+        return frozenset()
+    base = _clean(text).lower()
+    if not _may_show_an_address(base):
+        return frozenset()
+    found: set[str] = set()
+    for reading in _readings(base):
+        found.update(_addresses_in(reading))
+    return frozenset(found)
+
+
+def _may_show_an_address(low: str) -> bool:
+    if "@" in low or "&" in low or "%" in low:
+        return True
+    if _AT_WORD.search(low):
+        return True
+    # "(a<i></i>t)": a spelling only a reader of the rendered text sees.
+    return "<" in low and _AT_WORD.search(_TAG.sub("", low)) is not None
+
+
+def _readings(base: str) -> list[str]:
+    """Every reading of ``base`` (cleaned, lower-cased) worth scanning, without repeats."""
+    stages = [base]
+    current = base
+    for _ in range(_MAX_DECODE_ROUNDS):
+        if "&" not in current and "%" not in current:
+            break
+        decoded = _clean(unquote(html.unescape(current), errors="replace")).lower()
+        if decoded == current:
+            break
+        stages.append(decoded)
+        current = decoded
+    readings: dict[str, None] = {}
+    for stage in stages:
+        untagged = [stage]
+        if "<" in stage:
+            untagged += [
+                _TAG.sub("", stage),
+                _TAG.sub("\n", stage),
+                _TAG.sub("", _BLOCK_TAG.sub("\n", stage)),
+            ]
+        for reading in untagged:
+            readings[reading] = None
+            if any(hint in reading for hint in _SPELLING_HINTS):
+                readings[_spelt_out(reading)] = None
+    return list(readings)
+
+
+def _spelt_out(text: str) -> str:
+    """``text`` with "@" and "." spelt out or spaced out read back as the characters."""
+    text = " ".join(text.split())
+    if "(" in text or "[" in text or "{" in text or "<" in text:
+        text = _BRACKETED.sub(lambda m: _AT_MARK if m.group(1) == "at" else _DOT_MARK, text)
+    for spelling, char in _SPELLINGS:
+        if spelling in text:
+            text = text.replace(spelling, char)
+    return text
+
+
+def _addresses_in(text: str) -> set[str]:
+    """The keys of what each "@" of ``text`` can be read as: the whole run of local-part
+    characters before it, that run after a character that may begin an address, without a
+    leading quote or dot, or after its last non-ASCII character; and the domain after it."""
+    found: set[str] = set()
+    at = text.find("@")
+    while at != -1:
+        domain = _DOMAIN_HEAD.match(text, at + 1)
+        tail = _LOCAL_TAIL_REVERSED.match(text[max(0, at - 64) : at][::-1])
+        if domain and tail:
+            run = tail.group(0)[::-1]
+            locals_ = {run, run.lstrip("'.")}
+            for brk in _RUN_BREAKS.finditer(run):
+                locals_.add(run[brk.end() :])
+            last_non_ascii = None
+            for last_non_ascii in _NON_ASCII.finditer(run):  # noqa: B007 - the last one
+                pass
+            if last_non_ascii is not None:
+                locals_.add(run[last_non_ascii.end() :])
+            for local in locals_:
+                key = address_key(f"{local.lstrip('.')}@{domain.group(0)}")
+                if key is not None:
+                    found.add(key)
+        at = text.find("@", at + 1)
+    return found

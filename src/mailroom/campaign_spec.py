@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from mailroom.addresses import is_valid_single_address
+from mailroom.addresses import address_key, is_valid_single_address
 from mailroom.checks.limits import MAX_PERSONALIZATIONS
 from mailroom.errors import CampaignSpecError
 
@@ -81,6 +81,14 @@ class CampaignSpec:
     max_consecutive_failures: int = 10
     categories: tuple[str, ...] = field(default_factory=tuple)
     seed_list: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def public_addresses(self) -> frozenset[str]:
+        """The ``address_key`` of the campaign's own addresses every recipient sees in the
+        message: the sender, the reply-to and the unsubscribe mailbox. They are not audience
+        data, even when the campaign's staff are on the list."""
+        own = (self.sender.email, self.reply_to, self.unsubscribe.mailto)
+        return frozenset(k for k in (address_key(a) for a in own) if k is not None)
 
     def summary(self) -> dict[str, Any]:
         """Plain values for XCom and reports (no secrets live in a spec)."""

@@ -21,6 +21,7 @@ from mailroom.audience import extract, validate
 from mailroom.batches import Manifest, batch_id_for, load_manifest
 from mailroom.campaign_spec import CampaignSpec, campaign_path, load_campaign
 from mailroom.checks import quality_gate
+from mailroom.checks.audience_data import People, shared_audience_data
 from mailroom.content import LocaleContent
 from mailroom.delivery import report, shards
 from mailroom.delivery.outbox import Outbox, StagedBatch
@@ -82,7 +83,12 @@ def prepare(
 
 
 def extract_audience(run: Run, *, sql_url: str | None) -> dict[str, Any]:
-    counts = extract.extract_audience(run.spec(), sql_url=sql_url, snapshot=run.staging.snapshot)
+    counts = extract.extract_audience(
+        run.spec(),
+        sql_url=sql_url,
+        snapshot=run.staging.snapshot,
+        suppressed_out=run.staging.suppressed,
+    )
     write_json(run.staging.extract_counts, counts.to_dict())
     return counts.to_dict()
 
@@ -249,20 +255,24 @@ def check_envelopes(
 ) -> dict[str, Any]:
     """The data-quality gate. It renders every locale's content itself, from the project's
     templates and catalogs (never the render stage's output), rebuilds each batch's shared part
-    from that and the spec, and holds every body to the digest the outbox staged it with."""
+    from that and the spec, holds it to everyone the extract read (``audience_data``), and holds
+    every body to the digest the outbox staged it with."""
     st = run.staging
     valid = read_json(st.audience_validation)["valid"]
     spec = run.spec()
     contents = content.render_content(spec, paths.templates, paths.translations)
     manifest = load_manifest(st.manifest)
+    shared = batches.shared_parts(spec, contents, manifest)
+    people = People.read(run_inputs.audience_files(st))
     result = quality_gate.check_envelopes(
         spec,
         manifest_path=st.manifest,
         valid_audience=st.valid_audience,
         secret=secret,
         expected_recipients=valid,
-        shared=batches.shared_parts(spec, contents, manifest),
+        shared=shared,
         staged=_as_staged(run, manifest, outbox, contents),
+        audience_data=shared_audience_data(spec, shared, people),
         data_docs_dir=st.gate_data_docs,
     )
     write_json(st.gate_result, result.to_dict())
@@ -296,7 +306,9 @@ def _as_staged(
         log.error("check_envelopes: the manifest is not the one the outbox staged")
         return {}
     try:
-        run_inputs.check_inputs(st, recorded, [st.campaign_spec, st.valid_audience])
+        run_inputs.check_inputs(
+            st, recorded, [st.campaign_spec, st.valid_audience, *run_inputs.audience_files(st)]
+        )
     except EnvelopeViolation as exc:
         log.error("check_envelopes: %s", exc)
         return {}
@@ -319,20 +331,31 @@ def _approved(
     run: Run, manifest_sha256: str, outbox: Outbox
 ) -> tuple[Manifest, dict[str, dict[str, Any]]]:
     """The run's manifest and each body's shared part as the approved inputs give it, refused
-    unless the manifest and the outbox's are the approved one and the spec's copy and the
-    rendered content are the files the run was staged from."""
+    unless the manifest and the outbox's are the approved one, the spec's copy, the rendered
+    content and the audience files are the ones the run was staged from, and no shared part
+    shows anyone's data (everyone the extract read: ``audience_data``)."""
     st = run.staging
     manifest = load_manifest(st.manifest, expected_sha256=manifest_sha256)
     staged_sha = outbox.manifest_sha256(run.run_key)
     if staged_sha != manifest_sha256:
         raise ValidationFailed(f"the outbox holds manifest {staged_sha}, not the approved one")
     spec = run.spec()
+    audience = run_inputs.audience_files(st)
     run_inputs.check_inputs(
         st,
         outbox.staged_inputs(run.run_key),
-        [st.campaign_spec, *(st.content_file(locale) for locale in spec.locales)],
+        [st.campaign_spec, *(st.content_file(locale) for locale in spec.locales), *audience],
     )
-    return manifest, batches.shared_parts(spec, load_contents(run), manifest)
+    shared = batches.shared_parts(spec, load_contents(run), manifest)
+    shown = shared_audience_data(spec, shared, People.read(audience))
+    showing = [b.batch_id for b in manifest.batches if shown[b.sha256]]
+    if showing:
+        raise EnvelopeViolation(
+            f"what every recipient of {len(showing)} request(s) sees (first: {showing[0]}) shows "
+            f"{sum(shown.values())} piece(s) of audience data: an address, user id or "
+            "unsubscribe link of someone in the audience, in the approved spec or content"
+        )
+    return manifest, shared
 
 
 def guard_shard(
@@ -356,6 +379,7 @@ def guard_shard(
         run_key=run.run_key,
         manifest=manifest,
         shared=shared,
+        public=run.spec().public_addresses,
         batches_dir=run.staging.batches_dir,
         shard_index=shard,
         shard_count=shard_count,
@@ -383,6 +407,7 @@ def send_shard(
             run_key=run.run_key,
             manifest=manifest,
             shared=shared,
+            public=spec.public_addresses,
             batches_dir=run.staging.batches_dir,
             shard_index=shard,
             shard_count=shard_count,

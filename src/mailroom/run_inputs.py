@@ -1,8 +1,11 @@
-"""The files a run's requests are rebuilt from, and their digests when the run was staged.
+"""The files a run's requests are rebuilt from and checked against, and their digests when the
+run was staged.
 
 The gate and the envelope guard never trust a request because it is on disk: each rebuilds what
 it must be from the approved inputs (the campaign spec's copy, each locale's rendered content,
-the validated audience) and compares. Those inputs live in the run folder too, so the freeze
+the validated audience) and compares, and holds what every recipient sees to the whole audience
+(the snapshot and the suppressed: ``checks.audience_data``). Those inputs live in the run folder
+too, so the freeze
 records their SHA-256 in the outbox, in the transaction that stages the run
 (``Outbox.staged_inputs``); every later reader checks the files it rebuilds from against that
 record first (``check_inputs``). A run folder rewritten after staging (a content file edited, a
@@ -21,13 +24,20 @@ from mailroom.staging import RunStaging, json_bytes
 
 
 def rebuilt_from(staging: RunStaging, locales: Sequence[str]) -> list[Path]:
-    """The files every request of the run is rebuilt from: the spec's copy, each locale's
-    rendered content and the validated audience."""
+    """The files every request of the run is rebuilt from and checked against: the spec's copy,
+    each locale's rendered content, the validated audience and the whole audience (the snapshot,
+    and the suppressed when the extract left anyone out)."""
     return [
         staging.campaign_spec,
         *(staging.content_file(locale) for locale in dict.fromkeys(locales)),
         staging.valid_audience,
+        *audience_files(staging),
     ]
+
+
+def audience_files(staging: RunStaging) -> list[Path]:
+    """Everyone the extract read: the snapshot, and the suppressed when there are any."""
+    return [staging.snapshot, *([staging.suppressed] if staging.suppressed.exists() else [])]
 
 
 def relative(staging: RunStaging, path: Path) -> str:

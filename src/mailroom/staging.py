@@ -67,6 +67,11 @@ class RunStaging:
         return self.audience_dir / "snapshot.parquet"
 
     @property
+    def suppressed(self) -> Path:
+        """Who the extract left out for a suppression: still audience data, never recipients."""
+        return self.audience_dir / "suppressed.parquet"
+
+    @property
     def valid_audience(self) -> Path:
         return self.audience_dir / "valid.parquet"
 

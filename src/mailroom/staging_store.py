@@ -47,6 +47,7 @@ def _folder(path: Path) -> str:
 SPEC = _rel(_LAYOUT.campaign_spec)
 MANIFEST = _rel(_LAYOUT.manifest)
 SNAPSHOT = _rel(_LAYOUT.snapshot)
+SUPPRESSED = _rel(_LAYOUT.suppressed)
 VALID = _rel(_LAYOUT.valid_audience)
 QUARANTINE = _rel(_LAYOUT.quarantine)
 EXTRACT_COUNTS = _rel(_LAYOUT.extract_counts)
@@ -78,22 +79,24 @@ class StageFiles:
 
 STAGES: dict[str, StageFiles] = {
     "prepare": StageFiles(writes=(SPEC,)),
-    "extract_audience": StageFiles(reads=(SPEC,), writes=(SNAPSHOT, EXTRACT_COUNTS)),
+    "extract_audience": StageFiles(reads=(SPEC,), writes=(SNAPSHOT, SUPPRESSED, EXTRACT_COUNTS)),
     "validate_audience": StageFiles(
         reads=(SPEC, SNAPSHOT), writes=(VALID, QUARANTINE), last=(VALIDATION,)
     ),
     "render_content": StageFiles(reads=(SPEC,), writes=(CONTENT,)),
     "build_envelopes": StageFiles(reads=(SPEC, VALID), writes=(ENVELOPES,)),
-    # Reads the validated audience only for its digest (``run_inputs``), recorded in the outbox.
+    # Reads the audience files only for their digests (``run_inputs``), recorded in the outbox.
     "freeze_batches": StageFiles(
-        reads=(SPEC, ENVELOPES, CONTENT, VALID),
+        reads=(SPEC, ENVELOPES, CONTENT, VALID, SNAPSHOT),
+        optional=(SUPPRESSED,),
         writes=(BATCHES,),
         last=(MANIFEST,),
         replaces=(BATCHES,),
     ),
     # The gate renders the content itself: it does not read the render stage's.
     "check_envelopes": StageFiles(
-        reads=(SPEC, MANIFEST, BATCHES, VALID, VALIDATION),
+        reads=(SPEC, MANIFEST, BATCHES, VALID, VALIDATION, SNAPSHOT),
+        optional=(SUPPRESSED,),
         writes=(_folder(_LAYOUT.gate_dir),),
         last=(GATE_RESULT,),
         replaces=(_folder(_LAYOUT.gate_data_docs),),
@@ -110,10 +113,14 @@ STAGES: dict[str, StageFiles] = {
         writes=(_folder(_LAYOUT.preview_dir),),
     ),
     "approve": StageFiles(writes=(APPROVAL,)),
-    # The guard compares every body with what the spec and the rendered content give.
-    "guard_shard": StageFiles(reads=(SPEC, MANIFEST, CONTENT), batches="shard"),
+    # The guard compares every body with what the spec and the rendered content give, and holds
+    # what every recipient sees to the whole audience.
+    "guard_shard": StageFiles(
+        reads=(SPEC, MANIFEST, CONTENT, SNAPSHOT), optional=(SUPPRESSED,), batches="shard"
+    ),
     "send_shard": StageFiles(
-        reads=(SPEC, MANIFEST, CONTENT),
+        reads=(SPEC, MANIFEST, CONTENT, SNAPSHOT),
+        optional=(SUPPRESSED,),
         batches="shard",
         writes=(_folder(_LAYOUT.dry_run_outbox),),
     ),

@@ -320,7 +320,7 @@ def test_the_guard_finds_a_foreign_address_exactly_as_one_by_one(
         )
     }
     try:
-        guard._check_no_foreign_addresses({}, personalizations, recipients)
+        guard._check_no_foreign_addresses({}, personalizations, recipients, frozenset())
         found = None
     except EnvelopeViolation as exc:
         found = int(str(exc).split()[1])

@@ -336,6 +336,7 @@ def explode(run: Run, *, strict: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
         secret=SECRET,
         shared=shared(run),
         staged=staged(run),
+        audience_data={},
         strict_reader=strict,
     )
 
@@ -399,6 +400,7 @@ def test_tokens_made_in_the_background_give_the_same_rows(clean_run: Run) -> Non
         secret=SECRET,
         shared=shared(clean_run),
         staged=staged(clean_run),
+        audience_data={},
         tokens=tokens,
     )
     assert tokens._process is None  # closed with the audience

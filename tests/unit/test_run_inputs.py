@@ -84,9 +84,11 @@ def test_staging_records_the_digest_of_every_file_a_request_is_rebuilt_from(
 ) -> None:
     run, outbox, _ = frozen
     recorded = outbox.staged_inputs(run.run_key)
-    expected = ["audience/valid.parquet", "campaign.yaml"] + [
+    expected = ["audience/snapshot.parquet", "audience/valid.parquet", "campaign.yaml"] + [
         f"content/{locale}.json" for locale in run.spec().locales
     ]
+    if run.staging.suppressed.exists():
+        expected.append("audience/suppressed.parquet")
     assert sorted(recorded) == sorted(expected)
     for name, digest in recorded.items():
         assert digest == sha256_hex((run.staging.root / name).read_bytes())

@@ -29,11 +29,16 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from mailroom.batches import BatchEntry, Manifest, serialise, sha256_hex
-from mailroom.checks.envelope_guard import ApprovedManifest, values_digest
+from mailroom.checks.envelope_guard import (
+    ApprovedManifest,
+    GuardedBody,
+    check_envelope,
+    values_digest,
+)
 from mailroom.delivery.outbox import BatchState, Member, Outbox
 from mailroom.delivery.outbox import StagedBatch as OutboxBatch
 from mailroom.delivery.rate import RateLimiter, RetryPolicy
-from mailroom.delivery.shards import send_shard
+from mailroom.delivery.shards import guard_shard, send_shard
 from mailroom.delivery.transports.base import MemoryLedger
 from mailroom.delivery.transports.file import FileTransport
 from mailroom.delivery.transports.smtp import (
@@ -978,6 +983,139 @@ def test_a_mutant_message_builder_is_stopped_before_anything_leaves(
     assert set(run.own_states().values()) == {None}
 
 
+def _for_recipient(
+    change: Callable[[EmailMessage, Mapping[str, Any], int], None], email_address: str
+) -> Callable[[Mapping[str, Any], int, str], EmailMessage]:
+    """A message builder that breaks only the message to ``email_address``."""
+
+    def build(body: Mapping[str, Any], index: int, message_id: str) -> EmailMessage:
+        message = build_mime_message(body, index, message_id)
+        if body["personalizations"][index]["to"][0]["email"] == email_address:
+            change(message, body, index)
+        return message
+
+    return build
+
+
+def test_every_message_of_a_shard_is_checked_before_its_first_leaves(
+    smtp_server: Callable[..., Server], stage_run: Callable[..., Run]
+) -> None:
+    """Only the very last message of the shard (its third batch) would be refused: nothing of
+    the shard leaves, not even the first two batches, whose messages are all fine."""
+    server = smtp_server()
+    run = stage_run(6, batch_size=2)
+    last = run.people[-1].email
+
+    with pytest.raises(EnvelopeViolation, match=r"sets \['bcc'\]"):
+        send(run, transport_for(server, build_message=_for_recipient(_bcc, last)))
+
+    assert server.handler.received == []
+    assert server.handler.rcpt_attempts == Counter()
+    assert [run.batch_state(i) for i in range(3)] == [
+        BatchState.HALTED,
+        BatchState.HALTED,
+        BatchState.FAILED,
+    ]
+    assert "envelope guard refused batch en-00003" in (run.outbox.halt_reason(run.run_key) or "")
+    for batch in range(3):
+        assert set(run.own_states(batch).values()) <= {None}
+    # Run again (an Airflow retry): the run is halted, nothing is built, nothing leaves.
+    assert send(run, transport_for(server))["states"] == {
+        BatchState.HALTED: 2,
+        BatchState.FAILED: 1,
+    }
+    assert server.handler.received == []
+
+
+def test_the_guard_pass_given_the_transport_stops_the_run_before_any_shard_sends(
+    smtp_server: Callable[..., Server], stage_run: Callable[..., Run]
+) -> None:
+    """Three shards of one batch each; the last shard's last message would be refused. With
+    the transport, ``guard_shard`` refuses it in the guard pass, so shard 0 sends nothing."""
+    server = smtp_server()
+    run = stage_run(6, batch_size=2)
+    broken = _for_recipient(_cc, run.people[-1].email)
+    approved = run.approved()
+
+    for shard in range(2):
+        result = guard_shard(
+            run_key=run.run_key,
+            manifest=run.manifest,
+            shared=approved.shared,
+            batches_dir=run.batches_dir,
+            shard_index=shard,
+            shard_count=3,
+            outbox=run.outbox,
+            transport=transport_for(server, build_message=broken),
+        )
+        assert result["recipients"] == 2
+    with pytest.raises(EnvelopeViolation, match=r"sets \['cc'\]"):
+        guard_shard(
+            run_key=run.run_key,
+            manifest=run.manifest,
+            shared=approved.shared,
+            batches_dir=run.batches_dir,
+            shard_index=2,
+            shard_count=3,
+            outbox=run.outbox,
+            transport=transport_for(server, build_message=broken),
+        )
+
+    with transport_for(server) as transport:
+        result = send_shard(
+            run_key=run.run_key,
+            manifest=run.manifest,
+            shared=approved.shared,
+            batches_dir=run.batches_dir,
+            shard_index=0,
+            shard_count=3,
+            transport=transport,
+            outbox=run.outbox,
+            limiter=RateLimiter(None, None),
+        )
+    assert result["states"] == {BatchState.HALTED: 1}
+    assert server.handler.received == []
+    assert run.batch_state(2) == BatchState.FAILED
+
+
+def test_a_preflighted_message_is_built_once_more_as_it_leaves_and_no_more(
+    smtp_server: Callable[..., Server], stage_run: Callable[..., Run]
+) -> None:
+    """The shard's preflight builds every message once and keeps none; the send builds each
+    once more, on the bytes that leave (the batch's own check before its first message is
+    the preflight's, not a third build)."""
+    server = smtp_server()
+    run = stage_run(6, batch_size=2)
+    built: Counter[str] = Counter()
+
+    def counting(body: Mapping[str, Any], index: int, message_id: str) -> EmailMessage:
+        built[body["personalizations"][index]["to"][0]["email"]] += 1
+        return build_mime_message(body, index, message_id)
+
+    assert send(run, transport_for(server, build_message=counting))["states"] == {
+        BatchState.SENT: 3
+    }
+    assert built == Counter({p.email: 2 for p in run.people})
+    assert len(server.handler.received) == len(run.people)
+
+
+def test_preflight_sends_nothing_and_refuses_what_send_would_refuse(
+    smtp_server: Callable[..., Server], stage_run: Callable[..., Run]
+) -> None:
+    server = smtp_server()
+    run = stage_run(3)
+    guarded = check_envelope(run.body(), run.approved())
+
+    transport_for(server).preflight(guarded)
+    with pytest.raises(EnvelopeViolation, match="'To:' is not the envelope recipient"):
+        transport_for(
+            server, build_message=_for_recipient(_to_someone_else, run.people[2].email)
+        ).preflight(guarded)
+
+    assert server.handler.received == []
+    assert server.handler.rcpt_attempts == Counter()
+
+
 def test_a_line_break_in_a_substituted_subject_is_refused(
     smtp_server: Callable[..., Server], stage_run: Callable[..., Run]
 ) -> None:
@@ -1002,6 +1140,12 @@ def test_subclasses_cannot_replace_the_guarded_steps() -> None:
         class Sloppy(SmtpTransport):
             def _guarded_message(self, body: Any, index: int, email: str) -> Any:
                 raise NotImplementedError
+
+    with pytest.raises(TypeError, match="must not override"):
+
+        class Trusting(SmtpTransport):
+            def preflight(self, guarded: GuardedBody) -> None:
+                pass
 
 
 # -- settings and wiring ---------------------------------------------------------------------------

@@ -23,7 +23,15 @@ from mailroom.delivery.outbox import Outbox
 from mailroom.delivery.transports.sendgrid import SendGridSettings, SendGridTransport
 from mailroom.pipeline import ProjectPaths, Run
 from mailroom.staging import read_json, run_location, write_json
-from mailroom.staging_store import MANIFEST, SPEC, STAGES, RunStore, StagingError
+from mailroom.staging_store import (
+    MANIFEST,
+    SNAPSHOT,
+    SPEC,
+    STAGES,
+    SUPPRESSED,
+    RunStore,
+    StagingError,
+)
 from sendgrid_dev import SendGridDevServer, accepted_recipients
 from support.s3_server import SECRET, S3Server, threaded_s3_server
 
@@ -196,7 +204,7 @@ def load_manifest_from(s3: S3Server, xcom: dict[str, Any]) -> Any:
         return load_manifest(folder / MANIFEST)
 
 
-def test_a_send_shard_fetches_only_the_manifest_the_content_and_its_own_batch_bodies(
+def test_a_send_shard_fetches_only_the_manifest_its_inputs_and_its_own_batch_bodies(
     s3: S3Server, frozen: tuple[dict[str, Any], dict[str, Any], str]
 ) -> None:
     xcom, _, _ = frozen
@@ -208,10 +216,12 @@ def test_a_send_shard_fetches_only_the_manifest_the_content_and_its_own_batch_bo
             local = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
         own = {f"batches/{b.file}" for b in manifest.shard(shard, SHARDS)}
         assert own
-        # The rendered content: the guard rebuilds every body's shared part from it.
+        # The rendered content: the guard rebuilds every body's shared part from it; and the
+        # whole audience, which no shared part may show.
         content = {f"content/{locale}.json" for locale in {b.locale for b in manifest.batches}}
-        assert set(store.last.fetched) == {SPEC, MANIFEST} | content | own
-        assert local == {SPEC, MANIFEST} | content | own
+        audience = {SNAPSHOT} | ({SUPPRESSED} & set(store.listing()))
+        assert set(store.last.fetched) == {SPEC, MANIFEST} | content | audience | own
+        assert local == {SPEC, MANIFEST} | content | audience | own
         assert store.last.uploaded == {}  # it wrote nothing (no dry run)
         assert not folder.exists()  # the working copy is gone afterwards
 
@@ -252,6 +262,7 @@ def test_a_stage_replacing_a_folder_removes_stale_objects_and_keeps_undeclared_f
     base = f"{s3.bucket}/replace/winter_update/manual__s3"
     fs.pipe({f"{base}/batches/old-00001.json": b"{}", f"{base}/envelopes.parquet": b"x"})
     fs.pipe({f"{base}/content/en.json": b"{}", f"{base}/audience/valid.parquet": b"x"})
+    fs.pipe(f"{base}/audience/snapshot.parquet", b"x")
     store = RunStore(xcom["run_dir"], **_opts(s3))
     with store.working_copy("freeze_batches") as folder:
         (folder / "batches").mkdir(exist_ok=True)

@@ -72,7 +72,7 @@ def canary_send(
     out_dir.mkdir(parents=True, exist_ok=True)
     for locale, body in bodies.items():
         (out_dir / f"{locale}.json").write_bytes(body)
-    approved = ApprovedManifest("canary", frozenset(shared), shared)
+    approved = ApprovedManifest("canary", frozenset(shared), shared, spec.public_addresses)
     outcome: dict[str, Any] = {
         "sent": True,
         "seeds": [mask(a) for a in spec.seed_list],

@@ -2,6 +2,11 @@
 
 The source is streamed in chunks and written chunk by chunk to a Parquet snapshot, so memory
 stays bounded by the chunk size plus one set of seen addresses.
+
+Dedupe and suppression compare ``addresses.address_key``, the one key of a mailbox: the IDN and
+punycode spellings of one mailbox, its case variants, and a spelling with an invisible character
+or a fullwidth form are one person, who gets the message once (and whose suppression, however it
+is spelt, holds). Distinct mailboxes (``ann@``, ``a.nn@``, ``ann+x@``) stay distinct.
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -18,7 +24,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mailroom.addresses import normalise
+from mailroom.addresses import address_key, normalise, readable
 from mailroom.campaign_spec import CampaignSpec
 from mailroom.errors import AudienceError
 
@@ -53,11 +59,18 @@ def snapshot_schema(fields: tuple[str, ...]) -> pa.Schema:
     return pa.schema([(c, pa.string()) for c in columns])
 
 
-def extract_audience(spec: CampaignSpec, *, sql_url: str | None, snapshot: Path) -> ExtractCounts:
+SUPPRESSED_SCHEMA = pa.schema([("user_id", pa.string()), ("email", pa.string())])
+
+
+def extract_audience(
+    spec: CampaignSpec, *, sql_url: str | None, snapshot: Path, suppressed_out: Path | None = None
+) -> ExtractCounts:
     """Write the audience snapshot for ``spec`` to ``snapshot`` and return what was dropped.
 
     ``sql_url`` is the SQLAlchemy URL of the audience database (resolved from the campaign's
-    connection by the caller); file sources use the spec's ``url`` instead.
+    connection by the caller); file sources use the spec's ``url`` instead. ``suppressed_out``
+    receives who was left out for a suppression (user id and address key): never recipients,
+    but still people whose data no shared part of a request may show (``checks.audience_data``).
     """
     suppressions = _read_suppressions(spec, sql_url)
     schema = snapshot_schema(spec.fields)
@@ -68,14 +81,30 @@ def extract_audience(spec: CampaignSpec, *, sql_url: str | None, snapshot: Path)
 
     snapshot.parent.mkdir(parents=True, exist_ok=True)
     tmp = snapshot.with_suffix(".parquet.tmp")
-    with pq.ParquetWriter(tmp, schema) as writer:
+    with ExitStack() as files:
+        writer = files.enter_context(pq.ParquetWriter(tmp, schema))
+        left_out_writer = (
+            files.enter_context(pq.ParquetWriter(_tmp(suppressed_out), SUPPRESSED_SCHEMA))
+            if suppressed_out is not None
+            else None
+        )
         for chunk in _read_audience_chunks(spec, sql_url):
             extracted += len(chunk)
             chunk = _normalise_chunk(chunk, schema)
-            keys = chunk["email"].str.lower()
+            keys = address_keys(chunk["email"])
             reasons = keys.map(suppressions)
             is_suppressed = reasons.notna()
             suppressed.update(reasons[is_suppressed].tolist())
+            if left_out_writer is not None and is_suppressed.any():
+                left_out_writer.write_table(
+                    pa.table(
+                        {
+                            "user_id": chunk.loc[is_suppressed, "user_id"].tolist(),
+                            "email": keys[is_suppressed].tolist(),
+                        },
+                        schema=SUPPRESSED_SCHEMA,
+                    )
+                )
             chunk, keys = chunk[~is_suppressed], keys[~is_suppressed]
 
             # Membership row by row: ``isin(seen)`` would rebuild a hash table of every address
@@ -96,6 +125,8 @@ def extract_audience(spec: CampaignSpec, *, sql_url: str | None, snapshot: Path)
             writer.write_table(pa.Table.from_pandas(chunk, schema=schema, preserve_index=False))
             log.info("extract: %d rows read, %d kept so far", extracted, kept)
     tmp.replace(snapshot)
+    if suppressed_out is not None:
+        _tmp(suppressed_out).replace(suppressed_out)
     counts = ExtractCounts(
         extracted=extracted,
         suppressed=sum(suppressed.values()),
@@ -116,9 +147,48 @@ def _normalise_chunk(chunk: pd.DataFrame, schema: pa.Schema) -> pd.DataFrame:
     for column in schema.names:
         values = chunk[column]
         out[column] = values.where(values.isna(), values.astype(str)).astype(object)
-    out["email"] = out["email"].map(normalise)
+    out["email"] = _sendable(out["email"])
     out["locale"] = out["locale"].map(_normalise_locale)
     return out.reset_index(drop=True)
+
+
+def _sendable(emails: pd.Series) -> pd.Series:
+    """What is sent: ``normalise`` (trimmed, the domain lower-cased and IDNA-encoded, the local
+    part's case kept) of the address as it reads, so that an invisible character or a fullwidth
+    form pasted into the source does not make an undeliverable address that hides a duplicate.
+    Only non-ASCII values need reading; most of an audience is ASCII."""
+    text = emails.astype("string[pyarrow]")
+    non_ascii = ~text.str.isascii().fillna(True).astype(bool)
+    values = emails.tolist()
+    if non_ascii.any():
+        for i in non_ascii.to_numpy().nonzero()[0]:
+            values[i] = readable(values[i])
+    return pd.Series([normalise(v) for v in values], index=emails.index, dtype=object)
+
+
+# Text, an "@", and text without one: ``rpartition("@")`` gives a local part and a domain.
+_SHAPED = r"(?s)^.+@[^@]+$"
+
+
+def address_keys(emails: pd.Series) -> pd.Series:
+    """``address_key`` of every value of ``emails`` as ``_sendable`` writes them (normalised),
+    ``None`` where there is no address. For ASCII values, most of an audience, the key is the
+    lower-cased value when an ``@`` has text on both sides (``normalise`` already trimmed it and
+    encoded the domain), computed by Arrow; the rest go through ``address_key`` itself."""
+    text = emails.astype("string[pyarrow]")
+    is_ascii = text.str.isascii().fillna(False).astype(bool)
+    low = text.str.lower()
+    shaped = (is_ascii & low.str.contains(_SHAPED, regex=True)).fillna(False).astype(bool)
+    keys = low.astype(object).where(shaped, None)
+    rest = ~is_ascii & text.notna()
+    if rest.any():
+        keys[rest] = emails[rest].map(address_key)
+    return keys
+
+
+def _tmp(path: Path) -> Path:
+    """Where a file is written before it is moved into place whole."""
+    return path.with_suffix(".parquet.tmp")
 
 
 @lru_cache(maxsize=4096)
@@ -166,9 +236,9 @@ def _read_suppressions(spec: CampaignSpec, sql_url: str | None) -> dict[str, str
             if "reason" in frame.columns
             else pd.Series("suppressed", index=frame.index)
         )
-        for email, reason in zip(frame["email"].map(normalise), reasons, strict=True):
-            if email:
-                result[email.lower()] = str(reason or "suppressed")
+        for key, reason in zip(frame["email"].map(address_key), reasons, strict=True):
+            if key:
+                result[key] = str(reason or "suppressed")
     return result
 
 

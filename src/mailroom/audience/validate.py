@@ -4,9 +4,14 @@ GX itself names the failing rows (by user id); those rows go to the quarantine f
 expectation that caught them as the reason. Above the campaign's threshold the run fails.
 
 A row whose template field shows another audience member's address (a first name holding a
-batch-mate's address) is quarantined here, with that reason, by the envelope guard's own reading
-of an address in text: sent, the guard would refuse its whole batch after approval and halt the
-run. A field showing the row's own address is no danger and goes out.
+batch-mate's address) is quarantined here, with that reason: sent, it would show one person's
+address to another, and the guard would refuse its whole batch after approval and halt the run.
+"Shows" is ``addresses.addresses_shown``, the reading of a person (markup, entities,
+%-encoding, invisible characters, fullwidth forms and "(at)"/"(dot)" spellings undone, IDN
+domains in either form), compared by ``address_key`` with the key of every extracted person.
+A field showing the row's own address, or one of the campaign's own public addresses (sender,
+reply-to, unsubscribe mailbox, which every recipient sees in the message anyway, even when
+staff are on the list), is no danger and goes out.
 """
 
 from __future__ import annotations
@@ -18,9 +23,9 @@ from typing import Any
 
 import pandas as pd
 
-from mailroom.addresses import SINGLE_ADDRESS_PATTERN
+from mailroom.addresses import SINGLE_ADDRESS_PATTERN, addresses_shown
+from mailroom.audience.extract import address_keys
 from mailroom.campaign_spec import CampaignSpec
-from mailroom.checks.envelope_guard import shows_address
 from mailroom.errors import ValidationFailed
 from mailroom.gx_runtime import summarise, validate_frame
 
@@ -74,19 +79,24 @@ def _shows_another(field: str) -> str:
     return f"{field}__shows_another_address"
 
 
-# Text that may hold an address as the guard reads one: an "@", or one encoded.
-_MAY_HOLD_AN_ADDRESS = r"@|%40|&#|&commat"
+# A value that may show an address as ``addresses_shown`` reads one: an "@" or what may be
+# decoded into one ("&", "%"), markup, a spelt-out "at", or any non-ASCII character (a fullwidth
+# "＠", an invisible character). Others (most first names) are not read one by one.
+_MAY_SHOW_AN_ADDRESS = r"[@&%<]|[^\x00-\x7f]|(?i:(?<![a-z0-9])at(?![a-z0-9]))"
 
 
-def _shows_another_address(values: pd.Series, own: pd.Series, everyone: set[str]) -> pd.Series:
-    """For each row: whether its value shows an audience address other than the row's own."""
-    text = values.astype("string")
-    maybe = text.str.contains(_MAY_HOLD_AN_ADDRESS, case=False, regex=True).fillna(False)
+def _shows_another_address(
+    values: pd.Series, own: pd.Series, everyone: set[str], public: frozenset[str]
+) -> pd.Series:
+    """For each row: whether its value shows an audience address other than the row's own and
+    the campaign's public ones."""
+    text = values.astype("string[pyarrow]")
+    maybe = text.str.contains(_MAY_SHOW_AN_ADDRESS, regex=True).fillna(False).astype(bool)
     rows = maybe[maybe].index
     shows = pd.Series(
         [
-            shows_address(str(value), everyone, own=mine if isinstance(mine, str) else None)
-            for value, mine in zip(text.loc[rows], own.loc[rows], strict=True)
+            bool((addresses_shown(str(value)) & everyone) - public - {mine})
+            for value, mine in zip(values.loc[rows], own.loc[rows], strict=True)
         ],
         index=rows,
         dtype=bool,
@@ -98,11 +108,12 @@ def validate_audience(
     spec: CampaignSpec, *, snapshot: Path, valid_out: Path, quarantine_out: Path
 ) -> AudienceValidation:
     frame = pd.read_parquet(snapshot)
-    frame["email_key"] = frame["email"].str.lower()
+    frame["email_key"] = address_keys(frame["email"])
     everyone = set(frame["email_key"].dropna())
+    public = spec.public_addresses
     for field in spec.fields:
         frame[_shows_another(field)] = _shows_another_address(
-            frame[field], frame["email_key"], everyone
+            frame[field], frame["email_key"], everyone, public
         )
     derived = ["email_key", *(_shows_another(f) for f in spec.fields)]
     result = validate_frame(

@@ -28,11 +28,12 @@ import re
 from bisect import bisect_right
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from itertools import accumulate, chain
 from typing import Any
 from urllib.parse import unquote
 
-from mailroom.addresses import is_valid_single_address
+from mailroom.addresses import addresses_shown, is_valid_single_address
 from mailroom.checks.limits import (
     MAX_PERSONALIZATIONS,
     MAX_RECIPIENTS,
@@ -63,6 +64,9 @@ class ApprovedManifest:
     sha256: str
     digests: frozenset[str]
     shared: Mapping[str, Mapping[str, Any]]
+    # The campaign's own addresses (``CampaignSpec.public_addresses``): every recipient sees
+    # them, so they are no one's address shown to another, even when staff are on the list.
+    public: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -105,7 +109,7 @@ def check_envelope(
         raise EnvelopeViolation(f"request {digest[:12]}… has no reconstruction to compare with")
     data = _parse(body)
     _check_shared_part(data, expected_shared, digest)
-    recipients = _check(data)
+    recipients = _check(data, approved.public)
     if expected_recipients is not None:
         expected = {e.lower() for e in expected_recipients}
         got = {r.lower() for r in recipients}
@@ -150,7 +154,7 @@ def _parse(body: bytes) -> dict[str, Any]:
     return data
 
 
-def _check(data: dict[str, Any]) -> tuple[str, ...]:
+def _check(data: dict[str, Any], public: frozenset[str] = frozenset()) -> tuple[str, ...]:
     """The one-recipient rules; returns the recipient of each personalization, in order."""
     for key in ("cc", "bcc"):
         if key in data:
@@ -180,7 +184,7 @@ def _check(data: dict[str, Any]) -> tuple[str, ...]:
         raise EnvelopeViolation(f"request has {len(recipients)} recipients, over {MAX_RECIPIENTS}")
     _check_content(data, personalizations)
     _check_unsubscribe_links(personalizations)
-    _check_no_foreign_addresses(data, personalizations, recipients)
+    _check_no_foreign_addresses(data, personalizations, recipients, public)
     return tuple(recipients)
 
 
@@ -306,12 +310,14 @@ def _check_unsubscribe_links(personalizations: list[Any]) -> None:
 
 
 def _check_no_foreign_addresses(
-    data: dict[str, Any], personalizations: list[Any], recipients: list[str]
+    data: dict[str, Any], personalizations: list[Any], recipients: list[str], public: frozenset[str]
 ) -> None:
-    """No recipient's address shows in another's personalization or in the shared parts."""
-    everyone = {r.lower() for r in recipients}
+    """No recipient's address shows in another's personalization or in the shared parts (read
+    as a person reads them: ``addresses.addresses_shown``); the campaign's public addresses are
+    no one's to hide."""
+    everyone = {r.lower() for r in recipients} - public
     shared = {k: v for k, v in data.items() if k != "personalizations"}
-    if shows_address(_text_of(shared), everyone):
+    if _addresses_shown(_text_of(shared)) & everyone:
         raise EnvelopeViolation("a recipient's address appears in the parts every recipient sees")
     texts = [_personalization_text(item) for item in personalizations]
     # All personalizations in one pass: a line break ends any address, so joined by line
@@ -331,6 +337,12 @@ def _check_no_foreign_addresses(
             raise EnvelopeViolation(
                 f"personalization {i} shows the address of another recipient of the request"
             )
+
+
+@lru_cache(maxsize=64)
+def _addresses_shown(text: str) -> frozenset[str]:
+    """``addresses_shown``, remembered: the requests of a locale share their content."""
+    return addresses_shown(text)
 
 
 def _personalization_text(item: dict[str, Any]) -> str:

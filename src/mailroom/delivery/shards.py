@@ -9,13 +9,21 @@ Outcomes go back to the outbox; a request whose answer was lost becomes ``unknow
 resent here. A transport that sends one message per recipient (SMTP) also gets the batch's
 ledger in the outbox, records each message there, and skips the ones already recorded when a
 batch is retried or resumed.
+
+What such a transport sends is not the guarded body but messages it builds from it, so the
+guard on the bodies is not all: before the shard's first message leaves, ``send_shard`` has the
+transport build and check every message of every batch it is about to send
+(``Transport.preflight``), and ``guard_shard``, given the run's transport, does the same in the
+guard pass, before anything of the run leaves. A message that would be refused in the shard's
+last batch stops the shard with nothing sent. The messages are built again as they leave and
+none is kept in between: memory stays one message deep whatever the shard's size.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,22 +72,26 @@ def guard_shard(
     run_key: str,
     manifest: Manifest,
     shared: Mapping[str, Mapping[str, Any]],
+    public: frozenset[str] = frozenset(),
     batches_dir: Path,
     shard_index: int,
     shard_count: int,
     outbox: Outbox,
+    transport: Transport | None = None,
     log_every: int = 100,
 ) -> dict[str, Any]:
     """The envelope guard on every request of this shard, before any request of the run leaves.
 
     Each body is checked as ``Transport.send`` checks it (the exact bytes against the approved
-    manifest and the recipients the outbox registered for its batch); the batches it clears are
-    recorded in the outbox, which is what lets ``send_shard`` start. The first refusal marks that
-    batch ``failed``, halts the run and leaves every batch of it not yet sent ``halted`` with the
-    reason, then raises ``EnvelopeViolation``: nothing of the run is sent.
+    manifest and the recipients the outbox registered for its batch) and, given the transport
+    the run sends through, what that transport would make of it (``Transport.preflight``: for
+    SMTP, every message); the batches it clears are recorded in the outbox, which is what lets
+    ``send_shard`` start. The first refusal marks that batch ``failed``, halts the run and leaves
+    every batch of it not yet sent ``halted`` with the reason, then raises
+    ``EnvelopeViolation``: nothing of the run is sent.
     """
     mine = manifest.shard(shard_index, shard_count)
-    approved = ApprovedManifest(manifest.sha256, manifest.digests, shared)
+    approved = ApprovedManifest(manifest.sha256, manifest.digests, shared, public)
     started = time.monotonic()
     cleared: list[tuple[str, str]] = []
     personalizations = 0
@@ -87,19 +99,12 @@ def guard_shard(
         body = (batches_dir / entry.file).read_bytes()
         try:
             guarded = check_envelope(body, approved, outbox.batch_members(run_key, entry.batch_id))
+            if transport is not None:
+                transport.preflight(guarded)
         except EnvelopeViolation as exc:
-            reason = f"envelope guard refused batch {entry.batch_id} before sending: {exc}"
             outbox.mark_guarded(run_key, cleared)
-            outbox.refuse(run_key, entry.batch_id, f"envelope guard: {exc}")
-            outbox.request_halt(run_key, reason=reason)
-            halted = outbox.halt_remaining(run_key, [b.batch_id for b in manifest.batches])
-            log.error(
-                "guard shard %d: batch %s refused (%s); the run is halted, %d batch(es) "
-                "left 'halted', nothing was sent",
-                shard_index,
-                entry.batch_id,
-                mask_addresses(str(exc)),
-                halted,
+            _refuse_before_sending(
+                run_key, manifest, entry, outbox, exc, f"guard shard {shard_index}"
             )
             raise
         cleared.append((entry.batch_id, guarded.sha256))
@@ -129,6 +134,7 @@ def send_shard(
     run_key: str,
     manifest: Manifest,
     shared: Mapping[str, Mapping[str, Any]],
+    public: frozenset[str] = frozenset(),
     batches_dir: Path,
     shard_index: int,
     shard_count: int,
@@ -157,7 +163,7 @@ def send_shard(
             "the run is sent"
         )
     mine = manifest.shard(shard_index, shard_count)
-    approved = ApprovedManifest(manifest.sha256, manifest.digests, shared)
+    approved = ApprovedManifest(manifest.sha256, manifest.digests, shared, public)
     interrupted = outbox.mark_interrupted(run_key, [b.batch_id for b in mine])
     if interrupted:
         log.warning(
@@ -179,6 +185,17 @@ def send_shard(
         for batch_id, st in outbox.states(run_key, [b.batch_id for b in mine]).items()
         if st.state not in (BatchState.STAGED, BatchState.HALTED)
     }
+    if transport.delivers_per_recipient and not outbox.halt_requested(run_key):
+        _preflight_shard(
+            run_key,
+            manifest,
+            [b for b in mine if b.batch_id not in settled],
+            batches_dir,
+            approved,
+            transport,
+            outbox,
+            shard_index,
+        )
     consecutive_failures = 0
     signal_checked = 0.0
     for position, entry in enumerate(mine):
@@ -227,6 +244,64 @@ def send_shard(
         "recipients_sent": progress.recipients_sent,
         "skipped_already_done": progress.skipped,
     }
+
+
+def _preflight_shard(
+    run_key: str,
+    manifest: Manifest,
+    entries: Sequence[BatchEntry],
+    batches_dir: Path,
+    approved: ApprovedManifest,
+    transport: Transport,
+    outbox: Outbox,
+    shard_index: int,
+) -> None:
+    """Every message of these batches built and checked by the transport before the shard's
+    first one leaves (``Transport.preflight``); a refusal refuses the batch and halts the run."""
+    started = time.monotonic()
+    messages = 0
+    for entry in entries:
+        body = (batches_dir / entry.file).read_bytes()
+        try:
+            guarded = check_envelope(body, approved, outbox.batch_members(run_key, entry.batch_id))
+            transport.preflight(guarded)
+        except EnvelopeViolation as exc:
+            _refuse_before_sending(run_key, manifest, entry, outbox, exc, f"shard {shard_index}")
+            raise
+        messages += len(guarded.recipients)
+    log.info(
+        "shard %d: %d message(s) of %d batch(es) built and checked by the %s transport before "
+        "the first leaves, in %.1fs",
+        shard_index,
+        messages,
+        len(entries),
+        transport.name,
+        time.monotonic() - started,
+    )
+
+
+def _refuse_before_sending(
+    run_key: str,
+    manifest: Manifest,
+    entry: BatchEntry,
+    outbox: Outbox,
+    exc: EnvelopeViolation,
+    where: str,
+) -> None:
+    """A batch refused before any request of it left: the batch ``failed``, the run halted and
+    every batch of it not yet sent ``halted`` with the reason."""
+    reason = f"envelope guard refused batch {entry.batch_id} before sending: {exc}"
+    outbox.refuse(run_key, entry.batch_id, f"envelope guard: {exc}")
+    outbox.request_halt(run_key, reason=reason)
+    halted = outbox.halt_remaining(run_key, [b.batch_id for b in manifest.batches])
+    log.error(
+        "%s: batch %s refused (%s); the run is halted, %d batch(es) left 'halted', nothing "
+        "more is sent",
+        where,
+        entry.batch_id,
+        mask_addresses(str(exc)),
+        halted,
+    )
 
 
 def _send_batch(

@@ -52,12 +52,15 @@ def check_envelopes(
     expected_recipients: int,
     shared: Mapping[str, Mapping[str, Any]],
     staged: Mapping[str, str],
+    audience_data: Mapping[str, int],
     data_docs_dir: Path | None = None,
 ) -> GateResult:
     """Validate the frozen batches; unless ``success``, nothing may be sent
     (``pipeline.check_envelopes`` raises ValidationFailed). ``shared``: each batch's shared part
     as the approved inputs give it, by body digest (``batches.shared_parts``); ``staged``: the
-    digest the outbox staged each batch with, by batch id (``staged_matches``).
+    digest the outbox staged each batch with, by batch id (``staged_matches``); ``audience_data``:
+    the audience data each batch's rebuilt shared part shows, by body digest
+    (``audience_data_shared``).
 
     GX's Data Docs for both suites are written to ``data_docs_dir`` (by default the run's
     ``gate/data_docs``, when the manifest is where a run keeps it), whether the gate passes or
@@ -79,6 +82,7 @@ def check_envelopes(
             secret=secret,
             shared=shared,
             staged=staged,
+            audience_data=audience_data,
             tokens=tokens,
         )
     people_result, batch_result = validate_suites(

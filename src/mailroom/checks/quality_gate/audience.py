@@ -8,12 +8,8 @@ recipient sees would show.
 
 from __future__ import annotations
 
-import html
-import json
-import re
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
 
 import numpy as np
 import pandas as pd
@@ -21,12 +17,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from mailroom.addresses import addresses_shown
 from mailroom.campaign_spec import CampaignSpec
+from mailroom.checks.audience_data import text_of
 from mailroom.envelopes import envelope_value_columns
 from mailroom.unsubscribe import TokensInBackground
-
-# Anything shaped like an address in lower-cased text; matched against the audience.
-_ADDRESS_LIKE = re.compile(r"[a-z0-9._%+'-]{1,64}@[a-z0-9-]+(?:\.[a-z0-9-]+)+")
 
 
 class Audience:
@@ -128,26 +123,22 @@ def audience_tokens(spec: CampaignSpec, secret: bytes, valid_audience: Path) -> 
 
 
 def audience_addresses_in(shared: dict[str, Any], audience: Audience) -> int:
-    """How many audience addresses the parts every recipient sees show (also HTML-escaped or
-    %-encoded).
+    """How many audience addresses the parts every recipient sees show, however written (the
+    campaign's public addresses are not counted).
 
     Field by field (no address can span two: the quotes between them are no address's), and
     each field's text once: every request of a locale shares its content."""
     found: set[str] = set()
     for key, value in shared.items():
-        found |= audience.addresses_in(json.dumps({key: value}, ensure_ascii=False))
+        found |= audience.addresses_in(text_of({key: value}))
     return len(found)
 
 
 def _addresses_in(text: str, audience: Audience) -> frozenset[str]:
-    text = text.lower()
-    found = set()
-    for variant in (text, unquote(html.unescape(text)).lower()):
-        for match in _ADDRESS_LIKE.finditer(variant):
-            for candidate in {match.group(0), match.group(0).lstrip("'.%")}:
-                if candidate in audience:
-                    found.add(candidate)
-    return frozenset(found)
+    """The audience addresses ``text`` shows, read as a person reads it
+    (``addresses.addresses_shown``), but the campaign's own public addresses."""
+    candidates = addresses_shown(text) - audience.spec.public_addresses
+    return frozenset(c for c in candidates if c in audience)
 
 
 def _lower(values: pa.Array) -> pa.Array:

@@ -36,17 +36,19 @@ class Group:
     digests_match: Sequence[bool]
     staged_match: Sequence[bool]
     shared_match: Sequence[bool]
+    audience_data: Sequence[int]
     parsed: pa.StructArray | None = None
 
     def split(self) -> list[Group]:
         return [
-            Group([e], [d], [ok], [staged], [same])
-            for e, d, ok, staged, same in zip(
+            Group([e], [d], [ok], [staged], [same], [data])
+            for e, d, ok, staged, same, data in zip(
                 self.entries,
                 self.datas,
                 self.digests_match,
                 self.staged_match,
                 self.shared_match,
+                self.audience_data,
                 strict=True,
             )
         ]
@@ -58,10 +60,13 @@ def read_groups(
     parse: Callable[[Sequence[bytes]], pa.StructArray | None] | None,
     shared: Mapping[str, Mapping[str, Any]],
     staged: Mapping[str, str],
+    audience_data: Mapping[str, int],
 ) -> Iterator[Group]:
     """The requests a group at a time; the next group is read, hashed and parsed in a second
     thread meanwhile (file reads, SHA-256 and Arrow's parser all release the GIL). ``staged``:
-    the digest the outbox staged each batch with, by batch id."""
+    the digest the outbox staged each batch with, by batch id; ``audience_data``: how much
+    audience data the shared part the approved inputs give for a body shows, by its digest in
+    the manifest (``checks.audience_data``)."""
 
     def load(entries: list[BatchEntry]) -> Group:
         datas = [(folder / e.file).read_bytes() for e in entries]
@@ -71,8 +76,9 @@ def read_groups(
         same = [
             _shared_part_is(d, shared.get(e.sha256)) for d, e in zip(datas, entries, strict=True)
         ]
+        shown = [audience_data.get(e.sha256, 0) for e in entries]
         parsed = parse(datas) if parse is not None else None
-        return Group(entries, datas, digests, as_staged, same, parsed)
+        return Group(entries, datas, digests, as_staged, same, shown, parsed)
 
     groups = [list(batches[i : i + CHUNK_BATCHES]) for i in range(0, len(batches), CHUNK_BATCHES)]
     if not groups:

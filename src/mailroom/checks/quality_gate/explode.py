@@ -45,6 +45,7 @@ def explode_batches(
     secret: bytes,
     shared: Mapping[str, Mapping[str, Any]],
     staged: Mapping[str, str],
+    audience_data: Mapping[str, int],
     strict_reader: bool = True,
     tokens: TokensInBackground | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -54,6 +55,8 @@ def explode_batches(
     uniqueness needs. ``shared``: each batch's shared part as the approved inputs give it, by
     body digest (``batches.shared_parts``). ``staged``: the digest each batch must have, as the
     outbox staged it (by batch id; none for a batch whose inputs are not the recorded ones).
+    ``audience_data``: what ``checks.audience_data`` finds in each batch's shared part as the
+    approved inputs give it, by body digest.
     ``strict_reader=False`` reads every body the generic
     way (for tests that compare the two readers). ``tokens``: the audience's unsubscribe tokens,
     already being made (``audience_tokens``); by default they are started here. Either way they
@@ -66,7 +69,10 @@ def explode_batches(
         people = Columns(PERSONALIZATION_COLUMNS)
         batch_rows = Columns(BATCH_COLUMNS)
         parse = shape.parse if shape is not None else None
-        for group in read_groups(manifest.batches, manifest_path.parent, parse, shared, staged):
+        groups = read_groups(
+            manifest.batches, manifest_path.parent, parse, shared, staged, audience_data
+        )
+        for group in groups:
             if group.parsed is not None and shape is not None:
                 explode_regular(group, group.parsed, audience, shape, people, batch_rows)
                 continue

@@ -5,7 +5,6 @@ one personalization at a time into the same rows ``regular`` gives.
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 import numpy as np
@@ -16,8 +15,6 @@ from mailroom.checks.quality_gate.audience import Audience, audience_addresses_i
 from mailroom.checks.quality_gate.bodies import Group, tags_and_markers
 from mailroom.checks.quality_gate.rows import Columns
 
-_NAME_HIDING_AN_ADDRESS = re.compile(r"[\r\n,;<>@]")
-
 
 def explode_generic(
     one: Group,
@@ -27,7 +24,7 @@ def explode_generic(
 ) -> None:
     (entry,), (data,) = one.entries, one.datas
     (digest_matches,), (staged_matches,) = one.digests_match, one.staged_match
-    (shared_matches,) = one.shared_match
+    (shared_matches,), (audience_data_shared,) = one.shared_match, one.audience_data
     try:
         body = json.loads(data)
     except (UnicodeDecodeError, ValueError):
@@ -42,6 +39,7 @@ def explode_generic(
             digest_matches=digest_matches,
             staged_matches=staged_matches,
             shared_matches=shared_matches,
+            audience_data_shared=audience_data_shared,
             top_level_cc_bcc=0,
             top_level_reserved_headers=0,
             unresolved_tags=0,
@@ -106,6 +104,7 @@ def explode_generic(
         digest_matches=digest_matches,
         staged_matches=staged_matches,
         shared_matches=shared_matches,
+        audience_data_shared=audience_data_shared,
         top_level_cc_bcc=int("cc" in body)
         + int("bcc" in body)
         + int(isinstance(mail_settings, dict) and "bcc" in mail_settings),
@@ -167,14 +166,6 @@ def _reserved(headers: Any) -> int:
 
 
 def _to_entry_problems(to: list[Any]) -> int:
-    """A ``to`` entry is ``{"email"}`` with at most a display name that cannot hide an address."""
-    problems = 0
-    for entry in to:
-        if not isinstance(entry, dict):
-            problems += 1
-            continue
-        problems += len(set(entry) - {"email", "name"})
-        name = entry.get("name")
-        if name is not None and (not isinstance(name, str) or _NAME_HIDING_AN_ADDRESS.search(name)):
-            problems += 1
-    return problems
+    """A ``to`` entry is exactly ``{"email"}``, as the freeze writes it: a display name, which
+    the spec never declares, could carry another person's name or address however spelt."""
+    return sum(1 for entry in to if not isinstance(entry, dict) or set(entry) != {"email"})

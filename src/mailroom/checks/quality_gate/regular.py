@@ -179,6 +179,7 @@ def explode_regular(
             digest_matches=group.digests_match[i],
             staged_matches=group.staged_match[i],
             shared_matches=group.shared_match[i],
+            audience_data_shared=group.audience_data[i],
             top_level_cc_bcc=0,
             top_level_reserved_headers=0,
             unresolved_tags=int(unknown[i] * per_request[i]),

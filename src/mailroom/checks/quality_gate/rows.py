@@ -38,6 +38,7 @@ BATCH_COLUMNS = (
     "unresolved_tags",
     "leftover_markers",
     "audience_addresses_shared",
+    "audience_data_shared",
 )
 _TEXT_COLUMNS = frozenset({"email", "email_key", "batch_id"})
 # Only compared for equality: handed to GX as numbers, equal for equal text (a fraction of the

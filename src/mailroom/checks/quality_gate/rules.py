@@ -46,8 +46,8 @@ def for_personalizations(expected_recipients: int) -> list[Any]:
         gxe.ExpectColumnValuesToBeBetween(column="unknown_tags", min_value=0, max_value=0),
         # Nothing but ``to``, ``substitutions`` and ``headers``.
         gxe.ExpectColumnValuesToBeBetween(column="extra_fields", min_value=0, max_value=0),
-        # ``to`` is a list of objects holding an ``email`` and at most a display name that
-        # cannot hide an address.
+        # Every ``to`` entry is exactly ``{"email"}``: no display name, which the spec never
+        # declares and which could carry another person's name or address however spelt.
         gxe.ExpectColumnValuesToBeBetween(column="to_entry_problems", min_value=0, max_value=0),
     ]
 
@@ -94,4 +94,8 @@ def for_batches() -> list[Any]:
         gxe.ExpectColumnValuesToBeBetween(
             column="audience_addresses_shared", min_value=0, max_value=0
         ),
+        # Nor any audience data in the shared part the approved inputs give for the batch, held
+        # to everyone the extract read (suppressed and quarantined people too) and read as a
+        # person reads it: addresses however written, user ids, unsubscribe tokens and links.
+        gxe.ExpectColumnValuesToBeBetween(column="audience_data_shared", min_value=0, max_value=0),
     ]

@@ -4,6 +4,10 @@ A transport that sends one message per recipient (SMTP) says so with
 ``delivers_per_recipient = True``; ``send`` then hands it a ``RecipientLedger`` as well, where it
 records each recipient's outcome as it goes, so a failure in the middle of a batch leaves the
 messages already sent on record and a retry or resume skips them.
+
+Such a transport makes something of its own from a guarded body (one message per recipient),
+and that is what leaves; ``preflight`` is where it builds and checks all of it before anything
+leaves, so ``send_shard`` can clear a whole shard's messages before its first one goes.
 """
 
 from __future__ import annotations
@@ -137,6 +141,16 @@ class Transport(ABC):
         if self.delivers_per_recipient:
             return self._deliver_each(guarded, ledger if ledger is not None else MemoryLedger())
         return self._deliver(guarded)
+
+    def preflight(self, guarded: GuardedBody) -> None:  # noqa: B027 - whole requests: nothing
+        """Build and check everything this transport would make of ``guarded``, send nothing;
+        raise ``EnvelopeViolation`` where ``send`` would refuse.
+
+        The default does nothing: a whole-request transport sends the guarded bytes themselves,
+        which the envelope guard has just checked. A per-recipient transport builds and checks
+        every message of the body here (and keeps none of them), so ``send_shard`` can run it on
+        every batch of its shard before the shard's first message leaves.
+        """
 
     @abstractmethod
     def _deliver(self, guarded: GuardedBody) -> Delivery:

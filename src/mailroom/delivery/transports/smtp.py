@@ -10,8 +10,12 @@ Two guards stand before the bytes leave. ``Transport.send`` has already run the 
 the request body; here every message is built, serialised and checked again on its exact bytes
 (``check_mime_message``: one RCPT, ``To:`` holding exactly that address, no Cc/Bcc, no header
 line over the RFC limit, no header that was not set, i.e. no CR/LF injection) and those very
-bytes go to ``sendmail``. All messages of a batch are built and checked before the first leaves,
-so a violation anywhere sends nothing of the batch that was not already on record.
+bytes go to ``sendmail``. Before that, ``preflight`` builds and checks every message of a body
+and keeps none: ``send_shard`` runs it on every batch of its shard before the shard's first
+message leaves, so a message that would be refused anywhere in the shard (its last batch's last
+recipient) stops the shard with nothing sent, not after the batches before it went. Sent without
+a preflight (``Transport.send`` on its own), all messages of the batch are built and checked
+before its first leaves.
 
 Each recipient's outcome goes to the batch's ledger (the outbox) as it happens: a failure in the
 middle of 1,000 transactions leaves the ones before it ``sent``, and a retry or resume skips them.
@@ -231,7 +235,7 @@ class SmtpTransport(Transport):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        guarded = {"_deliver", "_deliver_each", "_guarded_message", "_transmit"}
+        guarded = {"preflight", "_deliver", "_deliver_each", "_guarded_message", "_transmit"}
         if overridden := sorted(guarded.intersection(cls.__dict__)):
             raise TypeError(f"{cls.__name__} must not override {overridden}: the MIME guard")
 
@@ -246,10 +250,23 @@ class SmtpTransport(Transport):
         self._ssl_context = ssl_context
         self._build_message = build_message
         self._conn: _Connection | None = None
+        # Digests of the bodies whose every message passed ``preflight`` on this transport: their
+        # batch-wide pass before the first message is already done (each message is still
+        # checked on its exact bytes as it leaves). One digest per batch, never a message.
+        self._preflighted: set[str] = set()
         if settings.security == "none" and settings.username:
             log.warning("SMTP to %s: authenticating without TLS", settings.host)
 
     # the batch --------------------------------------------------------------------------------
+    def preflight(self, guarded: GuardedBody) -> None:
+        """Build, serialise and check (``check_mime_message``) the message of every
+        personalization of the body, as ``send`` would, one at a time and none kept; send
+        nothing. Raises ``EnvelopeViolation`` for the first message that would be refused."""
+        body = json.loads(guarded.body)
+        for index, email in enumerate(guarded.recipients):
+            self._guarded_message(body, index, email)
+        self._preflighted.add(guarded.sha256)
+
     def _deliver(self, guarded: GuardedBody) -> Delivery:
         return self._deliver_each(guarded, MemoryLedger())
 
@@ -260,9 +277,11 @@ class SmtpTransport(Transport):
         todo = [
             (i, email) for i, email in enumerate(guarded.recipients) if email.lower() not in settled
         ]
-        # Every message of this pass passes the MIME guard before the first one leaves.
-        for index, email in todo:
-            self._guarded_message(body, index, email)
+        # Every message of this pass passes the MIME guard before the first one leaves (done
+        # already when this body went through ``preflight``).
+        if guarded.sha256 not in self._preflighted:
+            for index, email in todo:
+                self._guarded_message(body, index, email)
         counts: Counter[str] = Counter()
         unknown_in_a_row = 0
         for index, email in todo:

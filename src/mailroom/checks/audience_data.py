@@ -1,0 +1,155 @@
+"""Audience data in the parts every recipient of a request sees.
+
+The shared parts of a request (subject, content, sender, reply-to, categories, custom args…) are
+rebuilt from the campaign spec and the rendered content, so anything personal in them came in
+with those inputs: a template or catalog holding someone's address, a subject rendered once for
+one recipient, a literal unsubscribe link. Both layers hold the rebuilt shared parts to the run's
+whole audience (``People``: every person the extract read, the suppressed and the quarantined
+included, not only those about to be mailed) and refuse any of:
+
+* an address of anyone in the audience, read as a person reads it (``addresses.addresses_shown``:
+  markup, entities, invisible characters, fullwidth forms, "(at)" spellings, Unicode domains);
+  the campaign's own public addresses (sender, reply-to, unsubscribe mailbox) are not audience
+  data, even when staff are on the list;
+* a user id of anyone in the audience (ids shorter than ``MIN_USER_ID_LENGTH`` are left out:
+  "42" in a text is not evidence of anyone);
+* an unsubscribe token of anyone in the audience, or a literal unsubscribe link (the campaign's
+  unsubscribe URL with a token in it rather than the substitution tag).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from mailroom.addresses import address_key, addresses_shown
+from mailroom.campaign_spec import CampaignSpec
+
+MIN_USER_ID_LENGTH = 6
+# Runs of characters a user id or an unsubscribe token (base64url) is made of.
+_WORDS = re.compile(r"[A-Za-z0-9_\-]+(?:\.[A-Za-z0-9_\-]+)?")
+
+
+@dataclass(frozen=True)
+class People:
+    """Every person the run's extract read: their address keys and their user ids."""
+
+    keys: pa.Array
+    user_ids: pa.Array
+
+    @classmethod
+    def read(cls, paths: Iterable[Path]) -> People:
+        """The people of the run's audience files (the snapshot, the suppressed); a file that is
+        not there adds nobody."""
+        keys: list[pa.Array] = []
+        ids: list[pa.Array] = []
+        for path in paths:
+            if not path.exists():
+                continue
+            table = pq.read_table(path, columns=["user_id", "email"])
+            keys.append(_keys(table.column("email").combine_chunks()))
+            ids.append(pc.cast(table.column("user_id").combine_chunks(), pa.string()))
+        if not keys:
+            return cls(pa.array([], pa.string()), pa.array([], pa.string()))
+        return cls(pa.concat_arrays(keys), pa.concat_arrays(ids))
+
+    def known_addresses(self, candidates: Iterable[str]) -> set[str]:
+        return _present(self.keys, candidates)
+
+    def known_user_ids(self, candidates: Iterable[str]) -> set[str]:
+        return _present(self.user_ids, candidates)
+
+
+def audience_data_in(text: str, people: People, spec: CampaignSpec) -> int:
+    """How many pieces of audience data ``text`` shows (addresses, user ids, unsubscribe tokens
+    and literal unsubscribe links); the campaign's public addresses are not counted."""
+    found = len(people.known_addresses(addresses_shown(text) - spec.public_addresses))
+    words = {w for w in _WORDS.findall(text) if len(w) >= MIN_USER_ID_LENGTH}
+    ids = {w for w in words if "." not in w}
+    ids |= {part for w in words if "." in w for part in w.split(".")}
+    ids |= {uid for uid in (_token_user_id(w) for w in words) if uid}
+    found += len(people.known_user_ids(i for i in ids if len(i) >= MIN_USER_ID_LENGTH))
+    return found + _literal_unsubscribe_links(text, spec)
+
+
+def shared_audience_data(
+    spec: CampaignSpec, shared: Mapping[str, Mapping[str, Any]], people: People
+) -> dict[str, int]:
+    """``audience_data_in`` each distinct shared part of ``shared`` (by body digest), field by
+    field (no address spans two fields), each distinct text once: the requests of a locale share
+    everything but their custom args."""
+    counts: dict[str, int] = {}
+    seen: dict[str, int] = {}
+    for digest, part in shared.items():
+        total = 0
+        for key, value in part.items():
+            text = text_of({key: value})
+            if text not in seen:
+                seen[text] = audience_data_in(text, people, spec)
+            total += seen[text]
+        counts[digest] = total
+    return counts
+
+
+def text_of(value: Any) -> str:
+    """Every key and string of a JSON value as a reader sees it (no JSON escapes), one per line:
+    a line break ends any address, so none spans two of them."""
+    return "\n".join(_strings(value))
+
+
+def _strings(value: Any) -> Iterable[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield str(k)
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+
+
+def _token_user_id(word: str) -> str | None:
+    """The user id an unsubscribe token (``<base64url user id>.<signature>``) names."""
+    uid, dot, signature = word.partition(".")
+    if not dot or not uid or not signature:
+        return None
+    try:
+        return base64.urlsafe_b64decode(uid + "=" * (-len(uid) % 4)).decode("utf-8")
+    except (binascii.Error, ValueError, UnicodeDecodeError):
+        return None
+
+
+def _literal_unsubscribe_links(text: str, spec: CampaignSpec) -> int:
+    """The campaign's unsubscribe URL with something in the token's place: a recipient's link,
+    where only the substitution tag may be."""
+    prefix = spec.unsubscribe.url_template.split("{token}", 1)[0]
+    if not prefix:
+        return 0
+    return len(re.findall(re.escape(prefix) + r"[A-Za-z0-9_\-]", text))
+
+
+def _keys(emails: pa.Array) -> pa.Array:
+    """``address_key`` of each address (ASCII ones lower-cased by Arrow, the rest in Python)."""
+    if len(emails) == 0 or pc.all(pc.string_is_ascii(emails)).as_py() is not False:
+        return pc.ascii_lower(pc.utf8_trim_whitespace(emails))
+    return pa.array([address_key(e) for e in emails.to_pylist()], pa.string())
+
+
+def _present(values: pa.Array, candidates: Iterable[str]) -> set[str]:
+    """Which candidates are among ``values``: one scan of the values against the few candidates
+    (no hash table of a million values for a handful of lookups)."""
+    wanted = set(candidates)
+    if not wanted or len(values) == 0:
+        return set()
+    hits = pc.filter(values, pc.is_in(values, value_set=pa.array(sorted(wanted), pa.string())))
+    return set(hits.to_pylist())
