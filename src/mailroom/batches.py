@@ -272,7 +272,7 @@ def load_manifest(manifest_path: Path, expected_sha256: str | None = None) -> Ma
     digest = sha256_hex(data)
     if expected_sha256 is not None and digest != expected_sha256:
         raise EnvelopeViolation(
-            f"manifest {manifest_path} has digest {digest[:12]}…, not the approved "
+            f"the manifest has digest {digest[:12]}…, not the approved "
             f"{expected_sha256[:12]}…: the batches changed after they were frozen"
         )
     raw = read_json(manifest_path)

@@ -195,15 +195,30 @@ def render_locale(
 
     def render(name: str, *, html: bool) -> str:
         path = f"{template}/{name}"
-        context = {
-            "recipient": _Recipient(fields, html=html),
-            "unsubscribe_url": _tag(UNSUBSCRIBE_FIELD, html=html),
-            "campaign": _Campaign(campaign),
-            "locale": locale,
-            "text_direction": babel_locale.text_direction,
-        }
         where = f"{path} (locale {locale})"
-        output = _render_template(env, templates_dir, path, where, context)
+
+        def with_recipient(probe: str | None) -> str:
+            context = {
+                "recipient": _Recipient(fields, html=html, probe=probe),
+                "unsubscribe_url": _field_value(UNSUBSCRIBE_FIELD, html=html, probe=probe),
+                "campaign": _Campaign(campaign),
+                "locale": locale,
+                "text_direction": babel_locale.text_direction,
+            }
+            return _render_template(env, templates_dir, path, where, context)
+
+        output = with_recipient(None)
+        # The content is rendered once and shared by every recipient of a locale, so it must
+        # not depend on who receives it: rendered for two synthetic recipients, each field
+        # standing where its tag stands, it must be the same text (a template that compares,
+        # measures, slices or filters a recipient's value would differ).
+        for probe in _PROBES:
+            if _tags_for_probes(with_recipient(probe), probe, html=html) != output:
+                raise ContentError(
+                    f"{where}: the output depends on a recipient's values, not only where they "
+                    "are inserted (a comparison, a length, a filter or a slice of a recipient "
+                    "field): the content every recipient of a locale shares cannot"
+                )
         _check_output(where, output, allowed[html], html=html)
         return output
 
@@ -230,13 +245,15 @@ def render_locale(
 
 
 class _Recipient:
-    """``recipient`` in templates: each known field renders to its substitution tag."""
+    """``recipient`` in templates: each known field renders to its substitution tag (or, for a
+    synthetic recipient, to that recipient's stand-in value: ``_field_value``)."""
 
-    __slots__ = ("_fields", "_html")
+    __slots__ = ("_fields", "_html", "_probe")
 
-    def __init__(self, fields: Sequence[str], *, html: bool) -> None:
+    def __init__(self, fields: Sequence[str], *, html: bool, probe: str | None = None) -> None:
         self._fields = tuple(fields)
         self._html = html
+        self._probe = probe
 
     def __getattr__(self, name: str) -> str:
         # Dunder and private lookups (markupsafe probes __html__, copy probes __deepcopy__)
@@ -251,7 +268,7 @@ class _Recipient:
                 hint=f"recipient has no field {name!r} (the audience provides: {known})",
                 name=name,
             )
-        return _tag(name, html=self._html)
+        return _field_value(name, html=self._html, probe=self._probe)
 
     def __getitem__(self, name: str) -> str:
         return self.__getattr__(str(name))
@@ -309,6 +326,33 @@ class _MissRecorder(gettext.NullTranslations):
     def npgettext(self, context: str, msgid1: str, msgid2: str, n: int) -> str:
         self.missed.add(msgid1)
         return super().npgettext(context, msgid1, msgid2, n)
+
+
+# Two synthetic recipients, whose values of a field are stand-ins naming the field, in the
+# private-use area (no template writes them, no filter leaves them as they are), of lengths
+# unlike each other's and the tag's.
+_PROBES = ("a", "b" * 24)
+_PROBE_VALUE = re.compile("\ue000(a|b+):([^\ue001]*)\ue001")
+
+
+def _field_value(field: str, *, html: bool, probe: str | None) -> str:
+    """What a recipient field (or the unsubscribe link) renders to: its substitution tag, or a
+    synthetic recipient's stand-in for it."""
+    if probe is None:
+        return _tag(field, html=html)
+    value = f"\ue000{probe}:{field}\ue001"
+    return Markup(value) if html else value
+
+
+def _tags_for_probes(output: str, probe: str, *, html: bool) -> str:
+    """A synthetic recipient's render with each of its stand-ins put back as the field's tag."""
+
+    def tag(match: re.Match[str]) -> str:
+        if match.group(1) != probe:
+            return match.group(0)
+        return str(_tag(match.group(2), html=html))
+
+    return _PROBE_VALUE.sub(tag, output)
 
 
 def _tag(field: str, *, html: bool) -> str:

@@ -382,6 +382,36 @@ def test_small_campaign_renders(project: Project) -> None:
     assert content.untranslated == ()
 
 
+@pytest.mark.parametrize(
+    "source",
+    [
+        "{{ recipient.first_name | upper }}\n",
+        "{{ recipient.first_name[:1] }}.\n",
+        "{% if recipient.first_name | length > 14 %}Hello you{% else %}Hi{% endif %}\n",
+        "{% if unsubscribe_url.startswith('%') %}tag{% endif %}\n",
+        "[{{ recipient.first_name | center(60) }}]\n",
+    ],
+    ids=["filtered", "sliced", "measured", "link inspected", "padded"],
+)
+def test_content_depending_on_a_recipients_value_is_refused(project: Project, source: str) -> None:
+    """Rendered for two synthetic recipients, the text would differ: the content every
+    recipient of a locale shares cannot depend on who receives it."""
+    project.write("body.txt", source)
+    with pytest.raises(
+        ContentError, match=r"mini/body\.txt \(locale de\): the output depends on a recipient's"
+    ):
+        project.render()
+
+
+def test_inserting_a_recipients_value_anywhere_is_not_depending_on_it(project: Project) -> None:
+    project.write(
+        "body.txt",
+        "{% set n = recipient.first_name %}{{ n }} / {{ recipient['first_name'] }}"
+        " / {{ unsubscribe_url }} / {{ campaign.name | upper }}\n",
+    )
+    assert project.render().text.startswith("%%first_name%% / %%first_name%% / ")
+
+
 def test_syntax_error_names_file_and_line(project: Project) -> None:
     path = project.write("body.html", "<p>one</p>\n<p>two</p>\n{% if %}\n")
     with pytest.raises(ContentError, match=rf"{at(path)}:3: template syntax error"):
