@@ -103,3 +103,37 @@ def test_an_audience_whose_fields_hold_no_address_at_all_validates(
         quarantine_out=tmp_path / "quarantine.parquet",
     )
     assert (outcome.valid, outcome.quarantined) == (2, 0)
+
+
+@pytest.mark.parametrize(
+    "first_name",
+    ["Ann\r\nBcc: all@example.com", "Ann\nBob", "Ann\x00", "Ann\x1b[2J", "Ann\u2028Bob"],
+    ids=["CRLF header", "LF", "NUL", "ESC", "line separator"],
+)
+def test_a_control_character_in_a_field_is_quarantined_with_its_reason(
+    tmp_path: Path, project_paths: ProjectPaths, first_name: str
+) -> None:
+    from mailroom.audience.validate import validate_audience
+    from mailroom.campaign_spec import load_campaign
+
+    spec = load_campaign(project_paths.campaigns, "winter_update")
+    snapshot = tmp_path / "snapshot.parquet"
+    others = 40  # one bad row stays under the campaign's quarantine limit
+    pd.DataFrame(
+        {
+            "user_id": ["u1", *(f"u{i}" for i in range(2, others + 2))],
+            "email": ["ann@example.com", *(f"user{i}@example.org" for i in range(others))],
+            "first_name": [first_name, "Bob\tthe builder", *["Eve"] * (others - 1)],  # tab: text
+            "locale": ["en"] * (others + 1),
+        }
+    ).to_parquet(snapshot, index=False)
+    outcome = validate_audience(
+        spec,
+        snapshot=snapshot,
+        valid_out=tmp_path / "valid.parquet",
+        quarantine_out=tmp_path / "quarantine.parquet",
+    )
+    assert (outcome.valid, outcome.quarantined) == (others, 1)
+    quarantine = pd.read_parquet(tmp_path / "quarantine.parquet")
+    assert quarantine["user_id"].tolist() == ["u1"]
+    assert quarantine["reason"].tolist() == ["expect_column_values_to_not_match_regex(first_name)"]

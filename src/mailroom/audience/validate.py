@@ -69,10 +69,19 @@ def audience_expectations(spec: CampaignSpec) -> list[Any]:
     for field in spec.fields:
         expectations.append(gxe.ExpectColumnValuesToNotBeNull(column=field))
         expectations.append(gxe.ExpectColumnValueLengthsToBeBetween(column=field, min_value=1))
+        # A control character (a line break, NUL, ESC…) in a value every message carries could
+        # forge a header line or cut the text where a reader or a server stops: quarantined with
+        # its reason here, before approval, never refused by the guard after it.
+        expectations.append(
+            gxe.ExpectColumnValuesToNotMatchRegex(column=field, regex=CONTROL_CHARACTERS)
+        )
         expectations.append(
             gxe.ExpectColumnValuesToBeInSet(column=_shows_another(field), value_set=[False])
         )
     return expectations
+
+
+CONTROL_CHARACTERS = r"[\x00-\x08\x0a-\x1f\x7f\u2028\u2029]"
 
 
 def _shows_another(field: str) -> str:
