@@ -20,7 +20,12 @@ from hypothesis import strategies as st
 from mailroom import pipeline
 from mailroom.audience.sample import generate
 from mailroom.campaign_spec import load_campaign
-from mailroom.checks.audience_data import People, audience_data_in
+from mailroom.checks.audience_data import (
+    People,
+    audience_data_in,
+    shared_audience_data,
+    text_of,
+)
 from mailroom.delivery.outbox import Outbox
 from mailroom.errors import EnvelopeViolation, ValidationFailed
 from mailroom.pipeline import ProjectPaths
@@ -87,6 +92,34 @@ def test_audience_data_in_finds_exactly_the_audience_addresses_written_in_the_te
 
     candidates = addresses_shown(text)
     assert people.known_addresses(candidates) == candidates & set(people.keys.to_pylist())
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    parts=st.lists(
+        st.dictionaries(
+            st.sampled_from(["subject", "content", "custom_args"]),
+            st.lists(
+                st.sampled_from(["Hi ann@example.com", "u00000042", "hello", "x"]), max_size=3
+            ),
+            max_size=3,
+        ),
+        min_size=1,
+        max_size=5,
+    )
+)
+def test_the_batched_lookup_counts_what_each_text_on_its_own_counts(
+    parts: list[dict[str, list[str]]],
+) -> None:
+    """``shared_audience_data`` scans the audience once for every text; the reference reads
+    each field on its own (``audience_data_in``)."""
+    people = people_of(["ann@example.com"], ["u00000042"])
+    shared = {f"digest{i}": part for i, part in enumerate(parts)}
+    expected = {
+        digest: sum(audience_data_in(text_of({k: v}), people, SPEC) for k, v in part.items())
+        for digest, part in shared.items()
+    }
+    assert shared_audience_data(SPEC, shared, people) == expected
 
 
 def test_user_ids_tokens_and_literal_unsubscribe_links_are_audience_data() -> None:

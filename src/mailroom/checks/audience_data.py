@@ -69,35 +69,57 @@ class People:
         return _present(self.user_ids, candidates)
 
 
-def audience_data_in(text: str, people: People, spec: CampaignSpec) -> int:
-    """How many pieces of audience data ``text`` shows (addresses, user ids, unsubscribe tokens
-    and literal unsubscribe links); the campaign's public addresses are not counted."""
-    found = len(people.known_addresses(addresses_shown(text) - spec.public_addresses))
+@dataclass(frozen=True)
+class _Candidates:
+    """What a text could show of someone: address keys, user ids, and literal links."""
+
+    addresses: frozenset[str]
+    user_ids: frozenset[str]
+    links: int
+
+
+def _candidates(text: str, spec: CampaignSpec) -> _Candidates:
     words = {w for w in _WORDS.findall(text) if len(w) >= MIN_USER_ID_LENGTH}
     ids = {w for w in words if "." not in w}
     ids |= {part for w in words if "." in w for part in w.split(".")}
     ids |= {uid for uid in (_token_user_id(w) for w in words) if uid}
-    found += len(people.known_user_ids(i for i in ids if len(i) >= MIN_USER_ID_LENGTH))
-    return found + _literal_unsubscribe_links(text, spec)
+    return _Candidates(
+        addresses=frozenset(addresses_shown(text) - spec.public_addresses),
+        user_ids=frozenset(i for i in ids if len(i) >= MIN_USER_ID_LENGTH),
+        links=_literal_unsubscribe_links(text, spec),
+    )
+
+
+def audience_data_in(text: str, people: People, spec: CampaignSpec) -> int:
+    """How many pieces of audience data ``text`` shows (addresses, user ids, unsubscribe tokens
+    and literal unsubscribe links); the campaign's public addresses are not counted."""
+    found = _candidates(text, spec)
+    return (
+        len(people.known_addresses(found.addresses))
+        + len(people.known_user_ids(found.user_ids))
+        + found.links
+    )
 
 
 def shared_audience_data(
     spec: CampaignSpec, shared: Mapping[str, Mapping[str, Any]], people: People
 ) -> dict[str, int]:
-    """``audience_data_in`` each distinct shared part of ``shared`` (by body digest), field by
-    field (no address spans two fields), each distinct text once: the requests of a locale share
-    everything but their custom args."""
-    counts: dict[str, int] = {}
-    seen: dict[str, int] = {}
-    for digest, part in shared.items():
-        total = 0
-        for key, value in part.items():
-            text = text_of({key: value})
-            if text not in seen:
-                seen[text] = audience_data_in(text, people, spec)
-            total += seen[text]
-        counts[digest] = total
-    return counts
+    """``audience_data_in`` each shared part of ``shared`` (by body digest), field by field (no
+    address spans two fields), each distinct text read once (the requests of a locale share
+    everything but their custom args), and the audience scanned once for every candidate of
+    every text together rather than once per text."""
+    texts = {
+        digest: [text_of({key: value}) for key, value in part.items()]
+        for digest, part in shared.items()
+    }
+    candidates = {t: _candidates(t, spec) for t in {t for ts in texts.values() for t in ts}}
+    addresses = people.known_addresses(a for c in candidates.values() for a in c.addresses)
+    user_ids = people.known_user_ids(i for c in candidates.values() for i in c.user_ids)
+    shown = {
+        t: len(c.addresses & addresses) + len(c.user_ids & user_ids) + c.links
+        for t, c in candidates.items()
+    }
+    return {digest: sum(shown[t] for t in ts) for digest, ts in texts.items()}
 
 
 def text_of(value: Any) -> str:
