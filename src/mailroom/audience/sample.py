@@ -46,7 +46,7 @@ class SampleAudience:
     path: Path
     users: int
     suppressed: int
-    invalid: int
+    invalid: int  # rows validation must quarantine: a bad address, or a line break in a name
     duplicates: int
     expected: frozenset[str]  # lower-cased addresses that must receive the message exactly once
 
@@ -86,6 +86,8 @@ def generate(path: Path, users: int = 10_000, seed: int = 2019) -> SampleAudienc
                     ["unsubscribed", "bounced", "complained"][i % 3],
                 )
             )
+        elif any(c in name for c in "\r\n"):  # a line break in a field: quarantined
+            invalid += 1
         else:
             expected.add(_normalised_oracle(email))
         rows.append((uid, email, name, locale))
