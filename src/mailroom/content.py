@@ -376,13 +376,23 @@ def _load_translations(
     """The locale's catalog compiled in memory, and the msgids it leaves untranslated."""
     po_path = translations_dir / locale / "LC_MESSAGES" / f"{CATALOG_DOMAIN}.po"
     try:
-        with po_path.open("rb") as fp:
-            catalog = read_po(fp, abort_invalid=True)
+        data = po_path.read_bytes()
     except FileNotFoundError as exc:
         raise ContentError(
             f"no translation catalog for locale {locale!r}: {po_path} does not exist"
         ) from exc
-    except (OSError, PoFileError, UnicodeDecodeError, ValueError) as exc:
+    except OSError as exc:
+        raise ContentError(f"cannot read translation catalog {po_path}: {exc}") from exc
+    _check_po_syntax(po_path, data)
+    try:
+        catalog = read_po(BytesIO(data), abort_invalid=True)
+    except PoFileError as exc:
+        # Babel counts lines from 0 in the error; people and editors count from 1.
+        raise ContentError(
+            f"cannot read translation catalog {po_path}, line {exc.lineno + 1}: "
+            f"{str(exc).rsplit(' on ', 1)[0]}"
+        ) from exc
+    except (UnicodeDecodeError, ValueError) as exc:
         raise ContentError(f"cannot read translation catalog {po_path}: {exc}") from exc
 
     if catalog.locale is None:
@@ -402,6 +412,71 @@ def _load_translations(
     write_mo(buffer, catalog, use_fuzzy=False)
     buffer.seek(0)
     return Translations(fp=buffer, domain=CATALOG_DOMAIN), _untranslated(catalog)
+
+
+# A .po line that carries a string: a keyword (msgid, msgid_plural, msgctxt, msgstr,
+# msgstr[N]) followed by a string, or a string alone continuing the one above. Obsolete entries
+# (``#~``) are parsed by Babel too, so they are checked the same way.
+_PO_KEYWORD_LINE = re.compile(
+    rb"(msgid|msgid_plural|msgctxt|msgstr|msgstr\[[0-9]+\])(?:[ \t]+(.*))?"
+)
+# One complete C string literal, and nothing after it: Babel reads a line by dropping its first
+# and last character, so ``"Hallo`` (no closing quote) would become ``Hall`` without a word.
+_PO_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+# The escapes Babel turns back into characters; any other (``\a``, ``\x41``, octal) it would
+# ship as a backslash and a letter.
+_PO_ESCAPE = re.compile(rb"\\(.)")
+_PO_KNOWN_ESCAPES = frozenset(b'nrt"\\')
+
+
+def _check_po_syntax(po_path: Path, data: bytes) -> None:
+    """Refuse a catalog Babel would read without complaint but wrongly.
+
+    ``read_po(..., abort_invalid=True)`` refuses unknown keywords and misplaced lines, but it
+    does not check that each string is a closed, well-escaped literal: an unterminated string
+    is silently truncated and ships (and ``msgstr[x]`` fails naming no line). Checked on bytes
+    (quotes and backslashes are ASCII in any charset a catalog may declare), before Babel reads
+    the file; the error names the line."""
+    for number, raw_line in enumerate(data.splitlines(), start=1):
+        line = raw_line.strip()
+        if line.startswith(b"#~"):
+            line = line[2:].lstrip()
+        elif not line or line.startswith(b"#"):
+            continue
+        if line.startswith(b'"'):
+            literal = line
+        else:
+            keyword = _PO_KEYWORD_LINE.fullmatch(line)
+            if keyword is None:
+                raise _po_error(
+                    po_path,
+                    number,
+                    "not a comment, a string, or one of msgid, msgid_plural, msgctxt, msgstr "
+                    "and msgstr[N] followed by a string",
+                )
+            literal = (keyword.group(2) or b"").strip()
+            if not literal:
+                raise _po_error(po_path, number, f"{keyword.group(1).decode()} has no string")
+        if not _PO_STRING.fullmatch(literal):
+            if not literal.startswith(b'"'):
+                problem = "a string must be in double quotes"
+            elif _PO_STRING.match(literal) is None:
+                problem = "a string is not closed (a missing '\"' at the end of the line)"
+            else:
+                problem = "text after the closing '\"' (a '\"' inside a string is written '\\\"')"
+            raise _po_error(po_path, number, problem)
+        for escape in _PO_ESCAPE.finditer(literal[1:-1]):
+            if escape.group(1)[0] not in _PO_KNOWN_ESCAPES:
+                raise _po_error(
+                    po_path,
+                    number,
+                    f"unsupported escape '\\{escape.group(1).decode('latin-1')}' "
+                    '(use \\n, \\t, \\r, \\" or \\\\)',
+                )
+
+
+def _po_error(po_path: Path, line: int, problem: str) -> ContentError:
+    return ContentError(f"cannot read translation catalog {po_path}, line {line}: {problem}")
 
 
 def _msgid(message: Message) -> str:

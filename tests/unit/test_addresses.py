@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from mailroom.addresses import (
@@ -304,3 +304,155 @@ def test_plain_text_shows_exactly_the_addresses_in_it(
         parts.append(data.draw(_SEPARATOR))
     text = "".join(parts)
     assert addresses_shown(text) == expected
+
+
+# -- the fast paths agree with the library (email-validator, idna) ------------------------------
+
+_ASCII_LOCAL = st.from_regex(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.\"-]{1,70}", fullmatch=True)
+_ASCII_LABEL = st.one_of(
+    st.from_regex(r"[A-Za-z0-9-]{1,12}", fullmatch=True),
+    st.sampled_from(["xn--bcher-kva", "XN--zz", "ab--c", "xn--", "test", "local", "onion", "c0m"]),
+    st.from_regex(r"[a-z]{60,66}", fullmatch=True),
+)
+_ASCII_DOMAIN = st.lists(_ASCII_LABEL, min_size=1, max_size=4).map(".".join)
+_ASCII_CANDIDATE = st.one_of(
+    st.builds(lambda a, b: f"{a}@{b}", _ASCII_LOCAL, _ASCII_DOMAIN),
+    st.builds(
+        lambda a, b: f"{a}@{b}", st.from_regex(r"[a-z]{1,200}", fullmatch=True), _ASCII_DOMAIN
+    ),
+    st.text(alphabet=st.characters(max_codepoint=127), max_size=40),
+)
+
+
+@settings(database=None, max_examples=1500, deadline=None)
+@given(_ASCII_CANDIDATE)
+def test_the_single_address_fast_path_is_the_library(value: str) -> None:
+    """``is_valid_single_address`` (the pattern, and the library for Punycode domains only)
+    and the GX pattern answer what ``email-validator`` answers."""
+    import re
+
+    from mailroom.addresses import SINGLE_ADDRESS_PATTERN, library_ascii_address
+
+    expected = library_ascii_address(value) is not None
+    assert is_valid_single_address(value) == expected
+    if "xn--" not in value.lower():
+        assert (re.search(SINGLE_ADDRESS_PATTERN, value) is not None) == expected
+
+
+_UNICODE_LABEL = st.one_of(
+    st.sampled_from(["bücher", "BÜCHER", "bu\u0308cher", "例え", "faß", "exаmple", "ΑΒΓ", "ǅ"]),
+    st.text(
+        alphabet=st.characters(codec="utf-8", categories=["Ll", "Lu", "Lo", "Nd"]),
+        min_size=1,
+        max_size=6,
+    ),
+    _ASCII_LABEL,
+)
+_ANY_DOMAIN = st.lists(_UNICODE_LABEL, min_size=2, max_size=3).map(".".join)
+
+
+@settings(database=None, max_examples=1000, deadline=None)
+@given(st.from_regex(r"[A-Za-z0-9._+-]{1,20}", fullmatch=True), _ANY_DOMAIN)
+def test_normalise_sends_the_librarys_ascii_domain(local: str, domain: str) -> None:
+    """For every address the library accepts, ``normalise`` (IDNA once per domain) gives the
+    library's ASCII domain, and keeps the local part as written."""
+    from mailroom.addresses import library_ascii_address
+
+    checked = library_ascii_address(f"{local}@{domain}")
+    if checked is not None:
+        got = normalise(f"{local}@{domain}")
+        assert got is not None
+        assert got.rpartition("@")[2] == checked.rpartition("@")[2]
+        assert got.rpartition("@")[0] == local
+        assert address_key(got) == address_key(f"{local}@{domain}")
+
+
+@example(raw="0@ .")
+@example(raw="0@\r.")
+@settings(database=None, max_examples=1000, deadline=None)
+@given(
+    st.one_of(
+        st.builds(lambda a, b: f"{a}@{b}", _ASCII_LOCAL, _ANY_DOMAIN),
+        st.text(max_size=30),
+        st.builds(lambda a, b: f" {a}@{b}. ", st.text(max_size=8), st.text(max_size=8)),
+    )
+)
+def test_the_column_wise_keys_are_address_key(raw: str) -> None:
+    """``address_keys`` (Arrow, lower-casing ASCII) gives ``address_key`` of what extract
+    writes (``normalise``), which suppressions and the gate compare with."""
+    import pandas as pd
+
+    from mailroom.audience.extract import address_keys
+
+    sent = normalise(raw)
+    (got,) = address_keys(pd.Series([sent], dtype=object)).tolist()
+    assert got == address_key(sent)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("faß@faß.de", "faß@xn--fa-hia.de"),  # IDNA 2008: not "fass.de", another domain
+        ("a@☃.net", "a@☃.net"),  # IDNA 2008 refuses it: kept, then quarantined as invalid
+        ("a@Ｂücher。example", "a@xn--bcher-kva.example"),
+    ],
+)
+def test_domains_are_encoded_by_idna_2008(raw: str, expected: str) -> None:
+    assert normalise(raw) == expected
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "a" * 65 + "@example.com",  # local part over 64
+        "a@" + "b" * 63 + "." + "c" * 63 + "." + "d" * 63 + "." + "e" * 60 + ".com",
+        "a@x.local",
+        "a@x.onion",
+        "a@ab--cd.com",
+        "a@xn--zz.com",
+        "a@example.com\n",
+        "a@bücher.example",
+    ],
+)
+def test_the_library_limits_are_refused(value: str) -> None:
+    assert not is_valid_single_address(value)
+
+
+@pytest.mark.parametrize("value", ["a" * 64 + "@example.com", "a@x.test", "a@x.c0m"])
+def test_what_the_library_accepts_is_valid(value: str) -> None:
+    assert is_valid_single_address(value)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("Ann <Ann@Example.com>", "Ann@Example.com"),
+        ("mailto:a%40b.example?subject=x", "a@b.example"),
+        (" 'a@b.example'; ", "a@b.example"),
+    ],
+)
+def test_single_address_unwraps_what_people_write(raw: str, expected: str) -> None:
+    from mailroom.addresses import single_address
+
+    assert single_address(raw) == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (None, "empty"),
+        (float("nan"), "empty"),
+        ("  ", "empty"),
+        ("hello", "no address (no @)"),
+        ("a@x.com b@y.com", "more than one address"),
+        ("a@x.com b", "text, a list or quoting around the address"),
+        ("a@", "no address (nothing before or after the @)"),
+        (3, "not text (int)"),
+    ],
+)
+def test_single_address_names_why_it_cannot_read_a_value(raw: object, reason: str) -> None:
+    from mailroom.addresses import UnreadableAddress, single_address
+
+    with pytest.raises(UnreadableAddress) as caught:
+        single_address(raw)
+    assert str(caught.value) == reason

@@ -107,10 +107,17 @@ def test_an_audience_whose_fields_hold_no_address_at_all_validates(
 
 @pytest.mark.parametrize(
     "first_name",
-    ["Ann\r\nBcc: all@example.com", "Ann\nBob", "Ann\x00", "Ann\x1b[2J", "Ann\u2028Bob"],
-    ids=["CRLF header", "LF", "NUL", "ESC", "line separator"],
+    [
+        "Ann\r\nBcc: all@example.com",
+        "Ann\nBob",
+        "Ann\x00",
+        "Ann\x1b[2J",
+        "Ann\u2028Bob",
+        "A" * 257,
+    ],
+    ids=["CRLF header", "LF", "NUL", "ESC", "line separator", "over the length cap"],
 )
-def test_a_control_character_in_a_field_is_quarantined_with_its_reason(
+def test_a_control_character_or_an_overlong_value_is_quarantined_with_its_reason(
     tmp_path: Path, project_paths: ProjectPaths, first_name: str
 ) -> None:
     from mailroom.audience.validate import validate_audience
@@ -136,4 +143,9 @@ def test_a_control_character_in_a_field_is_quarantined_with_its_reason(
     assert (outcome.valid, outcome.quarantined) == (others, 1)
     quarantine = pd.read_parquet(tmp_path / "quarantine.parquet")
     assert quarantine["user_id"].tolist() == ["u1"]
-    assert quarantine["reason"].tolist() == ["expect_column_values_to_not_match_regex(first_name)"]
+    reason = (
+        "expect_column_value_lengths_to_be_between(first_name)"
+        if len(first_name) > spec.max_field_length
+        else "expect_column_values_to_not_match_regex(first_name)"
+    )
+    assert quarantine["reason"].tolist() == [reason]

@@ -467,6 +467,106 @@ def test_unreadable_catalog_is_named(project: Project) -> None:
         project.render()
 
 
+PO_HEADER = (
+    'msgid ""\nmsgstr ""\n"Language: de\\n"\n"Plural-Forms: nplurals=2; plural=(n != 1);\\n"\n\n'
+)
+# The header above is lines 1 to 5; each entry starts on line 6.
+PO_UNSUBSCRIBE = '\nmsgid "Unsubscribe"\nmsgstr "Abbestellen"\n'
+# (entries after the header, the line the error must name, what it must say)
+BROKEN_CATALOGS: dict[str, tuple[str, int, str]] = {
+    "unterminated msgstr": (
+        'msgid "Hello %(name)s"\nmsgstr "Hallo %(name)s\n' + PO_UNSUBSCRIBE,
+        7,
+        r"a string is not closed \(a missing '\"' at the end of the line\)",
+    ),
+    "unterminated msgid": (
+        'msgid "Hello %(name)s\nmsgstr "Hallo %(name)s"\n',
+        6,
+        r"a string is not closed",
+    ),
+    "unterminated continuation line": (
+        'msgid "Hello %(name)s"\nmsgstr ""\n"Hallo "\n"%(name)s\n',
+        9,
+        r"a string is not closed",
+    ),
+    "a quote inside a string unescaped": (
+        'msgid "Hello %(name)s"\nmsgstr "Hallo "lieber" %(name)s"\n',
+        7,
+        r"text after the closing '\"' \(a '\"' inside a string is written '\\\"'\)",
+    ),
+    "a string without quotes": (
+        'msgid "Hello %(name)s"\nmsgstr Hallo %(name)s\n',
+        7,
+        r"a string must be in double quotes",
+    ),
+    "a keyword without its string": (
+        'msgid "Hello %(name)s"\nmsgstr\n',
+        7,
+        r"msgstr has no string",
+    ),
+    "an escape Babel would ship raw": (
+        'msgid "Hello %(name)s"\nmsgstr "Hallo\\a %(name)s"\n',
+        7,
+        r"unsupported escape '\\a' \(use \\n, \\t, \\r, \\\" or \\\\\)",
+    ),
+    "a misspelt keyword": (
+        'msgid "Hello %(name)s"\nmsgstrr "Hallo %(name)s"\n',
+        7,
+        r"not a comment, a string, or one of msgid, msgid_plural, msgctxt, msgstr and msgstr\[N\]",
+    ),
+    "a plural index that is not a number": (
+        'msgid "Hello %(name)s"\nmsgid_plural "Hellos"\nmsgstr[x] "Hallo"\n',
+        8,
+        r"not a comment, a string",
+    ),
+    "a msgid without msgstr": (
+        'msgid "Hello %(name)s"\n' + PO_UNSUBSCRIBE,
+        6,
+        r"missing msgstr for msgid 'Hello %\(name\)s'",
+    ),
+    "an unterminated obsolete entry": (
+        'msgid "Hello %(name)s"\nmsgstr "Hallo %(name)s"\n'
+        + PO_UNSUBSCRIBE
+        + '\n#~ msgid "Old"\n#~ msgstr "Alt\n',
+        13,
+        r"a string is not closed",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN_CATALOGS))
+def test_a_catalog_that_does_not_parse_fails_render_naming_file_and_line(
+    project: Project, case: str
+) -> None:
+    entries, line, problem = BROKEN_CATALOGS[case]
+    path = project.translations / "de" / "LC_MESSAGES" / "messages.po"
+    path.write_text(PO_HEADER + entries, "utf-8")
+
+    with pytest.raises(ContentError) as caught:
+        project.render()
+
+    expected = rf"cannot read translation catalog {at(path)}, line {line}: {problem}.*"
+    assert re.fullmatch(expected, str(caught.value)), str(caught.value)
+
+
+def test_a_hand_written_catalog_with_every_escape_babel_reads_renders(project: Project) -> None:
+    """The check refuses only what Babel would misread: wrapped strings, escaped quotes and
+    backslashes, obsolete entries and comments are all read as written."""
+    path = project.translations / "de" / "LC_MESSAGES" / "messages.po"
+    path.write_text(
+        PO_HEADER
+        + '# translator comment\n#, python-format\nmsgid "Hello %(name)s"\n'
+        + 'msgstr ""\n"Hallo \\"\\\\\\" "\n  "%(name)s"\n'
+        + PO_UNSUBSCRIBE
+        + '\n#~ msgid "Old"\n#~ msgstr "Alt"\n',
+        "utf-8",
+    )
+
+    content = project.render()
+
+    assert 'Hallo "\\" ' in content.subject
+
+
 def test_translation_with_a_wrong_placeholder_is_refused(project: Project) -> None:
     path = project.catalog("de", {**GERMAN, "Hello %(name)s": "Hallo %(vorname)s"})
     with pytest.raises(ContentError, match=rf"{at(path)} is broken: 'Hello %\(name\)s'"):

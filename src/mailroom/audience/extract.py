@@ -7,10 +7,17 @@ Dedupe and suppression compare ``addresses.address_key``, the one key of a mailb
 punycode spellings of one mailbox, its case variants, and a spelling with an invisible character
 or a fullwidth form are one person, who gets the message once (and whose suppression, however it
 is spelt, holds). Distinct mailboxes (``ann@``, ``a.nn@``, ``ann+x@``) stay distinct.
+
+A suppression list is read through ``addresses.single_address`` first, which takes off the
+wrappers people write around an address (``Name <a@x>``, ``mailto:a@x``, ``a@x;``…). A row that
+cannot be read as one address is not guessed at: it is counted (``suppressions_unreadable``) and
+listed, by row number and masked value, in ``suppressions_unreadable.csv`` next to the snapshot,
+so an operator can fix the list before approving.
 """
 
 from __future__ import annotations
 
+import csv
 import logging
 from collections import Counter
 from collections.abc import Iterator
@@ -24,7 +31,14 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mailroom.addresses import address_key, normalise, readable
+from mailroom.addresses import (
+    UnreadableAddress,
+    address_key,
+    mask,
+    normalise,
+    readable,
+    single_address,
+)
 from mailroom.campaign_spec import CampaignSpec
 from mailroom.errors import AudienceError
 
@@ -42,6 +56,9 @@ class ExtractCounts:
     duplicates: int
     locale_defaulted: int
     kept: int
+    # Suppression rows that could not be read as one address (listed in the unreadable file):
+    # not applied, so the approver must see how many there were.
+    suppressions_unreadable: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -51,6 +68,12 @@ class ExtractCounts:
             "duplicates": self.duplicates,
             "locale_defaulted": self.locale_defaulted,
             "kept": self.kept,
+            # Only when there are some: the record of a run without any keeps its shape.
+            **(
+                {"suppressions_unreadable": self.suppressions_unreadable}
+                if self.suppressions_unreadable
+                else {}
+            ),
         }
 
 
@@ -60,10 +83,37 @@ def snapshot_schema(fields: tuple[str, ...]) -> pa.Schema:
 
 
 SUPPRESSED_SCHEMA = pa.schema([("user_id", pa.string()), ("email", pa.string())])
+UNREADABLE_SUPPRESSIONS_FILE = "suppressions_unreadable.csv"
+UNREADABLE_COLUMNS = ("row", "reason", "value_masked")
+
+
+@dataclass(frozen=True)
+class UnreadableSuppression:
+    """A suppression row that is not one address. ``row`` is its position in the suppression
+    source, 1 for the first data row (the CSV line after the header, the first row the query
+    returns); ``value_masked`` is ``addresses.mask`` of the value: enough to find the row, not
+    to read an address off the run folder."""
+
+    row: int
+    reason: str
+    value_masked: str
+
+
+@dataclass
+class Suppressions:
+    """The suppression list read: reason by address key, and the rows that were not read."""
+
+    reasons: dict[str, str]
+    unreadable: list[UnreadableSuppression]
 
 
 def extract_audience(
-    spec: CampaignSpec, *, sql_url: str | None, snapshot: Path, suppressed_out: Path | None = None
+    spec: CampaignSpec,
+    *,
+    sql_url: str | None,
+    snapshot: Path,
+    suppressed_out: Path | None = None,
+    unreadable_suppressions_out: Path | None = None,
 ) -> ExtractCounts:
     """Write the audience snapshot for ``spec`` to ``snapshot`` and return what was dropped.
 
@@ -71,8 +121,16 @@ def extract_audience(
     connection by the caller); file sources use the spec's ``url`` instead. ``suppressed_out``
     receives who was left out for a suppression (user id and address key): never recipients,
     but still people whose data no shared part of a request may show (``checks.audience_data``).
+    ``unreadable_suppressions_out`` (by default ``suppressions_unreadable.csv`` next to the
+    snapshot) lists the suppression rows that are not one address; it is always written, with
+    its header only when there are none, so a run folder never holds a stale one.
     """
-    suppressions = _read_suppressions(spec, sql_url)
+    read = _read_suppressions(spec, sql_url)
+    suppressions = read.reasons
+    _write_unreadable(
+        unreadable_suppressions_out or snapshot.with_name(UNREADABLE_SUPPRESSIONS_FILE),
+        read.unreadable,
+    )
     schema = snapshot_schema(spec.fields)
     seen: set[str] = set()
     extracted = duplicates = defaulted = kept = 0
@@ -134,7 +192,14 @@ def extract_audience(
         duplicates=duplicates,
         locale_defaulted=defaulted,
         kept=kept,
+        suppressions_unreadable=len(read.unreadable),
     )
+    if read.unreadable:
+        log.warning(
+            "extract: %d suppression row(s) are not one address and were not applied; see %s",
+            len(read.unreadable),
+            UNREADABLE_SUPPRESSIONS_FILE,
+        )
     log.info("extract: done %s", counts.to_dict())
     return counts
 
@@ -218,7 +283,10 @@ def _read_audience_chunks(spec: CampaignSpec, sql_url: str | None) -> Iterator[p
         yield from _file_chunks(source.url)
 
 
-def _read_suppressions(spec: CampaignSpec, sql_url: str | None) -> dict[str, str]:
+def _read_suppressions(spec: CampaignSpec, sql_url: str | None) -> Suppressions:
+    """Every suppression row, read as one address and keyed by ``address_key`` (as the audience
+    is), with its reason. NULL, blank and unreadable rows are collected, not raised: one bad row
+    must not stop a run, nor hide the rows after it."""
     source = spec.audience
     frames: Iterator[pd.DataFrame]
     if source.suppressions_query:
@@ -226,20 +294,48 @@ def _read_suppressions(spec: CampaignSpec, sql_url: str | None) -> dict[str, str
     elif source.suppressions_url:
         frames = _file_chunks(source.suppressions_url)
     else:
-        return {}
+        return Suppressions({}, [])
     result: dict[str, str] = {}
+    unreadable: list[UnreadableSuppression] = []
+    row = 0
     for frame in frames:
         if "email" not in frame.columns:
             raise AudienceError("suppression source lacks the 'email' column")
-        reasons = (
-            frame["reason"]
-            if "reason" in frame.columns
-            else pd.Series("suppressed", index=frame.index)
-        )
-        for key, reason in zip(frame["email"].map(address_key), reasons, strict=True):
-            if key:
-                result[key] = str(reason or "suppressed")
-    return result
+        reasons = frame["reason"].tolist() if "reason" in frame.columns else [None] * len(frame)
+        for value, reason in zip(frame["email"].tolist(), reasons, strict=True):
+            row += 1
+            try:
+                key = address_key(single_address(value))
+            except UnreadableAddress as exc:
+                unreadable.append(UnreadableSuppression(row, str(exc), _masked(value)))
+                continue
+            if key is not None:  # always: single_address has checked it has a key
+                result[key] = _reason(reason)
+    return Suppressions(result, unreadable)
+
+
+def _reason(value: object) -> str:
+    """A suppression's reason; ``suppressed`` when the source has none (NULL, NaN, blank)."""
+    if value is None or (isinstance(value, float) and value != value) or not str(value).strip():
+        return "suppressed"
+    return str(value).strip()
+
+
+def _masked(value: object) -> str:
+    """What an operator is shown of an unreadable suppression value: masked when it is text."""
+    if isinstance(value, str):
+        return mask(" ".join(value.split())) if value.strip() else ""
+    return "" if value is None or (isinstance(value, float) and value != value) else "***"
+
+
+def _write_unreadable(path: Path, rows: list[UnreadableSuppression]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as out:
+        writer = csv.writer(out)
+        writer.writerow(UNREADABLE_COLUMNS)
+        writer.writerows((r.row, r.reason, r.value_masked) for r in rows)
+    tmp.replace(path)
 
 
 def _require_url(sql_url: str | None, spec: CampaignSpec) -> str:

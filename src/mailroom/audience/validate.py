@@ -68,7 +68,13 @@ def audience_expectations(spec: CampaignSpec) -> list[Any]:
     ]
     for field in spec.fields:
         expectations.append(gxe.ExpectColumnValuesToNotBeNull(column=field))
-        expectations.append(gxe.ExpectColumnValueLengthsToBeBetween(column=field, min_value=1))
+        # Within the campaign's cap (``max_field_length``): a 100 KB first name would go into
+        # every part of the message it is shown in.
+        expectations.append(
+            gxe.ExpectColumnValueLengthsToBeBetween(
+                column=field, min_value=1, max_value=spec.max_field_length
+            )
+        )
         # A control character (a line break, NUL, ESC…) in a value every message carries could
         # forge a header line or cut the text where a reader or a server stops: quarantined with
         # its reason here, before approval, never refused by the guard after it.

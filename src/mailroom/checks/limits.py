@@ -22,6 +22,18 @@ MAX_CUSTOM_ARGS_BYTES = 10_000
 # categories.maxItems and categories.items.maxLength.
 MAX_CATEGORIES = 10
 MAX_CATEGORY_LENGTH = 255
+# categories.uniqueItems is true as well, and SendGrid's "Working with Categories" page adds that
+# a category name is 7-bit US-ASCII (the published document does not say so): the campaign spec
+# refuses a repeated or non-ASCII category rather than letting every request fail at send.
+
+# Not SendGrid's: the longest value (in characters) one recipient field may hold unless the
+# campaign sets ``max_field_length``. A first name of 100 KB is bad data, not a name, and it would
+# otherwise reach the subject of every message that recipient gets.
+DEFAULT_MAX_FIELD_LENGTH = 256
+# The most a campaign may raise that cap to: one value of more characters than this cannot fit
+# in the substitutions of a personalization (``MAX_SUBSTITUTIONS_BYTES``) whatever its encoding.
+MAX_FIELD_LENGTH_CAP = MAX_SUBSTITUTIONS_BYTES
+
 # headers (top level and per personalization): "You may not override" these. ``Sender`` and
 # ``Return-Path`` are not on SendGrid's list; Mailroom never sets them and refuses them too.
 SENDGRID_RESERVED_HEADERS = frozenset(
