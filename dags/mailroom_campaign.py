@@ -56,6 +56,19 @@ CAMPAIGNS = sorted(p.stem for p in (_CAMPAIGNS_DIR / "campaigns").glob("*.yaml")
             maximum=256,
             description="Parallel send tasks (each owns a fixed slice of the batches)",
         ),
+        "resend_to_earlier_recipients": Param(
+            False,
+            type="boolean",
+            description="Send again to people an earlier run of this campaign sent to (or "
+            "whose outcome is unknown); they are left out otherwise. Needs a resend_reason",
+        ),
+        "resend_reason": Param(
+            "",
+            type="string",
+            maxLength=500,
+            description="Why they should get it again (required with the option above; shown "
+            "to the approver and kept with the run)",
+        ),
     },
 )
 def mailroom_campaign() -> None:
@@ -63,7 +76,11 @@ def mailroom_campaign() -> None:
     def prepare() -> dict[str, Any]:
         ctx = get_current_context()
         p = ctx["params"]
-        return tasks.prepare(p["campaign"], p["dry_run"], int(p["shards"]), ctx["run_id"])
+        resend = tasks.resend_choice(p)  # before anything is written: a bad choice fails here
+        return {
+            **tasks.prepare(p["campaign"], p["dry_run"], int(p["shards"]), ctx["run_id"]),
+            "resend": resend,
+        }
 
     @task
     def extract_audience(prepared: dict[str, Any]) -> dict[str, Any]:

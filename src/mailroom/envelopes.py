@@ -11,6 +11,7 @@ import hashlib
 import html
 import logging
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -161,8 +162,33 @@ def _cleaned_and_escaped(column: Any, count: int) -> tuple[pa.Array, pa.Array]:
     )
 
 
-def build_envelopes(spec: CampaignSpec, *, valid_audience: Path, out: Path, secret: bytes) -> int:
+LEFT_OUT_SCHEMA = pa.schema(
+    [
+        ("user_id", pa.string()),
+        ("email", pa.string()),
+        ("locale", pa.string()),
+        ("reason", pa.string()),
+        ("earlier_run", pa.string()),
+    ]
+)
+
+
+def build_envelopes(
+    spec: CampaignSpec,
+    *,
+    valid_audience: Path,
+    out: Path,
+    secret: bytes,
+    leave_out: Mapping[str, tuple[str, str]] | None = None,
+    left_out_out: Path | None = None,
+) -> int:
     """Write one envelope row per valid recipient to ``out``; returns how many.
+
+    ``leave_out``: address key (the address lower-cased, as the outbox keys it) → (reason,
+    earlier run) of recipients an earlier run of the campaign sent to; they get no envelope, and
+    go to ``left_out_out`` (user id, address, locale, reason, earlier run) instead, so every
+    later stage sees exactly who this run sends to and the report can still say why the others
+    were not.
 
     Each row holds the recipient's substitutions and headers as compact JSON, exactly as a
     request body will carry them, and ``values_sha256`` (``envelope_guard.values_digest`` of
@@ -175,9 +201,15 @@ def build_envelopes(spec: CampaignSpec, *, valid_audience: Path, out: Path, secr
     parquet = pq.ParquetFile(valid_audience)
     written = 0
     tmp = out.with_suffix(".parquet.tmp")
+    left_tmp = left_out_out.with_suffix(".parquet.tmp") if left_out_out is not None else None
+    left_writer = pq.ParquetWriter(left_tmp, LEFT_OUT_SCHEMA) if left_tmp is not None else None
     with pq.ParquetWriter(tmp, ENVELOPE_SCHEMA) as writer:
         for batch in parquet.iter_batches(batch_size=CHUNK_ROWS):
             rows = pa.Table.from_batches([batch])
+            if leave_out:
+                rows = _leave_out(rows, leave_out, left_writer)
+            if not rows.num_rows:
+                continue
             subs, headers = envelope_value_columns(spec, secret, rows)
             sub_texts = {k: json_strings(v) for k, v in subs.items()}
             header_texts = {k: json_strings(v) for k, v in headers.items()}
@@ -198,8 +230,35 @@ def build_envelopes(spec: CampaignSpec, *, valid_audience: Path, out: Path, secr
                 writer.write_table(envelopes.filter(pc.equal(locales, locale)))
             written += count
             log.info("build_envelopes: %d envelopes", written)
+    if left_writer is not None and left_tmp is not None and left_out_out is not None:
+        left_writer.close()
+        left_tmp.replace(left_out_out)
     tmp.replace(out)
     return written
+
+
+def _leave_out(
+    rows: pa.Table, leave_out: Mapping[str, tuple[str, str]], writer: pq.ParquetWriter | None
+) -> pa.Table:
+    """The rows whose address key is not in ``leave_out``; the others go to ``writer``."""
+    found = [leave_out.get(str(e).lower()) for e in rows.column("email").to_pylist()]
+    left = pa.array([f is not None for f in found], pa.bool_())
+    if writer is not None and any(f is not None for f in found):
+        taken = [f for f in found if f is not None]
+        chosen = rows.filter(left)
+        writer.write_table(
+            pa.table(
+                {
+                    "user_id": chosen.column("user_id").cast(pa.string()),
+                    "email": chosen.column("email").cast(pa.string()),
+                    "locale": chosen.column("locale").cast(pa.string()),
+                    "reason": pa.array([f[0] for f in taken], pa.string()),
+                    "earlier_run": pa.array([f[1] for f in taken], pa.string()),
+                },
+                schema=LEFT_OUT_SCHEMA,
+            )
+        )
+    return rows.filter(pc.invert(left))
 
 
 def values_digests(

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections import Counter
 from collections.abc import Callable, Iterator
 from itertools import chain, repeat
 from pathlib import Path
 from typing import Any
 
-from mailroom import batches, content, envelopes, run_inputs
+from mailroom import batches, content, earlier_runs, envelopes, run_inputs, run_record
 from mailroom.approval import canary, summary
 from mailroom.audience import extract, validate
 from mailroom.batches import Manifest, batch_id_for, load_manifest
@@ -69,7 +70,10 @@ def prepare(
     if not 1 <= shard_count <= MAX_SHARDS:
         raise ValidationFailed(f"shard count must be 1..{MAX_SHARDS}, got {shard_count}")
     location = run_location(staging_root, spec.name, run_id)
-    staging = RunStaging(working_dir or Path(location)).create()
+    root = working_dir or Path(location)
+    # Before anything is written: a folder another run id owns, or a frozen run, is refused.
+    run_record.claim_folder(root, campaign=spec.name, run_id=run_id)
+    staging = RunStaging(root).create()
     run = Run(spec.name, run_id, staging, shard_count, dry_run, location)
     shutil.copyfile(campaign_path(paths.campaigns, campaign), run.spec_copy)
     log.info(
@@ -82,6 +86,7 @@ def prepare(
     return run
 
 
+@run_record.stage("extract_audience")
 def extract_audience(run: Run, *, sql_url: str | None) -> dict[str, Any]:
     counts = extract.extract_audience(
         run.spec(),
@@ -93,6 +98,7 @@ def extract_audience(run: Run, *, sql_url: str | None) -> dict[str, Any]:
     return counts.to_dict()
 
 
+@run_record.stage("validate_audience")
 def validate_audience(run: Run) -> dict[str, Any]:
     st = run.staging
     outcome = validate.validate_audience(
@@ -102,6 +108,7 @@ def validate_audience(run: Run) -> dict[str, Any]:
     return {k: v for k, v in outcome.to_dict().items() if k != "gx"}
 
 
+@run_record.stage("render_content")
 def render_content(run: Run, paths: ProjectPaths) -> dict[str, Any]:
     spec = run.spec()
     contents = content.render_content(spec, paths.templates, paths.translations)
@@ -120,16 +127,69 @@ def load_contents(run: Run) -> dict[str, LocaleContent]:
     }
 
 
-def build_envelopes(run: Run, *, secret: bytes) -> dict[str, Any]:
+@run_record.stage("build_envelopes")
+def build_envelopes(
+    run: Run,
+    *,
+    secret: bytes,
+    outbox: Outbox | None = None,
+    resend: earlier_runs.ResendChoice | None = None,
+) -> dict[str, Any]:
+    """One envelope per valid recipient, except those another run of the campaign sent to or
+    left in doubt (``earlier_runs``; unless ``resend``), as the ``outbox`` records them now.
+    Leaving them out here, before any envelope exists, keeps every later layer (freeze, the
+    gate's expected count, the guard's members, the approval) on exactly who this run sends to;
+    ``left_out.json`` records how many were left out, why, and the resend choice.
+
+    Without an ``outbox`` (a caller with no campaign history) nobody is left out."""
+    import pyarrow.parquet as pq
+
+    st = run.staging
+    choice = resend or earlier_runs.ResendChoice()
+    found = (
+        earlier_runs.earliest_reasons(outbox.earlier_outcomes(run.run_key))
+        if outbox is not None
+        else {}
+    )
+    left_out_file = earlier_runs.left_out_parquet(st)
+    left_out_file.unlink(missing_ok=True)
     count = envelopes.build_envelopes(
         run.spec(),
-        valid_audience=run.staging.valid_audience,
-        out=run.staging.envelopes,
+        valid_audience=st.valid_audience,
+        out=st.envelopes,
         secret=secret,
+        leave_out=None if choice.resend else found,
+        left_out_out=left_out_file,
     )
-    return {"envelopes": count}
+    reasons: Counter[str] = Counter()
+    by_run: Counter[str] = Counter()
+    if left_out_file.exists():
+        left = pq.read_table(left_out_file, columns=["reason", "earlier_run"])
+        reasons.update(left.column("reason").to_pylist())
+        by_run.update(left.column("earlier_run").to_pylist())
+    would = Counter[str]()
+    if choice.resend and found:
+        emails = pq.read_table(st.valid_audience, columns=["email"]).column("email").to_pylist()
+        would.update(found[key][0] for e in emails if (key := str(e).lower()) in found)
+    record = earlier_runs.write_record(
+        st,
+        choice=choice,
+        valid=pq.ParquetFile(st.valid_audience).metadata.num_rows,
+        left_out=reasons,
+        by_run=Counter({k.split("/", 1)[-1]: v for k, v in by_run.items()}),
+        would_leave_out=would,
+        sending_run=outbox.sending_run(run.campaign) if outbox is not None else None,
+    )
+    log.info(
+        "build_envelopes: %d envelopes; left out: %s; resend: %s",
+        count,
+        record["left_out"],
+        choice.resend,
+    )
+    return {"envelopes": count, "left_out": record["left_out"], "resend": choice.resend}
 
 
+@run_record.stage("freeze_batches")
 def freeze_batches(run: Run, *, outbox: Outbox, build_body: Any = None) -> dict[str, Any]:
     """Write the request bodies and manifest, and stage every batch in the outbox.
 
@@ -148,6 +208,8 @@ def freeze_batches(run: Run, *, outbox: Outbox, build_body: Any = None) -> dict[
     kwargs = {"build_body": build_body} if build_body is not None else {}
     frozen: Future[tuple[str, list[StagedBatch]]] = Future()
     inputs = run_inputs.input_digests(st, spec.locales)
+    left_out = earlier_runs.read_record(st)
+    resend = earlier_runs.ResendChoice.from_dict(left_out)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="freeze-outbox") as pool:
         staging = pool.submit(
             outbox.stage_members_first,
@@ -155,6 +217,7 @@ def freeze_batches(run: Run, *, outbox: Outbox, build_body: Any = None) -> dict[
             _members_by_envelope(plan, st.envelopes),
             frozen.result,
             inputs,
+            resend_reason=resend.reason if resend.resend else None,
         )
         try:
             manifest = batches.freeze_batches(
@@ -250,6 +313,7 @@ def manifest_summary(manifest: Manifest, shard_count: int) -> dict[str, Any]:
     }
 
 
+@run_record.stage("check_envelopes")
 def check_envelopes(
     run: Run, paths: ProjectPaths, *, secret: bytes, outbox: Outbox
 ) -> dict[str, Any]:
@@ -258,7 +322,8 @@ def check_envelopes(
     from that and the spec, holds it to everyone the extract read (``audience_data``), and holds
     every body to the digest the outbox staged it with."""
     st = run.staging
-    valid = read_json(st.audience_validation)["valid"]
+    # Everyone valid, less those an earlier run of the campaign sent to (``build_envelopes``).
+    valid = read_json(st.audience_validation)["valid"] - earlier_runs.left_out_total(st)
     spec = run.spec()
     contents = content.render_content(spec, paths.templates, paths.translations)
     manifest = load_manifest(st.manifest)
@@ -358,6 +423,7 @@ def _approved(
     return manifest, shared
 
 
+@run_record.stage("guard_shard")
 def guard_shard(
     run: Run,
     *,
@@ -387,6 +453,7 @@ def guard_shard(
     )
 
 
+@run_record.stage("send_shard")
 def send_shard(
     run: Run,
     *,
@@ -419,10 +486,36 @@ def send_shard(
         )
 
 
+@run_record.stage("reconcile")
 def reconcile(run: Run, *, outbox: Outbox | None, approval: dict[str, Any]) -> dict[str, Any]:
+    """The report. Once the run is frozen its first final report stands (``run_record``): the
+    new one is made aside, and written (as ``reports/<n>.json``) only when it differs, never
+    over ``report.json``."""
+    import tempfile
+
     st = run.staging
     manifest = load_manifest(st.manifest) if st.manifest.exists() else None
-    result = report.reconcile(
+    keep = st.report.exists() and run_record.is_frozen(st.root, run.run_key, outbox)
+    with tempfile.TemporaryDirectory(prefix="mailroom-reconcile-") as scratch:
+        not_sent = Path(scratch) / "not_sent.csv" if keep else st.not_sent
+        result = _reconciled(run, manifest, outbox, approval, not_sent)
+        result["not_sent_file"] = run.where(st.not_sent)
+        if keep:
+            return run_record.keep_first_report(run, result, not_sent)
+    write_json(st.report, result)
+    log.info("report: status %s, %s", result["status"], result.get("equation"))
+    return result
+
+
+def _reconciled(
+    run: Run,
+    manifest: Manifest | None,
+    outbox: Outbox | None,
+    approval: dict[str, Any],
+    not_sent: Path,
+) -> dict[str, Any]:
+    st = run.staging
+    return report.reconcile(
         run_key=run.run_key,
         manifest=manifest,
         outbox=outbox if manifest is not None else None,
@@ -430,14 +523,13 @@ def reconcile(run: Run, *, outbox: Outbox | None, approval: dict[str, Any]) -> d
         validation=read_json(st.audience_validation) if st.audience_validation.exists() else None,
         approval=approval,
         quarantine=st.quarantine if st.quarantine.exists() else None,
-        not_sent_csv=st.not_sent,
+        not_sent_csv=not_sent,
+        left_out=earlier_runs.read_record(st),
+        left_out_rows=earlier_runs.left_out_parquet(st),
     )
-    result["not_sent_file"] = run.where(st.not_sent)
-    write_json(st.report, result)
-    log.info("report: status %s, %s", result["status"], result.get("equation"))
-    return result
 
 
+@run_record.stage("canary_send")
 def canary_send(run: Run, *, secret: bytes, transport: Transport) -> dict[str, Any]:
     """Send the frozen content to the campaign's seed list (nothing when it has none)."""
     return canary.canary_send(
@@ -450,6 +542,7 @@ def canary_send(run: Run, *, secret: bytes, transport: Transport) -> dict[str, A
     )
 
 
+@run_record.stage("summarise")
 def summarise(run: Run, *, triggered_by: str | None) -> str:
     """What the approver reads: counts, checks, a preview per locale, the manifest digest."""
     return summary.summarise(run, triggered_by=triggered_by)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mailroom.campaign_spec import CampaignSpec, parse_campaign
+from mailroom.campaign_spec import CampaignSpec, load_campaign_file
 from mailroom.staging import RunStaging
 
 
@@ -59,11 +59,8 @@ class Run:
         return self.location if rel == "." else f"{self.location}/{rel}"
 
     def spec(self) -> CampaignSpec:
-        import yaml
-
-        return parse_campaign(
-            yaml.safe_load(self.spec_copy.read_text("utf-8")), source=str(self.spec_copy)
-        )
+        """The run's frozen copy of the campaign spec, read as strictly as the original."""
+        return load_campaign_file(self.spec_copy)
 
     def to_xcom(self) -> dict[str, Any]:
         return {

@@ -30,6 +30,9 @@ def local_path(location: str | Path) -> Path:
 
 
 def run_folder_name(run_id: str) -> str:
+    """The folder name of a run id: what a path and an object key may hold. Run ids that differ
+    only in other characters (``manual__x:1``, ``manual__x_1``) get the same name, so the folder
+    records the run that owns it and refuses any other (``mailroom.run_record``)."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", run_id).strip("_") or "run"
 
 

@@ -29,6 +29,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from mailroom.batches import load_manifest
 from mailroom.errors import MailroomError
+from mailroom.run_record import FROZEN, OWNER, Folder, RunRefused
 from mailroom.staging import RunStaging, is_url, local_path
 
 log = logging.getLogger(__name__)
@@ -52,10 +53,17 @@ VALID = _rel(_LAYOUT.valid_audience)
 QUARANTINE = _rel(_LAYOUT.quarantine)
 EXTRACT_COUNTS = _rel(_LAYOUT.extract_counts)
 VALIDATION = _rel(_LAYOUT.audience_validation)
+# Who an earlier run of the campaign sent to, left out by build_envelopes (``earlier_runs``).
+LEFT_OUT = _rel(_LAYOUT.audience_dir / "left_out.json")
+LEFT_OUT_ROWS = _rel(_LAYOUT.audience_dir / "left_out.parquet")
 ENVELOPES = _rel(_LAYOUT.envelopes)
 GATE_RESULT = _rel(_LAYOUT.gate_result)
 APPROVAL = _rel(_LAYOUT.approval)
 REPORT = _rel(_LAYOUT.report)
+NOT_SENT = _rel(_LAYOUT.not_sent)
+REPORTS = "reports/"  # a frozen run's later reports (``run_record.keep_first_report``)
+# Fetched for every stage when there: which run owns the folder and whether it is frozen.
+RECORD = (OWNER, FROZEN)
 CONTENT = _folder(_LAYOUT.content_dir)
 BATCHES = _folder(_LAYOUT.batches_dir)
 
@@ -78,25 +86,27 @@ class StageFiles:
 
 
 STAGES: dict[str, StageFiles] = {
-    "prepare": StageFiles(writes=(SPEC,)),
+    "prepare": StageFiles(writes=(SPEC, OWNER)),
     "extract_audience": StageFiles(reads=(SPEC,), writes=(SNAPSHOT, SUPPRESSED, EXTRACT_COUNTS)),
     "validate_audience": StageFiles(
         reads=(SPEC, SNAPSHOT), writes=(VALID, QUARANTINE), last=(VALIDATION,)
     ),
     "render_content": StageFiles(reads=(SPEC,), writes=(CONTENT,)),
-    "build_envelopes": StageFiles(reads=(SPEC, VALID), writes=(ENVELOPES,)),
+    "build_envelopes": StageFiles(
+        reads=(SPEC, VALID), writes=(ENVELOPES, LEFT_OUT_ROWS), last=(LEFT_OUT,)
+    ),
     # Reads the audience files only for their digests (``run_inputs``), recorded in the outbox.
     "freeze_batches": StageFiles(
         reads=(SPEC, ENVELOPES, CONTENT, VALID, SNAPSHOT),
-        optional=(SUPPRESSED,),
+        optional=(SUPPRESSED, LEFT_OUT),
         writes=(BATCHES,),
-        last=(MANIFEST,),
+        last=(MANIFEST, FROZEN),
         replaces=(BATCHES,),
     ),
     # The gate renders the content itself: it does not read the render stage's.
     "check_envelopes": StageFiles(
         reads=(SPEC, MANIFEST, BATCHES, VALID, VALIDATION, SNAPSHOT),
-        optional=(SUPPRESSED,),
+        optional=(SUPPRESSED, LEFT_OUT),
         writes=(_folder(_LAYOUT.gate_dir),),
         last=(GATE_RESULT,),
         replaces=(_folder(_LAYOUT.gate_data_docs),),
@@ -106,13 +116,15 @@ STAGES: dict[str, StageFiles] = {
         reads=(SPEC, MANIFEST, EXTRACT_COUNTS, VALIDATION, GATE_RESULT, SNAPSHOT, CONTENT),
         optional=(
             QUARANTINE,
+            LEFT_OUT,
             _rel(_LAYOUT.canary_dir / "result.json"),
             _rel(_LAYOUT.gate_data_docs / "index.html"),
         ),
         batches="first_per_locale",
         writes=(_folder(_LAYOUT.preview_dir),),
     ),
-    "approve": StageFiles(writes=(APPROVAL,)),
+    # Fetched when there: the first answer is the run's (``run_record``).
+    "approve": StageFiles(optional=(APPROVAL,), writes=(APPROVAL,)),
     # The guard compares every body with what the spec and the rendered content give, and holds
     # what every recipient sees to the whole audience.
     "guard_shard": StageFiles(
@@ -124,10 +136,23 @@ STAGES: dict[str, StageFiles] = {
         batches="shard",
         writes=(_folder(_LAYOUT.dry_run_outbox),),
     ),
-    # Runs whatever happened before (trigger rule all_done): every input may be missing.
+    # Runs whatever happened before (trigger rule all_done): every input may be missing. A
+    # frozen run's first report stands: it is fetched to be compared, and never uploaded again.
     "reconcile": StageFiles(
-        optional=(SPEC, MANIFEST, EXTRACT_COUNTS, VALIDATION, QUARANTINE, APPROVAL),
-        writes=(_rel(_LAYOUT.not_sent),),
+        optional=(
+            SPEC,
+            MANIFEST,
+            EXTRACT_COUNTS,
+            VALIDATION,
+            QUARANTINE,
+            LEFT_OUT,
+            LEFT_OUT_ROWS,
+            APPROVAL,
+            REPORT,
+            NOT_SENT,
+            REPORTS,
+        ),
+        writes=(NOT_SENT, REPORTS),
         last=(REPORT,),
     ),
 }
@@ -195,6 +220,8 @@ class RunStore:
             before = self._fetch(root, stage, files, shard)
             try:
                 yield root
+            except RunRefused:
+                raise  # refused before writing: nothing to upload, nothing stale to remove
             except Exception:
                 try:
                     self._upload(root, stage, files, before)
@@ -222,6 +249,19 @@ class RunStore:
             if info.get("type", "file") == "file" and str(name).startswith(prefix)
         }
 
+    def record(self) -> Folder:
+        """The run folder as ``run_record`` checks it, before any working copy is made."""
+        if not self.remote:
+            return Folder.local(local_path(self.location))
+
+        def read(rel: str) -> bytes | None:
+            try:
+                return bytes(self.fs.cat_file(f"{self._base}/{rel}"))
+            except FileNotFoundError:
+                return None
+
+        return Folder.listed(safe_location(self.location), self.listing(), read)
+
     def download(self, dest: Path) -> Transfer:
         """Copy the whole run folder to ``dest`` (for an operator: Data Docs, not_sent.csv)."""
         transfer = Transfer()
@@ -242,7 +282,7 @@ class RunStore:
         self, root: Path, stage: str, files: StageFiles, shard: tuple[int, int] | None
     ) -> dict[str, tuple[int, int]]:
         started = time.monotonic()
-        listing = self.listing() if files.reads or files.optional or files.batches else {}
+        listing = self.listing()
         wanted: dict[str, int] = {}
         missing = []
         for entry in files.reads:
@@ -250,7 +290,7 @@ class RunStore:
             if not matched and not entry.endswith("/"):
                 missing.append(entry)
             wanted.update(matched)
-        for entry in files.optional:
+        for entry in (*files.optional, *RECORD):
             wanted.update(_matching(listing, entry))
         self._require(stage, missing)
         self._get(root, wanted)

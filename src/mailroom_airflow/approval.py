@@ -3,6 +3,11 @@
 Approvers come from the run's campaign (so they cannot be known while the DAG file is parsed):
 the campaign spec, overridden by the Variable ``mailroom_approvers__<campaign>``, minus the user
 who triggered the run: nobody approves their own send.
+
+The body is the run's approval summary (``mailroom.approval.summary``): how many an earlier run
+of the campaign already sent to were left out, and why. A run triggered to send to them again
+says so in the subject as well, with the trigger's reason first in the body, so no approver
+answers it as an ordinary send.
 """
 
 from __future__ import annotations
@@ -42,6 +47,14 @@ class CampaignApprovalOperator(ApprovalOperator):
             )
         self.assigned_users = [{"id": user, "name": user} for user in eligible]
         self.response_timeout = timedelta(hours=float(prepared["response_timeout_hours"]))
+        resend = prepared.get("resend") or {}
+        if resend.get("resend_to_earlier_recipients"):
+            self.subject = f"{self.subject} (RESEND to earlier recipients)"
+            self.body = (
+                "**This run was triggered to send again to everyone an earlier run of this "
+                f"campaign sent to.** Reason: {_one_line(str(resend.get('resend_reason')))}\n\n"
+                + (self.body or "")
+            )
         deadline = datetime.now(UTC) + self.response_timeout
         self.body = (self.body or "") + (
             "\n\n### Who may answer\n"
@@ -70,3 +83,10 @@ class CampaignApprovalOperator(ApprovalOperator):
         tasks.record_approval(prepared, event)
         self.log.info("approval: %s", decision_line(tasks.approval_record(event)))
         return super().execute_complete(context, event)
+
+
+def _one_line(text: str) -> str:
+    """The trigger's reason as plain text on one line (no Markdown it could inject)."""
+    from mailroom.approval.summary import inline_text
+
+    return inline_text(text)

@@ -5,7 +5,11 @@ name. The DAG file imports this module while it is parsed, so the domain package
 Great Expectations, Babel, the SendGrid SDK) is imported only inside the bodies, when a task runs.
 
 Each body works on its run's folder through ``_working``: the folder itself when staging is
-local, a working copy with the stage's declared inputs when it is on object storage.
+local, a working copy with the stage's declared inputs when it is on object storage. Before
+either, ``_working`` asks ``mailroom.run_record`` whether the stage may run on that folder at all
+(another run id owns it; the run is frozen and the stage may not run again), with the outbox's
+word when the stage has the outbox open: a refused task fails having read and written nothing,
+so clearing a finished DAG run leaves every file of the run as it was.
 """
 
 from __future__ import annotations
@@ -30,9 +34,25 @@ log = logging.getLogger(__name__)
 
 @contextmanager
 def _working(
-    prepared: dict[str, Any], stage: str, shard: tuple[int, int] | None = None
+    prepared: dict[str, Any],
+    stage: str,
+    shard: tuple[int, int] | None = None,
+    *,
+    outbox: Outbox | None = None,
 ) -> Iterator[Run]:
+    from mailroom import run_record
+
     store = settings.run_store(prepared["run_dir"])
+    campaign, run_id = prepared["campaign"], prepared["run_id"]
+    run_record.check_stage(
+        stage,
+        store.record(),
+        campaign=campaign,
+        run_id=run_id,
+        staged_manifest=(
+            outbox.manifest_sha256(f"{campaign}/{run_id}") if outbox is not None else None
+        ),
+    )
     with store.working_copy(stage, shard=shard) as folder:
         yield Run.from_xcom(prepared, working_dir=folder)
 
@@ -49,10 +69,11 @@ def _outbox() -> Iterator[Outbox]:
 
 
 def prepare(campaign: str, dry_run: bool, shard_count: int, run_id: str) -> dict[str, Any]:
-    from mailroom import pipeline
+    from mailroom import pipeline, run_record
 
     root = settings.staging_root()
     store = settings.run_store(run_location(root, campaign, run_id))
+    run_record.check_stage("prepare", store.record(), campaign=campaign, run_id=run_id)
     with store.working_copy("prepare") as folder:
         run = pipeline.prepare(
             settings.project_paths(),
@@ -95,24 +116,39 @@ def render_content(prepared: dict[str, Any]) -> dict[str, Any]:
         return pipeline.render_content(run, settings.project_paths())
 
 
+def resend_choice(params: dict[str, Any]) -> dict[str, Any]:
+    """The trigger's resend option, checked (a resend needs a reason), as XCom carries it."""
+    from mailroom.earlier_runs import resend_choice as checked
+
+    return checked(
+        params.get("resend_to_earlier_recipients", False), params.get("resend_reason", "")
+    ).to_dict()
+
+
 def build_envelopes(prepared: dict[str, Any]) -> dict[str, Any]:
     from mailroom import pipeline
+    from mailroom.earlier_runs import ResendChoice
 
-    with _working(prepared, "build_envelopes") as run:
-        return pipeline.build_envelopes(run, secret=settings.unsubscribe_secret())
+    with _outbox() as outbox, _working(prepared, "build_envelopes") as run:
+        return pipeline.build_envelopes(
+            run,
+            secret=settings.unsubscribe_secret(),
+            outbox=outbox,
+            resend=ResendChoice.from_dict(prepared.get("resend")),
+        )
 
 
 def freeze_batches(prepared: dict[str, Any]) -> dict[str, Any]:
     from mailroom import pipeline
 
-    with _outbox() as outbox, _working(prepared, "freeze_batches") as run:
+    with _outbox() as outbox, _working(prepared, "freeze_batches", outbox=outbox) as run:
         return pipeline.freeze_batches(run, outbox=outbox)
 
 
 def check_envelopes(prepared: dict[str, Any]) -> dict[str, Any]:
     from mailroom import pipeline
 
-    with _outbox() as outbox, _working(prepared, "check_envelopes") as run:
+    with _outbox() as outbox, _working(prepared, "check_envelopes", outbox=outbox) as run:
         return pipeline.check_envelopes(
             run, settings.project_paths(), secret=settings.unsubscribe_secret(), outbox=outbox
         )
@@ -146,7 +182,10 @@ def guard_shard(prepared: dict[str, Any], frozen: dict[str, Any], shard: int) ->
 
     shard_count = len(frozen["shards"])
     try:
-        with _outbox() as outbox, _working(prepared, "guard_shard", (shard, shard_count)) as run:
+        with (
+            _outbox() as outbox,
+            _working(prepared, "guard_shard", (shard, shard_count), outbox=outbox) as run,
+        ):
             return pipeline.guard_shard(
                 run,
                 manifest_sha256=frozen["manifest_sha256"],
@@ -163,7 +202,10 @@ def send_shard(prepared: dict[str, Any], frozen: dict[str, Any], shard: int) -> 
     from mailroom import pipeline
 
     shard_count = len(frozen["shards"])
-    with _outbox() as outbox, _working(prepared, "send_shard", (shard, shard_count)) as run:
+    with (
+        _outbox() as outbox,
+        _working(prepared, "send_shard", (shard, shard_count), outbox=outbox) as run,
+    ):
         transport = settings.transport(
             run.spec().connection_id,
             dry_run=run.dry_run,
@@ -187,15 +229,22 @@ def send_shard(prepared: dict[str, Any], frozen: dict[str, Any], shard: int) -> 
 
 
 def record_approval(prepared: dict[str, Any], event: dict[str, Any]) -> None:
+    """Write the answer once: the same answer again changes nothing, another one (a cleared
+    run's timeout or rejection after an approval) is refused and fails the task, so nothing
+    downstream of the gate runs on it (``run_record``)."""
+    from mailroom import run_record
+
+    record = approval_record(event)
     with _working(prepared, "approve") as run:
-        write_json(run.staging.approval, approval_record(event))
+        if not run_record.approval_unchanged(run.staging.approval, record, run_key=run.run_key):
+            write_json(run.staging.approval, record)
 
 
 def reconcile(prepared: dict[str, Any]) -> dict[str, Any]:
     from mailroom import pipeline
     from mailroom.approval.summary import decision_line
 
-    with _outbox() as outbox, _working(prepared, "reconcile") as run:
+    with _outbox() as outbox, _working(prepared, "reconcile", outbox=outbox) as run:
         approval = (
             read_json(run.staging.approval)
             if run.staging.approval.exists()

@@ -55,7 +55,7 @@ def test_tasks_keep_the_run_folder_on_object_storage_with_the_staging_connection
         prepared, {"chosen_options": ["Approve"], "responded_by_user": {"name": "approver"}}
     )
     objects = staged_on.keys("airflow/winter_update/manual__conn")
-    assert set(objects) == {"campaign.yaml", "approval.json"}
+    assert set(objects) == {"campaign.yaml", "run.json", "approval.json"}
 
 
 def test_without_the_connection_the_standard_aws_settings_apply(

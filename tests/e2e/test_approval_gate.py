@@ -7,6 +7,7 @@ connection to its own SendGrid-compatible dev server, so "nothing reached the se
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -53,6 +54,8 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "gate_tamper": {"locales": ["en"], "batch_size": 1000},  # one request
     "gate_nobody": {"approvers": ["analyst"]},
     "gate_browser": {"batch_size": 200},
+    "gate_clear": {"batch_size": 200},
+    "gate_twice": {"batch_size": 200},
 }
 
 
@@ -435,3 +438,87 @@ def test_approver_approves_in_the_airflow_ui(
     received = _received(gate.servers["gate_browser"])
     assert set(received) == gate.audience.expected
     assert max(received.values()) == 1
+
+
+def test_clearing_a_finished_run_resends_nothing_and_changes_no_file(gate: GateEnv) -> None:
+    """What an operator does by mistake: clear a sent run in Airflow. Every task runs again under
+    the same run id; the frozen run refuses at ``prepare`` (``mailroom.run_record``), and the run
+    folder stays byte for byte as it was."""
+    run_id = gate.trigger("gate_clear", shards=1)
+    gate.wait_at_gate(run_id)
+    time.sleep(2)  # an answer within ~1 s of awaiting_input can fail the task (PLATFORM_NOTES)
+    Approvals(gate.api("approver")).answer(run_id, "Approve")
+    assert gate.wait_finished(run_id) == "success", gate.task_states(run_id)
+    server = gate.servers["gate_clear"]
+    requests = server.stats().received
+    assert requests > 0
+    root = gate.folder("gate_clear", run_id).root
+
+    def files() -> dict[str, str]:
+        return {
+            p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*"))
+            if p.is_file()
+        }
+
+    before = files()
+    assert {"run.json", "frozen.json", "report.json", "approval.json"} <= set(before)
+
+    gate.api("admin").request(
+        "POST",
+        f"/dags/{DAG_ID}/dagRuns/{quote(run_id, safe='')}/clear",
+        json={"dry_run": False, "only_failed": False},
+    )
+
+    def prepare_ran_again() -> bool:
+        tis = {ti["task_id"]: ti for ti in gate.api("admin").task_instances(DAG_ID, run_id)}
+        return tis["prepare"].get("try_number", 0) >= 2 and gate.run_state(run_id) in FINISHED
+
+    gate.wait("the cleared run to run again and finish", prepare_ran_again)
+    assert gate.run_state(run_id) == "failed"
+    states = gate.task_states(run_id)
+    assert states["prepare"] == "failed"
+    assert states["send_shard"] in {"upstream_failed", "skipped"}
+    assert "is frozen" in gate.task_log(run_id, "prepare", try_number=2)
+    assert server.stats().received == requests
+    assert files() == before
+
+
+def test_triggering_a_campaign_twice_sends_nothing_twice_unless_asked_with_a_reason(
+    gate: GateEnv,
+) -> None:
+    """The second run of a campaign leaves out everyone the first sent to, sends 0 requests and
+    says why; a third, triggered with the resend option and a reason, sends again, and its
+    approver reads that before answering."""
+    server = gate.servers["gate_twice"]
+    approvals = Approvals(gate.api("approver"))
+
+    def run(conf: dict[str, Any]) -> tuple[str, str]:
+        run_id = gate.api("analyst").trigger(
+            DAG_ID, {"campaign": "gate_twice", "dry_run": False, "shards": 1, **conf}
+        )
+        gate.wait_at_gate(run_id)
+        body = approvals.get(run_id).body
+        approvals.answer(run_id, "Approve")
+        assert gate.wait_finished(run_id) == "success"
+        return run_id, body
+
+    first, _ = run({})
+    requests = server.stats().received
+    everyone = gate.report("gate_twice", first)["outbox"]["sent"]["recipients"]
+    assert requests > 0
+
+    second, body = run({})
+    assert server.stats().received == requests  # 0 requests
+    assert f"**{everyone:,} already sent**" in body
+    report = gate.report("gate_twice", second)
+    assert report["left_out"]["already_sent"] == everyone
+    assert report["staged"]["recipients"] == 0
+    assert report["balanced"] is True
+
+    reason = "the first send named the wrong maintenance window"
+    third, body = run({"resend_to_earlier_recipients": True, "resend_reason": reason})
+    assert "RESEND requested" in body
+    assert reason in body
+    assert gate.report("gate_twice", third)["left_out"]["resend_reason"] == reason
+    assert sum(_received(server).values()) == 2 * everyone

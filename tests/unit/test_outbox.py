@@ -38,8 +38,10 @@ def outbox(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Outbox]:
 
 @pytest.fixture
 def run_key() -> str:
-    # PostgreSQL's tables live for the whole session: each test gets a run of its own.
-    return f"winter_update/manual__{uuid.uuid4().hex}"
+    # PostgreSQL's tables live for the whole session: each test gets a run of its own, of a
+    # campaign of its own (the runs of one campaign share its sending slot and its recipients).
+    unique = uuid.uuid4().hex
+    return f"winter_update_{unique[:8]}/manual__{unique}"
 
 
 def batch(i: int, recipients: int = 2, locale: str = "en") -> StagedBatch:

@@ -30,7 +30,14 @@ pytestmark = pytest.mark.unit
 
 KINDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
 RUN = "winter_update/manual__2026-01-05"
-OUTBOX_TABLES = ("mailroom_batches", "mailroom_recipients", "mailroom_run_inputs", "mailroom_runs")
+OUTBOX_TABLES = (
+    "mailroom_batches",
+    "mailroom_campaign_sends",
+    "mailroom_recipients",
+    "mailroom_run_inputs",
+    "mailroom_run_resends",
+    "mailroom_runs",
+)
 # One batch of the earlier release's run in each state, with what the row said.
 EARLIER_BATCHES = {
     "en-00000": (BatchState.STAGED, 0, None, None),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import threading
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from mailroom.delivery.shards import send_shard
 from mailroom.delivery.transports.sendgrid import SendGridSettings, SendGridTransport
 from mailroom.errors import EnvelopeViolation
 from mailroom.pipeline import ProjectPaths, Run
+from mailroom.staging import RunStaging
 from sendgrid_dev import Faults, SendGridDevServer, accepted_recipients
 from support.runs import built_run
 
@@ -52,7 +54,10 @@ def frozen_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Run, dict[str,
 
 
 def _fresh(frozen_run: tuple[Run, dict[str, Any], Path], tmp_path: Path) -> tuple[Run, Outbox, str]:
-    run, _, _ = frozen_run
+    built, _, _ = frozen_run
+    # Each test freezes a copy of the built run: a frozen run is never frozen again (run_record).
+    copy = RunStaging(shutil.copytree(built.staging.root, tmp_path / "run"))
+    run = replace(built, staging=copy, location=None)
     outbox = Outbox(f"sqlite:///{tmp_path / 'outbox.sqlite'}")
     frozen = pipeline.freeze_batches(run, outbox=outbox)
     # What the DAG's guard_shard tasks do after approval, before any shard sends.

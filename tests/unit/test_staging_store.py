@@ -24,7 +24,9 @@ from mailroom.delivery.transports.sendgrid import SendGridSettings, SendGridTran
 from mailroom.pipeline import ProjectPaths, Run
 from mailroom.staging import read_json, run_location, write_json
 from mailroom.staging_store import (
+    FROZEN,
     MANIFEST,
+    RECORD,
     SNAPSHOT,
     SPEC,
     STAGES,
@@ -108,8 +110,9 @@ def frozen(
         store = RunStore(xcom["run_dir"], **_opts(s3))
         with in_stage(s3, xcom, "freeze_batches", store=store) as run:
             result = pipeline.freeze_batches(run, outbox=outbox)
-        # The manifest goes up after every request body it names.
-        assert list(store.last.uploaded)[-1] == MANIFEST
+        # The manifest goes up after every request body it names, and the freeze's marker
+        # (``run_record``) after the manifest.
+        assert list(store.last.uploaded)[-2:] == [MANIFEST, FROZEN]
     finally:
         outbox.dispose()
     return xcom, result, outbox_url
@@ -220,8 +223,9 @@ def test_a_send_shard_fetches_only_the_manifest_its_inputs_and_its_own_batch_bod
         # whole audience, which no shared part may show.
         content = {f"content/{locale}.json" for locale in {b.locale for b in manifest.batches}}
         audience = {SNAPSHOT} | ({SUPPRESSED} & set(store.listing()))
-        assert set(store.last.fetched) == {SPEC, MANIFEST} | content | audience | own
-        assert local == {SPEC, MANIFEST} | content | audience | own
+        record = set(RECORD)  # who owns the folder, and that it is frozen (``run_record``)
+        assert set(store.last.fetched) == {SPEC, MANIFEST} | content | audience | own | record
+        assert local == {SPEC, MANIFEST} | content | audience | own | record
         assert store.last.uploaded == {}  # it wrote nothing (no dry run)
         assert not folder.exists()  # the working copy is gone afterwards
 
@@ -304,7 +308,7 @@ def test_credentials_stay_out_of_logs_and_reprs(
     store = RunStore(xcom["run_dir"], **_opts(s3))
     with store.working_copy("extract_audience"):
         pass
-    assert "fetched 1 file(s)" in caplog.text
+    assert "fetched 2 file(s)" in caplog.text  # the spec and run.json
     for text in (caplog.text, repr(store)):
         assert SECRET not in text
     with pytest.raises(StagingError) as caught, store.working_copy("validate_audience"):

@@ -16,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from mailroom import earlier_runs
 from mailroom.addresses import mask
 from mailroom.batches import load_manifest
 from mailroom.run import Run
@@ -50,6 +51,7 @@ def approval_summary(run: Run, *, triggered_by: str | None) -> dict[str, Any]:
     extract = read_json(st.extract_counts)
     validation = read_json(st.audience_validation)
     gate = read_json(st.gate_result)
+    left_out = earlier_runs.read_record(st) or {}
 
     kept = _locale_counts(st.snapshot)
     quarantined = _locale_counts(st.quarantine) if st.quarantine.exists() else Counter()
@@ -104,7 +106,19 @@ def approval_summary(run: Run, *, triggered_by: str | None) -> dict[str, Any]:
             "quarantined": validation["quarantined"],
             "quarantined_by_reason": validation.get("quarantined_by_reason") or {},
             "valid": validation["valid"],
+            "left_out": {
+                reason: int((left_out.get("left_out") or {}).get(reason, 0))
+                for reason in earlier_runs.REASONS
+            },
             "to_send": recipients,
+        },
+        "earlier_runs": {
+            "left_out_by_earlier_run": left_out.get("left_out_by_earlier_run") or {},
+            "resend_to_earlier_recipients": bool(left_out.get("resend_to_earlier_recipients")),
+            "resend_reason": left_out.get("resend_reason"),
+            "earlier_recipients_included": left_out.get("earlier_recipients_included") or {},
+            "sending_run_when_built": left_out.get("sending_run_when_built"),
+            "file": run.where(earlier_runs.left_out_json(st)) if left_out else None,
         },
         "per_locale": dict(sorted(per_locale.items())),
         "quality": {
@@ -185,6 +199,7 @@ def write_previews(run: Run) -> dict[str, dict[str, Any]]:
 def approval_markdown(summary: dict[str, Any]) -> str:
     a = summary["audience"]
     q = summary["quality"]
+    left_out = a.get("left_out") or {}
     lines = [
         f"## {summary['campaign']}: {summary['description']}",
         "",
@@ -193,12 +208,16 @@ def approval_markdown(summary: dict[str, Any]) -> str:
         + (" — **dry run: the file transport, nothing leaves**" if summary["dry_run"] else "")
         + ".",
         "",
+        *_resend_banner(summary),
         "### Audience",
-        "| extracted | suppressed | duplicates | quarantined (invalid) | to send |",
-        "|---:|---:|---:|---:|---:|",
+        "| extracted | suppressed | duplicates | quarantined (invalid) "
+        "| already sent (earlier run) | unknown (earlier run) | to send |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
         f"| {a['extracted']:,} | {a['suppressed']:,} | {a['duplicates']:,} "
-        f"| {a['quarantined']:,} | **{a['to_send']:,}** |",
+        f"| {a['quarantined']:,} | {left_out.get('already_sent', 0):,} "
+        f"| {left_out.get('unknown_earlier', 0):,} | **{a['to_send']:,}** |",
         "",
+        *_earlier_runs(summary),
         f"Suppressed: {_by_reason(a['suppressed_by_reason'])}. "
         "Quarantined, by the check that caught them: "
         f"{_by_reason(a['quarantined_by_reason'], code=True)}. "
@@ -270,6 +289,54 @@ def approval_markdown(summary: dict[str, Any]) -> str:
         f"Run folder: `{summary['staging']}`",
     ]
     return "\n".join(lines)
+
+
+def _resend_banner(summary: dict[str, Any]) -> list[str]:
+    """The resend choice first, where no approver can miss it."""
+    e = summary.get("earlier_runs") or {}
+    if not e.get("resend_to_earlier_recipients"):
+        return []
+    included = sum((e.get("earlier_recipients_included") or {}).values())
+    return [
+        f"> **RESEND requested**: this run sends again to {included:,} recipient(s) an earlier "
+        "run of this campaign already sent to (or may have). Reason given by the trigger: "
+        f"**{_inline(str(e.get('resend_reason') or ''))}**",
+        "",
+    ]
+
+
+def _earlier_runs(summary: dict[str, Any]) -> list[str]:
+    """How many were left out because an earlier run of the campaign sent to them, and why."""
+    e = summary.get("earlier_runs") or {}
+    left = {reason: 0 for reason in earlier_runs.REASONS}
+    left.update(summary["audience"].get("left_out") or {})
+    lines = []
+    if sum(left.values()):
+        runs = ", ".join(
+            f"`{run_id}` {n:,}" for run_id, n in (e.get("left_out_by_earlier_run") or {}).items()
+        )
+        lines.append(
+            f"Left out because an earlier run of this campaign sent to them: "
+            f"**{left['already_sent']:,} already sent**, **{left['unknown_earlier']:,} unknown** "
+            f"(the provider may have their message; not sent twice). By earlier run: {runs}. "
+            "Trigger with `resend_to_earlier_recipients` and a `resend_reason` to include them."
+        )
+    elif e.get("resend_to_earlier_recipients"):
+        included = e.get("earlier_recipients_included") or {}
+        lines.append(
+            "Nobody left out (resend requested): "
+            f"{included.get('already_sent', 0):,} already sent and "
+            f"{included.get('unknown_earlier', 0):,} unknown by an earlier run are included."
+        )
+    else:
+        lines.append("No earlier run of this campaign sent to anyone in this audience.")
+    if e.get("sending_run_when_built"):
+        lines.append(
+            f"Run `{e['sending_run_when_built']}` of this campaign was sending when this run was "
+            "built: anyone it sends to before this run sends is not sent twice (that batch fails "
+            "with the reason)."
+        )
+    return [" ".join(lines), ""]
 
 
 def decision_line(approval: dict[str, Any], *, recipients: int | None = None) -> str:
@@ -346,6 +413,12 @@ def _shorten(line: str) -> str:
 
 def _cell(text: str) -> str:
     return _inline(text).replace("|", "\\|")
+
+
+def inline_text(text: str) -> str:
+    """Text from a trigger or the data as Markdown-safe plain text on one line (for the HITL
+    page, which shows more than this summary)."""
+    return _inline(text)
 
 
 def _inline(text: str) -> str:

@@ -14,6 +14,14 @@ and a retry or resume of the batch skips them. A recipient without a state of it
 every recipient of a whole-request transport such as SendGrid) is in its batch's state; counts,
 ``not_sent`` and ``requeue`` go by each recipient's own state where it has one.
 
+Exactly-once holds per campaign too (a run key is ``<campaign>/<run id>``). The rows every run
+leaves are the record of whom a campaign sent to: ``earlier_outcomes`` lists who the other runs
+of a campaign sent to or left in doubt (``build_envelopes`` leaves them out), through an index
+on the address, rather than a second table of outcomes that every change of state would have
+to keep in step. ``claim`` takes the campaign's lock and its sending slot (one run of a
+campaign sends at a time: ``CampaignBusy``) and refuses a batch holding anyone another run of
+the campaign sent to since, unless the run was staged with a resend reason.
+
 The tables below are this release's schema; the database gets it from the Alembic revisions in
 ``outbox_migrations``, run when an ``Outbox`` opens (or by ``mailroom outbox upgrade``): a new
 database is created by them, an outbox of an earlier release is upgraded in place, one at a time
@@ -24,6 +32,7 @@ when several tasks open it at once, and a database a newer release upgraded is r
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import logging
 import time
@@ -108,6 +117,8 @@ recipients = sa.Table(
     sa.Column("last_error", sa.Text),
     sa.Column("updated_at", sa.DateTime(timezone=True)),
     sa.Index("ix_mailroom_recipients_batch", "run_key", "batch_id"),
+    # Who any run of a campaign sent to, by address (``earlier_outcomes``, ``claim``).
+    sa.Index("ix_mailroom_recipients_email", "email_key", "run_key"),
 )
 # The SHA-256 of each file the run's requests are rebuilt from (``mailroom.run_inputs``), as it
 # was when the run was staged: a run folder rewritten afterwards is told from the approved one.
@@ -117,6 +128,23 @@ run_inputs = sa.Table(
     sa.Column("run_key", sa.String(250), primary_key=True),
     sa.Column("path", sa.String(250), primary_key=True),
     sa.Column("sha256", sa.String(64), nullable=False),
+)
+# The run of each campaign that is sending: taken by its first ``claim``, given up by
+# ``end_sending`` (reconcile). Two runs of one campaign never have batches in flight together.
+# Why a run may send again to people an earlier run of its campaign sent to; a run without a row
+# may not (``claim`` refuses such a batch).
+run_resends = sa.Table(
+    "mailroom_run_resends",
+    metadata,
+    sa.Column("run_key", sa.String(250), primary_key=True),
+    sa.Column("reason", sa.Text, nullable=False),
+)
+campaign_sends = sa.Table(
+    "mailroom_campaign_sends",
+    metadata,
+    sa.Column("campaign", sa.String(64), primary_key=True),
+    sa.Column("run_key", sa.String(250), nullable=False),
+    sa.Column("since", sa.DateTime(timezone=True), nullable=False),
 )
 
 
@@ -204,6 +232,15 @@ class OutboxConflict(Exception):
     """The run is already past staging, or its staged batches differ from these."""
 
 
+class CampaignBusy(OutboxConflict):
+    """Another run of the same campaign is sending: this one may not start."""
+
+
+def campaign_of(run_key: str) -> str:
+    """The campaign of a run key (``<campaign>/<run id>``; a campaign name has no ``/``)."""
+    return run_key.split("/", 1)[0]
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -236,14 +273,24 @@ class Outbox:
         staged: Sequence[StagedBatch],
         members: Iterable[Member | tuple[str, str, str] | tuple[str, str, str, str | None]],
         inputs: Mapping[str, str] | None = None,
+        *,
+        resend_reason: str | None = None,
     ) -> None:
         """Register a run's batches and (email, user_id, batch_id) members, all ``staged``, and
         the digests of the ``inputs`` its requests are rebuilt from (path → SHA-256).
+        ``resend_reason``: the run was triggered to send again to people an earlier run of its
+        campaign sent to, and why (None: ``claim`` refuses a batch holding any of them).
 
         Re-staging a run is allowed only while nothing of it has been sent; it replaces the old
         rows, so a re-run of the freeze task cannot leave stale batches behind.
         """
-        self.stage_members_first(run_key, members, lambda: (manifest_sha256, staged), inputs)
+        self.stage_members_first(
+            run_key,
+            members,
+            lambda: (manifest_sha256, staged),
+            inputs,
+            resend_reason=resend_reason,
+        )
 
     def stage_members_first(
         self,
@@ -251,6 +298,8 @@ class Outbox:
         members: Iterable[Member | tuple[str, str, str] | tuple[str, str, str, str | None]],
         batches_when_frozen: Callable[[], tuple[str, Sequence[StagedBatch]]],
         inputs: Mapping[str, str] | None = None,
+        *,
+        resend_reason: str | None = None,
     ) -> None:
         """``stage``, in one transaction as well, for a caller still freezing the batches: the
         members go in first, then ``batches_when_frozen()`` (which may wait for the freezing to
@@ -275,7 +324,7 @@ class Outbox:
                 raise OutboxConflict(
                     f"run {run_key} already has {attempted} message(s) attempted: not re-staging"
                 )
-            for table in (recipients, batches, run_inputs, runs):
+            for table in (recipients, batches, run_inputs, run_resends, runs):
                 conn.execute(table.delete().where(table.c.run_key == run_key))
             rows = iter(members)
             while chunk := list(islice(rows, _STAGE_CHUNK)):
@@ -298,6 +347,8 @@ class Outbox:
                     "next_recipient_at": 0.0,
                 },
             )
+            if resend_reason is not None:
+                conn.execute(run_resends.insert(), {"run_key": run_key, "reason": resend_reason})
             if inputs:
                 conn.execute(
                     run_inputs.insert(),
@@ -390,8 +441,109 @@ class Outbox:
 
     # sending --------------------------------------------------------------------------------
     def claim(self, run_key: str, batch_id: str) -> bool:
-        """``staged|halted → sending``; False when someone else has it or it is done."""
-        return self._move(run_key, batch_id, _SENDABLE, BatchState.SENDING, count_attempt=True)
+        """``staged|halted → sending``; False when someone else has it or it is done.
+
+        Campaign-wide, under the campaign's lock (``_campaign_lock``), in the same transaction:
+
+        - the run becomes its campaign's sending run (``mailroom_campaign_sends``), unless
+          another run of the campaign is sending: ``CampaignBusy``, nothing claimed;
+        - unless the run was staged with a ``resend_reason``, a batch holding anyone another
+          run of the campaign sent to, or left in doubt (``sent``, ``unknown``, ``sending``), is
+          ``failed`` without a request and False is returned. Build time already left out
+          everyone an earlier run had sent to; this catches a run that sent while this one
+          waited for its approval (the approved bytes cannot lose a recipient, so the batch
+          goes).
+        """
+        campaign = campaign_of(run_key)
+        now = _now()
+        the_batch = (batches.c.run_key == run_key, batches.c.batch_id == batch_id)
+        with self.engine.begin() as conn:
+            _campaign_lock(conn, campaign)
+            sendable = conn.execute(
+                sa.select(sa.func.count())
+                .select_from(batches)
+                .where(*the_batch, batches.c.state.in_(_SENDABLE))
+            ).scalar_one()
+            if not sendable:  # someone else has it, it is done, or it is no batch of this run
+                return False
+            holder = conn.execute(
+                sa.select(campaign_sends.c.run_key).where(campaign_sends.c.campaign == campaign)
+            ).scalar_one_or_none()
+            if holder is not None and holder != run_key and _still_sending(conn, holder):
+                raise CampaignBusy(
+                    f"run {holder} of campaign {campaign} is sending; two runs of one campaign "
+                    f"never send at the same time: {run_key} sends once it is reconciled"
+                )
+            if holder != run_key:
+                conn.execute(campaign_sends.delete().where(campaign_sends.c.campaign == campaign))
+                conn.execute(
+                    campaign_sends.insert(),
+                    {"campaign": campaign, "run_key": run_key, "since": now},
+                )
+            resend = conn.execute(
+                sa.select(run_resends.c.reason).where(run_resends.c.run_key == run_key)
+            ).scalar_one_or_none()
+            if resend is None:
+                taken = _sent_by_other_runs(conn, run_key, batch_id)
+                if taken:
+                    _set_state(
+                        conn,
+                        batches,
+                        the_batch,
+                        _SENDABLE,
+                        BatchState.FAILED,
+                        error=f"{taken} recipient(s) of this batch were sent to (or left in "
+                        "doubt) by another run of this campaign after this run was built: "
+                        "not sent again (trigger a run with resend_to_earlier_recipients and a "
+                        "reason to send to them anyway)",
+                        now=now,
+                    )
+                    return False
+            changed = _set_state(
+                conn, batches, the_batch, _SENDABLE, BatchState.SENDING, count_attempt=True, now=now
+            )
+            return changed == 1
+
+    def end_sending(self, run_key: str) -> bool:
+        """The run gives up its campaign's sending slot (reconcile, once every shard has ended);
+        True when it held it. A slot whose run has nothing staged or in flight is free anyway,
+        so a run that ended without reconcile holds up its campaign only while it could still
+        send."""
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                campaign_sends.delete().where(
+                    campaign_sends.c.campaign == campaign_of(run_key),
+                    campaign_sends.c.run_key == run_key,
+                )
+            )
+            return bool(result.rowcount)
+
+    def sending_run(self, campaign: str) -> str | None:
+        """The run of ``campaign`` holding its sending slot while it can still send, if any."""
+        with self.engine.connect() as conn:
+            holder = conn.execute(
+                sa.select(campaign_sends.c.run_key).where(campaign_sends.c.campaign == campaign)
+            ).scalar_one_or_none()
+            return holder if holder is not None and _still_sending(conn, holder) else None
+
+    def earlier_outcomes(self, run_key: str) -> Iterator[tuple[str, str, str]]:
+        """(address key, state, run key) for everyone the other runs of ``run_key``'s campaign
+        sent to or left in doubt: state ``sent``, or ``unknown``/``sending`` (the provider may
+        have it). A recipient without a state of its own is in its batch's state (a whole
+        request: all of its recipients or none). One address may come from several runs."""
+        state = sa.func.coalesce(recipients.c.state, batches.c.state)
+        query = (
+            sa.select(recipients.c.email_key, state, recipients.c.run_key)
+            .join(batches, _same_batch())
+            .where(
+                _runs_of(recipients.c.run_key, campaign_of(run_key)),
+                recipients.c.run_key != run_key,
+                state.in_(_TAKEN),
+            )
+        )
+        with self.engine.connect() as conn:
+            for email, found, key in conn.execute(query):
+                yield str(email), str(found), str(key)
 
     def finish(
         self,
@@ -830,6 +982,72 @@ def _same_batch() -> Any:
 
 # Where a batch may be claimed (or refused) from.
 _SENDABLE = (BatchState.STAGED, BatchState.HALTED)
+# A recipient another run of the campaign sent to, or may have: never sent again unasked.
+_TAKEN = (BatchState.SENT, BatchState.UNKNOWN, BatchState.SENDING)
+
+
+def _runs_of(run_key: sa.ColumnElement[str], campaign: str) -> sa.ColumnElement[bool]:
+    """Run keys of ``campaign`` (a LIKE on the prefix, ``_`` and ``%`` escaped)."""
+    return run_key.startswith(f"{campaign}/", autoescape=True)
+
+
+def _still_sending(conn: sa.Connection, run_key: str) -> bool:
+    """The run has a batch staged or in flight and has not been halted for good: it may still
+    send (a halted run's staged batches become ``halted`` at its shards' next look)."""
+    return bool(
+        conn.execute(
+            sa.select(sa.func.count())
+            .select_from(batches)
+            .where(
+                batches.c.run_key == run_key,
+                batches.c.state.in_((BatchState.STAGED, BatchState.SENDING)),
+            )
+        ).scalar_one()
+    )
+
+
+def _sent_by_other_runs(conn: sa.Connection, run_key: str, batch_id: str) -> int:
+    """How many recipients of a batch another run of the campaign sent to or left in doubt."""
+    mine = recipients.alias("mine")
+    other = recipients.alias("other")
+    other_batch = batches.alias("other_batch")
+    state = sa.func.coalesce(other.c.state, other_batch.c.state)
+    return int(
+        conn.execute(
+            sa.select(sa.func.count(sa.distinct(mine.c.email_key)))
+            .select_from(
+                mine.join(other, other.c.email_key == mine.c.email_key).join(
+                    other_batch,
+                    sa.and_(
+                        other_batch.c.run_key == other.c.run_key,
+                        other_batch.c.batch_id == other.c.batch_id,
+                    ),
+                )
+            )
+            .where(
+                mine.c.run_key == run_key,
+                mine.c.batch_id == batch_id,
+                other.c.run_key != run_key,
+                _runs_of(other.c.run_key, campaign_of(run_key)),
+                state.in_(_TAKEN),
+            )
+        ).scalar_one()
+    )
+
+
+def _campaign_lock(conn: sa.Connection, campaign: str) -> None:
+    """Begin ``conn``'s transaction holding its campaign's lock: claims of any run of one
+    campaign take turns (PostgreSQL: a transaction-level advisory lock on the campaign's name;
+    SQLite: the database's write lock, which every writer shares anyway)."""
+    if conn.dialect.name == "postgresql":
+        key = int.from_bytes(
+            hashlib.sha256(f"mailroom campaign {campaign}".encode()).digest()[:8],
+            "big",
+            signed=True,
+        )
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+    elif conn.dialect.name == "sqlite":
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def _set_state(

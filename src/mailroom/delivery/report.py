@@ -1,8 +1,15 @@
-"""reconcile: prove ``staged = sent + failed + unknown + halted``; say who did not get it, why."""
+"""reconcile: prove ``staged = sent + failed + unknown + halted``; say who did not get it, why.
+
+Those an earlier run of the campaign sent to (``already_sent``) or left in doubt
+(``unknown_earlier``) were never staged (``mailroom.earlier_runs``): the report counts them
+beside the staged ones (``valid = staged + already_sent + unknown_earlier``) and lists them in
+``not_sent.csv`` with the earlier run, so everyone the validation kept is accounted for.
+"""
 
 from __future__ import annotations
 
 import csv
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +17,9 @@ import pandas as pd
 
 from mailroom.batches import Manifest
 from mailroom.delivery.outbox import FINAL_STATES, BatchState, Outbox
+from mailroom.earlier_runs import ALREADY_SENT, REASONS, UNKNOWN_EARLIER
+
+log = logging.getLogger(__name__)
 
 
 def reconcile(
@@ -22,13 +32,21 @@ def reconcile(
     approval: dict[str, Any],
     quarantine: Path | None,
     not_sent_csv: Path,
+    left_out: dict[str, Any] | None = None,
+    left_out_rows: Path | None = None,
 ) -> dict[str, Any]:
     """The campaign report.
 
     ``status`` is one of sent, incomplete, rejected, timed_out, not_approved, failed_before_send.
+    ``left_out``: the run's ``left_out.json`` (counts, the resend choice); ``left_out_rows``:
+    who they are. Reconcile is the run's last step: it also gives up the campaign's sending
+    slot (``Outbox.end_sending``), so the next run of the campaign may send.
     """
     counts = outbox.counts(run_key) if outbox is not None and manifest is not None else None
+    if outbox is not None and outbox.end_sending(run_key):
+        log.info("reconcile: %s no longer holds its campaign's sending slot", run_key)
     staged_total = manifest.recipients if manifest is not None else 0
+    left = {reason: int((left_out or {}).get("left_out", {}).get(reason, 0)) for reason in REASONS}
     report: dict[str, Any] = {
         "run": run_key,
         "approval": approval,
@@ -41,6 +59,16 @@ def reconcile(
         },
         "outbox": counts,
         "halt_reason": outbox.halt_reason(run_key) if outbox is not None else None,
+        "left_out": {
+            **left,
+            "by_earlier_run": (left_out or {}).get("left_out_by_earlier_run") or {},
+            "resend_to_earlier_recipients": bool(
+                (left_out or {}).get("resend_to_earlier_recipients")
+            ),
+            "resend_reason": (left_out or {}).get("resend_reason"),
+            "earlier_recipients_included": (left_out or {}).get("earlier_recipients_included")
+            or {},
+        },
     }
     rows = 0
     not_sent_csv.parent.mkdir(parents=True, exist_ok=True)
@@ -50,6 +78,10 @@ def reconcile(
         if quarantine is not None and quarantine.exists():
             for row in pd.read_parquet(quarantine).itertuples():
                 writer.writerow([row.user_id, row.email, "quarantined", row.reason])
+                rows += 1
+        if left_out_rows is not None and left_out_rows.exists():
+            for row in pd.read_parquet(left_out_rows).itertuples():
+                writer.writerow([row.user_id, row.email, row.reason, _left_out_reason(row)])
                 rows += 1
         if outbox is not None and manifest is not None:
             for item in outbox.not_sent(run_key):
@@ -72,6 +104,13 @@ def reconcile(
         f"{counts[BatchState.UNKNOWN]['recipients']} + halted "
         f"{counts[BatchState.HALTED]['recipients']} + never attempted {pending}"
     )
+    if left_out is not None:
+        valid = int(left_out["valid"])
+        report["audience_equation"] = (
+            f"valid {valid} = staged {staged_total} + already_sent {left[ALREADY_SENT]} + "
+            f"unknown_earlier {left[UNKNOWN_EARLIER]}"
+        )
+        report["balanced"] = report["balanced"] and valid == staged_total + sum(left.values())
     if approval.get("decision") != "approved":
         decision = approval.get("decision")
         report["status"] = decision if decision in {"rejected", "timed_out"} else "not_approved"
@@ -80,6 +119,16 @@ def reconcile(
     else:
         report["status"] = "incomplete"
     return report
+
+
+def _left_out_reason(row: Any) -> str:
+    run_id = str(row.earlier_run).split("/", 1)[-1]
+    if row.reason == ALREADY_SENT:
+        return f"not staged: run {run_id} of this campaign already sent to this address"
+    return (
+        f"not staged: run {run_id} of this campaign left this address in doubt (the provider "
+        "may have its message)"
+    )
 
 
 def _default_reason(state: str, approval: dict[str, Any]) -> str:
