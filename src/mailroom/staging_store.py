@@ -49,6 +49,8 @@ SPEC = _rel(_LAYOUT.campaign_spec)
 MANIFEST = _rel(_LAYOUT.manifest)
 SNAPSHOT = _rel(_LAYOUT.snapshot)
 SUPPRESSED = _rel(_LAYOUT.suppressed)
+# Written by the extract next to the snapshot: suppression rows it could not read, masked.
+SUPPRESSIONS_UNREADABLE = _rel(_LAYOUT.audience_dir / "suppressions_unreadable.csv")
 VALID = _rel(_LAYOUT.valid_audience)
 QUARANTINE = _rel(_LAYOUT.quarantine)
 EXTRACT_COUNTS = _rel(_LAYOUT.extract_counts)
@@ -87,7 +89,10 @@ class StageFiles:
 
 STAGES: dict[str, StageFiles] = {
     "prepare": StageFiles(writes=(SPEC, OWNER)),
-    "extract_audience": StageFiles(reads=(SPEC,), writes=(SNAPSHOT, SUPPRESSED, EXTRACT_COUNTS)),
+    "extract_audience": StageFiles(
+        reads=(SPEC,),
+        writes=(SNAPSHOT, SUPPRESSED, SUPPRESSIONS_UNREADABLE, EXTRACT_COUNTS),
+    ),
     "validate_audience": StageFiles(
         reads=(SPEC, SNAPSHOT), writes=(VALID, QUARANTINE), last=(VALIDATION,)
     ),
