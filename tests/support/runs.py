@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ from mailroom import pipeline
 from mailroom.batches import Manifest
 from mailroom.delivery.outbox import Outbox
 from mailroom.delivery.shards import guard_shard
+from mailroom.delivery.transports.base import Transport
 from mailroom.pipeline import ProjectPaths, Run
 
 
@@ -73,3 +75,28 @@ def guard_every_request(
         shard_count=1,
         outbox=outbox,
     )
+
+
+def guard_and_send(
+    run: Run, frozen: dict[str, Any], outbox: Outbox, transport: Callable[[], Transport]
+) -> None:
+    """What the DAG does after approval: every shard's guard pass, then every shard's send
+    (each through a new ``transport()``). ``frozen``: what ``pipeline.freeze_batches`` returned."""
+    shards = frozen["shards"]
+    for shard in shards:
+        pipeline.guard_shard(
+            run,
+            manifest_sha256=frozen["manifest_sha256"],
+            outbox=outbox,
+            shard=shard,
+            shard_count=len(shards),
+        )
+    for shard in shards:
+        pipeline.send_shard(
+            run,
+            shard=shard,
+            manifest_sha256=frozen["manifest_sha256"],
+            transport=transport(),
+            outbox=outbox,
+            shard_count=len(shards),
+        )

@@ -29,6 +29,7 @@ from mailroom.earlier_runs import ResendChoice, resend_choice
 from mailroom.errors import ValidationFailed
 from mailroom.pipeline import ProjectPaths, Run
 from sendgrid_dev import SendGridDevServer, accepted_recipients
+from support.runs import guard_and_send
 
 pytestmark = pytest.mark.unit
 SECRET = b"unit-test-secret"
@@ -105,26 +106,13 @@ def built(
 
 
 def send(run: Run, frozen: dict[str, Any], outbox: Outbox, server: SendGridDevServer) -> None:
-    """What the DAG does after approval: guard every request, then send every shard."""
-    for shard in frozen["shards"]:
-        pipeline.guard_shard(
-            run,
-            manifest_sha256=frozen["manifest_sha256"],
-            outbox=outbox,
-            shard=shard,
-            shard_count=len(frozen["shards"]),
-        )
-    for shard in frozen["shards"]:
-        pipeline.send_shard(
-            run,
-            shard=shard,
-            manifest_sha256=frozen["manifest_sha256"],
-            transport=SendGridTransport(
-                SendGridSettings("SG.test", server.url, timeout_seconds=10)
-            ),
-            outbox=outbox,
-            shard_count=len(frozen["shards"]),
-        )
+    """What the DAG does after approval, through the dev server."""
+    guard_and_send(
+        run,
+        frozen,
+        outbox,
+        lambda: SendGridTransport(SendGridSettings("SG.test", server.url, timeout_seconds=10)),
+    )
 
 
 def sent_and_reconciled(

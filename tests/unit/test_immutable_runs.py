@@ -23,7 +23,7 @@ from mailroom.pipeline import ProjectPaths, Run
 from mailroom.run_record import RunRefused
 from mailroom.staging import read_json, write_json
 from sendgrid_dev import SendGridDevServer
-from support.runs import built_run
+from support.runs import built_run, guard_and_send
 
 pytestmark = pytest.mark.unit
 SECRET = b"immutable-runs"
@@ -90,23 +90,7 @@ def complete_run(
     pipeline.canary_send(run, secret=SECRET, transport=transport(server))
     pipeline.summarise(run, triggered_by="analyst")
     write_json(run.staging.approval, APPROVED)  # what tasks.record_approval writes
-    for shard in frozen["shards"]:
-        pipeline.guard_shard(
-            run,
-            manifest_sha256=frozen["manifest_sha256"],
-            outbox=outbox,
-            shard=shard,
-            shard_count=len(frozen["shards"]),
-        )
-    for shard in frozen["shards"]:
-        pipeline.send_shard(
-            run,
-            shard=shard,
-            manifest_sha256=frozen["manifest_sha256"],
-            transport=transport(server),
-            outbox=outbox,
-            shard_count=len(frozen["shards"]),
-        )
+    guard_and_send(run, frozen, outbox, lambda: transport(server))
     report = pipeline.reconcile(run, outbox=outbox, approval=read_json(run.staging.approval))
     assert report["status"] == "sent", report
     return run, outbox, frozen
@@ -123,7 +107,6 @@ def test_every_stage_of_a_finished_run_refuses_or_changes_nothing(
     assert {"run.json", "frozen.json", "report.json", "canary/result.json"} <= set(before)
     requests = dev_server.stats().received
     outbox_before = outbox.counts(run.run_key)
-    shards = len(frozen["shards"])
 
     refused: dict[str, Any] = {
         "prepare": lambda: prepare_again(paths, run),
@@ -147,22 +130,7 @@ def test_every_stage_of_a_finished_run_refuses_or_changes_nothing(
         assert folder_digest(run.staging.root) == before, stage
 
     # The stages that legitimately run after the freeze: nothing is sent twice, nothing changes.
-    for shard in frozen["shards"]:
-        pipeline.guard_shard(
-            run,
-            manifest_sha256=frozen["manifest_sha256"],
-            outbox=outbox,
-            shard=shard,
-            shard_count=shards,
-        )
-        pipeline.send_shard(
-            run,
-            shard=shard,
-            manifest_sha256=frozen["manifest_sha256"],
-            transport=transport(dev_server),
-            outbox=outbox,
-            shard_count=shards,
-        )
+    guard_and_send(run, frozen, outbox, lambda: transport(dev_server))
     report = pipeline.reconcile(run, outbox=outbox, approval=read_json(run.staging.approval))
     assert report == read_json(run.staging.report)
     # A re-run's timeout or rejection never reaches the report.
