@@ -25,7 +25,7 @@ import css_inline
 from babel import Locale, UnknownLocaleError
 from babel.messages.catalog import Catalog, Message
 from babel.messages.mofile import write_mo
-from babel.messages.pofile import PoFileError, read_po
+from babel.messages.pofile import PoFileError, PoFileParser
 from babel.support import Translations
 from jinja2 import (
     Environment,
@@ -385,7 +385,7 @@ def _load_translations(
         raise ContentError(f"cannot read translation catalog {po_path}: {exc}") from exc
     _check_po_syntax(po_path, data)
     try:
-        catalog = read_po(BytesIO(data), abort_invalid=True)
+        catalog = _read_po(po_path, data)
     except PoFileError as exc:
         # Babel counts lines from 0 in the error; people and editors count from 1.
         raise ContentError(
@@ -473,6 +473,38 @@ def _check_po_syntax(po_path: Path, data: bytes) -> None:
                     f"unsupported escape '\\{escape.group(1).decode('latin-1')}' "
                     '(use \\n, \\t, \\r, \\" or \\\\)',
                 )
+
+
+def _read_po(po_path: Path, data: bytes) -> Catalog:
+    """``read_po(..., abort_invalid=True)``, refusing a msgid written twice (in one context):
+    Babel keeps the first entry's translation and silently drops the second's, so which one
+    ships depends on the order of the file, not on what the translator meant."""
+    catalog = Catalog()
+    seen: dict[tuple[str, str | None], int] = {}
+
+    class StrictParser(PoFileParser):
+        def _add_message(self) -> None:
+            key = (self.messages[0].denormalize(), _denormalised(self.context))
+            line, obsolete, before = self.offset + 1, self.obsolete, len(self.catalog)
+            super()._add_message()
+            if obsolete or key[0] == "":
+                return
+            if len(self.catalog) == before and key in seen:
+                where = f" (context {key[1]!r})" if key[1] is not None else ""
+                raise _po_error(
+                    po_path,
+                    line,
+                    f"msgid {key[0]!r}{where} again (first on line {seen[key]}): Babel would "
+                    "keep one translation and drop the other; keep one entry",
+                )
+            seen.setdefault(key, line)
+
+    StrictParser(catalog, ignore_obsolete=False, abort_invalid=True).parse(BytesIO(data))
+    return catalog
+
+
+def _denormalised(context: Any) -> str | None:
+    return context.denormalize() if context else None
 
 
 def _po_error(po_path: Path, line: int, problem: str) -> ContentError:

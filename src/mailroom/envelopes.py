@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -104,13 +105,7 @@ def envelope_value_columns(
         subs[substitution_tag(field, html=True)] = escaped
     if tokens is None:
         tokens = token_column(secret, spec.name, rows.column("user_id"))
-    pieces = spec.unsubscribe.url_template.split("{token}")
-    if len(pieces) == 1:
-        url_pieces = [clean_value(pieces[0])]
-    else:
-        url_pieces = [_LINE_BREAKS.sub(" ", piece) for piece in pieces]
-        url_pieces[0] = url_pieces[0].lstrip()
-        url_pieces[-1] = url_pieces[-1].rstrip()
+    url_pieces = _url_pieces(spec)
     url = _around(url_pieces, tokens, count)
     subs[substitution_tag(UNSUBSCRIBE_FIELD, html=False)] = url
     subs[substitution_tag(UNSUBSCRIBE_FIELD, html=True)] = _around(
@@ -133,6 +128,72 @@ def envelope_value_columns(
         LIST_UNSUBSCRIBE_POST: pa.array([ONE_CLICK] * count, pa.string()),
     }
     return subs, headers
+
+
+def _url_pieces(spec: CampaignSpec) -> list[str]:
+    """The campaign's unsubscribe URL, cleaned, split where each user's token goes."""
+    pieces = spec.unsubscribe.url_template.split("{token}")
+    if len(pieces) == 1:
+        return [clean_value(pieces[0])]
+    url_pieces = [_LINE_BREAKS.sub(" ", piece) for piece in pieces]
+    url_pieces[0] = url_pieces[0].lstrip()
+    url_pieces[-1] = url_pieces[-1].rstrip()
+    return url_pieces
+
+
+def substitutions_bytes(spec: CampaignSpec, rows: pa.Table) -> pa.Array:
+    """For every row: the size SendGrid holds against ``MAX_SUBSTITUTIONS_BYTES`` (keys plus
+    values, in UTF-8) of the substitutions ``envelope_values`` will give it, computed without
+    the secret. The validation quarantines a row over the limit, so no request fails at the
+    provider after approval. Exact: a token's length depends on the user id alone (its base64
+    and a signature of fixed length), and a token is URL- and HTML-safe."""
+    count = rows.num_rows
+    fixed = 0
+    total: Any = pa.array(np.zeros(count, np.int64))
+    for field in spec.fields:
+        fixed += sum(len(substitution_tag(field, html=h).encode()) for h in (False, True))
+        if field not in rows.column_names:
+            continue  # an empty value: its tags alone
+        plain, escaped = _cleaned_and_escaped(rows.column(field), count)
+        total = pc.add(total, pc.add(pc.binary_length(plain), pc.binary_length(escaped)))
+    url_pieces = _url_pieces(spec)
+    fixed += sum(len(substitution_tag(UNSUBSCRIBE_FIELD, html=h).encode()) for h in (False, True))
+    fixed += len("".join(url_pieces).encode())
+    fixed += len("".join(html.escape(piece, quote=True) for piece in url_pieces).encode())
+    ids = pc.cast(rows.column("user_id"), pa.string()) if "user_id" in rows.column_names else None
+    id_bytes = pc.fill_null(pc.binary_length(ids), 0) if ids is not None else pa.array([0] * count)
+    # base64 without padding of n bytes: ceil(4n / 3) characters; then "." and 22 more.
+    token = pc.add(pc.divide(pc.add(pc.multiply(id_bytes, 4), 2), 3), 1 + _SIGNATURE_CHARS)
+    tokens = pc.multiply(pc.cast(token, pa.int64()), 2 * (len(url_pieces) - 1))
+    result = pc.add(pc.add(total, tokens), fixed)
+    return result.combine_chunks() if isinstance(result, pa.ChunkedArray) else result
+
+
+def substitutions_fit(spec: CampaignSpec, rows: pa.Table, limit: int) -> pa.Array:
+    """For every row: whether ``substitutions_bytes`` is at most ``limit``. Column-wise for
+    the rows that fit by a margin (a value's cleaned text is never longer than it, and its
+    HTML-escaped form at most six times that), exact for the few others."""
+    count = rows.num_rows
+    raw: Any = pa.array(np.zeros(count, np.int64))
+    for field in spec.fields:
+        if field in rows.column_names:
+            column = pc.cast(rows.column(field), pa.string())
+            raw = pc.add(raw, pc.multiply(pc.fill_null(pc.binary_length(column), 0), 7))
+    no_fields = rows.select([c for c in rows.column_names if c not in spec.fields])
+    bound = pc.add(raw, substitutions_bytes(spec, no_fields))
+    near = pc.greater(bound, limit)
+    fits = pc.invert(near)
+    if not pc.any(near).as_py():
+        return fits.combine_chunks() if isinstance(fits, pa.ChunkedArray) else fits
+    rows_near = pc.indices_nonzero(near)
+    exact = pc.less_equal(substitutions_bytes(spec, rows.take(rows_near)), limit)
+    result = fits.to_numpy(zero_copy_only=False).copy()
+    result[rows_near.to_numpy()] = exact.to_numpy(zero_copy_only=False)
+    return pa.array(result)
+
+
+# The signature part of an unsubscribe token: 16 bytes of HMAC-SHA256 in unpadded base64.
+_SIGNATURE_CHARS = 22
 
 
 def _around(pieces: list[str], tokens: pa.Array, count: int) -> pa.Array:

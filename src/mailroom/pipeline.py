@@ -63,12 +63,20 @@ def prepare(
     shard_count: int,
     dry_run: bool,
     working_dir: Path | None = None,
+    resolve: Callable[[CampaignSpec], object] | None = None,
 ) -> Run:
     """Check the campaign and freeze a copy of its spec into the run folder (written in
-    ``working_dir`` when the folder is on object storage, which the caller then uploads)."""
+    ``working_dir`` when the folder is on object storage, which the caller then uploads).
+
+    ``resolve``: the caller resolves everything the run will need from outside (the audience's
+    connection, the outbox, the transport's connection and key, the unsubscribe secret) for the
+    checked spec, before anything is written; whatever it raises fails the run here, before
+    extract, rather than at send after an approval."""
     spec = load_campaign(paths.campaigns, campaign)
     if not 1 <= shard_count <= MAX_SHARDS:
         raise ValidationFailed(f"shard count must be 1..{MAX_SHARDS}, got {shard_count}")
+    if resolve is not None:
+        resolve(spec)
     location = run_location(staging_root, spec.name, run_id)
     root = working_dir or Path(location)
     # Before anything is written: a folder another run id owns, or a frozen run, is refused.

@@ -66,6 +66,7 @@ log = logging.getLogger(__name__)
 
 OWNER = "run.json"
 FROZEN = "frozen.json"
+APPROVAL_FILE = "approval.json"
 
 BEFORE_FREEZE = (
     "prepare",
@@ -187,6 +188,21 @@ def claim_folder(root: Path, *, campaign: str, run_id: str) -> None:
 
 def mark_frozen(root: Path, *, run_id: str, manifest_sha256: str) -> None:
     write_json(root / FROZEN, {"run_id": run_id, "manifest_sha256": manifest_sha256})
+
+
+def check_not_answered(folder: Folder, *, run_key: str) -> None:
+    """Before the approval is asked: refuse when the run already has its answer (the approve
+    task cleared or re-run on its own), so nobody is asked again about a run that is decided."""
+    existing = folder.read(APPROVAL_FILE)
+    if existing is None:
+        return
+    before = json.loads(existing)
+    raise RunRefused(
+        f"run {run_key} was already answered ({before.get('decision')} by "
+        f"{before.get('by') or 'nobody'} at {before.get('at') or 'an unknown time'}): the "
+        "approval is asked once and the first answer stands; nothing was changed. To finish "
+        "sending an approved run, clear its guard_shard and send_shard tasks instead"
+    )
 
 
 def approval_unchanged(path: Path, record: dict[str, Any], *, run_key: str) -> bool:

@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from mailroom.errors import ValidationFailed
+
 log = logging.getLogger(__name__)
 
 _HMAC_BLOCK = 64  # SHA-256's block size (RFC 2104)
@@ -37,6 +39,13 @@ _OPAD = bytes(b ^ 0x5C for b in range(256))
 _URLSAFE = bytes.maketrans(b"+/", b"-_")
 # Below this many recipients a second process costs more than it saves.
 BACKGROUND_MIN_ROWS = 50_000
+
+
+def check_secret(secret: bytes) -> bytes:
+    """``secret`` if it can sign unsubscribe links: not empty, not only whitespace."""
+    if not secret or not secret.strip():
+        raise ValidationFailed("the unsubscribe signing secret is empty: it signs every link")
+    return secret
 
 
 def unsubscribe_token(secret: bytes, campaign: str, user_id: str) -> str:

@@ -30,6 +30,7 @@ class CampaignApprovalOperator(ApprovalOperator):
 
     def execute(self, context: Any) -> Any:
         prepared = context["ti"].xcom_pull(task_ids=self.prepare_task_id)
+        tasks.check_not_answered(prepared)  # a run already answered is not asked again
         campaign = prepared["campaign"]
         triggering_user = getattr(context["dag_run"], "triggering_user_name", None)
         eligible = [

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import quote
@@ -18,6 +19,7 @@ from mailroom.run import ProjectPaths
 from mailroom.staging import is_url, local_path
 
 if TYPE_CHECKING:
+    from mailroom.campaign_spec import CampaignSpec
     from mailroom.delivery.transports.base import Transport
     from mailroom.staging_store import RunStore
 
@@ -103,12 +105,43 @@ def outbox_url() -> str:
 
 
 def unsubscribe_secret() -> bytes:
+    from mailroom.unsubscribe import check_secret
+
     secret = Variable.get("mailroom_unsubscribe_secret", default=None)
-    if not secret:
+    if not secret or not str(secret).strip():
         raise MailroomError(
             "Airflow Variable 'mailroom_unsubscribe_secret' is not set: it signs unsubscribe links"
         )
-    return str(secret).encode("utf-8")
+    return check_secret(str(secret).encode("utf-8"))
+
+
+def resolve(spec: CampaignSpec, *, dry_run: bool) -> None:
+    """Everything a run of ``spec`` will read from Airflow, read once in ``prepare``: the
+    unsubscribe secret, the outbox, the audience's connection and (unless it is a dry run) the
+    transport's connection and key. A missing or unusable one fails the run there, naming it,
+    before extract; not at send, after an approval."""
+    needs: list[tuple[str, Callable[[], object]]] = [
+        ("the unsubscribe secret", unsubscribe_secret),
+        ("the outbox", outbox_url),
+    ]
+    if spec.audience.connection_id:
+        conn_id = spec.audience.connection_id
+        needs.append((f"the audience connection {conn_id!r}", lambda: sql_url(conn_id)))
+    if not dry_run and spec.transport != "file":
+        needs.append(
+            (
+                f"the {spec.transport} connection {spec.connection_id!r}",
+                lambda: transport(
+                    spec.connection_id, dry_run=False, dry_run_dir=Path(), kind=spec.transport
+                ),
+            )
+        )
+    needs.append(("the approvers", lambda: approvers(spec.name, list(spec.approvers))))
+    for what, read in needs:
+        try:
+            read()
+        except (MailroomError, ValueError) as exc:
+            raise MailroomError(f"{what}: {exc}. Nothing was extracted or sent.") from None
 
 
 def halt_variable_key(run_id: str) -> str:
@@ -123,10 +156,21 @@ def halt_variable(run_id: str) -> str | None:
 
 
 def approvers(campaign: str, from_spec: list[str]) -> list[str]:
-    override = Variable.get(f"mailroom_approvers__{campaign}", default=None)
-    if override:
-        return [a.strip() for a in str(override).split(",") if a.strip()]
-    return from_spec
+    """The spec's approvers, or the Variable ``mailroom_approvers__<campaign>`` (names separated
+    by commas) when it is set. A Variable with an empty name in it (``", ,"``, ``"ann,,bob"``)
+    is refused, not read as fewer approvers."""
+    key = f"mailroom_approvers__{campaign}"
+    override = Variable.get(key, default=None)
+    if override is None or not str(override).strip():
+        return from_spec
+    names = [a.strip() for a in str(override).split(",")]
+    if not all(names):
+        raise MailroomError(
+            f"Airflow Variable {key} holds an empty approver name ({len(names)} comma-separated "
+            f"entries, {sum(not n for n in names)} empty): write the names separated by commas, "
+            "or delete the Variable to use the campaign spec's approvers"
+        )
+    return names
 
 
 def transport(

@@ -83,6 +83,7 @@ def prepare(campaign: str, dry_run: bool, shard_count: int, run_id: str) -> dict
             shard_count=shard_count,
             dry_run=dry_run,
             working_dir=folder,
+            resolve=lambda spec: settings.resolve(spec, dry_run=dry_run),
         )
         spec = run.spec()
     return {
@@ -228,6 +229,16 @@ def send_shard(prepared: dict[str, Any], frozen: dict[str, Any], shard: int) -> 
         )
 
 
+def check_not_answered(prepared: dict[str, Any]) -> None:
+    """Before the approval task asks: refuse a run that already has its answer."""
+    from mailroom import run_record
+
+    store = settings.run_store(prepared["run_dir"])
+    run_record.check_not_answered(
+        store.record(), run_key=f"{prepared['campaign']}/{prepared['run_id']}"
+    )
+
+
 def record_approval(prepared: dict[str, Any], event: dict[str, Any]) -> None:
     """Write the answer once: the same answer again changes nothing, another one (a cleared
     run's timeout or rejection after an approval) is refused and fails the task, so nothing
@@ -258,7 +269,7 @@ def reconcile(prepared: dict[str, Any]) -> dict[str, Any]:
         decision_line(approval, recipients=report["staged"]["recipients"]),
         where,
     )
-    if report["status"] not in {"sent", "rejected", "timed_out"}:
+    if report["status"] not in {"sent", "nothing_to_send", "rejected", "timed_out"}:
         raise MailroomError(
             f"campaign run ended {report['status']}: "
             f"{report.get('equation') or 'nothing was sent'}; see {where}"

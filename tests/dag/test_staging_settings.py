@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -33,11 +34,24 @@ def staged_on(s3: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
     return s3
 
 
+def run_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """What ``prepare`` reads besides staging: the secret, a shared outbox (object-storage
+    staging needs one), the audience's and the transport's connections."""
+    monkeypatch.setenv("AIRFLOW_VAR_MAILROOM_UNSUBSCRIBE_SECRET", "staging-settings-secret")
+    for conn_id, fields in {
+        "mailroom_outbox": {"conn_type": "sqlite", "host": str(tmp_path / "outbox.sqlite")},
+        "mailroom_users": {"conn_type": "sqlite", "host": str(tmp_path / "users.sqlite")},
+        "mailroom_sendgrid": {"conn_type": "http", "password": "SG.staging-settings"},
+    }.items():
+        monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps(fields))
+
+
 def test_tasks_keep_the_run_folder_on_object_storage_with_the_staging_connection(
-    staged_on: S3Server, monkeypatch: pytest.MonkeyPatch
+    staged_on: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     from mailroom_airflow import tasks
 
+    run_settings(monkeypatch, tmp_path)
     monkeypatch.setenv(
         "AIRFLOW_CONN_MAILROOM_STAGING",
         json.dumps(
@@ -59,10 +73,11 @@ def test_tasks_keep_the_run_folder_on_object_storage_with_the_staging_connection
 
 
 def test_without_the_connection_the_standard_aws_settings_apply(
-    staged_on: S3Server, monkeypatch: pytest.MonkeyPatch
+    staged_on: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     from mailroom_airflow import tasks
 
+    run_settings(monkeypatch, tmp_path)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", staged_on.endpoint_url)

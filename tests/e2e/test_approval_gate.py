@@ -514,6 +514,7 @@ def test_triggering_a_campaign_twice_sends_nothing_twice_unless_asked_with_a_rea
     report = gate.report("gate_twice", second)
     assert report["left_out"]["already_sent"] == everyone
     assert report["staged"]["recipients"] == 0
+    assert report["status"] == "nothing_to_send"
     assert report["balanced"] is True
 
     reason = "the first send named the wrong maintenance window"

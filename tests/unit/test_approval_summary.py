@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 import pytest
 
 from mailroom import pipeline
+from mailroom.addresses import address_key, addresses_shown
 from mailroom.approval.summary import (
     MASKED_TOKEN,
+    MASKED_VALUE,
     approval_markdown,
     approval_summary,
     data_docs_index,
     decision_line,
     format_duration,
+    preview_value,
 )
 from mailroom.audience.sample import SampleAudience, generate
 from mailroom.batches import load_manifest
@@ -24,6 +29,7 @@ from mailroom.pipeline import ProjectPaths, Run
 from support.runs import built_run
 
 pytestmark = pytest.mark.unit
+INCLUDE = Path(__file__).resolve().parents[2] / "include"
 SECRET = b"unit-test-secret"
 
 
@@ -32,26 +38,33 @@ def audience(tmp_path_factory: pytest.TempPathFactory) -> SampleAudience:
     return generate(tmp_path_factory.mktemp("users") / "users.sqlite", users=1500)
 
 
-@pytest.fixture(scope="module")
-def gated_run(
-    tmp_path_factory: pytest.TempPathFactory, audience: SampleAudience
-) -> tuple[Run, dict[str, Any]]:
-    tmp = tmp_path_factory.mktemp("run")
-    paths = ProjectPaths.under(Path(__file__).resolve().parents[2] / "include")
+def gated(
+    paths: ProjectPaths, tmp: Path, audience: SampleAudience, run_id: str, *, shard_count: int
+) -> Run:
+    """A run of ``paths``' example campaign through the gate, ready to summarise."""
     run = built_run(
         paths,
         users_url=audience.url(),
         staging_root=tmp / "staging",
-        run_id="manual__summary",
-        shard_count=4,
+        run_id=run_id,
+        shard_count=shard_count,
         secret=SECRET,
     )
     outbox = Outbox(f"sqlite:///{tmp / 'outbox.sqlite'}")
     try:
         pipeline.freeze_batches(run, outbox=outbox)
-        pipeline.check_envelopes(run, paths, secret=SECRET, outbox=outbox)
+        assert pipeline.check_envelopes(run, paths, secret=SECRET, outbox=outbox)["success"]
     finally:
         outbox.dispose()
+    return run
+
+
+@pytest.fixture(scope="module")
+def gated_run(
+    tmp_path_factory: pytest.TempPathFactory, audience: SampleAudience
+) -> tuple[Run, dict[str, Any]]:
+    tmp = tmp_path_factory.mktemp("run")
+    run = gated(ProjectPaths.under(INCLUDE), tmp, audience, "manual__summary", shard_count=4)
     return run, approval_summary(run, triggered_by="analyst")
 
 
@@ -99,6 +112,73 @@ def test_preview_is_one_real_recipient_with_their_own_values_masked(
             assert MASKED_TOKEN in rendered
             # Nobody's real unsubscribe link is in the preview: a click unsubscribes no one.
             assert person["substitutions"]["%%unsubscribe_url%%"] not in rendered
+
+
+def test_preview_masks_every_audience_address_the_message_shows(
+    tmp_path: Path, audience: SampleAudience
+) -> None:
+    """A template may print the recipient's own address (``{{ recipient.email }}``), and a
+    first name may spell it out: the preview still shows no audience address anywhere, only
+    masked forms, while the campaign's own public addresses stay readable."""
+    include = tmp_path / "include"
+    shutil.copytree(INCLUDE, include)
+    spec_file = include / "campaigns" / "winter_update.yaml"
+    spec_file.write_text(
+        spec_file.read_text("utf-8").replace("fields: [first_name]", "fields: [first_name, email]"),
+        encoding="utf-8",
+    )
+    for name in ("body.txt", "body.html", "subject.txt"):
+        template = include / "templates" / "winter_update" / name
+        template.write_text(
+            template.read_text("utf-8").replace(
+                "{% endblock %}", "Sent to {{ recipient.email }}.\n{% endblock %}"
+            )
+            if name != "subject.txt"
+            else template.read_text("utf-8").rstrip("\n") + " ({{ recipient.email }})\n",
+            encoding="utf-8",
+        )
+    run = gated(
+        ProjectPaths.under(include), tmp_path, audience, "manual__shows_email", shard_count=1
+    )
+
+    summary = approval_summary(run, triggered_by="analyst")
+
+    everyone = {
+        address_key(e)
+        for e in pq.read_table(run.staging.valid_audience, columns=["email"])
+        .column("email")
+        .to_pylist()
+    }
+    shown = set()
+    for preview in summary["previews"].values():
+        # Masked like the "to", not dropped: the approver sees the template prints an address.
+        assert f"Sent to {preview['to']}." in Path(preview["text_file"]).read_text("utf-8")
+        assert f"({preview['to']})" in preview["subject"]
+        for file in (preview["html_file"], preview["text_file"]):
+            shown |= addresses_shown(Path(file).read_text("utf-8"))
+        shown |= addresses_shown(preview["subject"] + "\n".join(preview["text_lines"]))
+    shown |= addresses_shown(approval_markdown(summary))
+    assert shown & everyone == set()
+
+
+PUBLIC = frozenset({"support@example-exchange.test"})
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        ("Ann", "Ann"),
+        ("ann@example.com", "a***@example.com"),
+        (" Ann@Example.com ", "A***@Example.com"),
+        ("ann&#64;example.com", "a***@example.com"),
+        ("MAX (at) example (dot) net", MASKED_VALUE),
+        ("Ann <ann@example.com>", MASKED_VALUE),
+        ("ann@bücher.example", MASKED_VALUE),
+        ("write to support@example-exchange.test", "write to support@example-exchange.test"),
+    ],
+)
+def test_a_value_showing_an_address_is_masked_in_the_preview(value: str, shown: str) -> None:
+    assert preview_value(value, PUBLIC) == shown
 
 
 def test_markdown_shows_what_the_approver_needs(gated_run: tuple[Run, dict[str, Any]]) -> None:

@@ -149,3 +149,53 @@ def test_a_control_character_or_an_overlong_value_is_quarantined_with_its_reason
         else "expect_column_values_to_not_match_regex(first_name)"
     )
     assert quarantine["reason"].tolist() == [reason]
+
+
+def test_a_row_whose_substitutions_sendgrid_would_refuse_is_quarantined(
+    tmp_path: Path, project_paths: ProjectPaths
+) -> None:
+    """SendGrid refuses a personalization whose substitutions exceed 10,000 bytes, and with it
+    the whole request of up to 1,000 recipients: a row that would is quarantined, with that
+    reason, before approval. The limit is exact: one byte under it goes out."""
+    import dataclasses
+
+    import pyarrow as pa
+
+    from mailroom.audience.validate import validate_audience
+    from mailroom.campaign_spec import load_campaign
+    from mailroom.checks.limits import MAX_SUBSTITUTIONS_BYTES
+    from mailroom.envelopes import substitutions_bytes
+
+    spec = dataclasses.replace(
+        load_campaign(project_paths.campaigns, "winter_update"), max_field_length=10_000
+    )
+
+    def size(user_id: str, name: str) -> int:
+        table = pa.table({"user_id": [user_id], "first_name": [name]})
+        return int(substitutions_bytes(spec, table)[0].as_py())
+
+    # "<" is 1 byte in the text and 4 ("&lt;") in the HTML: 5 per character.
+    base = size("u1", "")
+    fits = "<" * ((MAX_SUBSTITUTIONS_BYTES - base) // 5)
+    assert size("u1", fits) <= MAX_SUBSTITUTIONS_BYTES < size("u2", fits + "<")
+    others = 40
+    pd.DataFrame(
+        {
+            "user_id": ["u1", "u2", "u3" * 3_000, *(f"u{i}" for i in range(4, others + 4))],
+            "email": [f"user{i}@example.org" for i in range(others + 3)],
+            "first_name": [fits, fits + "<", "Ann", *["Eve"] * others],
+            "locale": ["en"] * (others + 3),
+        }
+    ).to_parquet(tmp_path / "snapshot.parquet", index=False)
+
+    outcome = validate_audience(
+        spec,
+        snapshot=tmp_path / "snapshot.parquet",
+        valid_out=tmp_path / "valid.parquet",
+        quarantine_out=tmp_path / "quarantine.parquet",
+    )
+
+    quarantine = pd.read_parquet(tmp_path / "quarantine.parquet")
+    assert sorted(quarantine["user_id"].str[:2]) == ["u2", "u3"]  # a 6,000-byte user id too
+    assert set(quarantine["reason"]) == {"expect_column_values_to_be_in_set(substitutions_fit)"}
+    assert (outcome.valid, outcome.quarantined) == (others + 1, 2)

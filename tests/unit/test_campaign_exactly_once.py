@@ -160,6 +160,11 @@ def test_a_second_run_sends_nothing_and_says_already_sent(
     assert len(dev_server.accepted()) == requests  # 0 requests
 
     report = pipeline.reconcile(second, outbox=outbox, approval=APPROVED)
+    assert report["status"] == "nothing_to_send"
+    assert report["nothing_to_send_because"] == (
+        f"everyone valid was left out by earlier runs of this campaign ({everyone} already_sent); "
+        "trigger with resend_to_earlier_recipients and a resend_reason to send to them again"
+    )
     assert report["left_out"]["already_sent"] == everyone
     assert report["balanced"] is True
     assert report["audience_equation"] == (

@@ -524,6 +524,20 @@ BROKEN_CATALOGS: dict[str, tuple[str, int, str]] = {
         6,
         r"missing msgstr for msgid 'Hello %\(name\)s'",
     ),
+    "a msgid twice (Babel keeps the first and drops the second)": (
+        'msgid "Hello %(name)s"\nmsgstr "Hallo %(name)s"\n'
+        + PO_UNSUBSCRIBE
+        + '\nmsgid "Hello %(name)s"\nmsgstr "Servus %(name)s"\n',
+        12,
+        r"msgid 'Hello %\(name\)s' again \(first on line 6\): Babel would keep one translation "
+        r"and drop the other; keep one entry",
+    ),
+    "a msgid twice in one context": (
+        'msgctxt "menu"\nmsgid "Unsubscribe"\nmsgstr "Abbestellen"\n'
+        '\nmsgctxt "menu"\nmsgid "Unsubscribe"\nmsgstr "Abmelden"\n',
+        11,
+        r"msgid 'Unsubscribe' \(context 'menu'\) again \(first on line 7\)",
+    ),
     "an unterminated obsolete entry": (
         'msgid "Hello %(name)s"\nmsgstr "Hallo %(name)s"\n'
         + PO_UNSUBSCRIBE
@@ -551,14 +565,17 @@ def test_a_catalog_that_does_not_parse_fails_render_naming_file_and_line(
 
 def test_a_hand_written_catalog_with_every_escape_babel_reads_renders(project: Project) -> None:
     """The check refuses only what Babel would misread: wrapped strings, escaped quotes and
-    backslashes, obsolete entries and comments are all read as written."""
+    backslashes, obsolete entries (one of them an old translation of a msgid still in use),
+    one msgid in two contexts, and comments are all read as written."""
     path = project.translations / "de" / "LC_MESSAGES" / "messages.po"
     path.write_text(
         PO_HEADER
         + '# translator comment\n#, python-format\nmsgid "Hello %(name)s"\n'
         + 'msgstr ""\n"Hallo \\"\\\\\\" "\n  "%(name)s"\n'
         + PO_UNSUBSCRIBE
-        + '\n#~ msgid "Old"\n#~ msgstr "Alt"\n',
+        + '\nmsgctxt "menu"\nmsgid "Unsubscribe"\nmsgstr "Abmelden"\n'
+        + '\n#~ msgid "Old"\n#~ msgstr "Alt"\n'
+        + '\n#~ msgid "Unsubscribe"\n#~ msgstr "Austragen"\n',
         "utf-8",
     )
 

@@ -19,6 +19,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import sqlalchemy as sa
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import mailroom.envelopes as envelopes_module
 from mailroom.audience.extract import extract_audience, snapshot_schema
@@ -475,3 +477,69 @@ def test_an_empty_audience_fails_validation(spec: CampaignSpec, tmp_path: Path) 
             valid_out=tmp_path / "v.parquet",
             quarantine_out=tmp_path / "q.parquet",
         )
+
+
+_VALUES = st.one_of(
+    st.none(),
+    st.text(max_size=40),
+    st.text(alphabet="<>&\"' \u00e9\u3042\U0001f600\n\r\u2028\t", max_size=20),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    rows=st.lists(
+        st.tuples(st.text(min_size=1, max_size=30), _VALUES, _VALUES), min_size=1, max_size=8
+    ),
+    url=st.sampled_from(
+        [
+            "https://example-exchange.test/unsubscribe?token={token}",
+            '  https://x.test/u/{token}&a=<b>&c="d"  ',
+            "https://x.test/{token}/again/{token}",
+        ]
+    ),
+)
+def test_substitutions_bytes_is_the_size_of_the_substitutions_made(
+    spec: CampaignSpec, rows: list[tuple[str, str | None, str | None]], url: str
+) -> None:
+    """What the validation holds against SendGrid's 10,000 bytes, computed without the secret,
+    is exactly the size (keys plus values in UTF-8) of each envelope's substitutions."""
+    spec = dataclasses.replace(
+        spec,
+        fields=("first_name", "last_name"),
+        unsubscribe=dataclasses.replace(spec.unsubscribe, url_template=url),
+    )
+    table = pa.table(
+        {
+            "user_id": [r[0] for r in rows],
+            "first_name": pa.array([r[1] for r in rows], pa.string()),
+            "last_name": pa.array([r[2] for r in rows], pa.string()),
+        }
+    )
+
+    sizes = envelopes_module.substitutions_bytes(spec, table).to_pylist()
+
+    for size, (user_id, first, last) in zip(sizes, rows, strict=True):
+        row = {"user_id": user_id, "first_name": first, "last_name": last}
+        subs, _ = envelope_values(spec, b"any secret", row)
+        assert size == sum(len(k.encode()) + len(v.encode()) for k, v in subs.items())
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rows=st.lists(st.tuples(st.text(min_size=1, max_size=30), _VALUES), min_size=1, max_size=8),
+    limit=st.integers(min_value=0, max_value=400),
+)
+def test_substitutions_fit_is_the_exact_size_held_to_the_limit(
+    spec: CampaignSpec, rows: list[tuple[str, str | None]], limit: int
+) -> None:
+    """The validation's fast reading (a bound column-wise, exact only near the limit) says
+    what the exact size says, on both sides of the limit."""
+    table = pa.table(
+        {"user_id": [r[0] for r in rows], "first_name": pa.array([r[1] for r in rows], pa.string())}
+    )
+
+    fits = envelopes_module.substitutions_fit(spec, table, limit).to_pylist()
+
+    sizes = envelopes_module.substitutions_bytes(spec, table).to_pylist()
+    assert fits == [size <= limit for size in sizes]

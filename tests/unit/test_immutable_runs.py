@@ -141,6 +141,11 @@ def test_every_stage_of_a_finished_run_refuses_or_changes_nothing(
             run.staging.approval, {**APPROVED, "decision": "timed_out"}, run_key=run.run_key
         )
     assert run_record.approval_unchanged(run.staging.approval, APPROVED, run_key=run.run_key)
+    # The approve task cleared on its own asks nobody again.
+    with pytest.raises(RunRefused, match=r"already answered \(approved by approver at "):
+        run_record.check_not_answered(
+            run_record.Folder.local(run.staging.root), run_key=run.run_key
+        )
 
     assert folder_digest(run.staging.root) == before
     assert dev_server.stats().received == requests

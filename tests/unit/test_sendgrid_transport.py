@@ -171,6 +171,29 @@ def test_an_empty_api_key_is_refused_before_any_request() -> None:
         SendGridTransport(SendGridSettings("", "http://127.0.0.1:9"))
 
 
+@pytest.mark.parametrize(
+    ("api_key", "host", "timeout", "error"),
+    [
+        (" \t", "https://api.sendgrid.com", 30, "no SendGrid API key configured (empty)"),
+        ("SG.abc\n", "https://api.sendgrid.com", 30, "holds whitespace or a control character"),
+        ("SG.a b", "https://api.sendgrid.com", 30, "holds whitespace or a control character"),
+        ("SG.a\x00b", "https://api.sendgrid.com", 30, "holds whitespace or a control character"),
+        ("SG.abc", "api.sendgrid.com", 30, "is not an http(s) URL"),
+        ("SG.abc", "https://", 30, "is not an http(s) URL"),
+        ("SG.abc", "https://api.sendgrid.com", 0, "the SendGrid timeout must be positive"),
+        ("SG.abc", "https://api.sendgrid.com", float("nan"), "timeout must be positive"),
+    ],
+)
+def test_settings_that_could_not_send_are_refused_when_made_never_showing_the_key(
+    api_key: str, host: str, timeout: float, error: str
+) -> None:
+    with pytest.raises(TransportError) as refused:
+        SendGridSettings(api_key, host, timeout_seconds=timeout)
+
+    assert error in str(refused.value)
+    assert api_key.strip() not in str(refused.value) or not api_key.strip()
+
+
 def test_429_is_retryable_and_carries_retry_after(server: SendGridDevServer) -> None:
     server.set_faults(Faults(status_429_every=1, retry_after_seconds=7))
     body = serialise(mail_body("ada@example.com"))

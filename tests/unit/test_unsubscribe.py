@@ -9,7 +9,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mailroom.unsubscribe import TokensInBackground, token_column, unsubscribe_token
+from mailroom.errors import ValidationFailed
+from mailroom.unsubscribe import (
+    TokensInBackground,
+    check_secret,
+    token_column,
+    unsubscribe_token,
+)
 
 pytestmark = pytest.mark.unit
 SECRET = b"tokens-secret"
@@ -98,3 +104,13 @@ def test_closing_stops_the_worker_and_removes_its_files(tmp_path: Path) -> None:
     assert process.poll() is not None
     assert not Path(folder.name).exists()
     background.close()  # twice is fine
+
+
+@pytest.mark.parametrize("secret", [b"", b"   ", b"\t\n"])
+def test_an_empty_signing_secret_is_refused(secret: bytes) -> None:
+    with pytest.raises(ValidationFailed, match="the unsubscribe signing secret is empty"):
+        check_secret(secret)
+
+
+def test_a_signing_secret_is_returned_as_given() -> None:
+    assert check_secret(b" s3cret ") == b" s3cret "

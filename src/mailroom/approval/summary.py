@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mailroom import earlier_runs
-from mailroom.addresses import mask
+from mailroom.addresses import addresses_shown, is_valid_single_address, mask, readable
 from mailroom.batches import load_manifest
 from mailroom.run import Run
 from mailroom.staging import read_json
@@ -26,6 +26,7 @@ from mailroom.substitutions import UNSUBSCRIBE_FIELD, apply_substitutions, subst
 PREVIEW_LINES = 6
 PREVIEW_LINE_CHARS = 160
 MASKED_TOKEN = "MASKED-TOKEN"
+MASKED_VALUE = "[masked: shows an address]"
 _MARKDOWN_SPECIAL = re.compile(r"[\\`*_\[\]#~]")
 
 
@@ -162,13 +163,17 @@ def write_previews(run: Run) -> dict[str, dict[str, Any]]:
     out_dir = preview_dir(run)
     out_dir.mkdir(parents=True, exist_ok=True)
     masked_url = spec.unsubscribe.url_template.replace("{token}", MASKED_TOKEN)
+    public = spec.public_addresses
     previews: dict[str, dict[str, Any]] = {}
     for entry in manifest.batches:
         if entry.locale in previews:
             continue
         body = json.loads((st.batches_dir / entry.file).read_bytes())
         first = body["personalizations"][0]
-        subs = dict(first.get("substitutions") or {})
+        subs = {
+            tag: preview_value(str(value), public)
+            for tag, value in (first.get("substitutions") or {}).items()
+        }
         subs[substitution_tag(UNSUBSCRIBE_FIELD, html=False)] = masked_url
         subs[substitution_tag(UNSUBSCRIBE_FIELD, html=True)] = html.escape(masked_url, quote=True)
         address = mask(str(first["to"][0]["email"]))
@@ -194,6 +199,18 @@ def write_previews(run: Run) -> dict[str, dict[str, Any]]:
             "text_file": run.where(text_file),
         }
     return dict(sorted(previews.items()))
+
+
+def preview_value(value: str, public: frozenset[str]) -> str:
+    """A recipient's value as the preview shows it: as is, unless it shows an address other than
+    the campaign's own (``{{ recipient.email }}``, a name that spells one out, in any spelling
+    ``addresses_shown`` reads). Then a value that is one address is masked like the ``to``
+    (``j***@example.com``), and any other is replaced whole: a masked part of a name could still
+    spell the rest."""
+    if not addresses_shown(value) - public:
+        return value
+    plain = readable(html.unescape(value)).strip()
+    return mask(plain) if is_valid_single_address(plain) else MASKED_VALUE
 
 
 def approval_markdown(summary: dict[str, Any]) -> str:

@@ -22,10 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
 
 from mailroom.addresses import SINGLE_ADDRESS_PATTERN, addresses_shown
 from mailroom.audience.extract import address_keys
 from mailroom.campaign_spec import CampaignSpec
+from mailroom.checks.limits import MAX_SUBSTITUTIONS_BYTES
+from mailroom.envelopes import substitutions_fit
 from mailroom.errors import ValidationFailed
 from mailroom.gx_runtime import summarise, validate_frame
 
@@ -84,7 +87,13 @@ def audience_expectations(spec: CampaignSpec) -> list[Any]:
         expectations.append(
             gxe.ExpectColumnValuesToBeInSet(column=_shows_another(field), value_set=[False])
         )
+    # SendGrid refuses a personalization whose substitutions exceed its limit, and with it the
+    # whole request: the row's substitutions as ``build_envelopes`` will make them must fit.
+    expectations.append(gxe.ExpectColumnValuesToBeInSet(column=SUBSTITUTIONS_FIT, value_set=[True]))
     return expectations
+
+
+SUBSTITUTIONS_FIT = "substitutions_fit"
 
 
 CONTROL_CHARACTERS = r"[\x00-\x08\x0a-\x1f\x7f\u2028\u2029]"
@@ -130,7 +139,14 @@ def validate_audience(
         frame[_shows_another(field)] = _shows_another_address(
             frame[field], frame["email_key"], everyone, public
         )
-    derived = ["email_key", *(_shows_another(f) for f in spec.fields)]
+    frame[SUBSTITUTIONS_FIT] = substitutions_fit(
+        spec,
+        pa.Table.from_pandas(
+            frame[list(dict.fromkeys(["user_id", *spec.fields]))], preserve_index=False
+        ),
+        MAX_SUBSTITUTIONS_BYTES,
+    ).to_numpy(zero_copy_only=False)
+    derived = ["email_key", SUBSTITUTIONS_FIT, *(_shows_another(f) for f in spec.fields)]
     result = validate_frame(
         frame,
         suite_name="audience",

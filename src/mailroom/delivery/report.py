@@ -37,7 +37,9 @@ def reconcile(
 ) -> dict[str, Any]:
     """The campaign report.
 
-    ``status`` is one of sent, incomplete, rejected, timed_out, not_approved, failed_before_send.
+    ``status`` is one of sent, nothing_to_send (an approved run left with nobody to send to:
+    everyone was left out by earlier runs; ``nothing_to_send_because`` says so), incomplete,
+    rejected, timed_out, not_approved, failed_before_send.
     ``left_out``: the run's ``left_out.json`` (counts, the resend choice); ``left_out_rows``:
     who they are. Reconcile is the run's last step: it also gives up the campaign's sending
     slot (``Outbox.end_sending``), so the next run of the campaign may send.
@@ -114,11 +116,25 @@ def reconcile(
     if approval.get("decision") != "approved":
         decision = approval.get("decision")
         report["status"] = decision if decision in {"rejected", "timed_out"} else "not_approved"
+    elif staged_total == 0:
+        report["status"] = "nothing_to_send"
+        report["nothing_to_send_because"] = _nobody_staged(left)
     elif counts[BatchState.SENT]["recipients"] == staged_total:
         report["status"] = "sent"
     else:
         report["status"] = "incomplete"
     return report
+
+
+def _nobody_staged(left: dict[str, int]) -> str:
+    if not any(left.values()):
+        return "no recipient was staged"
+    parts = [f"{count} {reason}" for reason, count in left.items() if count]
+    return (
+        "everyone valid was left out by earlier runs of this campaign ("
+        + ", ".join(parts)
+        + "); trigger with resend_to_earlier_recipients and a resend_reason to send to them again"
+    )
 
 
 def _left_out_reason(row: Any) -> str:

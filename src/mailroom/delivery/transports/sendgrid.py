@@ -29,6 +29,21 @@ class SendGridSettings:
     host: str = DEFAULT_HOST
     timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS
 
+    def __post_init__(self) -> None:
+        # Checked when the settings are made (the DAG's prepare task makes them), so a missing
+        # or mangled key fails before extract, not at send after approval. Never shown.
+        if not self.api_key or not self.api_key.strip():
+            raise TransportError("no SendGrid API key configured (empty)")
+        if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in self.api_key):
+            raise TransportError(
+                "the SendGrid API key holds whitespace or a control character (a line break "
+                "pasted with it?): set it again"
+            )
+        if not self.host.startswith(("https://", "http://")) or len(self.host) <= len("https://"):
+            raise TransportError(f"the SendGrid host {self.host!r} is not an http(s) URL")
+        if not self.timeout_seconds > 0:
+            raise TransportError("the SendGrid timeout must be positive")
+
     def __repr__(self) -> str:
         return f"SendGridSettings(host={self.host!r}, timeout_seconds={self.timeout_seconds})"
 
@@ -39,8 +54,6 @@ class SendGridTransport(Transport):
     def __init__(self, settings: SendGridSettings) -> None:
         from sendgrid import SendGridAPIClient
 
-        if not settings.api_key:
-            raise TransportError("no SendGrid API key configured")
         self.settings = settings
         self._client = SendGridAPIClient(settings.api_key, host=settings.host.rstrip("/"))
         self._client.client.timeout = settings.timeout_seconds
