@@ -86,10 +86,14 @@ def prepare(campaign: str, dry_run: bool, shard_count: int, run_id: str) -> dict
             resolve=lambda spec: settings.resolve(spec, dry_run=dry_run),
         )
         spec = run.spec()
+    from mailroom.delivery.outbox import masked_url
+
     return {
         **run.to_xcom(),
         "approvers": list(spec.approvers),
         "response_timeout_hours": spec.response_timeout_hours,
+        # Where the operator commands find the run's outbox (``mailroom.cli.run_access``).
+        "outbox": masked_url(settings.outbox_url()),
     }
 
 

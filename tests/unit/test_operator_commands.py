@@ -1,16 +1,27 @@
-"""The operator commands act on a run's outbox: halt, resume, resend the unknown."""
+"""The operator commands act on a run's outbox: halt, resume, resend and settle the unknown,
+each recorded with who, when and why."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from mailroom.cli.main import main
+from mailroom.cli.run_access import RunNotFound, find_run
 from mailroom.delivery.outbox import BatchState, Outbox, StagedBatch
 
 pytestmark = pytest.mark.unit
 RUN = "winter_update/manual__ops"
+
+
+@pytest.fixture(autouse=True)
+def no_local_airflow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The commands look for the project's local Airflow; these tests give the outbox."""
+    monkeypatch.setenv("MAILROOM_REPO", str(tmp_path / "project"))
+    for name in ("MAILROOM_AIRFLOW_URL", "MAILROOM_AIRFLOW_USER", "MAILROOM_OUTBOX_URL"):
+        monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture
@@ -44,8 +55,16 @@ def test_halt_and_resume_flip_the_runs_flag(
     assert "clear the run's send_shard" in capsys.readouterr().out
 
 
-def test_resend_makes_only_unknown_batches_sendable(outbox_url: str) -> None:
-    assert main(["resend", RUN, "--outbox-url", outbox_url]) == 0
+def test_resend_makes_only_unknown_batches_sendable(
+    outbox_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    reason = "checked: the provider has no record of en-00001"
+    assert (
+        main(["resend", RUN, "--outbox-url", outbox_url, "--reason", reason, "--by", "olga"]) == 0
+    )
+    out = capsys.readouterr().out
+    assert "WARNING: 1 recipient(s) were in unknown requests" in out
+    assert "may get the message twice" in out
     outbox = Outbox(outbox_url)
     states = outbox.states(RUN)
     assert states["en-00001"].state == "staged"
@@ -60,3 +79,142 @@ def test_unknown_run_and_missing_outbox_are_clear_errors(
     assert "no run 'winter_update/nope'" in capsys.readouterr().err
     monkeypatch.delenv("MAILROOM_OUTBOX_URL", raising=False)
     assert main(["status", RUN]) == 2
+
+
+def test_resend_without_a_reason_is_refused_and_changes_nothing(outbox_url: str) -> None:
+    with pytest.raises(SystemExit) as refused:
+        main(["resend", RUN, "--outbox-url", outbox_url])
+    assert refused.value.code == 2
+    assert Outbox(outbox_url).states(RUN)["en-00001"].state == BatchState.UNKNOWN
+
+
+def test_settle_as_sent_records_who_when_why_and_the_counts(
+    outbox_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    reason = "SendGrid activity shows en-00001 delivered"
+    argv = ["settle", RUN, "en-00001", "--as", "sent", "--reason", reason, "--by", "olga"]
+
+    assert main([*argv, "--outbox-url", outbox_url]) == 0
+
+    outbox = Outbox(outbox_url)
+    assert outbox.states(RUN)["en-00001"].state == BatchState.SENT
+    (entry,) = outbox.actions(RUN)
+    assert (entry["action"], entry["by"], entry["reason"]) == ("settle_sent", "olga", reason)
+    assert (entry["requests"], entry["recipients"]) == (["en-00001"], 1)
+    assert entry["counts_before"]["unknown"]["recipients"] == 1
+    assert entry["counts_after"]["sent"]["recipients"] == 1
+    out = capsys.readouterr().out
+    assert f"outbox: {outbox_url}" in out
+    assert "settle_sent by olga" in out
+
+
+def test_settle_as_not_sent_makes_the_request_sendable(outbox_url: str) -> None:
+    argv = ["settle", RUN, "--all-unknown", "--as", "not-sent", "--reason", "no record at SG"]
+
+    assert main([*argv, "--outbox-url", outbox_url]) == 0
+
+    outbox = Outbox(outbox_url)
+    assert outbox.states(RUN)["en-00001"].state == BatchState.STAGED
+    assert [a["action"] for a in outbox.actions(RUN)] == ["settle_not_sent"]
+
+
+@pytest.mark.parametrize(
+    ("request_id", "error"),
+    [
+        ("en-00002", "en-00002: nothing unknown in it (it is staged)"),
+        ("en-09999", "en-09999: not a request of winter_update/manual__ops"),
+    ],
+)
+def test_settling_a_request_without_an_unknown_outcome_is_refused(
+    outbox_url: str, capsys: pytest.CaptureFixture[str], request_id: str, error: str
+) -> None:
+    argv = ["settle", RUN, request_id, "--as", "sent", "--reason", "checked"]
+
+    assert main([*argv, "--outbox-url", outbox_url]) == 1
+
+    assert error in capsys.readouterr().err
+    outbox = Outbox(outbox_url)
+    assert outbox.actions(RUN) == []
+    assert outbox.states(RUN)["en-00001"].state == BatchState.UNKNOWN
+
+
+def test_the_report_keeps_the_history_with_the_equation_before_and_after(
+    outbox_url: str, tmp_path: Path
+) -> None:
+    from mailroom.batches import BatchEntry, Manifest
+    from mailroom.delivery.report import reconcile
+
+    for argv in (
+        ["halt", RUN, "--reason", "wrong subject", "--by", "olga"],
+        ["resume", RUN, "--reason", "subject was right", "--by", "olga"],
+        ["settle", RUN, "en-00001", "--as", "sent", "--reason", "delivered", "--by", "ivan"],
+    ):
+        assert main([*argv, "--outbox-url", outbox_url]) == 0
+    manifest = Manifest(
+        campaign="winter_update",
+        run_id="manual__ops",
+        transport="sendgrid",
+        batches=(
+            BatchEntry("en-00001", 0, "en", "en-00001.json", "a" * 64, 10, 1),
+            BatchEntry("en-00002", 1, "en", "en-00002.json", "b" * 64, 10, 1),
+        ),
+        sha256="f" * 64,
+    )
+
+    report = reconcile(
+        run_key=RUN,
+        manifest=manifest,
+        outbox=Outbox(outbox_url),
+        extract_counts=None,
+        validation=None,
+        approval={"decision": "approved"},
+        quarantine=None,
+        not_sent_csv=tmp_path / "not_sent.csv",
+    )
+
+    assert [(h["action"], h["by"]) for h in report["history"]] == [
+        ("halt", "olga"),
+        ("resume", "olga"),
+        ("settle_sent", "ivan"),
+    ]
+    settled = report["history"][-1]
+    assert settled["before"] == (
+        "staged 2 = sent 0 + failed 0 + unknown 1 + halted 0 + never attempted 1"
+    )
+    assert (
+        settled["after"]
+        == "staged 2 = sent 1 + failed 0 + unknown 0 + halted 0 + never attempted 1"
+    )
+    json.dumps(report)  # the report is written as JSON
+
+
+def test_an_outbox_password_masked_in_the_run_record_comes_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The outbox the prepare task recorded shows no password; the command takes it from
+    MAILROOM_OUTBOX_PASSWORD, and says so when it is missing."""
+    from mailroom.cli import run_access
+
+    masked = "postgresql+psycopg2://mailroom:***@db:5432/mailroom_outbox"
+    monkeypatch.delenv("MAILROOM_OUTBOX_PASSWORD", raising=False)
+    with pytest.raises(RunNotFound, match="needs a password: set MAILROOM_OUTBOX_PASSWORD"):
+        run_access._with_password(masked)
+    monkeypatch.setenv("MAILROOM_OUTBOX_PASSWORD", "s3cret")
+    assert run_access._with_password(masked) == (
+        "postgresql+psycopg2://mailroom:s3cret@db:5432/mailroom_outbox"
+    )
+    assert run_access.masked_url(run_access._with_password(masked)) == masked
+
+
+def test_without_an_outbox_or_an_airflow_the_command_says_what_to_give(
+    tmp_path: Path,
+) -> None:
+    import argparse
+
+    args = argparse.Namespace(
+        run_key=RUN, outbox_url=None, airflow_url=None, user=None, password_file=None
+    )
+    with pytest.raises(RunNotFound, match="give --outbox-url"):
+        find_run(args, tmp_path)
+    with pytest.raises(RunNotFound, match="is not <campaign>/<run id>"):
+        find_run(argparse.Namespace(**{**vars(args), "run_key": "manual__x"}), tmp_path)

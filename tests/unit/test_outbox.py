@@ -16,7 +16,15 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from mailroom.delivery.outbox import BatchState, Outbox, OutboxConflict, StagedBatch
+from mailroom.delivery.outbox import (
+    Action,
+    BatchState,
+    NothingToSettle,
+    OperatorAction,
+    Outbox,
+    OutboxConflict,
+    StagedBatch,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -499,3 +507,55 @@ def test_per_recipient_states_drive_counts_not_sent_requeue_and_interruption(
     }
     assert outbox.recipient_outcomes(run_key, second) == {b[0]: BatchState.SENT}
     assert outbox.counts(run_key)[BatchState.STAGED]["recipients"] == 3
+
+
+def test_settling_changes_only_the_unknown_outcomes_of_the_named_requests(
+    outbox: Outbox, run_key: str
+) -> None:
+    """A message recorded sent or failed stays so; the unknown one is settled as the operator
+    found it at the provider, and the decision is on record with the counts around it."""
+    ids = stage(outbox, run_key, 3, recipients=3)
+    first, second, third = ids
+    a, b = ([m[0].lower() for m in members_of([batch(i, 3)])] for i in range(2))
+    assert outbox.claim(run_key, first)
+    for email, state in zip(
+        a, [BatchState.SENT, BatchState.FAILED, BatchState.UNKNOWN], strict=True
+    ):
+        assert outbox.mark_recipient(run_key, first, email, BatchState.SENDING)
+        assert outbox.mark_recipient(run_key, first, email, state)
+    outbox.finish(run_key, first, BatchState.UNKNOWN, error="1 of 3 lost")
+    assert outbox.claim(run_key, second)
+    outbox.finish(run_key, second, BatchState.UNKNOWN, error="answer lost")
+    drive_to(outbox, run_key, third, BatchState.SENT)
+
+    settled = outbox.settle(
+        run_key, [first], OperatorAction(Action.SETTLE_SENT, "olga", "delivered per SendGrid")
+    )
+    assert settled == 1
+    assert state_of(outbox, run_key)[first] == BatchState.SENT
+    assert outbox.recipient_outcomes(run_key, first) == {
+        a[0]: BatchState.SENT,
+        a[1]: BatchState.FAILED,
+        a[2]: BatchState.SENT,
+    }
+    assert outbox.settle(
+        run_key, [second], OperatorAction(Action.SETTLE_NOT_SENT, "olga", "no record")
+    ) == len(b)
+    assert state_of(outbox, run_key) == {
+        first: BatchState.SENT,
+        second: BatchState.STAGED,
+        third: BatchState.SENT,
+    }
+    with pytest.raises(NothingToSettle, match=f"{third}: nothing unknown in it"):
+        outbox.settle(run_key, [third], OperatorAction(Action.SETTLE_SENT, "olga", "again"))
+    with pytest.raises(ValueError, match="needs a reason"):
+        OperatorAction(Action.SETTLE_SENT, "olga", "  ")
+
+    history = outbox.actions(run_key)
+    assert [(h["action"], h["requests"], h["recipients"]) for h in history] == [
+        ("settle_sent", [first], 1),
+        ("settle_not_sent", [second], 3),
+    ]
+    assert history[0]["counts_before"]["unknown"]["recipients"] == 4
+    assert history[1]["counts_after"]["unknown"]["recipients"] == 0
+    assert history[1]["counts_after"]["staged"]["recipients"] == 3

@@ -33,6 +33,7 @@ RUN = "winter_update/manual__2026-01-05"
 OUTBOX_TABLES = (
     "mailroom_batches",
     "mailroom_campaign_sends",
+    "mailroom_operator_actions",
     "mailroom_recipients",
     "mailroom_run_inputs",
     "mailroom_run_resends",

@@ -71,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         ).run()
     if args.command == "approvals":
         return approvals.run_command(args)
-    if args.command in {"status", "halt", "resume", "resend"}:
-        return operations.run_command(args)
+    if args.command in {"status", "halt", "resume", "resend", "settle"}:
+        return operations.run_command(args, _repo_root())
     if args.command == "outbox":
         return operations.run_outbox_command(args)
     if args.command == "fetch-run":

@@ -1,40 +1,88 @@
-"""Operator commands on a run's outbox: status, halt, resume, resend the unknown; and
-``outbox upgrade``, the outbox's schema to this release's.
+"""Operator commands on a run's outbox: status, halt, resume, resend, settle; and ``outbox
+upgrade``, the outbox's schema to this release's.
 
-They work on the outbox database directly (``--outbox-url`` or ``MAILROOM_OUTBOX_URL``), so they
-act at once on every shard of a run, wherever it runs. Resuming or resending only makes batches
-sendable again; clear the run's ``send_shard`` and ``reconcile`` tasks in Airflow (UI, REST, or
-``--airflow-url`` here) to send them.
+They find the run's outbox and folder as the DAG does (``run_access``) and work on the outbox
+database directly, so they act at once on every shard of a run, wherever it runs. Each decision
+(halt, resume, resend, settle) is recorded with who, when and why, and the run's counts before
+and after (``Outbox.actions``); the report lists them as the run's history. Resuming, resending
+or settling as not sent only makes requests sendable again; clear the run's ``send_shard`` and
+``reconcile`` tasks in Airflow (UI, REST, or ``--clear`` here) to send them.
 """
 
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
-from mailroom.delivery.outbox import BatchState, Outbox, UnknownOutboxRevision
+from mailroom.cli import run_access
+from mailroom.cli.run_access import RunAccess, RunNotFound
+from mailroom.delivery.outbox import (
+    Action,
+    BatchState,
+    NothingToSettle,
+    OperatorAction,
+    Outbox,
+    UnknownOutboxRevision,
+)
+from mailroom.errors import MailroomError
 
 
 def add_commands(sub: Any) -> None:
     for name, text in (
-        ("status", "counts of a run's batches and recipients per state"),
+        ("status", "counts of a run's batches and recipients per state, and its history"),
         ("halt", "stop every shard of a run before its next request"),
         ("resume", "lift a halt so cleared shards send the halted batches"),
-        ("resend", "make unknown (or failed) batches sendable again: an explicit operator choice"),
+        (
+            "resend",
+            "send unknown (or failed) requests again: an explicit operator choice, with a reason; "
+            "the recipients of an unknown request may already have the message",
+        ),
+        (
+            "settle",
+            "record what checking the provider showed for unknown requests: --as sent (never "
+            "sent again) or --as not-sent (sendable again)",
+        ),
     ):
-        cmd = sub.add_parser(name, help=text)
+        cmd = sub.add_parser(name, help=text, description=text)
         cmd.add_argument("run_key", help="<campaign>/<Airflow run id>, as in the report")
-        cmd.add_argument("--outbox-url", default=os.environ.get("MAILROOM_OUTBOX_URL"))
-        if name == "halt":
-            cmd.add_argument("--reason", default="halted by an operator")
+        run_access.add_arguments(cmd)
+        if name == "settle":
+            cmd.add_argument(
+                "requests",
+                nargs="*",
+                metavar="REQUEST",
+                help="batch ids (each request's custom_args batch_id, as SendGrid's activity "
+                "search and events show it)",
+            )
+            cmd.add_argument(
+                "--all-unknown", action="store_true", help="every unknown request of the run"
+            )
+            cmd.add_argument("--as", dest="outcome", choices=("sent", "not-sent"), required=True)
+        if name in {"halt", "resume", "resend", "settle"}:
+            cmd.add_argument(
+                "--reason",
+                required=name in {"resend", "settle"},
+                default="halted by an operator" if name == "halt" else None,
+                help="why (recorded with who and when in the run's history and report)",
+            )
+            cmd.add_argument(
+                "--by",
+                help="who is deciding (default: the Airflow user, else the login name)",
+            )
         if name == "resend":
             cmd.add_argument("--failed", action="store_true", help="also resend failed batches")
-        if name in {"resume", "resend"}:
-            cmd.add_argument("--airflow-url", help="also clear the run's send tasks through REST")
-            cmd.add_argument("--user", default=os.environ.get("MAILROOM_AIRFLOW_USER"))
+        if name in {"resume", "resend", "settle"}:
+            cmd.add_argument(
+                "--clear",
+                action="store_true",
+                help="also clear the run's send_shard and reconcile tasks in Airflow, so it "
+                "sends what is sendable now",
+            )
     outbox = sub.add_parser("outbox", help="the outbox database itself")
     outbox_sub = outbox.add_subparsers(dest="outbox_command", required=True)
     upgrade = outbox_sub.add_parser(
@@ -64,56 +112,108 @@ def run_outbox_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_command(args: argparse.Namespace) -> int:
-    if not args.outbox_url:
-        print("mailroom: give --outbox-url or set MAILROOM_OUTBOX_URL", file=sys.stderr)
-        return 2
-    outbox = Outbox(args.outbox_url)
+def run_command(args: argparse.Namespace, repo: Path) -> int:
     try:
-        if outbox.manifest_sha256(args.run_key) is None:
-            print(f"mailroom: no run {args.run_key!r} in the outbox", file=sys.stderr)
+        access = run_access.find_run(args, repo)
+    except (MailroomError, OSError) as exc:
+        print(f"mailroom {args.command}: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, RunNotFound) else 1
+    print(access.describe())
+    outbox = Outbox(access.outbox_url)
+    try:
+        if outbox.manifest_sha256(access.run_key) is None:
+            print(f"mailroom: no run {access.run_key!r} in the outbox", file=sys.stderr)
             return 1
-        if args.command == "halt":
-            outbox.request_halt(args.run_key, reason=args.reason)
-            print(f"halt requested for {args.run_key}: shards stop before their next request")
-        elif args.command == "resume":
-            outbox.request_halt(args.run_key, halted=False)
-            print(f"halt lifted for {args.run_key}")
-            _clear_send_tasks(args)
-        elif args.command == "resend":
-            states = (
-                [BatchState.UNKNOWN, BatchState.FAILED] if args.failed else [BatchState.UNKNOWN]
-            )
-            moved = outbox.requeue(args.run_key, states)
-            names = [s.value for s in states]
-            print(f"{moved} batch(es) of {args.run_key} in {names} are sendable again")
-            _clear_send_tasks(args)
-        print(json.dumps(outbox.counts(args.run_key), indent=2))
-        return 0
+        return _act(args, access, outbox)
+    except (MailroomError, NothingToSettle, ValueError) as exc:
+        print(f"mailroom {args.command}: {exc}", file=sys.stderr)
+        return 1
     finally:
         outbox.dispose()
 
 
-def _clear_send_tasks(args: argparse.Namespace) -> None:
-    if not args.airflow_url:
-        print("clear the run's send_shard and reconcile tasks in Airflow to send them")
+def _act(args: argparse.Namespace, access: RunAccess, outbox: Outbox) -> int:
+    run_key = access.run_key
+    by = getattr(args, "by", None) or (access.airflow.username if access.airflow else None)
+    by = by or getpass.getuser()
+    if args.command == "halt":
+        outbox.request_halt(
+            run_key, reason=args.reason, action=OperatorAction(Action.HALT, by, args.reason)
+        )
+        print(f"halt requested for {run_key} by {by}: shards stop before their next request")
+    elif args.command == "resume":
+        reason = args.reason or "resumed by an operator"
+        outbox.request_halt(run_key, halted=False, action=OperatorAction(Action.RESUME, by, reason))
+        print(f"halt lifted for {run_key} by {by}")
+        _clear_send_tasks(args, access)
+    elif args.command == "resend":
+        states = [BatchState.UNKNOWN, BatchState.FAILED] if args.failed else [BatchState.UNKNOWN]
+        in_doubt = outbox.counts(run_key)[BatchState.UNKNOWN]["recipients"]
+        moved = outbox.requeue(run_key, states, OperatorAction(Action.RESEND, by, args.reason))
+        names = [s.value for s in states]
+        print(
+            f"{moved} request(s) of {run_key} in {names} are sendable again ({by}: {args.reason})"
+        )
+        if in_doubt:
+            print(
+                f"WARNING: {in_doubt} recipient(s) were in unknown requests: the provider may "
+                "have accepted them already, so they may get the message twice. `mailroom "
+                "settle` records what checking the provider showed instead."
+            )
+        _clear_send_tasks(args, access)
+    elif args.command == "settle":
+        requests = _unknown_requests(outbox, run_key) if args.all_unknown else args.requests
+        if not requests:
+            print(
+                "mailroom settle: name the requests (batch ids) or give --all-unknown; "
+                f"unknown now: {', '.join(_unknown_requests(outbox, run_key)) or 'none'}",
+                file=sys.stderr,
+            )
+            return 2
+        action = Action.SETTLE_SENT if args.outcome == "sent" else Action.SETTLE_NOT_SENT
+        settled = outbox.settle(run_key, requests, OperatorAction(action, by, args.reason))
+        print(
+            f"settled {len(requests)} request(s), {settled} recipient(s) of {run_key} as "
+            f"{args.outcome} ({by}: {args.reason})"
+        )
+        if action == Action.SETTLE_NOT_SENT:
+            _clear_send_tasks(args, access)
+        else:
+            print("nothing will be sent again to them; clear the run's reconcile task to report")
+    print(json.dumps(outbox.counts(run_key), indent=2))
+    history = outbox.actions(run_key)
+    if history:
+        print("history:")
+        for entry in history:
+            print(
+                f"  {entry['at']} {entry['action']} by {entry['by']}: {entry['reason']} "
+                f"({len(entry['requests'])} request(s), {entry['recipients']} recipient(s))"
+            )
+    return 0
+
+
+def _unknown_requests(outbox: Outbox, run_key: str) -> list[str]:
+    return sorted(
+        {str(row["batch_id"]) for row in outbox.not_sent(run_key) if row["state"] == "unknown"}
+    )
+
+
+def _clear_send_tasks(args: argparse.Namespace, access: RunAccess) -> None:
+    if not getattr(args, "clear", False) or access.airflow is None:
+        print(
+            "clear the run's send_shard and reconcile tasks in Airflow to send them "
+            "(or run this again with --clear)"
+        )
         return
-    from getpass import getpass
-
-    from mailroom.cli.airflow_api import AirflowApi
-
-    password = os.environ.get("MAILROOM_AIRFLOW_PASSWORD") or getpass("Airflow password: ")
-    api = AirflowApi(args.airflow_url, args.user, password)
-    run_id = args.run_key.split("/", 1)[1]
-    api.request(
+    access.airflow.request(
         "POST",
-        "/dags/mailroom_campaign/clearTaskInstances",
+        f"/dags/{run_access.DAG_ID}/clearTaskInstances",
         json={
-            "dag_run_id": run_id,
+            "dag_run_id": access.run_id,
             "task_ids": ["send_shard", "reconcile"],
             "only_failed": False,
             "reset_dag_runs": True,
             "dry_run": False,
         },
     )
-    print(f"cleared send_shard and reconcile of {run_id}: Airflow sends what is sendable")
+    print(f"cleared send_shard and reconcile of {access.run_id}: Airflow sends what is sendable")

@@ -34,6 +34,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -146,6 +147,53 @@ campaign_sends = sa.Table(
     sa.Column("run_key", sa.String(250), nullable=False),
     sa.Column("since", sa.DateTime(timezone=True), nullable=False),
 )
+# What operators did to a run after it was staged (``OperatorAction``), with the run's counts
+# just before and after, for the report's history.
+operator_actions = sa.Table(
+    "mailroom_operator_actions",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("run_key", sa.String(250), nullable=False),
+    sa.Column("action", sa.String(32), nullable=False),
+    sa.Column("by", sa.String(250), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("requests", sa.Text, nullable=False),
+    sa.Column("recipients", sa.Integer, nullable=False),
+    sa.Column("counts_before", sa.Text, nullable=False),
+    sa.Column("counts_after", sa.Text, nullable=False),
+    sa.Index("ix_mailroom_operator_actions_run", "run_key", "id"),
+)
+
+
+class Action(StrEnum):
+    """What an operator did to a run (``mailroom settle|resend|halt|resume``)."""
+
+    SETTLE_SENT = "settle_sent"
+    SETTLE_NOT_SENT = "settle_not_sent"
+    RESEND = "resend"
+    HALT = "halt"
+    RESUME = "resume"
+
+
+@dataclass(frozen=True)
+class OperatorAction:
+    """Who did it and why; the outbox adds when, which requests, how many recipients and the
+    counts before and after."""
+
+    action: Action
+    by: str
+    reason: str
+
+    def __post_init__(self) -> None:
+        if not self.by.strip():
+            raise ValueError("an operator action needs who did it")
+        if not self.reason.strip():
+            raise ValueError(f"{self.action.value} needs a reason")
+
+
+class NothingToSettle(Exception):
+    """A request given to ``settle`` is not in this run, or has no ``unknown`` outcome."""
 
 
 class Member(NamedTuple):
@@ -234,6 +282,11 @@ class OutboxConflict(Exception):
 
 class CampaignBusy(OutboxConflict):
     """Another run of the same campaign is sending: this one may not start."""
+
+
+def masked_url(url: str) -> str:
+    """An outbox URL as logs, XCom and terminals may show it: any password as ``***``."""
+    return sa.engine.make_url(url).render_as_string(hide_password=True)
 
 
 def campaign_of(run_key: str) -> str:
@@ -638,55 +691,151 @@ class Outbox:
                 error=reason,
             )
 
-    def requeue(self, run_key: str, states: Sequence[BatchState]) -> int:
+    def requeue(
+        self,
+        run_key: str,
+        states: Sequence[BatchState],
+        action: OperatorAction | None = None,
+    ) -> int:
         """Operator's explicit choice to send ``unknown``/``failed`` batches again.
 
         For batches sent one message per recipient, only the recipients in those states are
         sent again (their batch becomes ``staged``; recipients already ``sent`` stay sent).
-        Returns how many batches became sendable.
+        Returns how many batches became sendable. ``action``: who chose it and why, recorded
+        with the requests, the recipients and the counts before and after (``actions``).
         """
-        now = _now()
-        this_run = (batches.c.run_key == run_key,)
-        with_such_recipients = (
-            sa.select(recipients.c.batch_id)
-            .where(recipients.c.run_key == run_key, recipients.c.state.in_(states))
-            .scalar_subquery()
-        )
-        staged = (
-            sa.select(batches.c.batch_id)
-            .where(*this_run, batches.c.state == BatchState.STAGED)
-            .scalar_subquery()
-        )
         with self.engine.begin() as conn:
-            moved = _set_state(conn, batches, this_run, states, BatchState.STAGED, now=now)
-            # A batch that ended otherwise but holds recipients in those states.
-            moved += _set_state(
-                conn,
-                batches,
-                (*this_run, batches.c.batch_id.in_(with_such_recipients)),
-                (BatchState.FAILED, BatchState.UNKNOWN, BatchState.HALTED),
-                BatchState.STAGED,
-                now=now,
-            )
-            _set_state(
-                conn,
-                recipients,
-                (recipients.c.run_key == run_key, recipients.c.batch_id.in_(staged)),
-                states,
-                None,
-                now=now,
-            )
+            before = self._counts(conn, run_key)
+            affected = _affected(conn, run_key, states, None)
+            moved = _requeue(conn, run_key, states, None)
+            if action is not None:
+                self._record(conn, run_key, action, affected, before)
             return moved
 
-    def request_halt(self, run_key: str, halted: bool = True, reason: str | None = None) -> bool:
-        """Ask every shard of a run to stop before its next request (or, with False, resume)."""
+    def settle(self, run_key: str, batch_ids: Sequence[str], action: OperatorAction) -> int:
+        """An operator's decision on ``unknown`` requests after checking the provider: as
+        ``sent`` (``Action.SETTLE_SENT``: nothing is sent again) or as not sent
+        (``Action.SETTLE_NOT_SENT``: they become sendable, as after ``requeue``). Only the
+        ``unknown`` outcomes of these requests change (a message of a per-recipient batch
+        recorded ``sent`` or ``failed`` stays so). Recorded with who, when, why, and the counts
+        before and after. Returns how many recipients were settled; refuses
+        (``NothingToSettle``) a request that is not in the run or has nothing ``unknown``."""
+        if action.action not in (Action.SETTLE_SENT, Action.SETTLE_NOT_SENT):
+            raise ValueError(f"not a settlement: {action.action}")
+        wanted = list(dict.fromkeys(batch_ids))
+        if not wanted:
+            raise NothingToSettle("name at least one request (batch id) to settle")
+        unknown = (BatchState.UNKNOWN,)
+        with self.engine.begin() as conn:
+            before = self._counts(conn, run_key)
+            affected = _affected(conn, run_key, unknown, wanted)
+            missing = [b for b in wanted if b not in affected]
+            if missing:
+                states = dict(
+                    conn.execute(
+                        sa.select(batches.c.batch_id, batches.c.state).where(
+                            batches.c.run_key == run_key, batches.c.batch_id.in_(missing)
+                        )
+                    ).all()
+                )
+                raise NothingToSettle(
+                    "; ".join(
+                        f"{b}: not a request of {run_key}"
+                        if b not in states
+                        else f"{b}: nothing unknown in it (it is {states[b]})"
+                        for b in missing
+                    )
+                )
+            if action.action == Action.SETTLE_NOT_SENT:
+                _requeue(conn, run_key, unknown, wanted)
+            else:
+                note = f"settled as sent by {action.by}: {action.reason}"
+                now = _now()
+                _set_state(
+                    conn,
+                    recipients,
+                    (recipients.c.run_key == run_key, recipients.c.batch_id.in_(wanted)),
+                    unknown,
+                    BatchState.SENT,
+                    error=note,
+                    now=now,
+                )
+                _set_state(
+                    conn,
+                    batches,
+                    (batches.c.run_key == run_key, batches.c.batch_id.in_(wanted)),
+                    unknown,
+                    BatchState.SENT,
+                    error=note,
+                    now=now,
+                )
+            self._record(conn, run_key, action, affected, before)
+            return sum(affected.values())
+
+    def actions(self, run_key: str) -> list[dict[str, Any]]:
+        """Every operator action on the run, oldest first (see ``OperatorAction``)."""
+        query = (
+            sa.select(operator_actions)
+            .where(operator_actions.c.run_key == run_key)
+            .order_by(operator_actions.c.id)
+        )
+        with self.engine.connect() as conn:
+            rows = [dict(row._mapping) for row in conn.execute(query)]
+        return [
+            {
+                "action": row["action"],
+                "by": row["by"],
+                "reason": row["reason"],
+                "at": _aware(row["at"]).isoformat(),
+                "requests": json.loads(row["requests"]),
+                "recipients": row["recipients"],
+                "counts_before": json.loads(row["counts_before"]),
+                "counts_after": json.loads(row["counts_after"]),
+            }
+            for row in rows
+        ]
+
+    def _record(
+        self,
+        conn: sa.Connection,
+        run_key: str,
+        action: OperatorAction,
+        affected: Mapping[str, int],
+        before: dict[str, dict[str, int]],
+    ) -> None:
+        conn.execute(
+            operator_actions.insert().values(
+                run_key=run_key,
+                action=action.action.value,
+                by=action.by,
+                reason=action.reason,
+                at=_now(),
+                requests=json.dumps(sorted(affected)),
+                recipients=sum(affected.values()),
+                counts_before=json.dumps(before, sort_keys=True),
+                counts_after=json.dumps(self._counts(conn, run_key), sort_keys=True),
+            )
+        )
+
+    def request_halt(
+        self,
+        run_key: str,
+        halted: bool = True,
+        reason: str | None = None,
+        action: OperatorAction | None = None,
+    ) -> bool:
+        """Ask every shard of a run to stop before its next request (or, with False, resume).
+        ``action``: the operator who asked and why, recorded (``actions``)."""
         reason = (reason or "halted by an operator") if halted else None
         with self.engine.begin() as conn:
+            before = self._counts(conn, run_key) if action is not None else {}
             result = conn.execute(
                 runs.update()
                 .where(runs.c.run_key == run_key)
                 .values(halt_requested=halted, halt_reason=reason)
             )
+            if action is not None and result.rowcount:
+                self._record(conn, run_key, action, {}, before)
             return bool(result.rowcount)
 
     def halt_reason(self, run_key: str) -> str | None:
@@ -851,6 +1000,10 @@ class Outbox:
 
     def counts(self, run_key: str) -> dict[str, dict[str, int]]:
         """Per state (its value, a plain string): how many batches and recipients."""
+        with self.engine.connect() as conn:
+            return self._counts(conn, run_key)
+
+    def _counts(self, conn: sa.Connection, run_key: str) -> dict[str, dict[str, int]]:
         query = (
             sa.select(
                 batches.c.state,
@@ -872,12 +1025,11 @@ class Outbox:
             .group_by(batches.c.state, recipients.c.state)
         )
         out = {s.value: {"batches": 0, "recipients": 0} for s in BatchState}
-        with self.engine.connect() as conn:
-            for state, n, people in conn.execute(query):
-                out[state] = {"batches": int(n), "recipients": int(people)}
-            for batch_state, own_state, n in conn.execute(own):
-                out[batch_state]["recipients"] -= int(n)
-                out[own_state]["recipients"] += int(n)
+        for state, n, people in conn.execute(query):
+            out[state] = {"batches": int(n), "recipients": int(people)}
+        for batch_state, own_state, n in conn.execute(own):
+            out[batch_state]["recipients"] -= int(n)
+            out[own_state]["recipients"] += int(n)
         return out
 
     def not_sent(self, run_key: str) -> Iterator[dict[str, Any]]:
@@ -972,6 +1124,76 @@ class BatchLedger:
         if not self.outbox.halt_requested(self.run_key):
             return None
         return self.outbox.halt_reason(self.run_key) or "halted by an operator"
+
+
+def _affected(
+    conn: sa.Connection,
+    run_key: str,
+    states: Sequence[BatchState],
+    batch_ids: Sequence[str] | None,
+) -> dict[str, int]:
+    """batch id → how many of its recipients are in ``states`` (their own state where they have
+    one, else their batch's), for the run's batches (or only ``batch_ids``) holding any."""
+    state = sa.func.coalesce(recipients.c.state, batches.c.state)
+    where = [recipients.c.run_key == run_key, state.in_(states)]
+    if batch_ids is not None:
+        where.append(batches.c.batch_id.in_(batch_ids))
+    query = (
+        sa.select(batches.c.batch_id, sa.func.count())
+        .select_from(recipients.join(batches, _same_batch()))
+        .where(*where)
+        .group_by(batches.c.batch_id)
+    )
+    return {str(b): int(n) for b, n in conn.execute(query)}
+
+
+def _requeue(
+    conn: sa.Connection,
+    run_key: str,
+    states: Sequence[BatchState],
+    batch_ids: Sequence[str] | None,
+) -> int:
+    """``Outbox.requeue`` in ``conn``: batches (all of the run's, or only ``batch_ids``) in
+    ``states``, or holding recipients in them, become ``staged``; those recipients go back to
+    their batch's state. Returns how many batches moved."""
+    now = _now()
+    this_run: tuple[sa.ColumnElement[bool], ...] = (batches.c.run_key == run_key,)
+    if batch_ids is not None:
+        this_run += (batches.c.batch_id.in_(batch_ids),)
+    with_such_recipients = (
+        sa.select(recipients.c.batch_id)
+        .where(recipients.c.run_key == run_key, recipients.c.state.in_(states))
+        .scalar_subquery()
+    )
+    staged = (
+        sa.select(batches.c.batch_id)
+        .where(*this_run, batches.c.state == BatchState.STAGED)
+        .scalar_subquery()
+    )
+    moved = _set_state(conn, batches, this_run, states, BatchState.STAGED, now=now)
+    # A batch that ended otherwise but holds recipients in those states.
+    moved += _set_state(
+        conn,
+        batches,
+        (*this_run, batches.c.batch_id.in_(with_such_recipients)),
+        (BatchState.FAILED, BatchState.UNKNOWN, BatchState.HALTED),
+        BatchState.STAGED,
+        now=now,
+    )
+    _set_state(
+        conn,
+        recipients,
+        (recipients.c.run_key == run_key, recipients.c.batch_id.in_(staged)),
+        states,
+        None,
+        now=now,
+    )
+    return moved
+
+
+def _aware(moment: datetime) -> datetime:
+    """SQLite gives a stored datetime back without its zone; every one stored is UTC."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def _same_batch() -> Any:

@@ -1,5 +1,9 @@
 """reconcile: prove ``staged = sent + failed + unknown + halted``; say who did not get it, why.
 
+``history`` lists what operators did to the run after it was staged (``mailroom settle``,
+``resend``, ``halt``, ``resume``): who, when, why, which requests and how many recipients, with
+the equation just before and just after each.
+
 Those an earlier run of the campaign sent to (``already_sent``) or left in doubt
 (``unknown_earlier``) were never staged (``mailroom.earlier_runs``): the report counts them
 beside the staged ones (``valid = staged + already_sent + unknown_earlier``) and lists them in
@@ -100,12 +104,15 @@ def reconcile(
     accounted = sum(counts[s]["recipients"] for s in FINAL_STATES)
     pending = counts[BatchState.STAGED]["recipients"] + counts[BatchState.SENDING]["recipients"]
     report["balanced"] = staged_total == accounted + pending
-    report["equation"] = (
-        f"staged {staged_total} = sent {counts[BatchState.SENT]['recipients']} + failed "
-        f"{counts[BatchState.FAILED]['recipients']} + unknown "
-        f"{counts[BatchState.UNKNOWN]['recipients']} + halted "
-        f"{counts[BatchState.HALTED]['recipients']} + never attempted {pending}"
-    )
+    report["equation"] = equation(counts, staged_total)
+    report["history"] = [
+        {
+            **{k: v for k, v in entry.items() if not k.startswith("counts_")},
+            "before": equation(entry["counts_before"], staged_total),
+            "after": equation(entry["counts_after"], staged_total),
+        }
+        for entry in (outbox.actions(run_key) if outbox is not None else [])
+    ]
     if left_out is not None:
         valid = int(left_out["valid"])
         report["audience_equation"] = (
@@ -124,6 +131,19 @@ def reconcile(
     else:
         report["status"] = "incomplete"
     return report
+
+
+def equation(counts: dict[str, dict[str, int]], staged_total: int) -> str:
+    """``staged = sent + failed + unknown + halted + never attempted``, in recipients."""
+    if not counts:
+        return "(no counts)"
+    people = {state: int(counts.get(state, {}).get("recipients", 0)) for state in BatchState}
+    pending = people[BatchState.STAGED] + people[BatchState.SENDING]
+    return (
+        f"staged {staged_total} = sent {people[BatchState.SENT]} + failed "
+        f"{people[BatchState.FAILED]} + unknown {people[BatchState.UNKNOWN]} + halted "
+        f"{people[BatchState.HALTED]} + never attempted {pending}"
+    )
 
 
 def _nobody_staged(left: dict[str, int]) -> str:
