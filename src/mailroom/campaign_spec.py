@@ -34,6 +34,7 @@ from mailroom.checks.limits import (
 from mailroom.errors import CampaignSpecError
 
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+TEMPLATE_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 LOCALE_PATTERN = re.compile(r"[a-z]{2,3}(_[A-Z]{2})?")
 FIELD_PATTERN = re.compile(r"[a-z_][a-z0-9_]*")
 TRANSPORTS = ("sendgrid", "smtp", "file")
@@ -274,9 +275,21 @@ def parse_campaign(raw: object, *, source: str) -> CampaignSpec:
 
     source_spec = AudienceSource(
         connection_id=audience.line("connection_id") or None,
+    for index, locale in enumerate(locales):
+        if not _known_locale(locale):
+            raise top.error(
+                f"locales[{index}]", f"{locale!r} is not a locale Babel knows (CLDR has no data)"
+            )
         query=audience.text("query") or None,
         suppressions_query=audience.text("suppressions_query") or None,
         url=audience.line("url") or None,
+    template = top.line("template", required=True)
+    if not TEMPLATE_PATTERN.fullmatch(template):
+        raise top.error(
+            "template",
+            f"must be the name of a folder in templates/ (letters, digits, '_' and '-'), got "
+            f"{template!r}",
+        )
         suppressions_url=audience.line("suppressions_url") or None,
     )
     if bool(source_spec.query) == bool(source_spec.url):
@@ -320,7 +333,7 @@ def parse_campaign(raw: object, *, source: str) -> CampaignSpec:
     return CampaignSpec(
         name=name,
         description=top.line("description"),
-        template=top.line("template", required=True),
+        template=template,
         sender=Sender(email=sender_email, name=sender.line("name")),
         reply_to=reply_to,
         company_address=top.line("company_address", required=True),
@@ -478,6 +491,16 @@ class _Fields:
         if not isinstance(raw, dict):
             if not path:
                 got = "an empty document" if raw is None else _describe(raw)
+def _known_locale(locale: str) -> bool:
+    from babel import Locale, UnknownLocaleError
+
+    try:
+        Locale.parse(locale.replace("-", "_"))
+    except (UnknownLocaleError, ValueError):
+        return False
+    return True
+
+
                 raise CampaignSpecError(
                     f"{source}: expected a mapping of campaign fields, got {got}"
                 )

@@ -16,6 +16,7 @@ import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from html.parser import HTMLParser
 from io import BytesIO
 from pathlib import Path
 from types import TracebackType
@@ -39,7 +40,7 @@ from jinja2 import (
 )
 from markupsafe import Markup
 
-from mailroom.campaign_spec import CampaignSpec
+from mailroom.campaign_spec import TEMPLATE_PATTERN, CampaignSpec
 from mailroom.errors import ContentError
 from mailroom.substitutions import (
     LEFTOVER_MARKER,
@@ -57,7 +58,7 @@ TEXT_TEMPLATE = "body.txt"
 CATALOG_DOMAIN = "messages"
 
 # Both names end up in file paths; anything else could climb out of the configured directories.
-_TEMPLATE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+_TEMPLATE_NAME = TEMPLATE_PATTERN
 _LOCALE_NAME = re.compile(r"[A-Za-z]{2,3}(?:[_-][A-Za-z0-9]{2,8})*")
 _STYLE_ELEMENT = re.compile(r"(<style\b[^>]*>)(.*?)(</style\s*>)", re.IGNORECASE | re.DOTALL)
 # CSS legitimately contains "}}", "{#" and "%}" (nested @media blocks, id selectors, "100%}"),
@@ -234,7 +235,13 @@ def render_locale(
     html = _inline_css(render(HTML_TEMPLATE, html=True), html_where)
     # Checked again after inlining, because what ships is the inliner's serialization.
     _check_output(html_where, html, allowed[True], html=True)
+    _check_unsubscribe_link(html_where, html)
     text = _tidy_text(render(TEXT_TEMPLATE, html=False))
+    if substitution_tag(UNSUBSCRIBE_FIELD, html=False) not in text:
+        raise ContentError(
+            f"{template}/{TEXT_TEMPLATE} (locale {locale}): the text part shows no unsubscribe "
+            "link ({{ unsubscribe_url }}): every message must let its reader unsubscribe"
+        )
     return LocaleContent(
         locale=locale,
         subject=subject,
@@ -423,6 +430,7 @@ _PO_KEYWORD_LINE = re.compile(
 # One complete C string literal, and nothing after it: Babel reads a line by dropping its first
 # and last character, so ``"Hallo`` (no closing quote) would become ``Hall`` without a word.
 _PO_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_PO_CHARSET = re.compile(rb"charset=([A-Za-z0-9_.:-]+)")
 # The escapes Babel turns back into characters; any other (``\a``, ``\x41``, octal) it would
 # ship as a backslash and a letter.
 _PO_ESCAPE = re.compile(rb"\\(.)")
@@ -436,7 +444,22 @@ def _check_po_syntax(po_path: Path, data: bytes) -> None:
     does not check that each string is a closed, well-escaped literal: an unterminated string
     is silently truncated and ships (and ``msgstr[x]`` fails naming no line). Checked on bytes
     (quotes and backslashes are ASCII in any charset a catalog may declare), before Babel reads
-    the file; the error names the line."""
+    the file; the error names the line. A catalog declaring UTF-8 (or no charset: Babel reads
+    it as UTF-8) must be UTF-8 on every line: Babel's decode error names a position in a line
+    it does not name."""
+    declared = _PO_CHARSET.search(data)
+    if declared is None or declared.group(1).decode("ascii").lower().replace("_", "-") in {
+        "utf-8",
+        "utf8",
+    }:
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise _po_error(
+                po_path,
+                data[: exc.start].count(b"\n") + 1,
+                f"not UTF-8 (byte 0x{data[exc.start]:02x}), as its charset says: save it as UTF-8",
+            ) from exc
     for number, raw_line in enumerate(data.splitlines(), start=1):
         line = raw_line.strip()
         if line.startswith(b"#~"):
@@ -549,6 +572,8 @@ def _render_template(
     """Render one template; every Jinja failure becomes a ContentError naming file and line."""
     try:
         return env.get_template(path).render(context)
+    except UnicodeDecodeError as exc:
+        raise ContentError(f"{label}: {_not_utf8(templates_dir) or exc}") from exc
     except TemplateSyntaxError as exc:
         where = exc.filename or exc.name or path
         raise ContentError(f"{where}:{exc.lineno}: template syntax error: {exc.message}") from exc
@@ -565,6 +590,48 @@ def _render_template(
         # placeholder the catalog check let through still must not surface as a bare KeyError.
         where = _template_frame(exc.__traceback__, templates_dir) or label
         raise ContentError(f"{where}: cannot render {label}: {type(exc).__name__}: {exc}") from exc
+
+
+class _Links(HTMLParser):
+    """The ``href`` of every ``<a>`` a browser renders: markup inside a comment (or after an
+    unclosed ``<!--``, which hides the rest of the page) is no link."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.hrefs: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "a":
+            self.hrefs += [value or "" for name, value in attrs if name == "href"]
+
+
+def _check_unsubscribe_link(where: str, html: str) -> None:
+    """The HTML part links to the recipient's unsubscribe URL where a reader sees it."""
+    links = _Links()
+    links.feed(html)
+    links.close()
+    tag = substitution_tag(UNSUBSCRIBE_FIELD, html=True)
+    if not any(href.strip() == tag for href in links.hrefs):
+        raise ContentError(
+            f'{where}: the HTML part shows no unsubscribe link (an <a href="{{{{ '
+            'unsubscribe_url }}">, outside any comment): every message must let its reader '
+            "unsubscribe"
+        )
+
+
+def _not_utf8(templates_dir: Path) -> str | None:
+    """Which template file is not UTF-8, and on which line (Jinja's error names neither)."""
+    for path in sorted(p for p in templates_dir.rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = data[: exc.start].count(b"\n") + 1
+            return (
+                f"template {path}, line {line}: not UTF-8 (byte 0x{data[exc.start]:02x}); save "
+                "it as UTF-8"
+            )
+    return None
 
 
 def _template_frame(tb: TracebackType | None, templates_dir: Path) -> str | None:

@@ -110,7 +110,11 @@ def extract_audience(run: Run, *, sql_url: str | None) -> dict[str, Any]:
 def validate_audience(run: Run) -> dict[str, Any]:
     st = run.staging
     outcome = validate.validate_audience(
-        run.spec(), snapshot=st.snapshot, valid_out=st.valid_audience, quarantine_out=st.quarantine
+        run.spec(),
+        snapshot=st.snapshot,
+        valid_out=st.valid_audience,
+        quarantine_out=st.quarantine,
+        suppressed=st.suppressed,
     )
     write_json(st.audience_validation, outcome.to_dict())
     return {k: v for k, v in outcome.to_dict().items() if k != "gx"}

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from mailroom.errors import ValidationFailed
+
 
 def is_url(location: str | Path) -> bool:
     """An object-storage URL (``s3://…``, any fsspec protocol) rather than a local folder."""
@@ -32,8 +34,17 @@ def local_path(location: str | Path) -> Path:
 def run_folder_name(run_id: str) -> str:
     """The folder name of a run id: what a path and an object key may hold. Run ids that differ
     only in other characters (``manual__x:1``, ``manual__x_1``) get the same name, so the folder
-    records the run that owns it and refuses any other (``mailroom.run_record``)."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", run_id).strip("_") or "run"
+    records the run that owns it and refuses any other (``mailroom.run_record``). A run id of
+    dots only (``.``, ``..``: Airflow's run-id pattern allows them) would name the campaign's
+    folder or the staging root itself, and is refused."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", run_id).strip("_") or "run"
+    if not name.strip("."):
+        raise ValidationFailed(
+            f"run id {run_id!r} would name the run folder {name!r}: a name of dots only is, or "
+            "looks like, the campaign's folder or the staging root, not a run's own; trigger the "
+            "run with another run id"
+        )
+    return name
 
 
 def run_location(staging_root: str | Path, campaign: str, run_id: str) -> str:

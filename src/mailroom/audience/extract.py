@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import re
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -35,6 +36,7 @@ from mailroom.addresses import (
     UnreadableAddress,
     address_key,
     mask,
+    mask_addresses,
     normalise,
     readable,
     single_address,
@@ -211,10 +213,23 @@ def _normalise_chunk(chunk: pd.DataFrame, schema: pa.Schema) -> pd.DataFrame:
     out = pd.DataFrame(index=chunk.index)
     for column in schema.names:
         values = chunk[column]
+        if pd.api.types.infer_dtype(values, skipna=True) not in _TEXT_ONLY:
+            # BLOBs (bytes) as text: bytes that are not UTF-8 become U+FFFD, which validation
+            # quarantines naming the column, rather than failing the extract for everyone.
+            values = values.map(_as_text)
         out[column] = values.where(values.isna(), values.astype(str)).astype(object)
     out["email"] = _sendable(out["email"])
     out["locale"] = out["locale"].map(_normalise_locale)
     return out.reset_index(drop=True)
+
+
+_TEXT_ONLY = frozenset({"string", "empty", "integer", "floating", "mixed-integer-float", "boolean"})
+
+
+def _as_text(value: object) -> object:
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).decode("utf-8", errors="replace")
+    return value
 
 
 def _sendable(emails: pd.Series) -> pd.Series:
@@ -362,14 +377,24 @@ def _sql_chunks(sql_url: str, query: str) -> Iterator[pd.DataFrame]:
             while rows := result.fetchmany(CHUNK_ROWS):
                 yield pd.DataFrame(list(map(tuple, rows)), columns=columns)
     except SQLAlchemyError as exc:
-        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        reason = _without_values(str(getattr(exc, "orig", None) or exc).splitlines()[0])
+        # Not chained: the driver's own error may quote a recipient's value, and a task log
+        # prints the whole chain.
         raise AudienceError(
             "cannot read the audience database "
             f"({engine.url.render_as_string(hide_password=True)}): "
             f"{reason}"
-        ) from exc
+        ) from None
     finally:
         engine.dispose()
+
+
+def _without_values(reason: str) -> str:
+    """A database error as the run may log it: SQLite quotes a value it cannot decode
+    ("Could not decode to UTF-8 column 'first_name' with text '…'"), and a value is a
+    recipient's; and any address is masked."""
+    reason = re.sub(r" with text '.*", " (the value is not shown)", reason)
+    return mask_addresses(reason)
 
 
 def _file_chunks(url: str) -> Iterator[pd.DataFrame]:

@@ -84,6 +84,9 @@ def audience_expectations(spec: CampaignSpec) -> list[Any]:
         expectations.append(
             gxe.ExpectColumnValuesToNotMatchRegex(column=field, regex=CONTROL_CHARACTERS)
         )
+        # Something a reader sees: "   " (or only invisible characters) would be sent as an
+        # empty value ("Hi ,"), as an empty value would, which the length check refuses.
+        expectations.append(gxe.ExpectColumnValuesToMatchRegex(column=field, regex=VISIBLE))
         expectations.append(
             gxe.ExpectColumnValuesToBeInSet(column=_shows_another(field), value_set=[False])
         )
@@ -96,7 +99,9 @@ def audience_expectations(spec: CampaignSpec) -> list[Any]:
 SUBSTITUTIONS_FIT = "substitutions_fit"
 
 
-CONTROL_CHARACTERS = r"[\x00-\x08\x0a-\x1f\x7f\u2028\u2029]"
+# Control characters, and U+FFFD: what the extract made of bytes that were not UTF-8.
+CONTROL_CHARACTERS = r"[\x00-\x08\x0a-\x1f\x7f\u2028\u2029\ufffd]"
+VISIBLE = r"[^\s\u00ad\u200b-\u200f\u2060-\u2064\ufeff]"
 
 
 def _shows_another(field: str) -> str:
@@ -129,11 +134,25 @@ def _shows_another_address(
 
 
 def validate_audience(
-    spec: CampaignSpec, *, snapshot: Path, valid_out: Path, quarantine_out: Path
+    spec: CampaignSpec,
+    *,
+    snapshot: Path,
+    valid_out: Path,
+    quarantine_out: Path,
+    suppressed: Path | None = None,
 ) -> AudienceValidation:
+    """``suppressed``: the extract's suppressed people. A value showing one of their addresses
+    is quarantined too: they are audience members (and the gate holds them to it)."""
     frame = pd.read_parquet(snapshot)
+    # A user id of blanks is no id (its unsubscribe token would name nobody): missing.
+    blank = frame["user_id"].astype("string").str.strip().eq("").fillna(False).astype(bool)
+    frame["user_id"] = frame["user_id"].astype(object).where(~blank, None)
     frame["email_key"] = address_keys(frame["email"])
     everyone = set(frame["email_key"].dropna())
+    if suppressed is not None and suppressed.exists():
+        everyone |= set(
+            address_keys(pd.read_parquet(suppressed, columns=["email"])["email"]).dropna()
+        )
     public = spec.public_addresses
     for field in spec.fields:
         frame[_shows_another(field)] = _shows_another_address(

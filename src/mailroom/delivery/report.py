@@ -83,7 +83,8 @@ def reconcile(
         writer.writerow(["user_id", "email", "state", "reason"])
         if quarantine is not None and quarantine.exists():
             for row in pd.read_parquet(quarantine).itertuples():
-                writer.writerow([row.user_id, row.email, "quarantined", row.reason])
+                # A missing user id or address is an empty cell, never "nan" or "None".
+                writer.writerow([_cell(row.user_id), _cell(row.email), "quarantined", row.reason])
                 rows += 1
         if left_out_rows is not None and left_out_rows.exists():
             for row in pd.read_parquet(left_out_rows).itertuples():
@@ -144,6 +145,10 @@ def equation(counts: dict[str, dict[str, int]], staged_total: int) -> str:
         f"{people[BatchState.FAILED]} + unknown {people[BatchState.UNKNOWN]} + halted "
         f"{people[BatchState.HALTED]} + never attempted {pending}"
     )
+
+
+def _cell(value: Any) -> Any:
+    return "" if value is None or (isinstance(value, float) and value != value) else value
 
 
 def _nobody_staged(left: dict[str, int]) -> str:
