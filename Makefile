@@ -9,7 +9,7 @@ USERS ?= 10000
 export PYTHONPATH := $(CURDIR)/src:$(CURDIR)/dags
 
 .DEFAULT_GOAL := help
-.PHONY: help venv demo test test-unit test-dag test-integration test-e2e test-distributed lint typecheck check lock lock-check translations dev-server clean bench bench-e2e
+.PHONY: help venv demo airflow airflow-stop airflow-status test test-unit test-dag test-integration test-e2e test-distributed lint typecheck check lock lock-check translations dev-server clean bench bench-e2e
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -26,6 +26,18 @@ venv: $(STAMP) ## Create .venv from the pinned lock (requirements.txt)
 
 demo: $(STAMP) ## Run the example campaign end to end on SQLite (YES=1 approves without asking, USERS=N)
 	$(BIN)/mailroom demo --users $(USERS) $(if $(YES),--yes) $(if $(SENDGRID_API_HOST),--sendgrid-api-host $(SENDGRID_API_HOST))
+
+# The demo's local Airflow (.airflow/, its connections and variables) started again, detached,
+# without triggering anything: after `make demo` ended, or after its processes were killed.
+AIRFLOW_PORT ?= 28080
+airflow: $(STAMP) ## Start the demo's local Airflow again, detached, triggering nothing (AIRFLOW_PORT=N)
+	$(BIN)/mailroom local-airflow start --port $(AIRFLOW_PORT)
+
+airflow-stop: $(STAMP) ## Stop the local Airflow and every process it started
+	$(BIN)/mailroom local-airflow stop
+
+airflow-status: $(STAMP) ## Which components of the local Airflow run
+	$(BIN)/mailroom local-airflow status
 
 test: $(STAMP) ## All test tiers: unit, DAG integrity, integration (dag.test), end-to-end (real Airflow)
 	$(PYTEST) -m "unit or dag" -q

@@ -14,6 +14,7 @@ in ``mailroom.pipeline``.
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -123,7 +124,15 @@ def mailroom_campaign() -> None:
         get_current_context()["shard_label"] = f"shard {shard + 1} of {len(frozen['shards'])}"
         return tasks.guard_shard(prepared, frozen, shard)
 
-    @task(retries=2, map_index_template="{{ shard_label }}", pool="mailroom_send")
+    # A shard whose try raised or whose process was killed is retried after the campaign's
+    # send_retry_delay_seconds: Airflow takes retry_delay from this file, not per run, so the
+    # task gets a one-second floor and its next try waits the rest (tasks.send_shard).
+    @task(
+        retries=2,
+        retry_delay=timedelta(seconds=1),
+        map_index_template="{{ shard_label }}",
+        pool="mailroom_send",
+    )
     def send_shard(prepared: dict[str, Any], frozen: dict[str, Any], shard: int) -> dict[str, Any]:
         get_current_context()["shard_label"] = f"shard {shard + 1} of {len(frozen['shards'])}"
         return tasks.send_shard(prepared, frozen, shard)

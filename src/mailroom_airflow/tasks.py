@@ -204,13 +204,47 @@ def guard_shard(prepared: dict[str, Any], frozen: dict[str, Any], shard: int) ->
 
 
 def send_shard(prepared: dict[str, Any], frozen: dict[str, Any], shard: int) -> dict[str, Any]:
+    """One shard's sends. A retry (its previous try raised, or its process was killed; not
+    the first try after an operator cleared the task, which starts at once) first waits out the
+    campaign's ``send_retry_delay_seconds``: Airflow reads a task's ``retry_delay`` from the DAG
+    file, not per run, so the DAG gives ``send_shard`` a short floor and this try waits the
+    rest. Airflow queued it no earlier than the floor after the previous try ended, and it
+    started ``since_start`` ago: it sends no earlier than the campaign's delay after that end,
+    and at most the scheduling latency later."""
+    import time
+    from datetime import UTC, datetime
+
+    from airflow.sdk import get_current_context
+
     from mailroom import pipeline
 
+    try:
+        ti: Any = get_current_context()["ti"]
+    except RuntimeError:  # called outside a task
+        ti = None
     shard_count = len(frozen["shards"])
     with (
         _outbox() as outbox,
         _working(prepared, "send_shard", (shard, shard_count), outbox=outbox) as run,
     ):
+        # Clearing a task sets its max_tries to its last try + retries (as Airflow's own
+        # get_first_reschedule_date reads it): tries after the first of a series are retries.
+        if ti is not None and ti.try_number > ti.max_tries - (ti.task.retries or 0) + 1:
+            delay = run.spec().send_retry_delay_seconds
+            floor = ti.task.retry_delay.total_seconds() if ti.task.retry_delay else 0.0
+            since_start = (datetime.now(UTC) - ti.start_date).total_seconds()
+            wait = delay - floor - max(0.0, since_start)
+            log.warning(
+                "send shard %d, try %d: the previous try ended at least %.1fs ago; the "
+                "campaign's send_retry_delay_seconds is %g: %s",
+                shard,
+                ti.try_number,
+                floor + max(0.0, since_start),
+                delay,
+                f"waiting {wait:.1f}s before sending" if wait > 0 else "sending now",
+            )
+            if wait > 0:
+                time.sleep(wait)
         transport = settings.transport(
             run.spec().connection_id,
             dry_run=run.dry_run,

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +27,23 @@ from mailroom.audience.sample import SampleAudience, generate
 from mailroom.cli.airflow_api import AirflowApi, AirflowApiError
 from mailroom.cli.approvals import APPROVE, REJECT, Approvals
 from mailroom.cli.approvals import render as render_approval
-from mailroom.cli.local_airflow import LocalAirflow, free_port
+from mailroom.cli.local_airflow import (
+    STALE_HEARTBEAT_SECONDS,
+    ComponentExited,
+    LocalAirflow,
+    describe_exit,
+    die_with_parent,
+    free_port,
+    port_in_use,
+)
 
 DAG_ID = "mailroom_campaign"
 CAMPAIGN = "winter_update"
 FINISHED = {"success", "failed"}
+# How often the demo asks the API for the scheduler's heartbeat while it follows a run, and how
+# long after starting the scheduler it begins to (a new scheduler's first heartbeat comes later).
+HEALTH_EVERY_SECONDS = 5.0
+HEALTH_AFTER_SECONDS = 90.0
 
 
 class Demo:
@@ -54,9 +67,80 @@ class Demo:
         self.sendgrid_api_host = sendgrid_api_host
         self.keep_running = keep_running
         self.shards = shards
-        self.airflow = LocalAirflow(repo, airflow_home or repo / ".airflow", port=airflow_port)
+        self.airflow = LocalAirflow(
+            repo, airflow_home or repo / ".airflow", port=airflow_port, owner="mailroom demo"
+        )
         self.dev_server: subprocess.Popen[bytes] | None = None
         self.dev_server_dir = self.var / "sendgrid-dev"
+        self.run_id: str | None = None
+        self._airflow_started = 0.0
+        self._health_checked = 0.0
+        self._stale: str | None = None
+        self._problem: str | None = None
+        self._problem_said = 0.0
+
+    def airflow_problem(self) -> str | None:
+        """Why a run cannot move now, or None: a component the demo started has ended and
+        nothing runs in its place (``mailroom local-airflow start`` starts one), or the
+        scheduler's process runs but its heartbeat (the API's /api/v2/monitor/health) is stale."""
+        running = self.airflow.status().running  # what runs now, whoever started it
+        for proc in self.airflow.processes:
+            code = proc.poll()
+            name = self.airflow.components.get(proc.pid, "component")
+            if code is not None and name not in running:
+                return f"Airflow's {name} has ended ({describe_exit(code)})"
+        now = time.monotonic()
+        if (
+            now - self._airflow_started < HEALTH_AFTER_SECONDS
+            or now - self._health_checked < HEALTH_EVERY_SECONDS
+        ):
+            return self._stale
+        self._health_checked = now
+        age = self.airflow.scheduler_heartbeat_age()
+        self._stale = None
+        if age is not None and age > STALE_HEARTBEAT_SECONDS:
+            self._stale = f"Airflow's scheduler runs but has sent no heartbeat for {age:.0f}s"
+        return self._stale
+
+    def watch_airflow(self) -> bool:
+        """True when Airflow can move the run. Otherwise says so plainly, with what to do, once
+        (and again every minute while it lasts), and returns False: the demo waits for the
+        missing component to run again, or for Ctrl-C."""
+        problem = self.airflow_problem()
+        now = time.monotonic()
+        if problem is None:
+            if self._problem is not None:
+                say("Airflow runs whole again: carrying on")
+                self._problem = None
+            return True
+        if problem != self._problem:
+            self._problem, self._problem_said = problem, now
+            self.explain_down(problem)
+        elif now - self._problem_said >= 60:
+            self._problem_said = now
+            say(f"still waiting: {problem}. {self.start_hint()} starts what is missing")
+        return False
+
+    def start_hint(self) -> str:
+        """The command that starts what is missing of the demo's Airflow."""
+        cli = f"`mailroom local-airflow start --airflow-home {self.airflow.home}`"
+        if self.airflow.home == self.repo / ".airflow":
+            return f"`make airflow` (or {cli})"
+        return cli
+
+    def explain_down(self, problem: str) -> None:
+        """What happened, what it means for the run, and how to bring Airflow back."""
+        say(f"{problem}.")
+        if self.run_id is not None:
+            say(
+                f"  Run {self.run_id} cannot move without it: Airflow keeps the run 'running' "
+                "as it is, and nothing happens until it runs again."
+            )
+        say(
+            f"  From another terminal, {self.start_hint()} starts what is missing, without "
+            "triggering anything, and the demo carries on; Ctrl-C here stops everything."
+        )
+        say(f"  Airflow's logs: {self.airflow.logs}")
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -65,11 +149,30 @@ class Demo:
         except KeyboardInterrupt:
             say("interrupted: stopping everything the demo started")
             return 130
+        except ComponentExited as exc:  # while starting
+            say(f"{exc}; see {self.airflow.logs}")
+            return 1
         finally:
+            # Stopping is not cut short by another Ctrl-C (and the guards of Airflow's
+            # components, tied to this process, stop them even if it is killed).
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             self.stop()
 
     def _run(self) -> int:
         started = time.monotonic()
+        running = self.airflow.status()
+        if running.running:
+            assert running.recorded is not None
+            say(
+                f"a local Airflow already runs in {self.airflow.home} ({', '.join(running.running)}"
+                f", started by {running.recorded.owner}): stop it first with `mailroom "
+                f"local-airflow stop --airflow-home {self.airflow.home}` (make airflow-stop)"
+            )
+            return 1
+        if port_in_use(self.airflow.port):
+            say(f"port {self.airflow.port} is in use: stop what listens there, or --airflow-port")
+            return 1
         say(f"generating {self.users} sample users (with suppressed, invalid and duplicate rows)")
         audience = generate(self.var / "demo" / "users.sqlite", users=self.users)
         say(
@@ -97,7 +200,8 @@ class Demo:
                 "mailroom_unsubscribe_secret": self._unsubscribe_secret(),
             }
         )
-        self.airflow.start()
+        self.airflow.start(tie_to_parent=True)
+        self._airflow_started = time.monotonic()
         say(f"Airflow is starting at {self.airflow.url}; waiting for the DAG to be parsed")
         self.airflow.serve_dag(DAG_ID, timeout=180)
         analyst, approver = self.airflow.api("analyst"), self.airflow.api("approver")
@@ -105,8 +209,9 @@ class Demo:
             DAG_ID, {"campaign": CAMPAIGN, "dry_run": False, "shards": self.shards}
         )
         say(f"triggered {DAG_ID} run {run_id} as 'analyst'")
+        self.run_id = run_id
 
-        follower = RunFollower(analyst, run_id)
+        follower = RunFollower(analyst, run_id, watch=self.watch_airflow)
         follower.until(lambda states: states.get("approve") == "awaiting_input", timeout=900)
         # What `mailroom approvals show RUN` prints: the summary the Airflow UI shows.
         gate = Approvals(approver)
@@ -133,8 +238,10 @@ class Demo:
         self.print_access(self.airflow.passwords())
         if self.keep_running:
             say("Airflow keeps running; press Ctrl-C to stop everything the demo started")
+            self.run_id = None
             while True:
-                time.sleep(3600)
+                self.watch_airflow()
+                time.sleep(1)
         return 0 if ok else 1
 
     def start_dev_server(self) -> str:
@@ -155,6 +262,7 @@ class Demo:
             stdout=log.open("ab"),
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=die_with_parent,  # gone with the demo, even when it is killed
         )
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 30
@@ -209,24 +317,38 @@ class Demo:
 
     def stop(self) -> None:
         self.airflow.stop()
+        if self._airflow_started and self.airflow.status().running:
+            # What `mailroom local-airflow start` started in the demo's Airflow meanwhile.
+            self.airflow.stop_recorded()
         if self.dev_server is not None and self.dev_server.poll() is None:
             self.dev_server.terminate()
             try:
                 self.dev_server.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.dev_server.kill()
+                self.dev_server.wait()
 
 
 class RunFollower:
     """Prints each task's state change once, so a person sees the run move."""
 
-    def __init__(self, api: AirflowApi, run_id: str) -> None:
+    def __init__(
+        self, api: AirflowApi, run_id: str, watch: Callable[[], bool] | None = None
+    ) -> None:
         self.api, self.run_id = api, run_id
         self.seen: dict[str, str] = {}
+        # Called every round: False while the run cannot move (Airflow's scheduler is gone);
+        # the follower waits then, without asking the API.
+        self.watch = watch
 
     def until(self, done: Any, timeout: float) -> dict[str, str]:
         deadline = time.monotonic() + timeout
         while True:
+            if self.watch is not None and not self.watch():
+                if time.monotonic() > deadline:
+                    raise AirflowApiError(f"run {self.run_id} did not progress in time")
+                time.sleep(1)
+                continue
             states = self.poll()
             if done(states):
                 return states

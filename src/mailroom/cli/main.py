@@ -49,6 +49,23 @@ def main(argv: list[str] | None = None) -> int:
         "credentials come from the standard AWS variables or profile",
     )
 
+    local = sub.add_parser(
+        "local-airflow",
+        help="start, stop or report the demo's local Airflow (nothing is triggered)",
+        description="The local Airflow of `mailroom demo` (its home, port, configuration, "
+        "connections and variables), run detached: `start` starts what is not running and waits "
+        "for the API, `stop` stops every process it started, `status` says what runs.",
+    )
+    local.add_argument("action", choices=["start", "stop", "status"])
+    local.add_argument(
+        "--airflow-home", type=Path, help="the local Airflow's home folder (default .airflow/)"
+    )
+    local.add_argument(
+        "--port",
+        type=int,
+        help="the API's port (default 28080; stop and status read it from the home's pid file)",
+    )
+
     sample = sub.add_parser("sample-audience", help="write the deterministic sample users database")
     sample.add_argument("path", type=Path)
     sample.add_argument("--users", type=int, default=10_000)
@@ -89,6 +106,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{sum(done.fetched.values()):,} bytes in {done.fetch_seconds:.1f}s"
         )
         return 0
+    if args.command == "local-airflow":
+        from mailroom.cli import local_airflow
+
+        return local_airflow.run_command(
+            _repo_root(), args.action, home=args.airflow_home, port=args.port
+        )
     if args.command == "sample-audience":
         from mailroom.audience.sample import generate
 

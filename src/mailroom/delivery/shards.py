@@ -167,10 +167,14 @@ def send_shard(
     interrupted = outbox.mark_interrupted(run_key, [b.batch_id for b in mine])
     if interrupted:
         log.warning(
-            "shard %d: %d batch(es) were interrupted mid-request: now 'unknown' (batches sent "
-            "one message per recipient: that message 'unknown', the rest continue)",
+            "shard %d: %d batch(es) were interrupted mid-request: %s",
             shard_index,
             interrupted,
+            "the message being sent of each is now 'unknown', the messages on record stay sent "
+            "and the rest continue"
+            if transport.delivers_per_recipient
+            else "each whole request is now 'unknown' (the provider may have accepted it) and "
+            "is not resent",
         )
     progress = ShardProgress(total=len(mine))
     log.info(
