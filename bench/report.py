@@ -9,6 +9,7 @@ GB = 1024  # MB
 TARGET_E2E_SECONDS = 120
 TARGET_TASK_RSS_MB = 1.5 * GB
 TARGET_SEND_VS_BARE = 0.9
+TARGET_SEND_TLS_VS_LEGACY = 10.0
 TARGET_BUILD_FREEZE_VS_ENCODER = 3.0
 TARGET_USERS = 1_000_000
 TARGET_GATE_SECONDS = 5.0  # "within a few seconds" on 1,000,000 envelopes
@@ -24,8 +25,14 @@ STAGE_NAMES = {
     "gate": "data-quality gate (GX)",
     "gate_baseline": "↳ baseline: gate in bare pyarrow",
     "guard": "envelope guard on every request, before the first leaves",
-    "send": "send → dev server (guard, outbox, limiter, log)",
-    "post_baseline": "↳ baseline: bare POST loop",
+    "send": "send → dev server, loopback HTTP (outbox, limiter, log)",
+    "post_baseline": "↳ baseline: bare POST client (the send's window)",
+    "legacy_send": "↳ baseline: today's path (SDK client, a connection per request)",
+    "send_tls": "send → dev server over HTTPS, 100 ms round trip",
+    "post_baseline_tls": "↳ baseline: bare kept-alive client, HTTPS, 100 ms",
+    "legacy_send_tls": "↳ baseline: today's path, HTTPS, 100 ms",
+    "send_tls_8": "send over HTTPS, 100 ms, max_in_flight 8",
+    "post_baseline_tls_8": "↳ baseline: bare kept-alive client, HTTPS, 100 ms, 8 in flight",
     "naive_baseline": "baseline: tutorial pipeline (per recipient)",
 }
 # Stages a campaign task runs (the rest are baselines).
@@ -39,6 +46,7 @@ TASK_STAGES = (
     "gate",
     "guard",
     "send",
+    "send_tls",
 )
 
 METHOD = """\
@@ -62,22 +70,37 @@ METHOD = """\
   tasks do after approval): the envelope guard on every frozen body against the approved
   manifest and the recipients the outbox registered, before any request leaves.
 - **Send** is `pipeline.send_shard` for one shard holding every batch, through `SendGridTransport`
-  (the official SDK) to `mailroom-sendgrid-dev` on this machine: envelope guard on every body,
-  outbox claim and outcome per request, the shared rate limiter (no rate set), progress logged
-  at INFO to a file; the time inside the guard and inside the SDK request is measured apart
-  (the rest is the outbox, limiter, reading the body and logging). The dev server runs in its
-  own process, records what it accepts to `accepted.jsonl` and logs nothing per request; every
-  send-like measurement gets a fresh server started the same way, and its CPU time is reported
-  beside it.
+  to `mailroom-sendgrid-dev` on this machine, with the campaign's window of requests in flight
+  (`max_in_flight`, 4 by default) over kept-alive connections: the check of each body against
+  the guard pass's clearance (its SHA-256), outbox claim and outcome per request, the shared
+  rate limiter (no rate set), progress logged at INFO to a file. It includes reading and
+  checking the run's inputs (`pipeline._approved`) before the first request; *in the shard's
+  loop* is the time from then on. It runs twice: over loopback HTTP, and over HTTPS with a
+  100 ms round trip (the dev server's `--tls --latency-ms 100`: the round trip is added to
+  every answer, to every new connection for TCP's handshake and once more for TLS 1.3's; the
+  client trusts certifi's CA bundle plus the dev server's certificate). Every send starts from
+  a copy of the outbox as the guard's pass left it. The dev server runs in its own process,
+  records what it accepts to `accepted.jsonl` and logs nothing per request; every send-like
+  measurement gets a fresh server started the same way, and its CPU time is reported beside
+  it. A send and its bare client run alternately three times each and the fastest of each is
+  reported (all three are in `results.json`): on this shared machine the fastest is the one
+  least disturbed.
 - **Baselines**, each in the same run as the stage it is read against (`bench/baselines.py`,
   `bench/bare_gate.py`):
   - *bare JSON encoder* (serialization limit): the bodies freeze wrote, parsed back into Python
     objects outside the clock, encoded with `json.dumps` and written to files; only the
     encoding and writing are timed. Read against *build + freeze*; it also reports how many
     bodies came out byte-identical to the frozen ones.
-  - *bare POST loop* (transport limit): the same frozen bodies POSTed in order over one
-    kept-open `http.client` connection to an identically started dev server; nothing else.
-    Read against *send*, as recipients per second.
+  - *bare POST loop* (transport limit): the same frozen bodies POSTed in order by a bare
+    kept-alive client with the send's window (one thread and one kept-open `http.client`
+    connection per request in flight; over HTTPS one TLS context for all) to an identically
+    started dev server over the same network; nothing else. Read against *send*, as
+    recipients per second. (Runs before the window measured it with one connection.)
+  - *today's path* (`bench/legacy_send.py`): the send as it was before the window, kept in
+    `bench/`: one request at a time, the full envelope guard again inside `Transport.send`,
+    and the request through the SDK's own HTTP client, which builds a `urllib` opener per
+    request and sends `Connection: close` (a new connection, and over HTTPS a new default TLS
+    context from the CA bundle and a handshake, per request).
   - *gate in bare pyarrow*: the gate's checks without GX, Data Docs, strict schema or fallback.
   - *tutorial pipeline*: on a sample of recipients, per recipient the whole template rendered
     with Jinja2 and gettext (catalogs compiled once per locale), its CSS inlined with
@@ -179,12 +202,37 @@ def targets_section(in_process: dict[str, Any], e2e: dict[str, Any]) -> list[str
     for users, entry in in_process.items():
         r = entry.get("ratios", {})
         label = f"{int(users):,} users"
-        if "send_vs_bare_post" in r:
+        for key, network in (
+            ("send", "loopback HTTP"),
+            ("send_tls", "HTTPS, 100 ms"),
+            ("send_tls_8", "HTTPS, 100 ms"),
+        ):
+            ratio = r.get(f"{key}_vs_bare_post")
+            if ratio is None:
+                continue
+            window = entry["stages"][key].get("window")
+            same = f" with the same window ({network}, {window} in flight)" if window else ""
             rows.append(
                 (
-                    f"send ≥ 90 % of bare POST ({label})",
-                    f"{100 * r['send_vs_bare_post']:.0f} %",
-                    _met(r["send_vs_bare_post"] >= TARGET_SEND_VS_BARE),
+                    f"send ≥ 90 % of bare POST ({label})"
+                    if key == "send" and not window
+                    else f"send ≥ 90 % of a bare kept-alive client{same} ({label})",
+                    f"{100 * ratio:.0f} %",
+                    _met(ratio >= TARGET_SEND_VS_BARE),
+                )
+            )
+        for key in ("send_tls", "send_tls_8"):
+            ratio = r.get(f"{key}_vs_legacy")
+            if ratio is None:
+                continue
+            in_flight = entry["stages"][key].get("window")
+            rows.append(
+                (
+                    f"send ≥ 10× today's path over HTTPS with 100 ms, {in_flight} in flight "
+                    f"({label})",
+                    f"{ratio:.1f}× (the bare client with that window: "
+                    f"{_bare_vs_legacy(entry, key):.1f}×)",
+                    _met(ratio >= TARGET_SEND_TLS_VS_LEGACY),
                 )
             )
         if "build_freeze_vs_bare_encoder" in r:
@@ -260,6 +308,7 @@ def in_process_section(users: int, entry: dict[str, Any]) -> list[str]:
     for problem in entry.get("checks") or []:
         out += [f"> **Check failed:** {problem}.", ""]
     out += comparisons(entry)
+    out += send_notes(entry)
     notes = [f"Generating the users database took {entry['generate_seconds']:.1f} s"]
     if entry.get("postgres_load_seconds") is not None:
         notes.append(f"loading it into PostgreSQL {entry['postgres_load_seconds']:.1f} s")
@@ -269,7 +318,6 @@ def in_process_section(users: int, entry: dict[str, Any]) -> list[str]:
 
 def comparisons(entry: dict[str, Any]) -> list[str]:
     s, r = entry["stages"], entry.get("ratios", {})
-    servers = entry.get("servers", {})
     rows: list[list[str]] = []
     if "build_freeze_vs_bare_encoder" in r:
         both = s["build"]["seconds"] + s["freeze"]["seconds"]
@@ -314,26 +362,12 @@ def comparisons(entry: dict[str, Any]) -> list[str]:
                 "—",
             ]
         )
-    if "send_vs_bare_post" in r:
-        send, bare = s["send"], s["post_baseline"]
-        split = ""
-        if send.get("parts_seconds"):
-            p = send["parts_seconds"]
-            other = send["seconds"] - p["guard"] - p["request"]
-            split = (
-                f" ({send['seconds']:.1f} s: guard {p['guard']:.1f}, request through the SDK "
-                f"{p['request']:.1f}, outbox/limiter/log/read {other:.1f})"
-            )
-        rows.append(
-            [
-                "send vs bare POST loop (recipients/s)",
-                f"{send['rows_per_second']:,}/s{split}; server CPU {_cpu(servers.get('send'))}",
-                f"{bare['rows_per_second']:,}/s ({bare['seconds']:.1f} s); server CPU "
-                f"{_cpu(servers.get('post_baseline'))}",
-                f"{100 * r['send_vs_bare_post']:.0f} %",
-                "≥ 90 %",
-            ]
-        )
+    for suffix, network in (
+        ("", "loopback HTTP"),
+        ("_tls", "HTTPS, 100 ms round trip"),
+        ("_tls_8", "HTTPS, 100 ms round trip"),
+    ):
+        rows += _send_rows(entry, suffix, network)
     if "ours_vs_naive" in r:
         ms = r["per_recipient_ms"]
         naive = s["naive_baseline"]
@@ -357,6 +391,150 @@ def comparisons(entry: dict[str, Any]) -> list[str]:
     out += ["| " + " | ".join(row) + " |" for row in rows]
     out.append("")
     return out
+
+
+def _send_rows(entry: dict[str, Any], suffix: str, network: str) -> list[list[str]]:
+    """The send over one network against the bare client and against today's path."""
+    s, r, servers = entry["stages"], entry.get("ratios", {}), entry.get("servers", {})
+    name, bare_name = f"send{suffix}", f"post_baseline{suffix}"
+    legacy_name = "legacy_send_tls" if "tls" in suffix else "legacy_send"
+    send = s.get(name)
+    if send is None:
+        return []
+    window = send.get("window")
+    p = send.get("parts_seconds") or {}
+    if "shards" in p:
+        split = (
+            f" ({send['seconds']:.1f} s: reading and checking the run's inputs "
+            f"{send['seconds'] - p['shards']:.1f}, in the shard's loop {p['shards']:.1f}, of "
+            f"which checking digests {p.get('digest', 0):.2f} and the full guard "
+            f"{p.get('guard', 0):.2f}; {p.get('request', 0):.1f} s in requests, summed over "
+            "the window)"
+        )
+    elif p:
+        other = send["seconds"] - p.get("guard", 0) - p.get("request", 0)
+        split = (
+            f" ({send['seconds']:.1f} s: guard {p.get('guard', 0):.1f}, request through the SDK "
+            f"{p.get('request', 0):.1f}, outbox/limiter/log/read {other:.1f})"
+        )
+    else:
+        split = ""
+    tries = send.get("runs_seconds")
+    rows = []
+    if bare_name in s and f"{name}_vs_bare_post" in r:
+        bare = s[bare_name]
+        what = (
+            f"send vs a bare kept-alive client with the same window, {network} (recipients/s)"
+            if window
+            else "send vs bare POST loop (recipients/s)"
+        )
+        best = f"; best of {', '.join(f'{x:.1f}' for x in tries)} s" if tries else ""
+        bare_tries = bare.get("runs_seconds")
+        bare_best = f"; best of {', '.join(f'{x:.1f}' for x in bare_tries)} s" if bare_tries else ""
+        rows.append(
+            [
+                what + (f", {window} in flight" if window else ""),
+                f"{send['rows_per_second']:,}/s{split}; server CPU {_cpu(servers.get(name))}{best}",
+                f"{bare['rows_per_second']:,}/s ({bare['seconds']:.1f} s); server CPU "
+                f"{_cpu(servers.get(bare_name))}{bare_best}",
+                f"{100 * r[f'{name}_vs_bare_post']:.0f} %",
+                "≥ 90 %",
+            ]
+        )
+    if legacy_name in s and f"{name}_vs_legacy" in r:
+        legacy = s[legacy_name]
+        lp = legacy.get("parts_seconds") or {}
+        legacy_split = (
+            f": guard inside send {lp.get('guard', 0):.1f}, request through the SDK "
+            f"{lp.get('request', 0):.1f}"
+            if lp
+            else ""
+        )
+        rows.append(
+            [
+                f"send vs today's path, {network}"
+                + (f", {window} in flight" if window and window != 4 else "")
+                + " (recipients/s)",
+                f"{send['rows_per_second']:,}/s ({send['seconds']:.1f} s)",
+                f"{legacy['rows_per_second']:,}/s ({legacy['seconds']:.1f} s{legacy_split}); "
+                f"server CPU {_cpu(servers.get(legacy_name))}",
+                f"{r[f'{name}_vs_legacy']:.1f}×",
+                "≥ 10×" if suffix else "—",
+            ]
+        )
+    return rows
+
+
+# What a profile of the send showed (cProfile over pipeline.send_shard with one request in
+# flight, so every call is on one thread; 100,000 users, loopback, 2026-12-06).
+SEND_PROFILE = """\
+Profiled (cProfile, one request in flight so that every call is on one thread, 100,000 users,
+loopback): per request, the outbox's `claim` costs about 7.5 ms of the client's CPU (4.4 ms of
+it `_sent_by_other_runs`, whose SQL is built anew on every call), `finish` 1.8 ms, the check for
+outcomes recorded per recipient 0.8 ms, the halt check 0.7 ms, the SHA-256 of the body against
+the guard pass's clearance 0.5 ms, writing the 600 KB to the socket 3.4 ms (as the bare client
+does); before the first request, reading and checking the run's inputs takes 0.2 to 0.4 s (most
+of it reading the audience's Parquet files again for `shared_audience_data`). The body is not
+parsed again and the batch's recipients are not read again."""
+
+
+def send_notes(entry: dict[str, Any]) -> list[str]:
+    """Where the send's time goes, from the figures of this run (and the profile above)."""
+    s, servers = entry["stages"], entry.get("servers", {})
+    send, bare, legacy = s.get("send"), s.get("post_baseline"), s.get("legacy_send_tls")
+    if not send or not send.get("window") or not bare:
+        return []
+    requests = send.get("batches") or 1
+
+    def per_request(seconds: float | None) -> str:
+        return "—" if seconds is None else f"{1000 * seconds / requests:.0f} ms"
+
+    server = (servers.get("send") or {}).get("cpu_seconds")
+    lines = [
+        "Where the send's time goes. Over loopback the dev server is the bound: one Python "
+        f"process spending {per_request(server)} of CPU per 600 KB request (parsing it, checking "
+        "it against SendGrid's schema and rules, recording it), sharing the machine's "
+        f"{entry['machine']['nproc']} cores with the client and with other work; the send's "
+        f"client used {per_request(send.get('cpu_seconds'))} of CPU per request, the bare "
+        f"client {per_request(bare.get('cpu_seconds'))}, and what the send loses to the bare "
+        "client is that CPU taken from the server, and reading the run's inputs before the "
+        "first request."
+    ]
+    tls, tls_bare = s.get("send_tls"), s.get("post_baseline_tls")
+    if tls and tls_bare and legacy:
+        window = tls.get("window")
+        lp = legacy.get("parts_seconds") or {}
+        lines[0] += (
+            f" Over HTTPS with a 100 ms round trip today's path takes "
+            f"{per_request(legacy['seconds'])} per request (three round trips: TCP's "
+            "handshake, TLS's, the request; a new TLS context from the CA bundle and a "
+            f"handshake; the envelope guard again, {per_request(lp.get('guard'))}; the "
+            f"server), while a window of {window} is bounded by the round trip: {window} "
+            "requests per round trip and answer, which the bare client with that window meets "
+            f"too ({_bare_vs_legacy(entry, 'send_tls'):.1f}× today's path)."
+        )
+        if "send_tls_8" in s:
+            wider = entry["ratios"].get("send_tls_8_vs_legacy", 0)
+            lines[0] += (
+                f" With 8 in flight the send goes {wider:.1f}× today's path; past that the dev "
+                "server's CPU is the bound."
+            )
+    return ["\n".join(_wrap(" ".join(lines))), "", SEND_PROFILE, ""]
+
+
+def _wrap(text: str, width: int = 96) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, width)
+
+
+def _bare_vs_legacy(entry: dict[str, Any], send: str) -> float:
+    """How many times today's path the bare client with the send's window went."""
+    s = entry["stages"]
+    bare, legacy = s.get(send.replace("send", "post_baseline", 1)), s.get("legacy_send_tls")
+    if not bare or not legacy or not bare["seconds"] or not legacy["seconds"]:
+        return float("nan")
+    return (bare["rows"] / bare["seconds"]) / (legacy["rows"] / legacy["seconds"])
 
 
 def _cpu(server: dict[str, Any] | None) -> str:

@@ -50,19 +50,30 @@ def bench_include(repo: Path, target: Path) -> Path:
 class DevServer:
     """``mailroom-sendgrid-dev`` in a process of its own, recording to ``data_dir`` (the bounded
     memory setting: a memory store would keep every accepted body), logging nothing per
-    request."""
+    request. ``tls``: HTTPS, the certificate to trust written to ``ca_file``; ``latency_ms``: a
+    network round trip added to every answer and handshake."""
 
     data_dir: Path
+    tls: bool = False
+    latency_ms: float = 0.0
     process: subprocess.Popen[bytes] | None = None
     url: str = ""
+
+    @property
+    def ca_file(self) -> Path | None:
+        return self.data_dir.parent / f"{self.data_dir.name}-ca.pem" if self.tls else None
 
     def start(self) -> DevServer:
         shutil.rmtree(self.data_dir, ignore_errors=True)
         self.data_dir.mkdir(parents=True)
+        network = ["--latency-ms", str(self.latency_ms)] if self.latency_ms else []
+        if self.tls:
+            network += ["--tls", "--tls-ca-file", str(self.ca_file)]
         self.process = subprocess.Popen(
             [
                 *(sys.executable, "-m", "sendgrid_dev", "--port", "0"),
                 *("--data-dir", str(self.data_dir), "--log-every", "0"),
+                *network,
             ],
             stdout=subprocess.PIPE,
             stderr=(self.data_dir.parent / f"{self.data_dir.name}.log").open("ab"),
@@ -83,7 +94,10 @@ class DevServer:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stats(self) -> dict[str, Any]:
-        result: dict[str, Any] = requests.get(f"{self.url}/_dev/stats", timeout=10).json()
+        verify: str | bool = str(self.ca_file) if self.ca_file else True
+        result: dict[str, Any] = requests.get(
+            f"{self.url}/_dev/stats", timeout=10, verify=verify
+        ).json()
         return result
 
     def stop(self) -> None:
@@ -102,6 +116,17 @@ class DevServer:
     def __exit__(self, *exc: object) -> None:
         self.stop()
         shutil.rmtree(self.data_dir, ignore_errors=True)
+        if self.ca_file is not None:
+            self.ca_file.unlink(missing_ok=True)
+
+
+def trust_bundle(ca_file: Path, target: Path) -> Path:
+    """A CA bundle as a client meets one: the public CAs (certifi's) and the dev server's own,
+    so building a TLS context from it costs what it costs with a real bundle."""
+    import certifi
+
+    target.write_bytes(Path(certifi.where()).read_bytes() + b"\n" + ca_file.read_bytes())
+    return target
 
 
 # --- PostgreSQL -----------------------------------------------------------------------------------

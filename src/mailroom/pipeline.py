@@ -495,6 +495,7 @@ def send_shard(
             limiter=limiter,
             max_consecutive_failures=spec.max_consecutive_failures,
             halt_signal=halt_signal,
+            max_in_flight=spec.max_in_flight,
         )
 
 

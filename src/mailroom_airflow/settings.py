@@ -194,9 +194,14 @@ def transport(
         host = f"{conn.schema or 'https'}://{host}"
     if conn.port and host.count(":") < 2:
         host = f"{host}:{conn.port}"
-    timeout = float((conn.extra_dejson or {}).get("timeout", 30))
+    extra = conn.extra_dejson or {}
+    timeout = float(extra.get("timeout", 30))
+    # extra "ca_bundle": a PEM file of the certificates to trust instead of the system's.
+    ca_bundle = str(extra["ca_bundle"]) if extra.get("ca_bundle") else None
     return SendGridTransport(
-        SendGridSettings(api_key=conn.password or "", host=host, timeout_seconds=timeout)
+        SendGridSettings(
+            api_key=conn.password or "", host=host, timeout_seconds=timeout, ca_bundle=ca_bundle
+        )
     )
 
 

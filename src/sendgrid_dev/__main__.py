@@ -3,6 +3,10 @@
 The first line on stdout is ``mailroom-sendgrid-dev listening on <url>``, printed once the port is
 bound, so a harness that starts it with ``--port 0`` learns the port without racing for one.
 Everything else goes to stderr as log lines holding counts only, never addresses or the key.
+
+``--tls`` serves HTTPS (``https://`` in that line) with a certificate made at start; the PEM a
+client must trust is written to ``--tls-ca-file`` (by default a file of the server's own, named
+on stderr). ``--latency-ms`` adds a network round trip to every answer and handshake.
 """
 
 import argparse
@@ -43,6 +47,30 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY",
         help="the only bearer token accepted (default: any non-empty one)",
     )
+    network = parser.add_argument_group("the network in between")
+    network.add_argument(
+        "--tls", action="store_true", help="serve HTTPS with a certificate made at start"
+    )
+    network.add_argument(
+        "--tls-ca-file",
+        type=Path,
+        metavar="FILE",
+        help="write the certificate clients must trust (PEM) to FILE (default: a temporary file)",
+    )
+    network.add_argument(
+        "--tls-name",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="another host name or address the certificate is for (repeatable)",
+    )
+    network.add_argument(
+        "--latency-ms",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="one round trip of MS ms added to every answer and every connection's handshakes",
+    )
     faults = parser.add_argument_group("fault injection (0 = off)")
     faults.add_argument(
         "--status-429-every", type=int, default=0, metavar="N", help="every Nth request: 429"
@@ -70,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     faults.add_argument(
         "--retry-after-seconds", type=int, default=1, metavar="S", help="Retry-After of a 429"
     )
+    faults.add_argument(
+        "--hold-until-in-flight",
+        type=int,
+        default=0,
+        metavar="N",
+        help="hold answers until N mail-send requests are being answered at once",
+    )
     parser.add_argument(
         "--log-every",
         type=int,
@@ -91,11 +126,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             drop_after_accept_every=args.drop_after_accept_every,
             max_requests_per_second=args.max_requests_per_second,
             retry_after_seconds=args.retry_after_seconds,
+            hold_until_in_flight=args.hold_until_in_flight,
         )
     except DevServerError as error:
         parser.error(str(error))
     if args.log_every < 0:
         parser.error("--log-every must be >= 0")
+    if not 0 <= args.latency_ms < float("inf"):
+        parser.error("--latency-ms must be a number >= 0")
+    if (args.tls_ca_file or args.tls_name) and not args.tls:
+        parser.error("--tls-ca-file and --tls-name go with --tls")
     logging.basicConfig(
         level=logging.INFO,
         stream=sys.stderr,
@@ -103,7 +143,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
 
     server = SendGridDevServer(
-        args.host, args.port, args.data_dir, args.api_key, faults, log_every=args.log_every
+        args.host,
+        args.port,
+        args.data_dir,
+        args.api_key,
+        faults,
+        log_every=args.log_every,
+        tls=args.tls,
+        tls_names=tuple(args.tls_name),
+        ca_file=args.tls_ca_file,
+        latency_ms=args.latency_ms,
     )
     try:
         server.start()
@@ -129,6 +178,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.data_dir or "memory only",
             faults.to_json(),
         )
+        if args.tls:
+            logger.info("HTTPS: clients trust the certificate in %s", server.ca_file)
+        if args.latency_ms:
+            logger.info("adding a %.0f ms round trip to answers and handshakes", args.latency_ms)
         while not stop_requested.wait(0.5):
             pass
     finally:

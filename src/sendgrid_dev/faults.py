@@ -16,6 +16,8 @@ from sendgrid_dev.errors import DevServerError
 # Cycled through in order by the 5xx fault: the statuses a client meets from SendGrid itself
 # (500) and from the load balancers in front of it (502, 503).
 SERVER_ERROR_STATUSES = (500, 502, 503)
+# The longest a request waits for others under ``hold_until_in_flight``.
+HOLD_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,10 @@ class Faults:
     drop_after_accept_every: int = 0
     max_requests_per_second: float = 0.0
     retry_after_seconds: int = 1
+    # Answer no mail-send request until this many are being answered at once (each waits at
+    # most HOLD_SECONDS); once that many have been, none waits. Shows a client's concurrency
+    # at the server, whatever the timing.
+    hold_until_in_flight: int = 0
 
     def __post_init__(self) -> None:
         for field in fields(self):

@@ -6,6 +6,13 @@ body against SendGrid's published OpenAPI document and documented rules (``valid
 can be told to fail on purpose. It needs only the standard library and ``jsonschema`` (one of
 Mailroom's own dependencies) so it can start anywhere the pipeline runs; HTTP/1.1 keep-alive with an
 exact Content-Length on every answer lets one client connection carry thousands of requests.
+
+It can also stand in for the network between: ``tls=True`` serves HTTPS with a certificate made
+at start (``tls.py``; clients trust ``ca_file``), and ``latency_ms`` adds one network round trip
+of that many milliseconds where a real link has one: to every answer, to every new connection
+(TCP's handshake) and, with TLS, once more to its handshake (TLS 1.3). A client that opens a
+connection per request pays all three on every request; one that keeps its connections open
+pays one. ``stats().peak_in_flight`` says how many mail-send requests it answered at once.
 """
 
 import contextlib
@@ -14,8 +21,11 @@ import html
 import json
 import logging
 import selectors
+import shutil
 import socket
 import socketserver
+import ssl
+import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, replace
@@ -28,6 +38,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from mailroom.checks.limits import MAX_REQUEST_BYTES
 from sendgrid_dev.errors import DevServerError
 from sendgrid_dev.faults import (
+    HOLD_SECONDS,
     SERVER_ERROR_STATUSES,
     Faults,
     InjectedFault,
@@ -38,6 +49,7 @@ from sendgrid_dev.faults import (
 from sendgrid_dev.rendering import render_personalization
 from sendgrid_dev.schema import mail_send_validator
 from sendgrid_dev.store import AcceptedRecord, MessageStore, open_store
+from sendgrid_dev.tls import make_certificate
 from sendgrid_dev.validation import is_sandbox, iter_recipient_addresses, validate_mail_send
 
 MAIL_SEND_PATH = "/v3/mail/send"
@@ -74,6 +86,10 @@ class DevServerStats:
     status_5xx_injected: int = 0
     dropped_after_accept: int = 0
     delayed: int = 0
+    # The most mail-send requests being answered at once (read to the answer's end).
+    peak_in_flight: int = 0
+    # Client connections opened (a client keeping its connections open opens few).
+    connections: int = 0
 
     def to_json(self) -> dict[str, int]:
         return asdict(self)
@@ -95,6 +111,8 @@ class _TrafficState:
 
     def __init__(self, faults: Faults, log_every: int) -> None:
         self._lock = threading.Lock()
+        self._in_flight_changed = threading.Condition(self._lock)
+        self._in_flight = 0
         self._stats = DevServerStats()
         self._faults = faults
         self._ceiling = self._ceiling_for(faults)
@@ -112,6 +130,29 @@ class _TrafficState:
         with self._lock:
             self._stats.received += 1
             return self._stats.received, self._faults, self._ceiling
+
+    def count_connection(self) -> None:
+        with self._lock:
+            self._stats.connections += 1
+
+    def enter(self) -> None:
+        """A mail-send request is being answered."""
+        with self._lock:
+            self._in_flight += 1
+            self._stats.peak_in_flight = max(self._stats.peak_in_flight, self._in_flight)
+            self._in_flight_changed.notify_all()
+
+    def leave(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
+
+    def hold(self, until_in_flight: int) -> None:
+        """Wait until ``until_in_flight`` requests have been answered at once (or HOLD_SECONDS
+        have passed)."""
+        with self._lock:
+            self._in_flight_changed.wait_for(
+                lambda: self._stats.peak_in_flight >= until_in_flight, HOLD_SECONDS
+            )
 
     def count(self, outcome: _CountedOutcome) -> None:
         with self._lock:
@@ -146,7 +187,7 @@ class _TrafficState:
 
     def reset(self) -> None:
         with self._lock:
-            self._stats = DevServerStats()
+            self._stats = DevServerStats(peak_in_flight=self._in_flight)
             self._server_errors = 0
             self._ceiling = self._ceiling_for(self._faults)
 
@@ -176,6 +217,8 @@ class _App:
     traffic: _TrafficState
     store: MessageStore
     api_key: str | None
+    # One network round trip, in seconds (0: none added).
+    latency: float = 0.0
 
 
 def _error_body(message: str, field: str | None = None) -> dict[str, Any]:
@@ -232,6 +275,8 @@ class _RequestHandler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         self._responded = False
         path = urlsplit(self.path).path
+        if self.app.latency:
+            time.sleep(self.app.latency)  # the request's round trip
         try:
             if path == MAIL_SEND_PATH and method == "POST":
                 self._mail_send()
@@ -314,9 +359,11 @@ class _RequestHandler(BaseHTTPRequestHandler):
     def _mail_send(self) -> None:
         traffic = self.app.traffic
         sequence, faults, ceiling = traffic.begin()
+        traffic.enter()
         try:
             self._answer_mail_send(sequence, faults, ceiling)
         finally:
+            traffic.leave()
             traffic.log_progress(sequence)
 
     def _answer_mail_send(self, sequence: int, faults: Faults, ceiling: RateCeiling | None) -> None:
@@ -334,6 +381,8 @@ class _RequestHandler(BaseHTTPRequestHandler):
         raw = self._read_exactly(length)
         if raw is None:
             return
+        if faults.hold_until_in_flight:
+            traffic.hold(faults.hold_until_in_flight)
         if faults.delay_seconds:
             traffic.count("delayed")
             time.sleep(faults.delay_seconds)
@@ -378,7 +427,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
             self._send(200)
             return
 
-        record = self.app.store.append(body, len(raw))
+        record = self.app.store.append(body, len(raw), raw)
         traffic.count_accepted(
             len(body["personalizations"]), sum(1 for _ in iter_recipient_addresses(body))
         )
@@ -528,8 +577,11 @@ class _DevHTTPServer(ThreadingHTTPServer):
     # The default backlog of 5 drops SYNs when a bulk client opens many connections at once.
     request_queue_size = 128
 
-    def __init__(self, address: tuple[str, int], app: _App) -> None:
+    def __init__(
+        self, address: tuple[str, int], app: _App, tls: ssl.SSLContext | None = None
+    ) -> None:
         self.app = app
+        self.tls = tls
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         self._connections: set[socket.socket] = set()
@@ -564,17 +616,51 @@ class _DevHTTPServer(ThreadingHTTPServer):
         self.server_name = str(host)
         self.server_port = int(port)
 
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        """One connection, in its own thread: the round trips of its handshakes (TCP's, and
+        TLS 1.3's), the TLS handshake itself, then its requests."""
+        latency = self.app.latency
+        if self.tls is None:
+            if latency:
+                time.sleep(latency)
+            super().finish_request(request, client_address)
+            return
+        if latency:
+            time.sleep(2 * latency)
+        request.settimeout(IDLE_CONNECTION_TIMEOUT_SECONDS)
+        try:
+            secure = self.tls.wrap_socket(request, server_side=True)
+        except OSError:  # ssl.SSLError too: a client that does not trust the certificate
+            logger.debug("TLS handshake with %s failed", client_address, exc_info=True)
+            return
+        try:
+            super().finish_request(secure, client_address)
+        finally:
+            secure.close()
+
     def handle_error(self, request: Any, client_address: Any) -> None:
         logger.debug("connection from %s ended with an error", client_address, exc_info=True)
 
     def track(self, connection: socket.socket) -> None:
+        self.app.traffic.count_connection()
         with self._connections_changed:
             self._connections.add(connection)
+
+    def open_connections(self) -> int:
+        with self._connections_changed:
+            return len(self._connections)
 
     def untrack(self, connection: socket.socket) -> None:
         with self._connections_changed:
             self._connections.discard(connection)
             self._connections_changed.notify_all()
+
+    def drop_connections(self, grace_seconds: float) -> None:
+        with self._connections_changed:
+            for connection in self._connections:
+                with contextlib.suppress(OSError):
+                    connection.shutdown(socket.SHUT_RDWR)
+            self._connections_changed.wait_for(lambda: not self._connections, grace_seconds)
 
     def close_connections(self, grace_seconds: float) -> None:
         """Let requests already read be answered, end idle keep-alive connections, and wait for
@@ -594,6 +680,11 @@ class SendGridDevServer:
     ``data_dir`` makes accepted requests durable in ``<data_dir>/accepted.jsonl`` (readable by
     another process with ``read_accepted``); without it they live in memory only. ``api_key``,
     when given, is the only bearer token accepted; otherwise any non-empty one is.
+
+    ``tls``: serve HTTPS with a certificate made at start for ``host``, the loopback names and
+    ``tls_names``; what a client must trust is written to ``ca_file`` (by default a file of the
+    server's own, removed at stop). ``latency_ms``: one network round trip added to every
+    answer and to every connection's handshakes (see the module's docstring).
     """
 
     def __init__(
@@ -605,7 +696,19 @@ class SendGridDevServer:
         faults: Faults | None = None,
         *,
         log_every: int = 0,
+        tls: bool = False,
+        tls_names: tuple[str, ...] = (),
+        ca_file: Path | None = None,
+        latency_ms: float = 0.0,
     ) -> None:
+        if not latency_ms >= 0 or latency_ms == float("inf"):
+            raise DevServerError(f"latency_ms must be a number >= 0, got {latency_ms!r}")
+        self._tls = tls
+        self._tls_names = tls_names
+        self._ca_file = None if ca_file is None else Path(ca_file)
+        self._ca_pem: bytes | None = None
+        self._own_tls_dir: Path | None = None
+        self._latency = latency_ms / 1000
         self._host = host
         self._requested_port = port
         self._data_dir = None if data_dir is None else Path(data_dir)
@@ -621,12 +724,14 @@ class SendGridDevServer:
         # Compiled before the port is bound, once per process: a missing or unreadable OpenAPI
         # document stops the start, and no request waits for it.
         mail_send_validator()
+        context = self._make_tls() if self._tls else None
         self._store = open_store(self._data_dir)
-        app = _App(self._traffic, self._store, self._api_key)
+        app = _App(self._traffic, self._store, self._api_key, self._latency)
         try:
-            self._httpd = _DevHTTPServer((self._host, self._requested_port), app)
+            self._httpd = _DevHTTPServer((self._host, self._requested_port), app, context)
         except OSError:
             self._store.close()
+            self._remove_own_tls_dir()
             raise
         self._thread = threading.Thread(
             target=self._httpd.serve_until_woken,
@@ -647,6 +752,25 @@ class SendGridDevServer:
         assert self._store is not None
         self._store.close()
         self._thread = None
+        self._remove_own_tls_dir()
+
+    def _make_tls(self) -> ssl.SSLContext:
+        """A new certificate, its authority's PEM written to ``ca_file``."""
+        unspecified = self._host in ("", "0.0.0.0", "::")
+        names = (() if unspecified else (self._host,)) + tuple(self._tls_names)
+        certificate = make_certificate(names[0] if names else "localhost", names[1:])
+        if self._ca_file is None:
+            self._own_tls_dir = Path(tempfile.mkdtemp(prefix="sendgrid-dev-tls-"))
+            self._ca_file = self._own_tls_dir / "ca.pem"
+        self._ca_file.parent.mkdir(parents=True, exist_ok=True)
+        self._ca_file.write_bytes(certificate.ca_pem)
+        self._ca_pem = certificate.ca_pem
+        return certificate.server_context()
+
+    def _remove_own_tls_dir(self) -> None:
+        if self._own_tls_dir is not None:
+            shutil.rmtree(self._own_tls_dir, ignore_errors=True)
+            self._own_tls_dir = None
 
     def __enter__(self) -> Self:
         return self if self._httpd is not None else self.start()
@@ -668,7 +792,20 @@ class SendGridDevServer:
     @property
     def url(self) -> str:
         host = f"[{self._host}]" if ":" in self._host else self._host
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self._tls else 'http'}://{host}:{self.port}"
+
+    @property
+    def ca_file(self) -> Path:
+        """The PEM file a client trusts to reach this server over HTTPS (``tls=True``)."""
+        if self._ca_file is None or self._ca_pem is None:
+            raise DevServerError("the dev server has no certificate: start it with tls=True")
+        return self._ca_file
+
+    @property
+    def ca_pem(self) -> bytes:
+        if self._ca_pem is None:
+            raise DevServerError("the dev server has no certificate: start it with tls=True")
+        return self._ca_pem
 
     @property
     def faults(self) -> Faults:
@@ -679,6 +816,16 @@ class SendGridDevServer:
 
     def stats(self) -> DevServerStats:
         return self._traffic.snapshot()
+
+    def open_connections(self) -> int:
+        """Client connections open now (idle kept-alive ones too)."""
+        return self._httpd.open_connections() if self._httpd is not None else 0
+
+    def drop_connections(self) -> None:
+        """Close every client connection now, as a server's idle timeout or a restart does (a
+        request being answered on one loses its answer); returns once they are closed."""
+        if self._httpd is not None:
+            self._httpd.drop_connections(STOP_GRACE_SECONDS)
 
     def accepted(self) -> list[AcceptedRecord]:
         """Every recorded request, oldest first; still readable after ``stop``."""

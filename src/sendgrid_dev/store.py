@@ -40,14 +40,33 @@ def _new_record(body: dict[str, Any], size: int) -> AcceptedRecord:
     }
 
 
-def _encode(record: AcceptedRecord) -> bytes:
+def _encode(record: AcceptedRecord, raw: bytes | None = None) -> bytes:
+    """One JSONL line. ``raw``: the request's own bytes, which parsed to ``record["body"]``:
+    written as they came when they are one line of UTF-8 (reading the line back parses them
+    again, to the same body), which spares encoding a large body a second time."""
+    if raw is not None and _one_utf8_line(raw):
+        head = {k: v for k, v in record.items() if k != "body"}
+        encoded = json.dumps(head, ensure_ascii=False, separators=(",", ":")).encode()
+        return encoded[:-1] + b',"body":' + raw.strip(b" \t") + b"}\n"
     return json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+
+
+def _one_utf8_line(raw: bytes) -> bool:
+    if b"\n" in raw or b"\r" in raw or raw.startswith(b"\xef\xbb\xbf"):
+        return False
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 class MessageStore(Protocol):
     """What the server needs from a place that keeps accepted requests, oldest first."""
 
-    def append(self, body: dict[str, Any], size: int) -> AcceptedRecord: ...
+    def append(
+        self, body: dict[str, Any], size: int, raw: bytes | None = None
+    ) -> AcceptedRecord: ...
 
     def count(self) -> int: ...
 
@@ -68,7 +87,7 @@ class MemoryStore:
         self._records: list[AcceptedRecord] = []
         self._positions: dict[str, int] = {}
 
-    def append(self, body: dict[str, Any], size: int) -> AcceptedRecord:
+    def append(self, body: dict[str, Any], size: int, raw: bytes | None = None) -> AcceptedRecord:
         record = _new_record(body, size)
         with self._lock:
             self._positions[record["message_id"]] = len(self._records)
@@ -136,9 +155,10 @@ class JsonlStore:
             start += len(line)
         return complete
 
-    def append(self, body: dict[str, Any], size: int) -> AcceptedRecord:
+    def append(self, body: dict[str, Any], size: int, raw: bytes | None = None) -> AcceptedRecord:
+        """``raw``: the request's bytes, when they are what ``body`` was parsed from."""
         record = _new_record(body, size)
-        line = _encode(record)
+        line = _encode(record, raw)
         with self._lock:
             self._writer.write(line)
             self._writer.flush()

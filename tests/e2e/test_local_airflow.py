@@ -6,6 +6,12 @@
 * ``mailroom local-airflow start`` brings Airflow back after all of it was SIGKILLed, refuses
   to start it twice, and ``stop`` leaves no process of it (by session, by its environment, by
   its port).
+* The scheduler and its task processes are SIGKILLed mid-send, and Airflow is brought back
+  with ``mailroom local-airflow start``: the requests cut off are ``unknown`` and not resent.
+  An operator checks the server for each one's batch id and settles it (``mailroom settle``):
+  the run finishes with nobody mailed twice and a report whose history names the settlement.
+  With ``mailroom resend`` instead, the recipients the server already had get it twice, as the
+  command warned, and the report's history records how many.
 * ``mailroom demo --yes`` leaves nothing behind when it ends normally, and when it is stopped
   with SIGINT after its scheduler was killed (having said so, and carried on once
   ``mailroom local-airflow start`` started a scheduler again).
@@ -58,6 +64,8 @@ BATCH_SIZE = 40  # ~15 requests
 RETRY_DELAY = 8.0  # the campaign's send_retry_delay_seconds
 REQUEST_SECONDS = 0.5  # the dev server answers each request after this long: kills land mid-request
 API_KEY = "SG.e2e-local-airflow"
+CRASH_CAMPAIGNS = ("crash_settle", "crash_resend")
+HEARTBEAT_TIMEOUT = 20  # seconds (the local Airflow's default is 60)
 FINISHED = {"success", "failed"}
 
 
@@ -87,7 +95,11 @@ class Home:
                 *("--airflow-home", str(self.airflow.home)),
                 *(("--port", str(self.airflow.port)) if action == "start" else ()),
             ],
-            env=clean_env(MAILROOM_INCLUDE_DIR=str(self.include)),
+            env=clean_env(
+                MAILROOM_INCLUDE_DIR=str(self.include),
+                # A task that died with its scheduler is failed (and retried) sooner.
+                AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT=str(HEARTBEAT_TIMEOUT),
+            ),
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -173,6 +185,10 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Home]:
         "send_retry_delay_seconds": RETRY_DELAY,
     }
     (include / "campaigns" / f"{CAMPAIGN}.yaml").write_text(yaml.safe_dump(spec), "utf-8")
+    # One campaign per crash test: a campaign mails each person once across runs.
+    for name in CRASH_CAMPAIGNS:
+        crash = {**spec, "name": name}
+        (include / "campaigns" / f"{name}.yaml").write_text(yaml.safe_dump(crash), "utf-8")
     audience = generate(tmp / "users.sqlite", users=USERS)
     server = SendGridDevServer(
         data_dir=tmp / "sendgrid", api_key=API_KEY, faults=Faults(delay_seconds=REQUEST_SECONDS)
@@ -364,6 +380,251 @@ def test_a_killed_send_task_is_retried_after_the_campaign_delay_and_nothing_is_s
     stopped = home.cli("stop")
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
     assert not processes_of_home(home.airflow.home)
+
+
+@dataclass
+class Crashed:
+    """A run SIGKILLed mid-send with its scheduler, ended after Airflow was brought back."""
+
+    run_id: str
+    unknown: set[str]  # its requests left 'unknown'
+
+
+@pytest.fixture(scope="module")
+def crashed(home: Home) -> dict[str, Crashed]:
+    """One run of each crash campaign, both mid-request when the scheduler and its task
+    processes are SIGKILLed; Airflow brought back with ``mailroom local-airflow start``; both
+    runs ended (the requests in flight ``unknown``, the rest sent, each run incomplete)."""
+    if home.cli("status").returncode != 0:
+        started = home.cli("start")
+        assert started.returncode == 0, started.stdout + started.stderr
+    home.airflow.serve_dag(DAG_ID, timeout=180)
+    analyst, approver = home.api("analyst"), home.api("approver")
+    runs = {
+        c: analyst.trigger(DAG_ID, {"campaign": c, "dry_run": False, "shards": 1})
+        for c in CRASH_CAMPAIGNS
+    }
+
+    def state(run_id: str, task_id: str) -> str | None:
+        tis = analyst.task_instances(DAG_ID, run_id)
+        return next((ti.get("state") for ti in tis if ti["task_id"] == task_id), None)
+
+    for run_id in runs.values():
+        wait_for(
+            "the approval gate",
+            lambda r=run_id: state(r, "approve") == "awaiting_input",
+            timeout=300,
+            interval=1,
+        )
+    time.sleep(2.5)  # Airflow 3.3.2 can fail an approval answered within ~1 s of the wait
+    for run_id in runs.values():
+        approver.answer(DAG_ID, run_id, "approve", "Approve")
+    outbox = Outbox(f"sqlite:///{home.tmp / 'staging' / 'outbox.sqlite'}")
+
+    def mid_request(campaign: str, run_id: str) -> bool:
+        # A few requests answered, and one claimed and in flight now (the server holds each
+        # REQUEST_SECONDS before it answers).
+        if sum(at_the_server(home, run_id).values()) < 2:
+            return False
+        in_flight = outbox.states(f"{campaign}/{run_id}").values()
+        return any(st.state == BatchState.SENDING for st in in_flight)
+
+    try:
+        wait_for(
+            "both runs to be mid-request",
+            lambda: all(mid_request(c, r) for c, r in runs.items()),
+            timeout=300,
+            interval=0.05,
+        )
+    finally:
+        outbox.dispose()
+    scheduler = [
+        c["pid"]
+        for c in json.loads((home.airflow.home / PID_FILE).read_text("utf-8"))["components"]
+        if c["component"] == "scheduler"
+    ]
+    sigkill_sessions(scheduler)  # the scheduler, its LocalExecutor workers, their task processes
+    back = home.cli("start")
+    assert back.returncode == 0, back.stdout + back.stderr
+    # Airflow finds the tasks whose processes died with the scheduler and retries them; each
+    # retry marks what was in flight 'unknown', sends the rest, and its run ends incomplete.
+    ended = {}
+    outbox = Outbox(f"sqlite:///{home.tmp / 'staging' / 'outbox.sqlite'}")
+    try:
+        for campaign, run_id in runs.items():
+            final = wait_for(
+                "the run to end",
+                lambda r=run_id: (s := analyst.dag_run(DAG_ID, r)["state"]) in FINISHED and s,
+                timeout=420,
+                interval=2,
+            )
+            assert final == "failed"
+            states_now = outbox.states(f"{campaign}/{run_id}")
+            unknown = {b for b, st in states_now.items() if st.state == BatchState.UNKNOWN}
+            assert unknown, states_now
+            assert {st.state for st in states_now.values()} == {
+                BatchState.SENT,
+                BatchState.UNKNOWN,
+            }
+            ended[campaign] = Crashed(run_id, unknown)
+    finally:
+        outbox.dispose()
+    return ended
+
+
+def operator(home: Home, *args: str) -> subprocess.CompletedProcess[str]:
+    """A ``mailroom`` operator command as an operator runs it against the local Airflow."""
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "mailroom.cli.main", *args),
+            *("--airflow-url", home.airflow.url, "--user", "admin"),
+            *("--password-file", str(home.airflow.passwords_file)),
+        ],
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def at_the_server(home: Home, run_id: str) -> dict[str, int]:
+    """batch id → how many requests with it the server recorded (its ``custom_args``)."""
+    return Counter(
+        r["body"]["custom_args"]["mailroom_batch"]
+        for r in home.server.accepted()
+        if r["body"]["custom_args"]["mailroom_run"] == run_id
+    )
+
+
+def finished_report(home: Home, campaign: str, run_id: str) -> dict[str, Any]:
+    analyst = home.api("analyst")
+    wait_for(
+        "the run to end again",
+        lambda: analyst.dag_run(DAG_ID, run_id)["state"] in FINISHED,
+        timeout=300,
+        interval=1,
+    )
+    assert analyst.dag_run(DAG_ID, run_id)["state"] == "success"
+    folder = RunStaging.for_run(home.tmp / "staging", campaign, run_id)
+    reports = sorted((folder.root / "reports").glob("*.json"))
+    return dict(json.loads((reports[-1] if reports else folder.report).read_text("utf-8")))
+
+
+def test_after_a_crash_an_operator_settles_the_unknown_and_nothing_is_sent_twice(
+    home: Home, crashed: dict[str, Crashed]
+) -> None:
+    campaign = "crash_settle"
+    run_id, unknown = crashed[campaign].run_id, crashed[campaign].unknown
+    run_key = f"{campaign}/{run_id}"
+    seen = at_the_server(home, run_id)
+    # What an operator finds in SendGrid's activity, by each request's batch id.
+    accepted = sorted(b for b in unknown if seen[b])
+    missing = sorted(b for b in unknown if not seen[b])
+    status = operator(home, "status", run_key)
+    assert f"outbox: sqlite:///{home.tmp / 'staging' / 'outbox.sqlite'}" in status.stdout
+    assert f"folder: {RunStaging.for_run(home.tmp / 'staging', campaign, run_id).root}" in (
+        status.stdout
+    )
+    listed = subprocess.run(
+        [
+            *(sys.executable, "-m", "mailroom.cli.main", "settle", run_key),
+            *("--as", "sent", "--reason", "which are unknown?"),
+        ],
+        env=clean_env(MAILROOM_OUTBOX_URL=f"sqlite:///{home.tmp / 'staging' / 'outbox.sqlite'}"),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert f"unknown now: {', '.join(sorted(unknown))}" in listed.stderr, listed.stderr
+    settles = [
+        (accepted, "sent", "SendGrid activity shows the batch delivered"),
+        (missing, "not-sent", "no SendGrid activity for the batch"),
+    ]
+    settles = [s for s in settles if s[0]]
+    for number, (requests, outcome, reason) in enumerate(settles, start=1):
+        last = ("--clear",) if number == len(settles) else ()  # then send and report
+        operator(
+            home,
+            *("settle", run_key, *requests, "--as", outcome, "--by", "olga"),
+            *("--reason", reason, *last),
+        )
+
+    report = finished_report(home, campaign, run_id)
+    received = Counter(
+        e.lower()
+        for r in home.server.accepted()
+        if r["body"]["custom_args"]["mailroom_run"] == run_id
+        for e in accepted_recipients([r])
+    )
+    assert max(received.values()) == 1, "someone received the message twice"
+    assert set(received) == home.audience.expected
+    assert (report["status"], report["balanced"]) == ("sent", True), report
+    settled = [h for h in report["history"] if h["action"].startswith("settle")]
+    assert {(h["action"], h["by"]) for h in settled} == {
+        *((("settle_sent", "olga"),) if accepted else ()),
+        *((("settle_not_sent", "olga"),) if missing else ()),
+    }
+    assert sorted(r for h in settled for r in h["requests"]) == sorted(unknown)
+    assert all("unknown" in h["before"] and h["before"] != h["after"] for h in settled)
+    print(
+        f"\ncrash mid-send: {len(unknown)} request(s) unknown ({len(accepted)} the server had, "
+        f"{len(missing)} it had not); settled; {sum(received.values())} recipients once each"
+    )
+
+
+def test_after_a_crash_resend_sends_twice_what_the_server_had_and_the_report_says_so(
+    home: Home, crashed: dict[str, Crashed]
+) -> None:
+    campaign = "crash_resend"
+    run_id, unknown = crashed[campaign].run_id, crashed[campaign].unknown
+    run_key = f"{campaign}/{run_id}"
+    outbox = Outbox(f"sqlite:///{home.tmp / 'staging' / 'outbox.sqlite'}")
+    try:
+        in_doubt = sum(len(outbox.batch_members(run_key, b)) for b in unknown)
+    finally:
+        outbox.dispose()
+    had = {b for b, n in at_the_server(home, run_id).items() if n and b in unknown}
+    already = {
+        e.lower()
+        for r in home.server.accepted()
+        if r["body"]["custom_args"]["mailroom_batch"] in had
+        and r["body"]["custom_args"]["mailroom_run"] == run_id
+        for e in accepted_recipients([r])
+    }
+
+    resent = operator(
+        home, "resend", run_key, "--reason", "no time to check SendGrid", "--by", "ivan", "--clear"
+    )
+    assert f"WARNING: {in_doubt} recipient(s) were in unknown requests" in resent.stdout
+    assert "may get the message twice" in resent.stdout
+
+    report = finished_report(home, campaign, run_id)
+    received = Counter(
+        e.lower()
+        for r in home.server.accepted()
+        if r["body"]["custom_args"]["mailroom_run"] == run_id
+        for e in accepted_recipients([r])
+    )
+    twice = {e for e, n in received.items() if n == 2}
+    assert twice == already, "exactly those the server already had got it twice"
+    assert max(received.values()) <= 2
+    assert set(received) == home.audience.expected
+    (entry,) = [h for h in report["history"] if h["action"] == "resend"]
+    assert (entry["by"], entry["recipients"], sorted(entry["requests"])) == (
+        "ivan",
+        in_doubt,
+        sorted(unknown),
+    )
+    assert (report["status"], report["balanced"]) == ("sent", True), report
+    print(
+        f"\ncrash mid-send, resent without checking: {len(unknown)} request(s), {in_doubt} "
+        f"recipient(s) in doubt; {len(twice)} received it twice, as warned"
+    )
+    stopped = home.cli("stop")
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
 
 
 def task_log(api: AirflowApi, run_id: str, try_number: int) -> str:

@@ -13,6 +13,7 @@ import json
 import logging
 import re
 import socket
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from mailroom.checks.envelope_guard import ApprovedManifest, GuardedBody
 from mailroom.delivery.outbox import FINAL_STATES, BatchState, Outbox, StagedBatch
 from mailroom.delivery.rate import RateLimiter, RetryPolicy
 from mailroom.delivery.shards import send_shard
-from mailroom.delivery.transports.base import Delivery, Transport
+from mailroom.delivery.transports.base import Clearance, Delivery, Transport
 from mailroom.delivery.transports.file import FileTransport
 from mailroom.delivery.transports.sendgrid import SendGridSettings, SendGridTransport
 from mailroom.errors import EnvelopeViolation, TransportError
@@ -580,3 +581,161 @@ def test_no_log_record_names_a_recipient_while_sending(
         assert address.lower() not in text
     # Nothing that looks like an unmasked address at all (masked ones read "p***@example.com").
     assert not re.search(r"[a-z0-9._%+-]{2,}@example\.com", text), text[:2000]
+
+
+# -- the guard's pass, checked by digest in send ------------------------------------------------
+
+
+def test_a_cleared_body_is_sent_without_being_parsed_again(
+    server: SendGridDevServer, staged: Staged, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The guard's pass parsed every body in full; send_shard hands send what the pass
+    recorded, and bytes with that digest go out without a second parse."""
+    from mailroom.checks import envelope_guard
+    from mailroom.delivery.transports import base
+
+    def no_second_parse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a cleared body was parsed again")
+
+    monkeypatch.setattr(base, "check_envelope", no_second_parse)
+    monkeypatch.setattr(envelope_guard, "_parse", no_second_parse)
+    # Nor are the batch's recipients read again: the pass checked the body against them.
+    monkeypatch.setattr(staged.outbox, "batch_members", no_second_parse)
+
+    with sendgrid(server) as transport:
+        summary = staged.send(transport)
+
+    assert summary["states"] == {BatchState.SENT: 6}
+    assert sorted(accepted_recipients(server.accepted())) == sorted(staged.addresses)
+
+
+def test_send_refuses_a_body_that_is_not_the_one_the_pass_cleared(
+    server: SendGridDevServer,
+) -> None:
+    body = serialise(mail_body("ada@example.com"))
+    other = serialise(mail_body("ada@example.com", batch_id="en-00002"))
+    approved = approve(body, other)  # both approved: the clearance is what tells them apart
+    cleared = Clearance("en-00001", hashlib.sha256(body).hexdigest())
+
+    with sendgrid(server) as transport, pytest.raises(EnvelopeViolation, match="pass cleared"):
+        transport.send(other, approved, expected_recipients=["ada@example.com"], cleared=cleared)
+
+    assert server.stats().received == 0
+
+
+def test_a_clearance_outside_the_approved_manifest_gets_the_full_guard(
+    server: SendGridDevServer,
+) -> None:
+    body = serialise(mail_body("ada@example.com"))
+    elsewhere = serialise(mail_body("bob@example.org"))
+    cleared = Clearance("en-00001", hashlib.sha256(body).hexdigest())
+
+    with sendgrid(server) as transport, pytest.raises(EnvelopeViolation, match="not in the appr"):
+        transport.send(body, approve(elsewhere), cleared=cleared)
+
+    assert server.stats().received == 0
+
+
+def test_without_a_clearance_send_runs_the_full_guard(
+    server: SendGridDevServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mailroom.delivery.transports import base
+
+    calls: list[bytes] = []
+    real = base.check_envelope
+
+    def counted(body: bytes, *args: Any, **kwargs: Any) -> GuardedBody:
+        calls.append(body)
+        return real(body, *args, **kwargs)
+
+    monkeypatch.setattr(base, "check_envelope", counted)
+    body = serialise(mail_body("ada@example.com"))
+
+    with sendgrid(server) as transport:
+        transport.send(body, approve(body))
+
+    assert calls == [body]
+
+
+def test_only_the_batches_the_pass_cleared_as_staged_have_a_clearance(staged: Staged) -> None:
+    cleared = Clearance.read(staged.outbox, staged.run_key)
+    assert {c.batch_id: c.sha256 for c in cleared.values()} == {
+        b.batch_id: b.sha256 for b in staged.manifest.batches
+    }
+    first = staged.manifest.batches[0]
+    staged.outbox.mark_guarded(staged.run_key, [(first.batch_id, "0" * 64)])  # not as staged
+    assert first.batch_id in Clearance.read(staged.outbox, staged.run_key)  # the record stays
+    assert Clearance.read(staged.outbox, "winter_update/no-such-run") == {}
+
+
+# -- kept-alive connections ------------------------------------------------------------------------
+
+
+def test_requests_share_one_kept_alive_connection(server: SendGridDevServer) -> None:
+    bodies = [serialise(mail_body(f"user{i}@example.com", batch_id=f"en-{i}")) for i in range(5)]
+    approved = approve(*bodies)
+
+    with sendgrid(server) as transport:
+        for body in bodies:
+            transport.send(body, approved)
+
+    assert (server.stats().accepted, server.stats().connections) == (5, 1)
+
+
+def test_a_connection_the_server_closed_while_idle_is_replaced_not_lost(
+    server: SendGridDevServer,
+) -> None:
+    bodies = [serialise(mail_body(f"user{i}@example.com", batch_id=f"en-{i}")) for i in range(2)]
+    approved = approve(*bodies)
+
+    with sendgrid(server) as transport:
+        transport.send(bodies[0], approved)
+        server.drop_connections()  # what an idle timeout on the server's side does
+        delivery = transport.send(bodies[1], approved)
+
+    assert delivery.status == 202
+    stats = server.stats()
+    assert (stats.accepted, stats.connections) == (2, 2)
+
+
+def test_the_sdks_headers_go_with_every_request() -> None:
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from sendgrid import __version__
+
+    seen: list[dict[str, str]] = []
+
+    class Recorder(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            seen.append({**dict(self.headers.items()), "path": self.path})
+            self.send_response(202)
+            self.send_header("X-Message-Id", "recorded")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    body = serialise(mail_body("ada@example.com"))
+    with ThreadingHTTPServer(("127.0.0.1", 0), Recorder) as recorder:
+        thread = threading.Thread(target=recorder.serve_forever, daemon=True)
+        thread.start()
+        try:
+            url = f"http://127.0.0.1:{recorder.server_address[1]}"
+            settings = SendGridSettings(API_KEY, url, timeout_seconds=10)
+            with SendGridTransport(settings) as transport:
+                assert transport.send(body, approve(body)).message_id == "recorded"
+        finally:
+            recorder.shutdown()
+
+    [headers] = seen
+    assert headers["path"] == "/v3/mail/send"
+    assert headers["Authorization"] == f"Bearer {API_KEY}"
+    assert headers["User-Agent"] == f"sendgrid/{__version__};python"
+    assert headers["Accept"] == "application/json"
+    assert headers["Content-Type"] == "application/json; charset=utf-8"
+    assert headers["Content-Length"] == str(len(body))
+    assert headers.get("Connection", "").lower() != "close"

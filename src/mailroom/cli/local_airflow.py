@@ -526,8 +526,11 @@ class LocalAirflow:
             "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "5",
             "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
             # A task whose worker died with it (everything killed, then started again) is
-            # failed, and retried, after a minute without heartbeats rather than five.
-            "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "60",
+            # failed, and retried, after a minute without heartbeats rather than five (or as
+            # the environment sets it).
+            "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": os.environ.get(
+                "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT", "60"
+            ),
             # How long a worker may take to notice its task process has died (it waits on the
             # task's sockets that long once they are closed): a killed send task is failed,
             # and its retry scheduled, within a second rather than up to five.

@@ -176,10 +176,9 @@ def _act(args: argparse.Namespace, access: RunAccess, outbox: Outbox) -> int:
             f"settled {len(requests)} request(s), {settled} recipient(s) of {run_key} as "
             f"{args.outcome} ({by}: {args.reason})"
         )
-        if action == Action.SETTLE_NOT_SENT:
-            _clear_send_tasks(args, access)
-        else:
-            print("nothing will be sent again to them; clear the run's reconcile task to report")
+        if action == Action.SETTLE_SENT:
+            print("nothing will be sent again to them")
+        _clear_send_tasks(args, access)
     print(json.dumps(outbox.counts(run_key), indent=2))
     history = outbox.actions(run_key)
     if history:

@@ -488,6 +488,18 @@ class Outbox:
                 ).scalar_one()
             )
 
+    def guarded_digests(self, run_key: str) -> dict[str, str]:
+        """The body digest the envelope guard cleared for each batch of the run, where it is
+        the one the batch was staged with: batch id → SHA-256 (``guarded_sha256``)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(batches.c.batch_id, batches.c.guarded_sha256).where(
+                    batches.c.run_key == run_key,
+                    batches.c.guarded_sha256 == batches.c.sha256,
+                )
+            )
+            return {batch_id: digest for batch_id, digest in rows}
+
     def refuse(self, run_key: str, batch_id: str, error: str) -> bool:
         """``staged|halted → failed`` without a request: the guard refused the batch's body."""
         return self._move(run_key, batch_id, _SENDABLE, BatchState.FAILED, error=error)
@@ -525,7 +537,9 @@ class Outbox:
             if holder is not None and holder != run_key and _still_sending(conn, holder):
                 raise CampaignBusy(
                     f"run {holder} of campaign {campaign} is sending; two runs of one campaign "
-                    f"never send at the same time: {run_key} sends once it is reconciled"
+                    f"never send at the same time: {run_key} sends once it is reconciled (a "
+                    f"run that will not send again gives the campaign up when its reconcile "
+                    f"task runs: `mailroom halt {holder} --reason …`, then clear its reconcile)"
                 )
             if holder != run_key:
                 conn.execute(campaign_sends.delete().where(campaign_sends.c.campaign == campaign))

@@ -8,17 +8,26 @@ messages already sent on record and a retry or resume skips them.
 Such a transport makes something of its own from a guarded body (one message per recipient),
 and that is what leaves; ``preflight`` is where it builds and checks all of it before anything
 leaves, so ``send_shard`` can clear a whole shard's messages before its first one goes.
+
+The guard runs in full once per request, in the ``guard_shard`` pass, which records each body's
+SHA-256 in the outbox as it clears it. ``send_shard`` then hands ``send`` that record for the
+batch it sends (``Clearance.read``); ``send`` hashes the bytes it is given and skips parsing them
+again only when that digest is the one the pass cleared for that batch and is in the approved
+manifest: the same bytes, so the same verdict. Bytes with another digest are refused; without
+a clearance (the canary, a caller outside ``send_shard``) the full guard runs, as before.
 """
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from mailroom.checks.envelope_guard import ApprovedManifest, GuardedBody, check_envelope
-from mailroom.delivery.outbox import BatchState
+from mailroom.delivery.outbox import BatchState, Outbox
+from mailroom.errors import EnvelopeViolation
 
 
 @dataclass(frozen=True)
@@ -27,6 +36,24 @@ class Delivery:
 
     message_id: str
     status: int
+
+
+@dataclass(frozen=True)
+class Clearance:
+    """What the envelope guard's pass (``guard_shard``) recorded in the outbox for one batch:
+    the SHA-256 of the exact body it parsed and cleared (``guarded_sha256``, recorded only when
+    it is the digest the batch was staged with)."""
+
+    batch_id: str
+    sha256: str
+
+    @staticmethod
+    def read(outbox: Outbox, run_key: str) -> dict[str, Clearance]:
+        """Every batch of the run the pass cleared: batch id → its clearance."""
+        return {
+            batch_id: Clearance(batch_id, digest)
+            for batch_id, digest in outbox.guarded_digests(run_key).items()
+        }
 
 
 class RecipientLedger(Protocol):
@@ -117,6 +144,9 @@ class Transport(ABC):
     name: str = "abstract"
     # True: one message per recipient, each recorded through a RecipientLedger.
     delivers_per_recipient: bool = False
+    # How many requests ``send`` may carry at once, each from a thread of its own (a shard's
+    # window of requests in flight); 1: one at a time, from one thread.
+    max_in_flight: int = 1
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -129,15 +159,26 @@ class Transport(ABC):
         approved: ApprovedManifest,
         expected_recipients: Collection[str] | None = None,
         ledger: RecipientLedger | None = None,
+        *,
+        cleared: Clearance | None = None,
     ) -> Delivery:
         """Guard the exact bytes, then deliver them; raises on anything but success.
 
         ``ledger`` (per-recipient transports only): where each recipient's outcome is recorded,
         and which recipients of the batch already have one and are skipped.
+
+        ``cleared``: what the guard's pass recorded in the outbox for the batch being sent. When
+        the SHA-256 of ``body`` is that digest and in the approved manifest, these are the bytes
+        the pass parsed and cleared (against this batch's recipients and values), and they are
+        not parsed again; another digest is refused (``EnvelopeViolation``: the bytes changed
+        after the pass); without a clearance the full guard runs on them here. A per-recipient
+        transport always runs the full guard: it parses the body to build its messages anyway.
         """
         if ledger is not None and not self.delivers_per_recipient:
             raise ValueError(f"the {self.name} transport sends whole requests: no ledger")
-        guarded = check_envelope(body, approved, expected_recipients)
+        guarded = None if self.delivers_per_recipient else _cleared(body, approved, cleared)
+        if guarded is None:
+            guarded = check_envelope(body, approved, expected_recipients)
         if self.delivers_per_recipient:
             return self._deliver_each(guarded, ledger if ledger is not None else MemoryLedger())
         return self._deliver(guarded)
@@ -154,7 +195,8 @@ class Transport(ABC):
 
     @abstractmethod
     def _deliver(self, guarded: GuardedBody) -> Delivery:
-        """Hand guarded bytes to the provider unchanged; raise TransportError on failure."""
+        """Hand guarded bytes to the provider unchanged; raise TransportError on failure.
+        (``guarded.recipients`` is empty for bytes the guard's pass cleared: send the bytes.)"""
 
     def _deliver_each(self, guarded: GuardedBody, ledger: RecipientLedger) -> Delivery:
         """Per-recipient transports: send one message per recipient not yet settled in
@@ -169,3 +211,33 @@ class Transport(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _cleared(
+    body: bytes, approved: ApprovedManifest, cleared: Clearance | None
+) -> GuardedBody | None:
+    """``body`` as the guard's pass cleared it; None when the full guard must run on it (no
+    clearance, or a digest outside the approved manifest); refused when it is not the body the
+    pass cleared for the batch (changed since, or another batch's).
+
+    Nothing of it is read again, not even its recipients (``recipients`` is empty: the pass
+    checked them against the outbox's for this batch, and the caller's are not read): whole-
+    request transports send the bytes themselves.
+    """
+    if cleared is None:
+        return None
+    digest = hashlib.sha256(body).hexdigest()
+    if digest != cleared.sha256:
+        if digest not in approved.digests:
+            raise EnvelopeViolation(
+                f"request {digest[:12]}… is not in the approved manifest {approved.sha256[:12]}… "
+                f"(nor the body the envelope guard's pass cleared for batch {cleared.batch_id}: "
+                "it changed after the pass)"
+            )
+        raise EnvelopeViolation(
+            f"request {digest[:12]}… is not the body the envelope guard's pass cleared for batch "
+            f"{cleared.batch_id} ({cleared.sha256[:12]}…): another approved request"
+        )
+    if digest not in approved.digests:
+        return None
+    return GuardedBody(body=body, sha256=digest, recipients=())
