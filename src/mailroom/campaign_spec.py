@@ -444,35 +444,29 @@ def _unsubscribe_url(unsubscribe: _Fields) -> str:
 
 
 def _response_timeout_hours(top: _Fields) -> float:
-    """Hours the approver has before an unanswered approval counts as Reject. Leaving the key
-    out means the default; 0 or less is refused, never read as the default."""
-    key = "response_timeout_hours"
-    hours = top.number(key)
-    if hours is None:
-        return DEFAULT_RESPONSE_TIMEOUT_HOURS
-    if hours <= 0:
-        raise top.error(key, f"must be more than 0 hours, got {hours!r}")
-    try:
-        timedelta(hours=hours)
-    except OverflowError as exc:
-        raise top.error(key, f"is too large for a duration, got {hours!r}") from exc
-    return hours
+    """Hours the approver has before an unanswered approval counts as Reject."""
+    return _duration(top, "response_timeout_hours", "hours", DEFAULT_RESPONSE_TIMEOUT_HOURS)
 
 
 def _send_retry_delay_seconds(top: _Fields) -> float:
-    """Seconds before a send shard is tried again. Leaving the key out means the default; 0 or
-    less is refused, never read as the default (NaN and infinity are refused as numbers)."""
-    key = "send_retry_delay_seconds"
-    seconds = top.number(key)
-    if seconds is None:
-        return DEFAULT_SEND_RETRY_DELAY_SECONDS
-    if seconds <= 0:
-        raise top.error(key, f"must be more than 0 seconds, got {seconds!r}")
+    """Seconds before a send shard is tried again."""
+    return _duration(top, "send_retry_delay_seconds", "seconds", DEFAULT_SEND_RETRY_DELAY_SECONDS)
+
+
+def _duration(top: _Fields, key: str, unit: str, default: float) -> float:
+    """A positive duration in ``unit`` (``hours`` or ``seconds``). Leaving the key out means the
+    default; 0 or less is refused, never read as the default (NaN and infinity are refused as
+    numbers), and so is one too large for a ``timedelta``."""
+    value = top.number(key)
+    if value is None:
+        return default
+    if value <= 0:
+        raise top.error(key, f"must be more than 0 {unit}, got {value!r}")
     try:
-        timedelta(seconds=seconds)
+        timedelta(**{unit: value})
     except OverflowError as exc:
-        raise top.error(key, f"is too large for a duration, got {seconds!r}") from exc
-    return seconds
+        raise top.error(key, f"is too large for a duration, got {value!r}") from exc
+    return value
 
 
 def _max_in_flight(top: _Fields) -> int:
