@@ -13,6 +13,8 @@ TARGET_SEND_TLS_VS_LEGACY = 10.0
 TARGET_BUILD_FREEZE_VS_ENCODER = 3.0
 TARGET_USERS = 1_000_000
 TARGET_GATE_SECONDS = 5.0  # "within a few seconds" on 1,000,000 envelopes
+TARGET_SMTP_PER_SECOND = 6_500  # the SMTP send at 100,000 recipients, on this 2-core machine
+TARGET_SMTP_USERS = 100_000
 
 STAGE_NAMES = {
     "extract": "extract (SQLite)",
@@ -33,6 +35,9 @@ STAGE_NAMES = {
     "legacy_send_tls": "↳ baseline: today's path, HTTPS, 100 ms",
     "send_tls_8": "send over HTTPS, 100 ms, max_in_flight 8",
     "post_baseline_tls_8": "↳ baseline: bare kept-alive client, HTTPS, 100 ms, 8 in flight",
+    "smtp_send": "send over SMTP → fast local sink, 4 connections (outbox, log)",
+    "smtp_bare": "↳ baseline: bare pipelined SMTP client → the same sink, 4 connections",
+    "smtp_bare_aiosmtpd": "↳ the same client → an aiosmtpd sink (the usual Python sink)",
     "naive_baseline": "baseline: tutorial pipeline (per recipient)",
 }
 # Stages a campaign task runs (the rest are baselines).
@@ -47,6 +52,7 @@ TASK_STAGES = (
     "guard",
     "send",
     "send_tls",
+    "smtp_send",
 )
 
 METHOD = """\
@@ -85,6 +91,22 @@ METHOD = """\
   it. A send and its bare client run alternately three times each and the fastest of each is
   reported (all three are in `results.json`): on this shared machine the fastest is the one
   least disturbed.
+- **SMTP send** is `pipeline.send_shard` through `SmtpTransport` (`security="none"`, 4
+  connections: `max_in_flight` 4) to `bench/smtp_sink.py`, a fast SMTP sink in a process of its
+  own (an `asyncio.Protocol` on uvloop, PIPELINING advertised, every reply to one read in one
+  write), from a copy of the guarded outbox; each personalization of the frozen bodies is one
+  message. It sends one shard of the run (batch i in shard i mod S, S chosen so the shard holds
+  about `--smtp-recipients`, 10,000 by default; 0 for the whole run) and checks afterwards that
+  the outbox holds every one of its recipients `sent`. It is read against the *bare pipelined
+  SMTP client* (`bench/bare_smtp.py`): the same shard's messages, the very bytes the transport
+  makes of them (`MessageTemplate`), built up front, sent over the same 4 connections with one
+  round trip per message (the end of one message's data and the next `MAIL`/`RCPT`/`DATA` in one
+  write), with no guard and no outbox: the sink's ceiling. The same client to an `aiosmtpd`
+  sink (fewer messages) shows that ceiling against the usual Python sink. Each stage gets a
+  fresh sink; on stop the sink writes its own counts (messages, recipients, distinct, received
+  more than once, transactions with more than one RCPT, `To:` other than the RCPT), reported
+  beside its CPU time. The send and the bare client run alternately twice each; the fastest of
+  each counts.
 - **Baselines**, each in the same run as the stage it is read against (`bench/baselines.py`,
   `bench/bare_gate.py`):
   - *bare JSON encoder* (serialization limit): the bodies freeze wrote, parsed back into Python
@@ -253,6 +275,7 @@ def targets_section(in_process: dict[str, Any], e2e: dict[str, Any]) -> list[str
                     _met(r["ours_vs_naive"] <= 0.1),
                 )
             )
+    rows += smtp_targets(in_process)
     out = [
         "## Targets: where we stand",
         "",
@@ -262,6 +285,42 @@ def targets_section(in_process: dict[str, Any], e2e: dict[str, Any]) -> list[str
     out += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     out.append("")
     return out
+
+
+def smtp_targets(in_process: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """The SMTP send's target (messages/s at 100,000 users) and whether the sink's ceiling is
+    above it, wherever the SMTP stages ran."""
+    rows: list[tuple[str, str, str]] = []
+    for users, entry in in_process.items():
+        s = entry["stages"]
+        send, bare = s.get("smtp_send"), s.get("smtp_bare")
+        label = f"{int(users):,} users, {send['rows']:,} messages" if send else ""
+        if send:
+            at = "" if int(users) >= TARGET_SMTP_USERS else f"; measured at {label}, not 100,000"
+            rows.append(
+                (
+                    f"SMTP send ≥ {TARGET_SMTP_PER_SECOND:,} messages/s at 100,000 recipients "
+                    f"({label})",
+                    f"{_rate(send):,.0f} messages/s{at}",
+                    _met(_rate(send) >= TARGET_SMTP_PER_SECOND)
+                    if int(users) >= TARGET_SMTP_USERS and send["rows"] >= TARGET_SMTP_USERS * 0.9
+                    else "—",
+                )
+            )
+        if bare:
+            rows.append(
+                (
+                    f"SMTP sink's ceiling above the send's target ({int(users):,} users)",
+                    f"{_rate(bare):,.0f} messages/s (bare pipelined client, "
+                    f"{bare.get('connections')} connections)",
+                    _met(_rate(bare) >= TARGET_SMTP_PER_SECOND),
+                )
+            )
+    return rows
+
+
+def _rate(stage: dict[str, Any]) -> float:
+    return float(stage["rows"] / stage["seconds"]) if stage.get("seconds") else 0.0
 
 
 def _met(ok: bool) -> str:
@@ -309,6 +368,7 @@ def in_process_section(users: int, entry: dict[str, Any]) -> list[str]:
         out += [f"> **Check failed:** {problem}.", ""]
     out += comparisons(entry)
     out += send_notes(entry)
+    out += smtp_section(entry)
     notes = [f"Generating the users database took {entry['generate_seconds']:.1f} s"]
     if entry.get("postgres_load_seconds") is not None:
         notes.append(f"loading it into PostgreSQL {entry['postgres_load_seconds']:.1f} s")
@@ -463,6 +523,73 @@ def _send_rows(entry: dict[str, Any], suffix: str, network: str) -> list[list[st
             ]
         )
     return rows
+
+
+def smtp_section(entry: dict[str, Any]) -> list[str]:
+    """The SMTP send against the bare pipelined client to the same fast sink, that client to an
+    aiosmtpd sink, and what each sink counted."""
+    s, r, servers = entry["stages"], entry.get("ratios", {}), entry.get("servers", {})
+    names = [n for n in ("smtp_send", "smtp_bare", "smtp_bare_aiosmtpd") if n in s]
+    if not names:
+        return []
+    send = s.get("smtp_send") or {}
+    shard = (
+        f" one shard of the run (1 of {send['shard_count']})"
+        if send.get("shard_count", 1) > 1
+        else " the whole run"
+        if send
+        else ""
+    )
+    out = [
+        f"### SMTP to a local sink{':' + shard if shard else ''}",
+        "",
+        "| stage | messages | seconds | messages/s | client CPU s | sink | sink CPU s "
+        "| sink: messages / recipients / distinct / more than once / multi-RCPT / To ≠ RCPT "
+        "| bytes/message |",
+        "|---|---:|---:|---:|---:|---|---:|---|---:|",
+    ]
+    for name in names:
+        st, server = s[name], servers.get(name) or {}
+        stats = server.get("stats") or {}
+        tries = st.get("runs_seconds")
+        best = f" (best of {', '.join(f'{x:.1f}' for x in tries)})" if tries else ""
+        sink = f"{stats.get('impl', '—')} ({stats.get('loop', '—')})" if stats else "—"
+        counts = (
+            " / ".join(
+                f"{stats.get(k, 0):,}"
+                for k in (
+                    "messages",
+                    "recipients",
+                    "distinct_recipients",
+                    "duplicate_recipients",
+                    "multi_rcpt_transactions",
+                    "to_mismatch",
+                )
+            )
+            if stats
+            else "no stats"
+        )
+        out.append(
+            f"| {STAGE_NAMES.get(name, name)} | {st['rows']:,} | {st['seconds']:.2f}{best} "
+            f"| {_rate(st):,.0f} | {st.get('cpu_seconds', 0):.2f} | {sink} "
+            f"| {_cpu(server) if server else '—'} | {counts} "
+            f"| {stats.get('bytes_per_message', 0):,} |"
+        )
+    out.append("")
+    notes = []
+    if "smtp_send_vs_bare" in r:
+        notes.append(
+            f"The SMTP send goes at {100 * r['smtp_send_vs_bare']:.1f} % of the bare pipelined "
+            "client to the same sink with the same connections (the sink's ceiling)."
+        )
+    if "smtp_sink_vs_aiosmtpd" in r:
+        notes.append(
+            f"With the same client the fast sink takes {r['smtp_sink_vs_aiosmtpd']:.1f}× what an "
+            "aiosmtpd sink takes."
+        )
+    if notes:
+        out += ["\n".join(_wrap(" ".join(notes))), ""]
+    return out
 
 
 # What a profile of the send showed (cProfile over pipeline.send_shard with one request in

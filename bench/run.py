@@ -67,6 +67,9 @@ STAGES = (
     "legacy_send_tls",
     "send_tls_8",
     "post_baseline_tls_8",
+    "smtp_send",
+    "smtp_bare",
+    "smtp_bare_aiosmtpd",
     "naive_baseline",
 )
 # Stages that talk to the dev server: each gets a fresh one, started the same way.
@@ -102,13 +105,29 @@ SEND_FAMILY = (
 )
 # A send and its bare client run alternately this many times each; the fastest of each counts
 # (loopback most: each run is short and the server is bound by the CPU other work takes).
-ROUNDS = {"send": 5, "send_tls": 3, "send_tls_8": 2}
+ROUNDS = {"send": 5, "send_tls": 3, "send_tls_8": 2, "smtp_send": 2}
 ROUND_PARTNER = {
     "send": "post_baseline",
     "send_tls": "post_baseline_tls",
     "send_tls_8": "post_baseline_tls_8",
+    "smtp_send": "smtp_bare",
 }
 ROUND_OF = set(ROUND_PARTNER.values())
+# Stages that send over SMTP to a local sink (bench/smtp_sink.py) in a process of its own: which
+# sink each gets, fresh and started the same way. The send is read against the bare pipelined
+# client (bench/bare_smtp.py) to the same fast sink, and that client to an aiosmtpd sink shows
+# how far above the usual Python sink the fast one's ceiling is.
+SINK_OF = {"smtp_send": "fast", "smtp_bare": "fast", "smtp_bare_aiosmtpd": "aiosmtpd"}
+# Connections per shard: the SMTP transport's max_in_flight (the campaign's default window), and
+# the bare client's connections.
+SMTP_CONNECTIONS = 4
+# How many recipients the SMTP stages send by default: one shard of the run (batch i in shard
+# i mod S) with S chosen so the shard holds about this many; 0 sends the whole run. Today's
+# transport sends ~170 messages/s, so the whole of 100,000 users would take ~10 minutes a
+# round: raise it (--smtp-recipients 0) once the transport is fast.
+SMTP_RECIPIENTS = 10_000
+# The aiosmtpd sink tops out near 1,500 messages/s: its ceiling needs fewer messages.
+AIOSMTPD_MESSAGES = 5_000
 # What each stage's child imports before the clock starts (GX costs seconds to import; a task
 # pays that once per process, and it is reported on its own).
 IMPORTS = {
@@ -120,6 +139,9 @@ IMPORTS = {
     "legacy_send": ("sendgrid", "python_http_client", "legacy_send"),
     "legacy_send_tls": ("sendgrid", "python_http_client", "legacy_send"),
     "naive_baseline": ("sendgrid", "jinja2", "babel.support", "css_inline"),
+    "smtp_send": ("smtplib", "email.message", "mailroom.delivery.transports.smtp"),
+    "smtp_bare": ("bare_smtp",),
+    "smtp_bare_aiosmtpd": ("bare_smtp",),
 }
 
 
@@ -130,6 +152,14 @@ def main() -> int:
     parser.add_argument("--e2e-db", nargs="+", default=["sqlite", "postgres"])
     parser.add_argument("--naive-sample", type=int, default=NAIVE_SAMPLE)
     parser.add_argument("--no-postgres", action="store_true", help="skip the PostgreSQL extract")
+    parser.add_argument(
+        "--smtp-recipients",
+        type=int,
+        default=SMTP_RECIPIENTS,
+        metavar="N",
+        help="the SMTP stages send one shard of the run holding about N recipients "
+        f"(default {SMTP_RECIPIENTS:,}; 0: the whole run)",
+    )
     parser.add_argument(
         "--skip",
         nargs="+",
@@ -159,6 +189,7 @@ def main() -> int:
             naive_sample=args.naive_sample,
             postgres=not args.no_postgres,
             skip=frozenset(args.skip),
+            smtp_recipients=args.smtp_recipients,
         )
     if args.e2e:
         import e2e_airflow
@@ -177,6 +208,7 @@ def drive(
     naive_sample: int,
     postgres: bool,
     skip: frozenset[str] = frozenset(),
+    smtp_recipients: int = SMTP_RECIPIENTS,
 ) -> dict[str, Any]:
     from mailroom.audience.sample import generate
     from services import (
@@ -204,6 +236,13 @@ def drive(
     pg_load = None
     for stage in STAGES:
         context: dict[str, Any] = {"naive_sample": naive_sample}
+        if stage in SINK_OF and stage not in skip:
+            try:
+                context |= smtp_context(work, smtp_recipients)
+            except FileNotFoundError:
+                skipped[stage] = "no frozen run to send (freeze did not run)"
+                print(f"{stage:<16} skipped: {skipped[stage]}", flush=True)
+                continue
         if stage in skip:
             skipped[stage] = "--skip"
             print(f"{stage:<16} skipped: --skip", flush=True)
@@ -227,7 +266,8 @@ def drive(
             tries: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = {}
             for _ in range(ROUNDS[stage]):
                 for name in (stage, ROUND_PARTNER[stage]):
-                    tries.setdefault(name, []).append(served(name, work, context))
+                    measure = sunk if name in SINK_OF else served
+                    tries.setdefault(name, []).append(measure(name, work, context))
             for name, runs in tries.items():
                 done = [r for r in runs if "failed" not in r[0]]
                 if not done:
@@ -246,6 +286,8 @@ def drive(
             continue
         elif stage in SERVED:
             result, servers[stage] = served(stage, work, context)
+        elif stage in SINK_OF:
+            result, servers[stage] = sunk(stage, work, context)
         else:
             result = child(stage, work, context)
         if stage == "guard":
@@ -311,6 +353,48 @@ def served(
     return result, figures
 
 
+def sunk(stage: str, work: Path, context: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One run of an SMTP stage against a fresh SMTP sink in a process of its own (a fresh copy
+    of the guarded outbox for the send): its result and the sink's figures and stats."""
+    from smtp_sink import SmtpSink
+
+    context = dict(context)
+    sink = SmtpSink(work / f"smtp-sink-{stage}.json", impl=SINK_OF[stage])
+    sink.log_file = work / f"smtp-sink-{stage}.log"
+    sink.start()
+    try:
+        context["smtp_port"] = sink.port
+        if stage == "smtp_send":
+            context["outbox_url"] = f"sqlite:///{fresh_outbox(work, stage)}"
+        cpu0 = sink.cpu_seconds()
+        result = child(stage, work, context)
+        cpu = sink.cpu_seconds() - cpu0
+        rss = sink.peak_rss_mb()
+    finally:
+        stats = sink.stop()
+    return result, {"cpu_seconds": round(cpu, 3), "peak_rss_mb": rss, "stats": stats}
+
+
+def smtp_context(work: Path, recipients: int) -> dict[str, Any]:
+    """Which shard of the run the SMTP stages send (shard 0 of ``smtp_shard_count``, about
+    ``recipients`` of them; the whole run for 0) and how many messages that is."""
+    from mailroom.staging import RunStaging
+
+    path = RunStaging(work / "staging" / CAMPAIGN / RUN_ID).manifest
+    if not path.exists():
+        raise FileNotFoundError(path)
+    manifest = json.loads(path.read_bytes())
+    total = int(manifest["recipient_count"])
+    count = 1 if recipients <= 0 or recipients >= total else max(1, round(total / recipients))
+    mine = [b for b in manifest["batches"] if int(b["index"]) % count == 0]
+    return {
+        "smtp_shard_count": count,
+        "smtp_messages": sum(int(b["recipients"]) for b in mine),
+        "smtp_batches": len(mine),
+        "smtp_connections": SMTP_CONNECTIONS,
+    }
+
+
 def copy_sqlite(source: Path, target: Path) -> Path:
     """A consistent copy of a SQLite database (its WAL included), through SQLite's backup."""
     import sqlite3
@@ -374,6 +458,15 @@ def ratios(entry: dict[str, Any]) -> dict[str, Any]:
         if seconds(legacy):
             legacy_rate = s[legacy]["rows"] / s[legacy]["seconds"]
             out[f"{send}_vs_legacy"] = round(ours / legacy_rate, 2)
+    if seconds("smtp_send") and seconds("smtp_bare"):
+        ours = s["smtp_send"]["rows"] / s["smtp_send"]["seconds"]
+        out["smtp_send_vs_bare"] = round(
+            ours / (s["smtp_bare"]["rows"] / s["smtp_bare"]["seconds"]), 4
+        )
+    if seconds("smtp_bare") and seconds("smtp_bare_aiosmtpd"):
+        fast = s["smtp_bare"]["rows"] / s["smtp_bare"]["seconds"]
+        slow = s["smtp_bare_aiosmtpd"]["rows"] / s["smtp_bare_aiosmtpd"]["seconds"]
+        out["smtp_sink_vs_aiosmtpd"] = round(fast / slow, 2)
     naive = s.get("naive_baseline")
     sent = (s.get("send") or {}).get("rows")
     if naive and naive["rows"] and sent:
@@ -408,10 +501,41 @@ def checks(entry: dict[str, Any]) -> list[str]:
                 problems.append(
                     f"{name} delivered {s[name]['rows']:,} of {s['freeze']['rows']:,} recipients"
                 )
+    problems += smtp_checks(entry)
     for name in ("gate", "gate_baseline"):
         outcome = (s.get(name) or {}).get("outcome") or {}
         if name in s and not outcome.get("success"):
             problems.append(f"{name} did not pass: {outcome}")
+    return problems
+
+
+def smtp_checks(entry: dict[str, Any]) -> list[str]:
+    """The SMTP stages: every message of the shard sent (the outbox says ``sent`` for each
+    recipient, none failed, unknown or still sending) and, by the sink's own count, each
+    recipient received exactly once, one RCPT per transaction, ``To:`` equal to the RCPT."""
+    s, servers, problems = entry["stages"], entry.get("servers", {}), []
+    for name in SINK_OF:
+        if name not in s:
+            continue
+        stage, stats = s[name], (servers.get(name) or {}).get("stats")
+        expected = stage.get("expected_messages")
+        if expected is not None and stage["rows"] != expected:
+            problems.append(f"{name} delivered {stage['rows']:,} of {expected:,} messages")
+        if name == "smtp_send" and not stage.get("all_sent"):
+            problems.append(
+                f"{name}: the outbox does not hold every recipient sent: {stage.get('outbox')}"
+            )
+        if not stats:
+            problems.append(f"{name}: the SMTP sink wrote no stats")
+            continue
+        if stats["recipients"] != stage["rows"] or stats["messages"] != stage["rows"]:
+            problems.append(
+                f"{name}: the sink received {stats['messages']:,} messages for "
+                f"{stats['recipients']:,} recipients, the stage sent {stage['rows']:,}"
+            )
+        for key in ("duplicate_recipients", "multi_rcpt_transactions", "to_mismatch"):
+            if stats.get(key):
+                problems.append(f"{name}: the sink counted {stats[key]:,} {key.replace('_', ' ')}")
     return problems
 
 
@@ -442,14 +566,9 @@ def child(stage: str, work: Path, context: dict[str, Any]) -> dict[str, Any]:
 
 
 def server_peak_rss_mb(server: Any) -> float | None:
-    try:
-        status = Path(f"/proc/{server.process.pid}/status").read_text()
-    except OSError:
-        return None
-    for line in status.splitlines():
-        if line.startswith("VmHWM:"):
-            return round(int(line.split()[1]) / 1024, 1)
-    return None
+    from smtp_sink import process_peak_rss_mb
+
+    return process_peak_rss_mb(server.process.pid)
 
 
 def machine() -> dict[str, Any]:
@@ -518,6 +637,8 @@ def run_stage(stage: str, work: Path, context: dict[str, Any]) -> dict[str, Any]
         import bare_gate
     if stage in ("encode_baseline", "naive_baseline") or stage.startswith("post_baseline"):
         import baselines
+    if stage.startswith("smtp_bare"):
+        import bare_smtp
     imported = time.perf_counter() - t0
     rss_imported = peak_rss_mb()
 
@@ -649,6 +770,65 @@ def run_stage(stage: str, work: Path, context: dict[str, Any]) -> dict[str, Any]
             "parts_seconds": {k: round(v, 3) for k, v in parts.items()},
         }
         rows, unit = result["recipients_sent"], "recipients sent"
+    elif stage == "smtp_send":
+        from mailroom.delivery.transports.smtp import SmtpSettings, SmtpTransport
+
+        logging.basicConfig(
+            level=logging.INFO, filename=str(work / f"{stage}.log"), filemode="w", force=True
+        )
+        outbox = Outbox(context["outbox_url"])
+        window = int(context["smtp_connections"])
+        _force_window(window)
+        transport = SmtpTransport(
+            SmtpSettings(host="127.0.0.1", port=int(context["smtp_port"]), security="none")
+        )
+        result = pipeline.send_shard(
+            run,
+            shard=0,
+            manifest_sha256=(work / "manifest_sha256").read_text(),
+            transport=transport,
+            outbox=outbox,
+            shard_count=int(context["smtp_shard_count"]),
+        )
+        counts = outbox.counts(run.run_key)
+        outbox.dispose()
+        expected = int(context["smtp_messages"])
+        people = {state: n["recipients"] for state, n in counts.items() if n["recipients"]}
+        unsettled = sum(n for state, n in people.items() if state not in ("sent", "staged"))
+        extra = {
+            "batches": result["batches"],
+            "states": result["states"],
+            "window": window,
+            "shard_count": int(context["smtp_shard_count"]),
+            "expected_messages": expected,
+            "outbox": people,
+            "all_sent": people.get("sent", 0) == expected and not unsettled,
+        }
+        rows, unit = result["recipients_sent"], "messages sent"
+    elif stage in ("smtp_bare", "smtp_bare_aiosmtpd"):
+        limit = AIOSMTPD_MESSAGES if stage == "smtp_bare_aiosmtpd" else None
+        t_build = time.perf_counter()
+        messages = bare_smtp.messages_from_manifest(
+            staging.manifest, shard_count=int(context["smtp_shard_count"]), limit=limit
+        )
+        built = time.perf_counter() - t_build
+        cpu_send = cpu_seconds()
+        done = bare_smtp.send_pipelined(
+            messages,
+            "127.0.0.1",
+            int(context["smtp_port"]),
+            connections=int(context["smtp_connections"]),
+            pipelining="always",  # aiosmtpd does not advertise it, but reads commands in order
+        )
+        done["cpu_seconds"] = cpu_seconds() - cpu_send
+        extra = {
+            "build_seconds": round(built, 3),
+            "connections": done["connections"],
+            "pipelined": done["pipelined"],
+            "data_bytes": done["data_bytes"],
+            "expected_messages": len(messages),
+        }
+        rows, unit = done["messages"], "messages sent"
     elif stage.startswith("post_baseline"):
         done = baselines.bare_post(
             staging.manifest,
@@ -672,8 +852,8 @@ def run_stage(stage: str, work: Path, context: dict[str, Any]) -> dict[str, Any]
         rows, unit = done["recipients"], "recipients (sample)"
     seconds = time.perf_counter() - t0
     cpu = cpu_seconds() - cpu0
-    if stage in ("encode_baseline", "naive_baseline"):
-        # only the parts the baseline times, not its own set-up
+    if stage in ("encode_baseline", "naive_baseline") or stage.startswith("smtp_bare"):
+        # only the parts the baseline times, not its own set-up (building the messages)
         seconds, cpu = done["seconds"], done["cpu_seconds"]
     return {
         "stage": stage,

@@ -46,7 +46,8 @@ DEFAULT_CONNECTIONS = {
 }
 DEFAULT_RESPONSE_TIMEOUT_HOURS = 24.0
 DEFAULT_MAX_INVALID_FRACTION = 0.05
-# Requests one send shard keeps in flight at once (``max_in_flight``), and the most it may ask.
+# Requests one send shard keeps in flight at once (``max_in_flight``; through SMTP, messages, one
+# per connection), and the most it may ask.
 DEFAULT_MAX_IN_FLIGHT = 4
 MAX_IN_FLIGHT_CAP = 32
 # Seconds between a send shard's try that ended (failed, or its process killed) and the next.

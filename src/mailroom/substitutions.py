@@ -5,6 +5,7 @@ fills from the recipient's own personalization. A field has two tags: the HTML o
 HTML-escaped value, the plain one the raw value (for the subject and the text part).
 """
 
+import functools
 import re
 
 TAG_PATTERN = re.compile(r"%%([A-Za-z_][A-Za-z0-9_]*)(\|html)?%%")
@@ -35,6 +36,13 @@ def apply_substitutions(text: str, substitutions: dict[str, str]) -> str:
     """
     if not substitutions:
         return text
-    keys = sorted(substitutions, key=len, reverse=True)
-    pattern = re.compile("|".join(re.escape(key) for key in keys if key))
+    pattern = _pattern_for(tuple(substitutions))
     return pattern.sub(lambda match: substitutions[match.group(0)], text)
+
+
+@functools.lru_cache(maxsize=256)
+def _pattern_for(keys: tuple[str, ...]) -> re.Pattern[str]:
+    """The one-pass pattern for these keys, longest first (every personalization of a run has
+    the same keys: made once)."""
+    ordered = sorted(keys, key=len, reverse=True)
+    return re.compile("|".join(re.escape(key) for key in ordered if key))

@@ -9,7 +9,7 @@ import os
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from airflow.sdk import Connection, Variable
@@ -207,8 +207,15 @@ def transport(
 
 def smtp_transport(conn_id: str) -> Transport:
     """An SMTP connection: host, port, login, password; extra ``security`` (``starttls``, the
-    default, ``tls`` or ``none``), ``timeout`` (seconds) and ``local_hostname`` (EHLO name)."""
-    from mailroom.delivery.transports.smtp import DEFAULT_PORTS, SmtpSettings, SmtpTransport
+    default, ``tls`` or ``none``), ``timeout`` (seconds), ``local_hostname`` (EHLO name) and
+    ``chunk_size`` (recipients recorded per outbox transaction, default 100: a crash leaves at
+    most one chunk 'unknown')."""
+    from mailroom.delivery.transports.smtp import (
+        DEFAULT_CHUNK_SIZE,
+        DEFAULT_PORTS,
+        SmtpSettings,
+        SmtpTransport,
+    )
 
     conn = _connection(conn_id)
     if (conn.conn_type or "").lower() != "smtp":
@@ -232,8 +239,18 @@ def smtp_transport(conn_id: str) -> Transport:
             security=security,
             timeout_seconds=float(extra.get("timeout", 30)),
             local_hostname=extra.get("local_hostname") or None,
+            chunk_size=_whole_number(conn_id, extra, "chunk_size", DEFAULT_CHUNK_SIZE),
         )
     )
+
+
+def _whole_number(conn_id: str, extra: dict[str, Any], key: str, default: int) -> int:
+    value = extra.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | str) or not str(value).isdigit():
+        raise MailroomError(
+            f"connection {conn_id!r}: extra {key!r} must be a whole number, got {value!r}"
+        )
+    return int(value)
 
 
 class _MissingConnection(MailroomError):

@@ -43,7 +43,12 @@ def test_an_smtp_connection_builds_the_smtp_transport(tmp_path: Path) -> None:
         port=2525,
         login="mailroom",
         password="hunter2-secret",
-        extra={"security": "starttls", "timeout": 12, "local_hostname": "mx.mailroom.test"},
+        extra={
+            "security": "starttls",
+            "timeout": 12,
+            "local_hostname": "mx.mailroom.test",
+            "chunk_size": "250",
+        },
     )
 
     transport, lookup = _transport(conn, "smtp", tmp_path)
@@ -57,10 +62,11 @@ def test_an_smtp_connection_builds_the_smtp_transport(tmp_path: Path) -> None:
         "mailroom",
         "hunter2-secret",
     )
-    assert (s.security, s.timeout_seconds, s.local_hostname) == (
+    assert (s.security, s.timeout_seconds, s.local_hostname, s.chunk_size) == (
         "starttls",
         12.0,
         "mx.mailroom.test",
+        250,
     )
     assert "hunter2" not in repr(s)
 
@@ -74,6 +80,7 @@ def test_smtp_defaults_to_starttls_and_the_port_of_the_security_mode(tmp_path: P
     assert (plain.settings.security, plain.settings.port) == ("starttls", 587)
     assert (implicit.settings.security, implicit.settings.port) == ("tls", 465)
     assert plain.settings.username is None
+    assert plain.settings.chunk_size == 100
 
 
 @pytest.mark.parametrize(
@@ -84,13 +91,21 @@ def test_smtp_defaults_to_starttls_and_the_port_of_the_security_mode(tmp_path: P
             lambda: _connection("smtp", host="smtp.mailroom.test", extra={"security": "ssl"}),
             "security",
         ),
+        (
+            lambda: _connection("smtp", host="smtp.mailroom.test", extra={"chunk_size": "lots"}),
+            "'chunk_size' must be a whole number",
+        ),
+        (
+            lambda: _connection("smtp", host="smtp.mailroom.test", extra={"chunk_size": 0}),
+            "chunk size must be 1 to 5000",
+        ),
     ],
-    ids=["not an smtp connection", "unknown security"],
+    ids=["not an smtp connection", "unknown security", "chunk size not a number", "chunk size 0"],
 )
 def test_a_wrong_smtp_connection_is_a_clear_error(conn: Any, expected: str, tmp_path: Path) -> None:
     from mailroom.errors import MailroomError
 
-    with pytest.raises(MailroomError, match=expected):
+    with pytest.raises(MailroomError, match=expected):  # TransportError is a MailroomError
         _transport(conn(), "smtp", tmp_path)
 
 

@@ -14,6 +14,7 @@ import html
 import ipaddress
 import socket
 import ssl
+import sys
 import threading
 import uuid
 from collections import Counter
@@ -35,18 +36,14 @@ from mailroom.checks.envelope_guard import (
     check_envelope,
     values_digest,
 )
-from mailroom.delivery.outbox import BatchState, Member, Outbox
+from mailroom.delivery.outbox import BatchState, Member, Outbox, RecipientOutcome
 from mailroom.delivery.outbox import StagedBatch as OutboxBatch
 from mailroom.delivery.rate import RateLimiter, RetryPolicy
 from mailroom.delivery.shards import guard_shard, send_shard
 from mailroom.delivery.transports.base import MemoryLedger
 from mailroom.delivery.transports.file import FileTransport
-from mailroom.delivery.transports.smtp import (
-    SmtpSettings,
-    SmtpTransport,
-    build_mime_message,
-    check_mime_message,
-)
+from mailroom.delivery.transports.mime import MimeGuard, build_mime_message, check_mime_message
+from mailroom.delivery.transports.smtp import SmtpSettings, SmtpTransport
 from mailroom.errors import EnvelopeViolation, TransportError
 from support.runs import guard_every_request, shared_in, shared_of
 
@@ -216,7 +213,7 @@ def client_tls(certificate: tuple[Path, Path]) -> ssl.SSLContext:
 
 def transport_for(server: Server, **settings: Any) -> SmtpTransport:
     ssl_context = settings.pop("ssl_context", None)
-    build = settings.pop("build_message", build_mime_message)
+    build = settings.pop("build_message", None)
     base: dict[str, Any] = {
         "host": "127.0.0.1",
         "port": server.port,
@@ -278,7 +275,8 @@ def request_body(recipients: list[Person]) -> dict[str, Any]:
         "content": [
             {
                 "type": "text/plain",
-                "value": "Hi %%first_name%%,\nhere is what changed.\n"
+                # Lines that start with a dot: SMTP doubles it on the wire (RFC 5321 4.5.2).
+                "value": "Hi %%first_name%%,\nhere is what changed.\n.\n..and what did not\n"
                 "Unsubscribe: %%unsubscribe_url%%\n",
             },
             {
@@ -409,15 +407,13 @@ def test_every_recipient_gets_one_message_to_them_alone_with_their_own_values(
     server = smtp_server()
     run = stage_run(6)
     checked: list[bytes] = []
-    import mailroom.delivery.transports.smtp as smtp_module
+    real_check = MimeGuard.check
 
-    real_check = smtp_module.check_mime_message
-
-    def spy(data: bytes, *args: Any, **kwargs: Any) -> None:
-        real_check(data, *args, **kwargs)
+    def spy(guard: MimeGuard, data: bytes, *args: Any, **kwargs: Any) -> None:
+        real_check(guard, data, *args, **kwargs)
         checked.append(data)
 
-    monkeypatch.setattr(smtp_module, "check_mime_message", spy)
+    monkeypatch.setattr(MimeGuard, "check", spy)
 
     result = send(run, transport_for(server))
 
@@ -670,7 +666,9 @@ def test_answers_lost_again_and_again_stop_the_batch_instead_of_burning_through_
     run = stage_run(6)
     server.handler.drop_after_data.update(p.email for p in run.people[1:4])
 
-    assert send(run, transport_for(server))["states"] == {BatchState.FAILED: 1}
+    # One recipient per chunk: the batch stops after the third in a row (with bigger chunks it
+    # stops after the chunk holding the third).
+    assert send(run, transport_for(server, chunk_size=1))["states"] == {BatchState.FAILED: 1}
 
     assert len(server.handler.received) == 4  # the fifth and sixth were never attempted
     assert run.own_states() == {
@@ -769,6 +767,175 @@ def test_a_worker_killed_mid_batch_leaves_only_the_message_in_flight_unknown(
     assert counts[BatchState.UNKNOWN]["recipients"] == 1
 
 
+def test_several_connections_send_each_recipient_once_and_record_a_chunk_per_transaction(
+    smtp_server: Callable[..., Server],
+    stage_run: Callable[..., Run],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    server = smtp_server()
+    run = stage_run(13)
+    writes: list[tuple[str, int]] = []
+    begin, finish = Outbox.begin_recipients, Outbox.finish_recipients
+
+    def counting_begin(box: Outbox, run_key: str, batch_id: str, emails: Any) -> set[str]:
+        writes.append(("begin", len(emails)))
+        return begin(box, run_key, batch_id, emails)
+
+    def counting_finish(box: Outbox, run_key: str, batch_id: str, outcomes: Any) -> None:
+        writes.append(("finish", len(outcomes)))
+        finish(box, run_key, batch_id, outcomes)
+
+    monkeypatch.setattr(Outbox, "begin_recipients", counting_begin)
+    monkeypatch.setattr(Outbox, "finish_recipients", counting_finish)
+
+    result = send(run, transport_for(server, chunk_size=5), max_in_flight=3)
+
+    assert result["states"] == {BatchState.SENT: 1}
+    assert Counter(r.rcpt_tos[0] for r in server.handler.received) == Counter(
+        {p.email: 1 for p in run.people}
+    )
+    assert len({r.session for r in server.handler.received}) == 3  # three connections
+    assert writes == [
+        ("begin", 5),
+        ("finish", 5),
+        ("begin", 5),
+        ("finish", 5),
+        ("begin", 3),
+        ("finish", 3),
+    ]
+    assert set(run.own_states().values()) == {BatchState.SENT}
+
+
+def test_a_5xx_and_a_4xx_on_different_connections_of_one_chunk(
+    smtp_server: Callable[..., Server], stage_run: Callable[..., Run]
+) -> None:
+    """A 5xx fails its recipient only; a 4xx gives its message and the rest of that
+    connection's share back (not sent), the other connection goes on; the retry sends exactly
+    those."""
+    server = smtp_server()
+    run = stage_run(8)
+    refused, deferred = run.people[1].email, run.people[2].email
+    server.handler.rcpt_replies[refused] = ["550 5.1.1 no such user"]
+    server.handler.rcpt_replies[deferred] = ["451 4.3.0 try again later"]
+
+    result = send(run, transport_for(server, chunk_size=8), max_in_flight=2)
+
+    assert result["states"] == {BatchState.FAILED: 1}
+    got = Counter(r.rcpt_tos[0] for r in server.handler.received)
+    assert got[refused] == 0
+    assert max(got.values()) == 1
+    states = run.own_states()
+    assert states[refused] == BatchState.FAILED
+    assert states[deferred] == BatchState.SENT  # retried within the batch's retry policy
+    assert {e for e, st in states.items() if st != BatchState.SENT} == {refused}
+    assert Counter(r.rcpt_tos[0] for r in server.handler.received) == Counter(
+        {p.email: 1 for p in run.people if p.email != refused}
+    )
+
+
+def test_a_worker_killed_mid_chunk_leaves_at_most_that_chunk_unknown_and_nobody_twice(
+    smtp_server: Callable[..., Server], stage_run: Callable[..., Run]
+) -> None:
+    """A real SIGKILL of the sending process while its second chunk is on the wire: the chunk's
+    recipients are 'unknown' (the server may have them), nobody before it or after it is in
+    doubt, and the resumed shard sends everyone else exactly once."""
+    import multiprocessing
+    import os
+    import signal
+
+    server = smtp_server()
+    run = stage_run(16)
+    chunk = 4
+    victim: dict[str, int] = {}
+
+    def kill_on_the_sixth(_: Received) -> None:
+        if len(server.handler.received) == 6:
+            os.kill(victim["pid"], signal.SIGKILL)
+
+    def worker() -> None:
+        box = Outbox(run.outbox.url)
+        send(
+            Run(run.run_key, run.manifest, run.batches_dir, box, run.people),
+            transport_for(server, chunk_size=chunk),
+            max_in_flight=2,
+        )
+
+    server.handler.on_message = kill_on_the_sixth
+    process = multiprocessing.get_context("fork").Process(target=worker)
+    process.start()
+    victim["pid"] = process.pid or 0
+    process.join(60)
+    assert process.exitcode == -signal.SIGKILL
+    server.handler.on_message = None
+
+    assert send(run, transport_for(server, chunk_size=chunk), max_in_flight=2)["states"] == {
+        BatchState.UNKNOWN: 1
+    }
+    states = run.own_states()
+    unknown = {e for e, st in states.items() if st == BatchState.UNKNOWN}
+    assert 0 < len(unknown) <= chunk
+    assert unknown == {p.email for p in run.people[4:8]}  # exactly the chunk in flight
+    got = Counter(r.rcpt_tos[0] for r in server.handler.received)
+    assert max(got.values()) == 1  # nobody twice
+    assert {e for e, st in states.items() if st == BatchState.SENT} == {
+        p.email for p in run.people
+    } - unknown
+    assert all(got[e] == 1 for e, st in states.items() if st == BatchState.SENT)
+
+
+def test_a_server_offering_pipelining_gets_each_transaction_in_two_writes(
+    stage_run: Callable[..., Run], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RFC 2920 against the benchmark's sink, which offers PIPELINING: MAIL, RCPT and DATA go
+    in one write and the message in another, over three connections; the sink gets every
+    message once, to its own address in ``To:``."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    from mailroom.delivery.transports import smtp as smtp_module
+    from smtp_sink import SmtpSink
+
+    writes: Counter[str] = Counter()
+    real_send = smtp_module._Connection.send
+
+    def counting(conn: Any, data: Any) -> None:
+        if isinstance(data, bytes) and data.startswith(b"MAIL FROM:"):
+            grouped = b"\r\nRCPT TO:" in data and data.endswith(b"\r\nDATA\r\n")
+            writes["MAIL+RCPT+DATA" if grouped else "MAIL"] += 1
+        elif isinstance(data, bytes) and data.endswith(b"\r\n.\r\n"):
+            writes["message"] += 1
+        real_send(conn, data)
+
+    monkeypatch.setattr(smtp_module._Connection, "send", counting)
+    run = stage_run(12)
+    with SmtpSink(stats_file=tmp_path / "sink.json") as sink:
+        transport = SmtpTransport(
+            SmtpSettings("127.0.0.1", sink.port, security="none", chunk_size=5)
+        )
+        transport.in_flight = 3
+        with transport:
+            transport.send(
+                run.body(),
+                run.approved(),
+                ledger=run.outbox.ledger(run.run_key, run.batch_ids()[0]),
+            )
+        stats = sink.stop()
+
+    assert stats is not None
+    assert (stats["messages"], stats["distinct_recipients"], stats["duplicate_recipients"]) == (
+        12,
+        12,
+        0,
+    )
+    assert (stats["multi_rcpt_transactions"], stats["to_mismatch"], stats["connections"]) == (
+        0,
+        0,
+        3,
+    )
+    assert writes["MAIL+RCPT+DATA"] == 12
+    assert writes["message"] == 12
+    assert writes["MAIL"] == 0
+    assert set(run.own_states().values()) == {BatchState.SENT}
+
+
 def test_a_halt_mid_batch_stops_before_the_next_message_and_resume_sends_the_rest(
     smtp_server: Callable[..., Server], stage_run: Callable[..., Run]
 ) -> None:
@@ -781,7 +948,8 @@ def test_a_halt_mid_batch_stops_before_the_next_message_and_resume_sends_the_res
             box.request_halt(run.run_key, reason="operator: wrong subject?")
 
     server.handler.on_message = halt_after_two
-    assert send(run, transport_for(server))["states"] == {BatchState.HALTED: 1}
+    # A halt stops the batch before its next chunk: one recipient per chunk here.
+    assert send(run, transport_for(server, chunk_size=1))["states"] == {BatchState.HALTED: 1}
     assert len(server.handler.received) == 2
     [row, *_] = box.not_sent(run.run_key)
     assert row["state"] == BatchState.HALTED
@@ -1177,26 +1345,31 @@ def test_a_campaign_may_use_the_smtp_transport(tmp_path: Path) -> None:
     assert (spec.transport, spec.connection_id) == ("smtp", "mailroom_smtp")
 
 
-def test_outbox_ledger_records_each_recipient_compare_and_set(
+def test_outbox_ledger_records_each_chunk_compare_and_set(
     stage_run: Callable[..., Run],
 ) -> None:
-    run = stage_run(2)
+    run = stage_run(3)
     batch_id = run.batch_ids()[0]
     ledger = run.outbox.ledger(run.run_key, batch_id)
-    first, second = (p.email for p in run.people)
+    first, second, third = (p.email for p in run.people)
 
-    assert ledger.begin(first.upper())
-    assert not ledger.begin(first)
-    ledger.finish(first, BatchState.SENT, message_id="<1@mailroom.test>")
-    assert ledger.begin(second)
-    ledger.release(second, "451 try later")
-    assert ledger.settled() == {first: BatchState.SENT}
-    assert run.outbox.unsent_recipients(run.run_key, batch_id) == [second]
-    with pytest.raises(Exception, match="not 'sending'"):
-        ledger.finish(second, BatchState.SENT)
-    assert run.outbox.recipient_states(run.run_key, batch_id)[first].message_id == (
-        "<1@mailroom.test>"
+    assert ledger.begin([first.upper(), second]) == {first, second}
+    assert ledger.begin([first, third]) == {third}  # first is taken: only third moves
+    ledger.finish(
+        [
+            RecipientOutcome(first, BatchState.SENT, message_id="<1@mailroom.test>"),
+            RecipientOutcome(second, None, error="451 try later"),
+            RecipientOutcome(third, BatchState.FAILED, error="550 no such user"),
+        ]
     )
+    assert ledger.settled() == {first: BatchState.SENT, third: BatchState.FAILED}
+    assert run.outbox.unsent_recipients(run.run_key, batch_id) == [second]
+    with pytest.raises(Exception, match=r"1 recipient\(s\) of batch .* were not 'sending'"):
+        ledger.finish([RecipientOutcome(second, BatchState.SENT)])
+    records = run.outbox.recipient_states(run.run_key, batch_id)
+    assert records[first].message_id == "<1@mailroom.test>"
+    assert records[second].last_error == "451 try later"
+    assert records[third].last_error == "550 no such user"
     assert run.batch_state() == BatchState.STAGED  # the ledger never moves the batch itself
 
 

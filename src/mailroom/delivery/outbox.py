@@ -226,6 +226,17 @@ class BatchRecord:
 
 
 @dataclass(frozen=True)
+class RecipientOutcome:
+    """What became of one recipient's message: ``state`` ``sent | failed | unknown``, or None
+    when it certainly did not leave (it may be sent later), with the Message-ID or the error."""
+
+    email: str
+    state: BatchState | None
+    message_id: str | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
 class RecipientRecord:
     """One recipient's own outcome, when its batch was sent one message per recipient."""
 
@@ -936,6 +947,72 @@ class Outbox:
             )
             return changed == 1
 
+    def begin_recipients(self, run_key: str, batch_id: str, emails: Sequence[str]) -> set[str]:
+        """A chunk of one batch's recipients not yet attempted (NULL) → ``sending``, in one
+        transaction (one statement). Returns the lower-cased addresses that moved: only those
+        may be sent; one held by anyone else (another worker, an earlier attempt) is not."""
+        if not emails:
+            return set()
+        keys = sorted({e.lower() for e in emails})
+        statement = (
+            recipients.update()
+            .where(
+                recipients.c.run_key == run_key,
+                recipients.c.batch_id == batch_id,
+                recipients.c.email_key.in_(keys),
+                recipients.c.state.is_(None),
+            )
+            .values(state=BatchState.SENDING, updated_at=_now())
+            .returning(recipients.c.email_key)
+        )
+        with self.engine.begin() as conn:
+            return {str(k) for k in conn.execute(statement).scalars()}
+
+    def finish_recipients(
+        self, run_key: str, batch_id: str, outcomes: Sequence[RecipientOutcome]
+    ) -> None:
+        """A chunk's outcomes, in one transaction: each recipient ``sending →`` its state
+        (``sent | failed | unknown``, with its Message-ID or error), or back to NULL (state
+        None) when its message certainly did not leave. Raises ``OutboxConflict`` (once all are
+        recorded) when any of them was not ``sending``."""
+        if not outcomes:
+            return
+        for outcome in outcomes:
+            if outcome.state is not None and outcome.state not in _RECIPIENT_OUTCOMES:
+                raise ValueError(f"not a final recipient state: {outcome.state}")
+        statement = (
+            recipients.update()
+            .where(
+                recipients.c.run_key == run_key,
+                recipients.c.batch_id == batch_id,
+                recipients.c.email_key == sa.bindparam("key"),
+                recipients.c.state == BatchState.SENDING,
+            )
+            .values(
+                state=sa.bindparam("new_state"),
+                message_id=sa.func.coalesce(sa.bindparam("new_id"), recipients.c.message_id),
+                last_error=sa.func.coalesce(sa.bindparam("new_error"), recipients.c.last_error),
+                updated_at=sa.bindparam("now"),
+            )
+        )
+        now = _now()
+        rows = [
+            {
+                "key": o.email.lower(),
+                "new_state": o.state,
+                "new_id": o.message_id,
+                "new_error": None if o.error is None else o.error[:2000],
+                "now": now,
+            }
+            for o in outcomes
+        ]
+        with self.engine.begin() as conn:
+            changed = int(conn.execute(statement, rows).rowcount or 0)
+        if changed != len(rows):
+            raise OutboxConflict(
+                f"{len(rows) - changed} recipient(s) of batch {batch_id} were not 'sending'"
+            )
+
     def recipient_outcomes(self, run_key: str, batch_id: str) -> dict[str, BatchState]:
         """Recipients of a batch with a state of their own: address → state."""
         with self.engine.connect() as conn:
@@ -1109,26 +1186,11 @@ class BatchLedger:
     def settled(self) -> dict[str, BatchState]:
         return self.outbox.recipient_outcomes(self.run_key, self.batch_id)
 
-    def begin(self, email: str) -> bool:
-        return self.outbox.mark_recipient(self.run_key, self.batch_id, email, BatchState.SENDING)
+    def begin(self, emails: Sequence[str]) -> set[str]:
+        return self.outbox.begin_recipients(self.run_key, self.batch_id, emails)
 
-    def finish(
-        self,
-        email: str,
-        state: BatchState,
-        *,
-        message_id: str | None = None,
-        error: str | None = None,
-    ) -> None:
-        if state not in _RECIPIENT_OUTCOMES:
-            raise ValueError(f"not a final recipient state: {state}")
-        if not self.outbox.mark_recipient(
-            self.run_key, self.batch_id, email, state, message_id=message_id, error=error
-        ):
-            raise OutboxConflict(f"a recipient of batch {self.batch_id} was not 'sending'")
-
-    def release(self, email: str, error: str) -> None:
-        self.outbox.mark_recipient(self.run_key, self.batch_id, email, None, error=error)
+    def finish(self, outcomes: Sequence[RecipientOutcome]) -> None:
+        self.outbox.finish_recipients(self.run_key, self.batch_id, outcomes)
 
     def stop_reason(self) -> str | None:
         now = time.monotonic()

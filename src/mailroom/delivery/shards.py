@@ -12,7 +12,8 @@ becomes ``unknown`` and is never resent here. A transport that sends one message
 ones already recorded when a batch is retried or resumed.
 
 A shard keeps a window of up to ``max_in_flight`` whole requests in flight (the campaign's
-setting; 1 for a per-recipient transport), each in a thread of its own: the shard itself still
+setting; a per-recipient transport sends one batch at a time and keeps that many messages in
+flight itself, over as many connections), each in a thread of its own: the shard itself still
 checks for a halt, takes the run's rate slot and claims each batch before its request starts,
 in the manifest's order, and every request records its own outcome when it ends. A halt stops
 new requests; those in flight finish and are recorded. A 429 holds every new request and retry
@@ -195,6 +196,9 @@ def send_shard(
             "is not resent",
         )
     progress = ShardProgress(total=len(mine))
+    if transport.delivers_per_recipient:
+        # One batch at a time; the transport keeps its own messages in flight.
+        transport.in_flight = min(max_in_flight, transport.max_in_flight)
     window = _Window(
         1 if transport.delivers_per_recipient else min(max_in_flight, transport.max_in_flight)
     )
@@ -221,6 +225,7 @@ def send_shard(
             transport,
             outbox,
             shard_index,
+            clearances,
         )
     consecutive_failures = 0
     paused_for_failures = False
@@ -324,6 +329,7 @@ def _preflight_shard(
     transport: Transport,
     outbox: Outbox,
     shard_index: int,
+    clearances: Mapping[str, Clearance],
 ) -> None:
     """Every message of these batches built and checked by the transport before the shard's
     first one leaves (``Transport.preflight``); a refusal refuses the batch and halts the run."""
@@ -332,12 +338,17 @@ def _preflight_shard(
     for entry in entries:
         body = (batches_dir / entry.file).read_bytes()
         try:
-            guarded = check_envelope(body, approved, outbox.batch_members(run_key, entry.batch_id))
+            guarded = transport.guard(
+                body,
+                approved,
+                outbox.batch_members(run_key, entry.batch_id),
+                clearances.get(entry.batch_id),
+            )
             transport.preflight(guarded)
         except EnvelopeViolation as exc:
             _refuse_before_sending(run_key, manifest, entry, outbox, exc, f"shard {shard_index}")
             raise
-        messages += len(guarded.recipients)
+        messages += entry.recipients
     log.info(
         "shard %d: %d message(s) of %d batch(es) built and checked by the %s transport before "
         "the first leaves, in %.1fs",

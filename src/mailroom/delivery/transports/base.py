@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from mailroom.checks.envelope_guard import ApprovedManifest, GuardedBody, check_envelope
-from mailroom.delivery.outbox import BatchState, Outbox
+from mailroom.delivery.outbox import BatchState, Outbox, RecipientOutcome
 from mailroom.errors import EnvelopeViolation
 
 
@@ -57,12 +57,12 @@ class Clearance:
 
 
 class RecipientLedger(Protocol):
-    """Where a per-recipient transport records each message of one batch.
+    """Where a per-recipient transport records the messages of one batch, a chunk at a time.
 
     A recipient's states are its batch's (``BatchState``): ``sending → sent | failed |
     unknown``. Addresses are compared lower-cased. A message may only leave after ``begin``
-    returned True for its recipient, so a worker killed at any point leaves that recipient
-    ``sending`` (then ``unknown``), never unrecorded.
+    returned its recipient, so a worker killed at any point leaves that recipient ``sending``
+    (then ``unknown``), never unrecorded: at most the one chunk in flight is in doubt.
     """
 
     def settled(self) -> Mapping[str, BatchState]:
@@ -70,28 +70,19 @@ class RecipientLedger(Protocol):
         in flight): lower-cased address → state. They must not be sent again."""
         ...
 
-    def begin(self, email: str) -> bool:
-        """Mark one recipient ``sending``; False when it is not free to send (do not send)."""
+    def begin(self, emails: Sequence[str]) -> set[str]:
+        """Mark a chunk of recipients ``sending`` at once; returns the lower-cased addresses
+        that were free to send (only those may be sent)."""
         ...
 
-    def finish(
-        self,
-        email: str,
-        state: BatchState,
-        *,
-        message_id: str | None = None,
-        error: str | None = None,
-    ) -> None:
-        """``sending → sent | failed | unknown``."""
-        ...
-
-    def release(self, email: str, error: str) -> None:
-        """``sending →`` not sent, when the message certainly did not leave (a 4xx, a refused
+    def finish(self, outcomes: Sequence[RecipientOutcome]) -> None:
+        """A chunk's outcomes at once: ``sending → sent | failed | unknown``, or back to not
+        sent (state None) when the message certainly did not leave (a 4xx, a refused
         connection): a later attempt may send it."""
         ...
 
     def stop_reason(self) -> str | None:
-        """Why to stop before the next message (a halt), or None to go on."""
+        """Why to stop before the next chunk (a halt), or None to go on."""
         ...
 
 
@@ -106,35 +97,28 @@ class MemoryLedger:
     def settled(self) -> Mapping[str, BatchState]:
         return dict(self.states)
 
-    def begin(self, email: str) -> bool:
-        key = email.lower()
-        if key in self.states:
-            return False
-        self.states[key] = BatchState.SENDING
-        return True
+    def begin(self, emails: Sequence[str]) -> set[str]:
+        begun = set()
+        for email in emails:
+            key = email.lower()
+            if key not in self.states:
+                self.states[key] = BatchState.SENDING
+                begun.add(key)
+        return begun
 
-    def finish(
-        self,
-        email: str,
-        state: BatchState,
-        *,
-        message_id: str | None = None,
-        error: str | None = None,
-    ) -> None:
-        key = email.lower()
-        if self.states.get(key) != BatchState.SENDING:
-            raise ValueError(f"recipient {key!r} is not sending")
-        self.states[key] = state
-        if message_id is not None:
-            self.message_ids[key] = message_id
-        if error is not None:
-            self.errors[key] = error
-
-    def release(self, email: str, error: str) -> None:
-        key = email.lower()
-        if self.states.get(key) == BatchState.SENDING:
-            del self.states[key]
-        self.errors[key] = error
+    def finish(self, outcomes: Sequence[RecipientOutcome]) -> None:
+        for outcome in outcomes:
+            key = outcome.email.lower()
+            if self.states.get(key) != BatchState.SENDING:
+                raise ValueError(f"recipient {key!r} is not sending")
+            if outcome.state is None:
+                del self.states[key]
+            else:
+                self.states[key] = outcome.state
+            if outcome.message_id is not None:
+                self.message_ids[key] = outcome.message_id
+            if outcome.error is not None:
+                self.errors[key] = outcome.error
 
     def stop_reason(self) -> str | None:
         return None
@@ -147,11 +131,18 @@ class Transport(ABC):
     # How many requests ``send`` may carry at once, each from a thread of its own (a shard's
     # window of requests in flight); 1: one at a time, from one thread.
     max_in_flight: int = 1
+    # A per-recipient transport's own window: how many messages it may have in flight at once,
+    # each over a connection of its own (``send_shard`` sets it from the campaign's
+    # ``max_in_flight``, at most ``max_in_flight`` above).
+    in_flight: int = 1
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if "send" in cls.__dict__:
-            raise TypeError(f"{cls.__name__} must not override send(): it is where the guard runs")
+        for name in ("send", "guard"):
+            if name in cls.__dict__:
+                raise TypeError(
+                    f"{cls.__name__} must not override {name}(): it is where the guard runs"
+                )
 
     def send(
         self,
@@ -162,26 +153,39 @@ class Transport(ABC):
         *,
         cleared: Clearance | None = None,
     ) -> Delivery:
-        """Guard the exact bytes, then deliver them; raises on anything but success.
+        """Guard the exact bytes (``guard``), then deliver them; raises on anything but
+        success.
 
         ``ledger`` (per-recipient transports only): where each recipient's outcome is recorded,
         and which recipients of the batch already have one and are skipped.
-
-        ``cleared``: what the guard's pass recorded in the outbox for the batch being sent. When
-        the SHA-256 of ``body`` is that digest and in the approved manifest, these are the bytes
-        the pass parsed and cleared (against this batch's recipients and values), and they are
-        not parsed again; another digest is refused (``EnvelopeViolation``: the bytes changed
-        after the pass); without a clearance the full guard runs on them here. A per-recipient
-        transport always runs the full guard: it parses the body to build its messages anyway.
         """
         if ledger is not None and not self.delivers_per_recipient:
             raise ValueError(f"the {self.name} transport sends whole requests: no ledger")
-        guarded = None if self.delivers_per_recipient else _cleared(body, approved, cleared)
-        if guarded is None:
-            guarded = check_envelope(body, approved, expected_recipients)
+        guarded = self.guard(body, approved, expected_recipients, cleared)
         if self.delivers_per_recipient:
             return self._deliver_each(guarded, ledger if ledger is not None else MemoryLedger())
         return self._deliver(guarded)
+
+    def guard(
+        self,
+        body: bytes,
+        approved: ApprovedManifest,
+        expected_recipients: Collection[str] | None = None,
+        cleared: Clearance | None = None,
+    ) -> GuardedBody:
+        """The envelope guard's verdict on these exact bytes.
+
+        ``cleared``: what the guard's pass recorded in the outbox for the batch. When the
+        SHA-256 of ``body`` is that digest and in the approved manifest, these are the bytes the
+        pass parsed and cleared (against this batch's recipients and values), and they are not
+        parsed again (``recipients`` is then empty: the body's own personalizations are the
+        cleared ones); another digest is refused (``EnvelopeViolation``: the bytes changed after
+        the pass); without a clearance the full guard runs on them here.
+        """
+        guarded = _cleared(body, approved, cleared)
+        if guarded is None:
+            guarded = check_envelope(body, approved, expected_recipients)
+        return guarded
 
     def preflight(self, guarded: GuardedBody) -> None:  # noqa: B027 - whole requests: nothing
         """Build and check everything this transport would make of ``guarded``, send nothing;
@@ -222,7 +226,8 @@ def _cleared(
 
     Nothing of it is read again, not even its recipients (``recipients`` is empty: the pass
     checked them against the outbox's for this batch, and the caller's are not read): whole-
-    request transports send the bytes themselves.
+    request transports send the bytes themselves, a per-recipient transport reads the
+    personalizations of the body it parses to build its messages.
     """
     if cleared is None:
         return None

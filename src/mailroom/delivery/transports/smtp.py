@@ -1,31 +1,40 @@
-"""The SMTP transport: one message per recipient, over one kept-open connection.
+"""The SMTP transport: one message per recipient, several kept-open connections per shard.
 
 A frozen SendGrid request body (one locale's content and up to 1,000 personalizations) becomes
 one SMTP transaction per personalization: ``MAIL FROM`` the sender, exactly one ``RCPT TO`` (the
 personalization's one address), and a MIME message (multipart/alternative text + HTML) with that
 personalization's substitutions applied the way SendGrid applies its legacy substitutions, its
-own headers (``List-Unsubscribe``, ``List-Unsubscribe-Post``) and a Message-ID.
+own headers (``List-Unsubscribe``, ``List-Unsubscribe-Post``) and a Message-ID. The messages of
+one body are spliced from what they share, made once (``mime.MessageTemplate``): the same bytes
+as the reference builder, which property tests hold it to.
 
 Two guards stand before the bytes leave. ``Transport.send`` has already run the envelope guard on
-the request body; here every message is built, serialised and checked again on its exact bytes
-(``check_mime_message``: one RCPT, ``To:`` holding exactly that address, no Cc/Bcc, no header
-line over the RFC limit, no header that was not set, i.e. no CR/LF injection) and those very
-bytes go to ``sendmail``. Before that, ``preflight`` builds and checks every message of a body
-and keeps none: ``send_shard`` runs it on every batch of its shard before the shard's first
-message leaves, so a message that would be refused anywhere in the shard (its last batch's last
-recipient) stops the shard with nothing sent, not after the batches before it went. Sent without
-a preflight (``Transport.send`` on its own), all messages of the batch are built and checked
-before its first leaves.
+the request body; here every message is checked again on its exact bytes (``mime.MimeGuard``: one
+RCPT, ``To:`` holding exactly that address, no Cc/Bcc, no header line over the RFC limit, no
+header that was not set, i.e. no CR/LF injection) and those very bytes go out. Before that,
+``preflight`` builds and checks every message of a body and keeps none: ``send_shard`` runs it on
+every batch of its shard before the shard's first message leaves, so a message that would be
+refused anywhere in the shard (its last batch's last recipient) stops the shard with nothing
+sent. Sent without a preflight (``Transport.send`` on its own), all messages of the batch are
+built and checked before its first leaves.
 
-Each recipient's outcome goes to the batch's ledger (the outbox) as it happens: a failure in the
-middle of 1,000 transactions leaves the ones before it ``sent``, and a retry or resume skips them.
-A 4xx reply is retryable (the batch is retried from that message), a 5xx to a recipient fails
-that recipient only, a connection lost after the message's final ``.`` makes that one message
-``unknown`` (never resent automatically), a refused connection is retryable.
+Recipients are recorded in chunks (``SmtpSettings.chunk_size``, default 100): one transaction
+marks a chunk's recipients ``sending``, then its messages go out, spread over the shard's
+connections (``Transport.in_flight``, the campaign's ``max_in_flight``), each connection sending
+its share in order with ``MAIL``/``RCPT``/``DATA`` in one write where the server offers
+``PIPELINING`` (RFC 2920), and one transaction records the chunk's outcomes. A worker killed
+at any point leaves at most that one chunk ``sending`` (then ``unknown``: never resent
+automatically, the operator settles it); everything recorded before it stays as recorded.
+
+A 4xx reply is retryable (its message and the rest of its connection's share go back to not
+sent, the batch is retried from there), a 5xx to a recipient fails that recipient only, a
+connection lost after the message's final ``.`` makes that one message ``unknown`` (never resent
+automatically), a refused connection is retryable.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -33,48 +42,43 @@ import smtplib
 import socket
 import ssl
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from email import policy as email_policy
-from email.headerregistry import Address
-from email.message import EmailMessage
-from email.parser import BytesParser
-from email.utils import formatdate, make_msgid
+from email.utils import make_msgid
 from typing import Any
 
 from mailroom.addresses import is_valid_single_address, mask, mask_addresses
 from mailroom.checks.envelope_guard import GuardedBody
-from mailroom.delivery.outbox import BatchState
+from mailroom.delivery.outbox import BatchState, RecipientOutcome
 from mailroom.delivery.transports.base import (
     Delivery,
     MemoryLedger,
     RecipientLedger,
     Transport,
 )
+from mailroom.delivery.transports.mime import (
+    MESSAGE_POLICY,
+    MessageBuilder,
+    MessageTemplate,
+    MimeGuard,
+    TemplateSeed,
+)
 from mailroom.errors import EnvelopeViolation, SendHalted, TransportError
-from mailroom.substitutions import apply_substitutions
 
 log = logging.getLogger(__name__)
 
 SECURITY_MODES = ("starttls", "tls", "none")
 DEFAULT_PORTS = {"starttls": 587, "tls": 465, "none": 25}
 DEFAULT_TIMEOUT_SECONDS = 30.0
-# RFC 5322 2.1.1 / RFC 5321 4.5.3.1.6: at most 998 characters on a line, without its CRLF.
-MAX_LINE_LENGTH = 998
+# Recipients recorded per outbox transaction; a crash leaves at most this many 'unknown'.
+DEFAULT_CHUNK_SIZE = 100
+MAX_CHUNK_SIZE = 5_000
+# The most connections one transport keeps (a campaign's max_in_flight is capped at this).
+MAX_CONNECTIONS = 32
 # Messages in a row whose answer was lost after DATA before the batch stops (the server or the
 # network is failing: going on would only make more recipients 'unknown').
 MAX_UNKNOWN_IN_A_ROW = 3
-# Headers that would put the message in front of anyone but its one recipient.
-FORBIDDEN_HEADERS = frozenset({"cc", "bcc", "resent-to", "resent-cc", "resent-bcc"})
-SINGLE_HEADERS = ("to", "from", "subject", "date", "message-id", "reply-to", "sender")
-# The SMTP policy (CRLF, 78-column folding), but header values set raw (ASCII values such as
-# List-Unsubscribe, folded here at their commas) are written as they are, never re-encoded: an
-# RFC 2047 encoded List-Unsubscribe URL would not be a URL to the mail client any more.
-MESSAGE_POLICY = email_policy.SMTP.clone(refold_source="none")
-_FIELD_NAME = re.compile(r"[!-9;-~]+")  # RFC 5322 ftext
-_FIELD_LINE = re.compile(rb"[!-9;-~]+:")
-_PRINTABLE_ASCII = re.compile(r"[\x20-\x7e]*")
-_BARE_CR_OR_LF = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,7 @@ class SmtpSettings:
     security: str = "starttls"
     timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS
     local_hostname: str | None = None
+    chunk_size: int = DEFAULT_CHUNK_SIZE
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -101,12 +106,16 @@ class SmtpSettings:
             raise TransportError(f"SMTP port {self.port} is not a port")
         if self.timeout_seconds <= 0:
             raise TransportError("the SMTP timeout must be positive")
+        if not 1 <= int(self.chunk_size) <= MAX_CHUNK_SIZE:
+            raise TransportError(
+                f"the SMTP chunk size must be 1 to {MAX_CHUNK_SIZE}, got {self.chunk_size}"
+            )
 
     def __repr__(self) -> str:
         return (
             f"SmtpSettings(host={self.host!r}, port={self.port}, username={self.username!r}, "
             f"security={self.security!r}, timeout_seconds={self.timeout_seconds}, "
-            f"local_hostname={self.local_hostname!r})"
+            f"local_hostname={self.local_hostname!r}, chunk_size={self.chunk_size})"
         )
 
     __str__ = __repr__
@@ -122,120 +131,17 @@ class GuardedMessage:
     message_id: str
 
 
-MessageBuilder = Callable[[Mapping[str, Any], int, str], EmailMessage]
-
-
-def build_mime_message(body: Mapping[str, Any], index: int, message_id: str) -> EmailMessage:
-    """The message for personalization ``index`` of a SendGrid v3 request body.
-
-    Substitutions are applied to the subject and both content parts with plain string
-    replacement in one pass (a value is never substituted again), as SendGrid's legacy
-    substitutions do; request-level headers come first, the personalization's own after them.
-    """
-    item = body["personalizations"][index]
-    substitutions = item.get("substitutions") or {}
-    msg = EmailMessage(policy=MESSAGE_POLICY)
-    try:
-        msg["From"] = _address(body["from"])
-        msg["To"] = _address(item["to"][0])
-        if body.get("reply_to"):
-            msg["Reply-To"] = _address(body["reply_to"])
-        msg["Subject"] = apply_substitutions(str(body.get("subject") or ""), substitutions)
-        msg["Date"] = formatdate(usegmt=True)
-        msg["Message-ID"] = message_id
-        headers = {**(body.get("headers") or {}), **(item.get("headers") or {})}
-        for name, value in headers.items():
-            _set_header(msg, str(name), str(value))
-        text = _content(body, "text/plain")
-        html = _content(body, "text/html")
-        if text is not None:
-            msg.set_content(apply_substitutions(text, substitutions), subtype="plain")
-        if html is not None:
-            html = apply_substitutions(html, substitutions)
-            if text is None:
-                msg.set_content(html, subtype="html")
-            else:
-                msg.add_alternative(html, subtype="html")
-    except (ValueError, TypeError, KeyError, IndexError) as exc:
-        # The email package refuses CR/LF in a header value, an unparsable address, …
-        raise EnvelopeViolation(
-            f"personalization {index}: cannot build its message: {exc}"
-        ) from exc
-    return msg
-
-
-def check_mime_message(
-    data: bytes,
-    rcpt: Sequence[str],
-    recipient: str,
-    header_names: Iterable[str] | None = None,
-) -> None:
-    """The one-recipient rules on the exact bytes of one SMTP message and its envelope.
-
-    Exactly one envelope recipient, equal to ``recipient`` (the personalization's own address);
-    one ``To:`` holding exactly that one address; no Cc/Bcc (nor Resent-*); CRLF line ends only
-    and no line over 998 characters; every header line a field or a continuation; and, given
-    ``header_names``, exactly the headers that were set: a CR/LF smuggled into a value or a name
-    would show as one more. Raises ``EnvelopeViolation``.
-    """
-    if len(rcpt) != 1:
-        raise EnvelopeViolation(f"the message has {len(rcpt)} envelope recipients, not 1")
-    envelope = rcpt[0]
-    if not is_valid_single_address(envelope):
-        raise EnvelopeViolation("the envelope recipient is not exactly one valid address")
-    if envelope.lower() != recipient.lower():
-        raise EnvelopeViolation("the envelope recipient is not the personalization's address")
-    if _BARE_CR_OR_LF.search(data):
-        raise EnvelopeViolation("the message has a bare CR or LF (a line break smuggled in)")
-    head, separator, _ = data.partition(b"\r\n\r\n")
-    if not separator:
-        raise EnvelopeViolation("the message has no end of its header section")
-    if any(len(line) > MAX_LINE_LENGTH for line in data.split(b"\r\n")):
-        raise EnvelopeViolation(f"the message has a line over {MAX_LINE_LENGTH} characters")
-    for n, line in enumerate(head.split(b"\r\n")):
-        continuation = line[:1] in (b" ", b"\t")
-        if (continuation and n == 0) or (not continuation and not _FIELD_LINE.match(line)):
-            raise EnvelopeViolation(
-                f"header line {n + 1} is neither a header field nor a continuation"
-            )
-    parsed = BytesParser(policy=email_policy.default).parsebytes(data)
-    names = [str(k).lower() for k in parsed]
-    if forbidden := sorted(FORBIDDEN_HEADERS.intersection(names)):
-        raise EnvelopeViolation(f"the message sets {forbidden}")
-    for name in SINGLE_HEADERS:
-        if names.count(name) > 1:
-            raise EnvelopeViolation(f"the message has {names.count(name)} {name!r} headers")
-    if header_names is not None and Counter(names) != Counter(n.lower() for n in header_names):
-        extra = sorted((Counter(names) - Counter(n.lower() for n in header_names)).keys())
-        raise EnvelopeViolation(
-            f"the message's headers are not the ones that were set (extra: {extra})"
-        )
-    to_header: Any = parsed.get("To")
-    addresses: tuple[Address, ...] = tuple(getattr(to_header, "addresses", None) or ())
-    if to_header is None or getattr(to_header, "defects", None) or len(addresses) != 1:
-        raise EnvelopeViolation(
-            f"'To:' holds {len(addresses)} addresses (or cannot be read), not exactly 1"
-        )
-    (to,) = addresses
-    if to.addr_spec.lower() != envelope.lower():
-        raise EnvelopeViolation("'To:' is not the envelope recipient")
-    if "@" in to.display_name:
-        raise EnvelopeViolation("the display name in 'To:' could hide an address")
-    from_header = parsed.get("From")
-    if from_header is None or len(getattr(from_header, "addresses", ())) != 1:
-        raise EnvelopeViolation("'From:' does not hold exactly one address")
-
-
 class SmtpTransport(Transport):
-    """One SMTP transaction per recipient; the connection stays open across messages and
-    batches, and is opened again when the server closes it."""
+    """One SMTP transaction per recipient, over up to ``in_flight`` connections kept open across
+    messages and batches (each opened again when the server closes it)."""
 
     name = "smtp"
     delivers_per_recipient = True
+    max_in_flight = MAX_CONNECTIONS
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        guarded = {"preflight", "_deliver", "_deliver_each", "_guarded_message", "_transmit"}
+        guarded = {"preflight", "_deliver", "_deliver_each", "_guarded_message", "_send_one"}
         if overridden := sorted(guarded.intersection(cls.__dict__)):
             raise TypeError(f"{cls.__name__} must not override {overridden}: the MIME guard")
 
@@ -244,89 +150,140 @@ class SmtpTransport(Transport):
         settings: SmtpSettings,
         *,
         ssl_context: ssl.SSLContext | None = None,
-        build_message: MessageBuilder = build_mime_message,
+        build_message: MessageBuilder | None = None,
     ) -> None:
+        """``build_message``: make each message with this builder (``build_mime_message``'s
+        signature) instead of splicing it from the body's template; the guard is the same."""
         self.settings = settings
         self._ssl_context = ssl_context
         self._build_message = build_message
-        self._conn: _Connection | None = None
-        # Digests of the bodies whose every message passed ``preflight`` on this transport: their
-        # batch-wide pass before the first message is already done (each message is still
-        # checked on its exact bytes as it leaves). One digest per batch, never a message.
-        self._preflighted: set[str] = set()
+        self._conns: dict[int, _Connection] = {}
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_size = 0
+        self._guard = MimeGuard()
+        # Per body this transport has made messages of: how to make them again the same (its
+        # template's date, boundary and Message-IDs), and the SHA-256 of each message the MIME
+        # guard cleared, by personalization. A message about to leave that has a cleared
+        # digest is the very message the guard passed: it is not parsed again; any other bytes
+        # are refused. (A transport given its own builder cannot make the same bytes twice: its
+        # messages are guarded again as they leave.)
+        self._seeds: dict[str, TemplateSeed] = {}
+        self._cleared: dict[str, list[bytes | None]] = {}
         if settings.security == "none" and settings.username:
             log.warning("SMTP to %s: authenticating without TLS", settings.host)
 
     # the batch --------------------------------------------------------------------------------
     def preflight(self, guarded: GuardedBody) -> None:
-        """Build, serialise and check (``check_mime_message``) the message of every
-        personalization of the body, as ``send`` would, one at a time and none kept; send
+        """Build, serialise and check (the MIME guard) the message of every personalization of
+        the body, as ``send`` would, one at a time, keeping only each one's SHA-256; send
         nothing. Raises ``EnvelopeViolation`` for the first message that would be refused."""
         body = json.loads(guarded.body)
-        for index, email in enumerate(guarded.recipients):
-            self._guarded_message(body, index, email)
-        self._preflighted.add(guarded.sha256)
+        recipients = _recipients(guarded, body)
+        self._clear(guarded.sha256, body, list(enumerate(recipients)))
+
+    def _clear(
+        self, body_sha256: str, body: Mapping[str, Any], todo: Sequence[tuple[int, str]]
+    ) -> None:
+        """The MIME guard on the message of each (index, recipient), before any leaves; their
+        digests are kept."""
+        make = self._maker(body_sha256, body)
+        cleared = self._cleared.setdefault(body_sha256, [None] * len(body["personalizations"]))
+        for index, email in todo:
+            message = self._guarded_message(make, body, index, email, None)
+            cleared[index] = hashlib.sha256(message.data).digest()
 
     def _deliver(self, guarded: GuardedBody) -> Delivery:
         return self._deliver_each(guarded, MemoryLedger())
 
     def _deliver_each(self, guarded: GuardedBody, ledger: RecipientLedger) -> Delivery:
         body = json.loads(guarded.body)
+        recipients = _recipients(guarded, body)
         batch = guarded.sha256[:12]
         settled = {k.lower() for k in ledger.settled()}
-        todo = [
-            (i, email) for i, email in enumerate(guarded.recipients) if email.lower() not in settled
-        ]
+        todo = [(i, email) for i, email in enumerate(recipients) if email.lower() not in settled]
         # Every message of this pass passes the MIME guard before the first one leaves (done
         # already when this body went through ``preflight``).
-        if guarded.sha256 not in self._preflighted:
-            for index, email in todo:
-                self._guarded_message(body, index, email)
+        cleared = self._cleared.get(guarded.sha256)
+        if cleared is None or any(cleared[i] is None for i, _ in todo):
+            self._clear(guarded.sha256, body, todo)
+            cleared = self._cleared[guarded.sha256]
+        make = self._maker(guarded.sha256, body)
+        reproducible = self._build_message is None
         counts: Counter[str] = Counter()
         unknown_in_a_row = 0
-        for index, email in todo:
-            if reason := ledger.stop_reason():
-                raise SendHalted(reason)
-            message = self._guarded_message(body, index, email)
-            self._connection()  # a refused connection raises before anything is marked
-            if not ledger.begin(email):
-                log.warning("request %s: %s is not free to send; skipped", batch, mask(email))
-                continue
-            try:
-                state, detail = self._transmit(message)
-            except TransportError as exc:
-                ledger.release(email, mask_addresses(str(exc)))  # certainly not accepted
-                raise
-            if state == BatchState.SENT:
-                ledger.finish(email, state, message_id=detail)
-            else:
-                detail = mask_addresses(detail)
-                ledger.finish(email, state, error=detail)
-                log.warning("request %s: %s %s: %s", batch, mask(email), state, detail)
-            counts[state] += 1
-            unknown_in_a_row = unknown_in_a_row + 1 if state == BatchState.UNKNOWN else 0
+
+        def record(outcomes: list[RecipientOutcome], error: TransportError | None) -> None:
+            nonlocal unknown_in_a_row
+            ledger.finish(outcomes)
+            for outcome in outcomes:
+                if outcome.state is None:
+                    continue
+                counts[outcome.state] += 1
+                if outcome.state != BatchState.SENT:
+                    log.warning(
+                        "request %s: %s %s: %s",
+                        batch,
+                        mask(outcome.email),
+                        outcome.state,
+                        outcome.error,
+                    )
+                unknown = outcome.state == BatchState.UNKNOWN
+                unknown_in_a_row = unknown_in_a_row + 1 if unknown else 0
+            if error is not None:
+                raise error
             if unknown_in_a_row >= MAX_UNKNOWN_IN_A_ROW:
                 raise TransportError(
                     f"{unknown_in_a_row} messages in a row lost their answer after DATA: "
                     "stopping this batch (those messages are 'unknown', the rest not sent)"
                 )
+
+        size = self.settings.chunk_size
+        in_flight: list[Future[_Share]] | None = None
+        try:
+            for start in range(0, len(todo), size):
+                # Made (and held to its cleared digest) while the chunk before is on the wire.
+                chunk = [
+                    self._guarded_message(make, body, i, e, cleared[i] if reproducible else None)
+                    for i, e in todo[start : start + size]
+                ]
+                if in_flight is not None:
+                    shares, in_flight = in_flight, None
+                    record(*_collect(shares))
+                if reason := ledger.stop_reason():
+                    raise SendHalted(reason)
+                # A refused connection raises here, before anything of the chunk is marked.
+                self._open(min(max(self.in_flight, 1), len(chunk)))
+                begun = ledger.begin([m.rcpt for m in chunk])
+                if skipped := sum(m.rcpt.lower() not in begun for m in chunk):
+                    log.warning(
+                        "request %s: %d recipient(s) not free to send; skipped", batch, skipped
+                    )
+                in_flight = self._transmit([m for m in chunk if m.rcpt.lower() in begun])
+            if in_flight is not None:
+                shares, in_flight = in_flight, None
+                record(*_collect(shares))
+        finally:
+            if in_flight is not None:  # an error while a chunk was on the wire: record it too
+                ledger.finish(_collect(in_flight)[0])
         log.info(
             "request %s: %d message(s) sent, %d failed, %d unknown now; %d already on record",
             batch,
             counts[BatchState.SENT],
             counts[BatchState.FAILED],
             counts[BatchState.UNKNOWN],
-            len(guarded.recipients) - len(todo),
+            len(recipients) - len(todo),
         )
-        return self._outcome(guarded, ledger)
+        return self._outcome(guarded.sha256, recipients, ledger)
 
-    def _outcome(self, guarded: GuardedBody, ledger: RecipientLedger) -> Delivery:
+    def _outcome(
+        self, body_sha256: str, recipients: Sequence[str], ledger: RecipientLedger
+    ) -> Delivery:
         """The batch's result from every recipient's own: sent only when all were sent."""
         final = {k.lower(): v for k, v in ledger.settled().items()}
-        states = Counter(final.get(r.lower(), "not sent") for r in guarded.recipients)
-        total = len(guarded.recipients)
+        states = Counter(final.get(r.lower(), "not sent") for r in recipients)
+        total = len(recipients)
         if states[BatchState.SENT] == total:
-            return Delivery(message_id=f"smtp-{guarded.sha256[:22]}", status=250)
+            return Delivery(message_id=f"smtp-{body_sha256[:22]}", status=250)
         lost = states[BatchState.UNKNOWN] + states[BatchState.SENDING]
         summary = ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
         if lost:
@@ -336,47 +293,106 @@ class SmtpTransport(Transport):
             )
         raise TransportError(f"{total - states[BatchState.SENT]} of {total} not sent ({summary})")
 
-    def _guarded_message(self, body: Mapping[str, Any], index: int, email: str) -> GuardedMessage:
+    def _maker(
+        self, body_sha256: str, body: Mapping[str, Any]
+    ) -> Callable[[int, str], tuple[str, bytes, list[str]]]:
+        """How this body's messages are made: (personalization index, sender) → (Message-ID,
+        bytes, names of the headers set). Spliced from the body's template, the same bytes
+        every time for this transport; or by the builder this transport was given."""
+        builder = self._build_message
+        if builder is not None:
+
+            def build(index: int, sender: str) -> tuple[str, bytes, list[str]]:
+                message_id = make_msgid(domain=sender.rpartition("@")[2])
+                msg = builder(body, index, message_id)
+                try:
+                    data = msg.as_bytes(policy=MESSAGE_POLICY)
+                except (ValueError, TypeError, UnicodeError) as exc:
+                    raise EnvelopeViolation(
+                        f"personalization {index}: cannot serialise: {exc}"
+                    ) from exc
+                return message_id, data, list(msg.keys())
+
+            return build
+        seed = self._seeds.get(body_sha256)
+        if seed is None:
+            seed = self._seeds[body_sha256] = TemplateSeed.new()
+        template = MessageTemplate(body, seed=seed)
+
+        def splice(index: int, sender: str) -> tuple[str, bytes, list[str]]:
+            message_id = seed.message_id(index, sender.rpartition("@")[2])
+            data, names = template.message(index, message_id)
+            return message_id, data, names
+
+        return splice
+
+    def _guarded_message(
+        self,
+        make: Callable[[int, str], tuple[str, bytes, list[str]]],
+        body: Mapping[str, Any],
+        index: int,
+        email: str,
+        cleared: bytes | None,
+    ) -> GuardedMessage:
+        """The message of personalization ``index``, cleared: its SHA-256 is ``cleared`` (the
+        digest of the message the MIME guard passed), or, without one, the guard passes it."""
         sender = str((body.get("from") or {}).get("email") or "")
         if not is_valid_single_address(sender):
             raise EnvelopeViolation("the sender is not exactly one valid address")
-        message_id = make_msgid(domain=sender.rpartition("@")[2])
-        msg = self._build_message(body, index, message_id)
-        try:
-            data = msg.as_bytes(policy=MESSAGE_POLICY)
-        except (ValueError, TypeError, UnicodeError) as exc:
-            raise EnvelopeViolation(f"personalization {index}: cannot serialise: {exc}") from exc
-        check_mime_message(data, [email], email, header_names=msg.keys())
-        return GuardedMessage(sender, email, data, str(msg.get("Message-ID", message_id)))
+        message_id, data, header_names = make(index, sender)
+        if cleared is None:
+            self._guard.check(data, [email], email, header_names)
+        elif hashlib.sha256(data).digest() != cleared:
+            raise EnvelopeViolation(
+                f"personalization {index}: the message is not the one the MIME guard cleared"
+            )
+        return GuardedMessage(sender, email, data, message_id)
+
+    # the chunk over the connections -----------------------------------------------------------
+    def _transmit(self, messages: Sequence[GuardedMessage]) -> list[Future[_Share]]:
+        """Start sending a chunk's messages, each connection its share in order; collect the
+        outcomes with ``_collect``."""
+        lanes = min(max(self.in_flight, 1), len(messages))
+        if self._pool is None or self._pool_size < lanes:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+            self._pool = ThreadPoolExecutor(max(lanes, 1), thread_name_prefix="smtp")
+            self._pool_size = max(lanes, 1)
+        positioned = list(enumerate(messages))
+        return [self._pool.submit(self._lane, k, positioned[k::lanes]) for k in range(lanes)]
+
+    def _lane(self, lane: int, messages: Sequence[tuple[int, GuardedMessage]]) -> _Share:
+        outcomes: list[tuple[int, RecipientOutcome]] = []
+        for n, (position, message) in enumerate(messages):
+            try:
+                state, detail = self._send_one(lane, message)
+            except TransportError as exc:
+                # Certainly not accepted: this one and the rest of this connection's share.
+                outcomes.append(
+                    (position, RecipientOutcome(message.rcpt, None, error=mask_addresses(str(exc))))
+                )
+                outcomes += [(p, RecipientOutcome(m.rcpt, None)) for p, m in messages[n + 1 :]]
+                return outcomes, exc
+            if state == BatchState.SENT:
+                outcome = RecipientOutcome(message.rcpt, state, message_id=detail)
+            else:
+                outcome = RecipientOutcome(message.rcpt, state, error=mask_addresses(detail))
+            outcomes.append((position, outcome))
+        return outcomes, None
 
     # one message ------------------------------------------------------------------------------
-    def _transmit(self, message: GuardedMessage) -> tuple[BatchState, str]:
-        """Send one guarded message: (``sent``, Message-ID), (``failed``, reply) for a 5xx to
-        this recipient, (``unknown``, why) when the answer was lost after the final ``.``.
-        Raises TransportError for a 4xx or anything that refuses the whole batch."""
+    def _send_one(self, lane: int, message: GuardedMessage) -> tuple[BatchState, str]:
+        """Send one guarded message over connection ``lane``: (``sent``, Message-ID),
+        (``failed``, reply) for a 5xx to this recipient, (``unknown``, why) when the answer was
+        lost after the final ``.``. Raises TransportError for a 4xx or anything that refuses
+        the whole batch."""
         for attempt in (1, 2):
-            conn = self._connection()
-            conn.message_sent = False
-            code: int
-            reply: bytes | str
+            conn = self._connection(lane)
             try:
-                conn.sendmail(message.mail_from, [message.rcpt], message.data)
-                return BatchState.SENT, message.message_id
-            except smtplib.SMTPRecipientsRefused as exc:
-                code, reply = next(iter(exc.recipients.values()), (0, b""))
-                where = "RCPT TO"
-            except smtplib.SMTPSenderRefused as exc:
-                code, reply, where = exc.smtp_code, exc.smtp_error, "MAIL FROM"
-            except smtplib.SMTPDataError as exc:
-                code, reply, where = exc.smtp_code, exc.smtp_error, "DATA"
-            except smtplib.SMTPResponseException as exc:
-                code, reply, where = exc.smtp_code, exc.smtp_error, "EHLO"
-            except smtplib.SMTPNotSupportedError as exc:
-                self._drop()
-                raise TransportError(f"SMTP server refuses the message: {exc}") from None
+                where, code, reply = conn.transaction(message.mail_from, message.rcpt, message.data)
             except OSError as exc:  # lost connection, timeout (SMTPServerDisconnected too)
                 delivered_whole = conn.message_sent
-                self._drop()
+                self._drop(lane)
                 if delivered_whole:
                     return (
                         BatchState.UNKNOWN,
@@ -392,27 +408,37 @@ class SmtpTransport(Transport):
                     f"sent: {type(exc).__name__}",
                     retryable=True,
                 ) from None
+            if not where:
+                return BatchState.SENT, message.message_id
             if code == 421 or conn.sock is None:
-                self._drop()
-            text = reply.decode("utf-8", "replace") if isinstance(reply, bytes) else str(reply)
+                self._drop(lane)
+            text = reply.decode("utf-8", "replace")
             detail = f"SMTP {code} on {where}: {text[:300]}"
             if 400 <= code < 500:
                 raise TransportError(detail, status=code, retryable=True)
-            if where in ("MAIL FROM", "EHLO"):  # every message would be refused alike
+            if where == "MAIL FROM":  # every message would be refused alike
                 raise TransportError(detail, status=code)
             return BatchState.FAILED, detail
         raise AssertionError("unreachable")  # pragma: no cover
 
-    # the connection ---------------------------------------------------------------------------
-    def _connection(self) -> _Connection:
-        if self._conn is None:
-            self._conn = self._connect()
-        return self._conn
+    # the connections --------------------------------------------------------------------------
+    def _open(self, count: int) -> None:
+        """Connections 0 … count-1, opened where not open yet."""
+        for lane in range(count):
+            self._connection(lane)
+
+    def _connection(self, lane: int) -> _Connection:
+        conn = self._conns.get(lane)
+        if conn is None:
+            conn = self._conns[lane] = self._connect()
+        return conn
 
     def _connect(self) -> _Connection:
         s = self.settings
         where = f"{s.host}:{s.port}"
-        context = self._ssl_context or ssl.create_default_context()
+        context = None
+        if s.security != "none":
+            context = self._ssl_context or ssl.create_default_context()
         conn = _Connection(
             s.host,
             local_hostname=s.local_hostname,
@@ -436,28 +462,30 @@ class SmtpTransport(Transport):
             raise
         return conn
 
-    def _drop(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+    def _drop(self, lane: int) -> None:
+        conn = self._conns.pop(lane, None)
+        if conn is not None:
+            conn.close()
 
     def close(self) -> None:
-        if self._conn is None:
-            return
-        try:
-            self._conn.quit()
-        except (smtplib.SMTPException, OSError):
-            pass
-        finally:
-            self._drop()
+        for lane in list(self._conns):
+            conn = self._conns[lane]
+            try:
+                conn.quit()
+            except (smtplib.SMTPException, OSError):
+                pass
+            finally:
+                self._drop(lane)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
 
 class _Connection(smtplib.SMTP):
-    """``smtplib.SMTP`` that can start with TLS ("SMTPS") and knows whether the current
-    message went out whole, final ``.`` included: a connection lost after that is an unknown
-    outcome, before it the server cannot have accepted the message. ``message_sent`` is reset
-    before every transaction (a connection closed before the next ``MAIL FROM`` is not a lost
-    answer)."""
+    """``smtplib.SMTP`` that can start with TLS ("SMTPS"), sends one transaction with
+    ``MAIL``/``RCPT``/``DATA`` in one write where the server offers ``PIPELINING``, and knows
+    whether the current message went out whole, final ``.`` included: a connection lost after
+    that is an unknown outcome, before it the server cannot have accepted the message."""
 
     message_sent = False
 
@@ -479,14 +507,51 @@ class _Connection(smtplib.SMTP):
             sock = self._tls_context.wrap_socket(sock, server_hostname=self._host)
         return sock
 
-    def data(self, msg: Any) -> tuple[int, bytes]:
+    def transaction(self, mail_from: str, rcpt: str, data: bytes) -> tuple[str, int, bytes]:
+        """One message to one recipient: ``("", 250, reply)`` when the server took it, else
+        where it was refused (``MAIL FROM``, ``RCPT TO``, ``DATA``), the code and the reply.
+        Raises ``OSError`` when the connection is lost (``message_sent`` says whether the final
+        ``.`` had gone out)."""
         self.message_sent = False
-        return super().data(msg)
+        size = f" SIZE={len(data)}" if self.has_extn("size") else ""
+        commands = (f"MAIL FROM:<{mail_from}>{size}", f"RCPT TO:<{rcpt}>", "DATA")
+        accepted = ((250,), (250, 251), (354,))
+        replies: list[tuple[int, bytes]] = []
+        if self.has_extn("pipelining"):
+            self.send("".join(f"{c}\r\n" for c in commands).encode("ascii"))
+            replies = [self.getreply() for _ in commands]
+        else:
+            for command, ok in zip(commands, accepted, strict=True):
+                self.send(f"{command}\r\n".encode("ascii"))
+                replies.append(self.getreply())
+                if replies[-1][0] not in ok:
+                    break
+        for where, ok, (code, reply) in zip(
+            ("MAIL FROM", "RCPT TO", "DATA"), accepted, replies, strict=False
+        ):
+            if code not in ok:
+                if replies[-1][0] == 354 and len(replies) == 3:
+                    # A server that took DATA all the same: end the (empty) message.
+                    self.send(b".\r\n")
+                    self.getreply()
+                if code != 421:
+                    self._reset()
+                return where, code, reply
+        if data.startswith(b".") or b"\n." in data:  # RFC 5321 4.5.2: a leading dot doubled
+            data = _DOT_AT_LINE_START.sub(b"..", data)
+        self.send(data + b".\r\n")
+        self.message_sent = True
+        code, reply = self.getreply()
+        return ("" if code == 250 else "DATA"), code, reply
 
-    def send(self, s: Any) -> None:
-        super().send(s)
-        if isinstance(s, bytes) and s.endswith(b"\r\n.\r\n"):
-            self.message_sent = True
+    def _reset(self) -> None:
+        try:
+            self.rset()
+        except (smtplib.SMTPException, OSError):
+            self.close()
+
+
+_DOT_AT_LINE_START = re.compile(rb"(?m)^\.")
 
 
 def _connect_failure(where: str, exc: Exception) -> TransportError:
@@ -511,36 +576,31 @@ def _connect_failure(where: str, exc: Exception) -> TransportError:
     return TransportError(f"SMTP server {where}: {type(exc).__name__}: {exc}")
 
 
-def _address(entry: Any) -> Address:
-    if not isinstance(entry, Mapping) or not is_valid_single_address(entry.get("email")):
-        raise ValueError("not exactly one valid address")
-    name = entry.get("name") or ""
-    return Address(display_name=str(name), addr_spec=str(entry["email"]))
+# One connection's share of a chunk: (position in the chunk, outcome) for each of its messages,
+# and the error that stopped it (its remaining messages then certainly not sent).
+_Share = tuple[list[tuple[int, RecipientOutcome]], TransportError | None]
 
 
-def _set_header(msg: EmailMessage, name: str, value: str) -> None:
-    """A header as given: an ASCII value is written as it is (folded at its commas, never
-    encoded), anything else through the email package (RFC 2047)."""
-    if not _FIELD_NAME.fullmatch(name):
-        raise ValueError(f"header name {name!r} is not a header field name")
-    if not _PRINTABLE_ASCII.fullmatch(value):
-        msg[name] = value  # the email package refuses CR/LF here
-        return
-    lines = [f"{name}: "]
-    for n, part in enumerate(value.split(", ")):
-        piece = part if n == 0 else ", " + part
-        if n and len(lines[-1]) + len(piece) > 78:
-            lines[-1] += ","
-            piece = " " + part
-            lines.append("")
-        lines[-1] += piece
-    folded = "\r\n".join(lines)[len(name) + 2 :]
-    msg.set_raw(name, folded)
+def _collect(
+    shares: Sequence[Future[_Share]],
+) -> tuple[list[RecipientOutcome], TransportError | None]:
+    """Every message's outcome in the chunk's order, and the first error that stopped a
+    connection's share."""
+    ordered: dict[int, RecipientOutcome] = {}
+    error: TransportError | None = None
+    for future in shares:
+        outcomes, stopped = future.result()
+        ordered.update(outcomes)
+        error = error or stopped
+    return [ordered[n] for n in sorted(ordered)], error
 
 
-def _content(body: Mapping[str, Any], content_type: str) -> str | None:
-    for block in body.get("content") or []:
-        if isinstance(block, Mapping) and str(block.get("type", "")).lower() == content_type:
-            value = block.get("value")
-            return value if isinstance(value, str) else None
-    return None
+def _recipients(guarded: GuardedBody, body: Mapping[str, Any]) -> list[str]:
+    """The body's one address per personalization: the guard's, or, for bytes the guard's pass
+    cleared (``recipients`` empty), the body's own, which that pass checked."""
+    if guarded.recipients:
+        return list(guarded.recipients)
+    try:
+        return [str(item["to"][0]["email"]) for item in body["personalizations"]]
+    except (KeyError, IndexError, TypeError) as exc:
+        raise EnvelopeViolation(f"a personalization has no recipient: {exc!r}") from None
