@@ -7,6 +7,7 @@ HTML-escaped value, the plain one the raw value (for the subject and the text pa
 
 import functools
 import re
+from collections.abc import Mapping
 
 TAG_PATTERN = re.compile(r"%%([A-Za-z_][A-Za-z0-9_]*)(\|html)?%%")
 # Anything that looks like a tag or a Jinja marker, even a malformed one, is suspect in output.
@@ -27,7 +28,7 @@ def tags_in(text: str) -> set[str]:
     return {m.group(0) for m in TAG_PATTERN.finditer(text)}
 
 
-def apply_substitutions(text: str, substitutions: dict[str, str]) -> str:
+def apply_substitutions(text: str, substitutions: Mapping[str, str]) -> str:
     """``text`` with each substitution key replaced by its value, in one pass.
 
     One pass (longest key first at each position) means a value that happens to contain another

@@ -237,16 +237,33 @@ def _encoded(text: str, qp_lines: dict[bytes, str]) -> tuple[str, bytes]:
     choice and encoding ``set_content`` makes for a ``str`` in UTF-8 under ``MESSAGE_POLICY``
     (7bit or 8bit when no line is over 78 octets, else whichever of quoted-printable and base64
     is shorter on the first ten lines). Quoted-printable lines are encoded one by one, each as
-    the package encodes it, and kept in ``qp_lines``: a template's lines repeat."""
+    the package encodes it, and kept in ``qp_lines``: a template's lines repeat. The
+    quoted-printable length of the first ten lines is summed from those lines (the package
+    encodes them with ``\n`` soft breaks where these have CRLF), not encoded again."""
+    return _encoded_lines(text.encode("utf-8").splitlines(), qp_lines)
+
+
+def _encoded_lines(
+    lines: list[bytes],
+    qp_lines: dict[bytes, str],
+    *,
+    longest: int | None = None,
+    qps: list[str] | None = None,
+) -> tuple[str, bytes]:
+    """``_encoded`` from the text's lines (UTF-8, split as ``bytes.splitlines`` splits), given,
+    where the caller knows them, the longest line's length and each line's quoted-printable."""
     maxlen = MESSAGE_POLICY.max_line_length or 78
-    lines = text.encode("utf-8").splitlines()
-    if max((len(x) for x in lines), default=0) <= maxlen:
+    if longest is None:
+        longest = max(map(len, lines), default=0)
+    if longest <= maxlen:
         data = b"\r\n".join(lines) + b"\r\n"
         return ("7bit" if data.isascii() else "8bit"), data
-    sniff = b"\r\n".join(lines[:10]) + b"\r\n"
-    if len(quoprimime.body_encode(sniff.decode("latin-1"), maxlen)) > len(
-        binascii.b2a_base64(sniff)
-    ):
+    if qps is None:
+        qps = [_quoted_printable(line, qp_lines) for line in lines]
+    head = lines[:10]
+    sniff_qp = sum(len(q) - q.count("\r\n") for q in qps[:10]) + len(head)
+    sniff_base64 = 4 * ((sum(map(len, head)) + 2 * len(head) + 2) // 3) + 1
+    if sniff_qp > sniff_base64:
         data = b"\r\n".join(lines) + b"\r\n"
         step = maxlen // 4 * 3
         encoded = b"".join(
@@ -254,14 +271,16 @@ def _encoded(text: str, qp_lines: dict[bytes, str]) -> tuple[str, bytes]:
             for i in range(0, len(data), step)
         )
         return "base64", encoded
-    out = []
-    for line in lines:
-        if (qp := qp_lines.get(line)) is None:
-            if len(qp_lines) >= _QP_LINES_KEPT:
-                qp_lines.clear()
-            qp = qp_lines[line] = quoted_printable_line(line, maxlen)
-        out.append(qp)
-    return "quoted-printable", ("\r\n".join(out) + "\r\n").encode("ascii")
+    return "quoted-printable", ("\r\n".join(qps) + "\r\n").encode("ascii")
+
+
+def _quoted_printable(line: bytes, qp_lines: dict[bytes, str]) -> str:
+    """``quoted_printable_line`` at 78 columns, kept in ``qp_lines`` (lines repeat)."""
+    if (qp := qp_lines.get(line)) is None:
+        if len(qp_lines) >= _QP_LINES_KEPT:
+            qp_lines.clear()
+        qp = qp_lines[line] = quoted_printable_line(line, MESSAGE_POLICY.max_line_length or 78)
+    return qp
 
 
 def quoted_printable_line(line: bytes, maxlen: int) -> str:
@@ -304,6 +323,70 @@ def quoted_printable_line(line: bytes, maxlen: int) -> str:
     return "\r\n".join(pieces)
 
 
+class _PartTemplate:
+    """One content part of a body, ready for each personalization's substitutions: its lines as
+    the package splits them (CR, LF, CRLF), and, for each set of substitution keys, which lines
+    hold one. Only those lines are substituted and encoded per message; the others are encoded
+    once (their quoted-printable kept with the template's). A value or key holding a line break
+    (it would move the lines) takes the whole-text path, ``_encoded``."""
+
+    def __init__(self, text: str, qp_lines: dict[bytes, str]) -> None:
+        self.text = text
+        self._qp_lines = qp_lines
+        try:
+            raw = text.encode("utf-8")
+        except UnicodeEncodeError:
+            self._lines: list[bytes] | None = None  # refused per message, as the package does
+        else:
+            self._lines = raw.splitlines()
+        self._plans: dict[tuple[str, ...], tuple[list[int], list[str], int]] = {}
+        self._static_qps: list[str] | None = None
+
+    def encoded(self, substitutions: Mapping[str, Any]) -> tuple[str, bytes]:
+        """``_encoded(apply_substitutions(text, substitutions))``, made line by line."""
+        keys = tuple(substitutions)
+        if (
+            self._lines is None
+            or any(not isinstance(v, str) or "\r" in v or "\n" in v for v in substitutions.values())
+            or any("\r" in k or "\n" in k for k in keys)
+        ):
+            return _encoded(apply_substitutions(self.text, substitutions), self._qp_lines)
+        if (plan := self._plans.get(keys)) is None:
+            plan = self._plan(keys)
+        dynamic, sources, static_longest = plan
+        try:
+            made = [apply_substitutions(s, substitutions).encode("utf-8") for s in sources]
+        except UnicodeEncodeError:  # refused as the whole text is: the same words, position
+            return _encoded(apply_substitutions(self.text, substitutions), self._qp_lines)
+        lines = list(self._lines)
+        for i, line in zip(dynamic, made, strict=True):
+            lines[i] = line
+        longest = max(static_longest, max(map(len, made), default=0))
+        if longest <= (MESSAGE_POLICY.max_line_length or 78):
+            return _encoded_lines(lines, self._qp_lines, longest=longest)
+        if self._static_qps is None:
+            self._static_qps = [_quoted_printable(line, {}) for line in self._lines]
+        qps = list(self._static_qps)
+        for i, line in zip(dynamic, made, strict=True):
+            qps[i] = _quoted_printable(line, self._qp_lines)
+        return _encoded_lines(lines, self._qp_lines, longest=longest, qps=qps)
+
+    def _plan(self, keys: tuple[str, ...]) -> tuple[list[int], list[str], int]:
+        """The lines holding a key (their indexes and text) and the longest of the others."""
+        assert self._lines is not None
+        present = [k.encode("utf-8", "surrogatepass") for k in keys if k]
+        dynamic = [i for i, line in enumerate(self._lines) if any(k in line for k in present)]
+        static = set(range(len(self._lines))) - set(dynamic)
+        plan = (
+            dynamic,
+            [self._lines[i].decode("utf-8") for i in dynamic],
+            max((len(self._lines[i]) for i in static), default=0),
+        )
+        if len(self._plans) < 16:
+            self._plans[keys] = plan
+        return plan
+
+
 @dataclass(frozen=True)
 class TemplateSeed:
     """What makes a template's messages the same bytes each time they are made: the date, the
@@ -343,12 +426,13 @@ class MessageTemplate:
         self.date = self.seed.date
         self.boundary = self.seed.boundary
         self._subject = str(body.get("subject") or "")
-        self._text = _content(body, "text/plain")
-        self._html = _content(body, "text/html")
+        text, html = _content(body, "text/plain"), _content(body, "text/html")
+        self._qp_lines: dict[bytes, str] = {}
+        self._text = None if text is None else _PartTemplate(text, self._qp_lines)
+        self._html = None if html is None else _PartTemplate(html, self._qp_lines)
         self._shared_headers = body.get("headers") or {}
         self._shared: dict[str, bytes] = {}
         self._rendered: dict[tuple[str, str], bytes] = {}
-        self._qp_lines: dict[bytes, str] = {}
         self._skeletons: dict[tuple[str | None, str | None], list[bytes]] = {}
 
     def message(self, index: int, message_id: str) -> tuple[bytes, list[str]]:
@@ -392,18 +476,20 @@ class MessageTemplate:
                     lines.append(self._kept(name, value))
                 names.append(name)
                 counts[name.lower()] += 1
-            text = None if self._text is None else apply_substitutions(self._text, substitutions)
-            html = None if self._html is None else apply_substitutions(self._html, substitutions)
+            text_cte, text_data = (
+                (None, b"") if self._text is None else self._text.encoded(substitutions)
+            )
+            html_cte, html_data = (
+                (None, b"") if self._html is None else self._html.encoded(substitutions)
+            )
         except (ValueError, TypeError, KeyError, IndexError) as exc:
             raise EnvelopeViolation(
                 f"personalization {index}: cannot build its message: {exc}"
             ) from exc
-        if text is None and html is None:
+        if text_cte is None and html_cte is None:
             return b"".join(lines) + b"\r\n", names
-        text_cte, text_data = (None, b"") if text is None else _encoded(text, self._qp_lines)
-        html_cte, html_data = (None, b"") if html is None else _encoded(html, self._qp_lines)
         mark = f"--{self.boundary}".encode("ascii")
-        if text is not None and html is not None and (mark in text_data or mark in html_data):
+        if text_cte and html_cte and (mark in text_data or mark in html_data):
             return self._reference(index, message_id)
         skeleton = self._skeleton(text_cte, html_cte)
         payloads = [d for d, c in ((text_data, text_cte), (html_data, html_cte)) if c is not None]
