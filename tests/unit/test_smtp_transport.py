@@ -8,6 +8,7 @@ record; and the MIME guard refusing what would reach anyone else, before anythin
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import email
 import html
@@ -76,6 +77,8 @@ class RecordingHandler:
     rcpt_replies: dict[str, list[str]] = field(default_factory=dict)
     data_replies: dict[str, list[str]] = field(default_factory=dict)
     drop_after_data: set[str] = field(default_factory=set)
+    # Recipient → seconds the answer to their message's final "." is held back (it is kept).
+    slow_answers: dict[str, float] = field(default_factory=dict)
     mail_reply: str | None = None
     close_every: int | None = None
     rcpt_attempts: Counter[str] = field(default_factory=Counter)
@@ -121,6 +124,8 @@ class RecordingHandler:
             self.drop_after_data.discard(rcpt)
             server.transport.abort()  # accepted, and the answer never leaves
             return "250 OK"
+        if delay := self.slow_answers.pop(rcpt, 0.0):
+            await asyncio.sleep(delay)  # accepted; the answer comes after the client gave up
         self._per_session[id(session)] += 1
         if self.close_every and self._per_session[id(session)] % self.close_every == 0:
             server.loop.call_soon(server.transport.close)  # after this answer is written
@@ -657,6 +662,29 @@ def test_a_connection_lost_after_data_leaves_that_one_unknown_and_never_resends_
     assert run.outbox.requeue(run.run_key, [BatchState.UNKNOWN]) == 1
     assert send(run, transport_for(server))["states"] == {BatchState.SENT: 1}
     assert [r.rcpt_tos[0] for r in server.handler.received[5:]] == [lost]
+
+
+def test_an_answer_slower_than_the_timeout_leaves_that_one_unknown_and_nobody_twice(
+    smtp_server: Callable[..., Server], stage_run: Callable[..., Run]
+) -> None:
+    """The server takes a message and answers after the client stopped waiting: that message is
+    'unknown' (the server has it), the connection is opened again for the rest, and neither the
+    retried shard nor anything else sends it twice."""
+    server = smtp_server()
+    run = stage_run(5)
+    slow = run.people[1].email
+    server.handler.slow_answers[slow] = 1.5
+
+    result = send(run, transport_for(server, timeout_seconds=0.5, chunk_size=2), max_in_flight=2)
+
+    assert result["states"] == {BatchState.UNKNOWN: 1}
+    states = run.own_states()
+    assert states.pop(slow) == BatchState.UNKNOWN
+    assert set(states.values()) == {BatchState.SENT}
+    assert send(run, transport_for(server))["skipped_already_done"] == 1
+    assert Counter(r.rcpt_tos[0] for r in server.handler.received) == Counter(
+        {p.email: 1 for p in run.people}
+    )
 
 
 def test_answers_lost_again_and_again_stop_the_batch_instead_of_burning_through_it(
