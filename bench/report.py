@@ -849,8 +849,25 @@ def e2e_tasks(db: str, users: int, entry: dict[str, Any]) -> list[str]:
             f"{totals['startup_seconds']:.1f} s, work {totals['work_seconds']:.1f} s, finish "
             f"{totals['finish_seconds']:.1f} s (tasks overlap, so these exceed the wall time).",
         ]
+    if (after := post_approval_seconds(entry)) is not None:
+        out += [
+            "",
+            f"After approval (the first `guard_shard` queued → the last `send_shard` done): "
+            f"{after:.1f} s.",
+        ]
     out.append("")
     return out
+
+
+def post_approval_seconds(entry: dict[str, Any]) -> float | None:
+    """From the first guard shard queued to the last send shard ended, in seconds."""
+    tasks = entry.get("tasks") or []
+    guards = [t for t in tasks if t["label"].startswith("guard_shard")]
+    sends = [t for t in tasks if t["label"].startswith("send_shard")]
+    if not guards or not sends or any(t.get("queued_at") is None for t in guards + sends):
+        return None
+    ends = [t["queued_at"] + (t.get("queue_seconds") or 0) + t["task_seconds"] for t in sends]
+    return float(max(ends) - min(t["queued_at"] for t in guards))
 
 
 def _s(value: float | None) -> str:

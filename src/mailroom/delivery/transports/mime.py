@@ -7,13 +7,15 @@ Two builders make the same bytes:
   ``email`` package. It is the oracle the fast builder is held to (property tests compare them
   byte for byte) and what a transport given its own ``build_message`` uses.
 * ``MessageTemplate`` is what the transport sends with: everything one request body's messages
-  share (the sender, the reply-to, the date, the MIME skeleton with its boundary) is made once
-  per body, by the ``email`` package itself; each personalization's own pieces (``To:``, the
-  substituted subject and parts, its headers, the Message-ID) are rendered with the same policy
-  calls the reference makes, or, for the plain values almost every message holds, written as the
-  package would write them, and spliced in.
+  share (the sender, the reply-to, the date, the MIME skeleton with its boundary, the lines of
+  each part that hold no substitution) is made once per body, by the ``email`` package itself or
+  as it makes them; each personalization's own pieces (``To:``, the substituted subject and part
+  lines, its headers, the Message-ID) are rendered with the same policy calls the reference
+  makes, or, for the plain values almost every message holds, written as the package would
+  write them, and spliced in. A ``TemplateSeed`` (date, boundary, Message-ID stamp) makes the
+  same message the same bytes each time it is made.
 
-The guard (``guard_mime_message``) decides on the bytes alone, quickly, what it can: one
+The guard (``MimeGuard``) decides on the bytes alone, quickly, what it can: one
 envelope recipient equal to the personalization's address, no bare CR or LF, no line over 998
 characters, every header line a field or a continuation, exactly the headers that were set, no
 Cc/Bcc, one of each single header, ``To:`` holding exactly the envelope recipient and a
