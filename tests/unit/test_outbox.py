@@ -23,6 +23,7 @@ from mailroom.delivery.outbox import (
     OperatorAction,
     Outbox,
     OutboxConflict,
+    RecipientOutcome,
     StagedBatch,
 )
 
@@ -443,6 +444,54 @@ def test_not_sent_lists_every_recipient_of_an_unsent_batch_with_its_reason(
 
 
 # -- one message per recipient (SMTP) -------------------------------------------------------------
+
+
+def test_a_chunk_of_recipients_is_begun_and_recorded_in_one_transaction_each(
+    outbox: Outbox, run_key: str
+) -> None:
+    """On both databases: a chunk moves to 'sending' at once (only the free ones: any one
+    already taken is not returned), its outcomes are recorded at once (a Message-ID, an error,
+    or back to not sent), a recipient that was not 'sending' is a conflict reported after the
+    others are recorded, and a worker that dies with a chunk begun leaves exactly that chunk
+    'unknown'."""
+    [first, second] = stage(outbox, run_key, 2, recipients=4)
+    a, b = ([m[0].lower() for m in members_of([batch(i, 4)])] for i in range(2))
+    assert outbox.claim(run_key, first)
+    assert outbox.begin_recipients(run_key, first, [a[0].upper(), a[1], a[2]]) == set(a[:3])
+    assert outbox.begin_recipients(run_key, first, [a[2], a[3]]) == {a[3]}
+    with pytest.raises(OutboxConflict, match=r"1 recipient\(s\) of batch"):
+        outbox.finish_recipients(
+            run_key,
+            first,
+            [
+                RecipientOutcome(a[0], BatchState.SENT, message_id="<a0@x>"),
+                RecipientOutcome(a[1], BatchState.FAILED, error="550 no such user"),
+                RecipientOutcome(a[2], None, error="451 later"),
+                RecipientOutcome(b[0], BatchState.SENT),  # another batch's: not 'sending' here
+            ],
+        )
+    records = outbox.recipient_states(run_key, first)
+    assert (records[a[0]].state, records[a[0]].message_id) == (BatchState.SENT, "<a0@x>")
+    assert (records[a[1]].state, records[a[1]].last_error) == (
+        BatchState.FAILED,
+        "550 no such user",
+    )
+    assert (records[a[2]].state, records[a[2]].last_error) == (None, "451 later")
+    assert records[a[3]].state == BatchState.SENDING
+    with pytest.raises(ValueError, match="not a final recipient state"):
+        outbox.finish_recipients(run_key, first, [RecipientOutcome(a[3], BatchState.STAGED)])
+
+    # The second batch: its worker dies with a chunk of three begun, one recorded.
+    assert outbox.claim(run_key, second)
+    assert outbox.begin_recipients(run_key, second, b[:3]) == set(b[:3])
+    outbox.finish_recipients(run_key, second, [RecipientOutcome(b[0], BatchState.SENT)])
+    assert outbox.mark_interrupted(run_key, [second]) == 1
+    assert outbox.recipient_outcomes(run_key, second) == {
+        b[0]: BatchState.SENT,
+        b[1]: BatchState.UNKNOWN,
+        b[2]: BatchState.UNKNOWN,
+    }
+    assert outbox.unsent_recipients(run_key, second) == [b[3]]
 
 
 def test_per_recipient_states_drive_counts_not_sent_requeue_and_interruption(
