@@ -643,6 +643,10 @@ def task_log(api: AirflowApi, run_id: str, try_number: int) -> str:
 # -- the demo ---------------------------------------------------------------------------------
 
 
+def _sigint_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class DemoProcess:
     """``mailroom demo --yes`` in a session of its own, its output read as it comes, and the
     sessions of every process it starts noted while it runs."""
@@ -662,6 +666,9 @@ class DemoProcess:
             stderr=subprocess.STDOUT,
             text=True,
             start_new_session=True,
+            # Ctrl-C reaches it even when this runs as a background job, which a shell starts
+            # with SIGINT ignored (and a process keeps ignoring what it was started ignoring).
+            preexec_fn=_sigint_default,
         )
         self.lines: list[str] = []
         self.sessions: set[int] = set()
