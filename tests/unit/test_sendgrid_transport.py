@@ -22,17 +22,16 @@ from typing import Any
 
 import pytest
 
-from mailroom.batches import BatchEntry, Manifest, serialise
+from mailroom.batches import serialise
 from mailroom.checks.envelope_guard import ApprovedManifest, GuardedBody
-from mailroom.delivery.outbox import FINAL_STATES, BatchState, Outbox, StagedBatch
+from mailroom.delivery.outbox import BatchState
 from mailroom.delivery.rate import RateLimiter, RetryPolicy
-from mailroom.delivery.shards import send_shard
 from mailroom.delivery.transports.base import Clearance, Delivery, Transport
 from mailroom.delivery.transports.file import FileTransport
 from mailroom.delivery.transports.sendgrid import SendGridSettings, SendGridTransport
 from mailroom.errors import EnvelopeViolation, TransportError
 from sendgrid_dev import Faults, SendGridDevServer, accepted_recipients
-from support.runs import guard_every_request, shared_in, shared_of
+from support.runs import Staged, shared_of, stage_requests
 
 pytestmark = pytest.mark.unit
 
@@ -336,81 +335,23 @@ def test_the_sdk_logger_cannot_log_request_bodies(caplog: pytest.LogCaptureFixtu
 # -- send_shard end to end -----------------------------------------------------------------------
 
 
-@dataclass
-class Staged:
-    run_key: str
-    manifest: Manifest
-    batches_dir: Path
-    outbox: Outbox
-    addresses: list[str]
-
-    def send(self, transport: Transport, **kwargs: Any) -> dict[str, Any]:
-        return send_shard(
-            run_key=self.run_key,
-            manifest=self.manifest,
-            shared=shared_in(self.manifest, self.batches_dir),
-            batches_dir=self.batches_dir,
-            shard_index=kwargs.pop("shard_index", 0),
-            shard_count=kwargs.pop("shard_count", 1),
-            transport=transport,
-            outbox=self.outbox,
-            limiter=NO_LIMIT,
-            retry=kwargs.pop("retry", FAST_RETRY),
-            **kwargs,
-        )
-
-    def accounted(self) -> dict[str, dict[str, int]]:
-        """The reconcile equation: staged = sent + failed + unknown + halted."""
-        counts = self.outbox.counts(self.run_key)
-        assert counts[BatchState.STAGED] == {"batches": 0, "recipients": 0}
-        assert counts[BatchState.SENDING] == {"batches": 0, "recipients": 0}
-        for unit, total in (
-            ("batches", len(self.manifest.batches)),
-            ("recipients", len(self.addresses)),
-        ):
-            assert sum(counts[s][unit] for s in FINAL_STATES) == total
-        return counts
-
-
 @pytest.fixture
 def staged(tmp_path: Path) -> Iterator[Staged]:
     """Six frozen requests of three recipients each, written to disk and staged in an outbox."""
-    run_key = "winter_update/manual__transport"
-    batches_dir = tmp_path / "batches"
-    batches_dir.mkdir()
-    entries, members, addresses = [], [], []
+    requests = []
     for index in range(6):
-        batch_id = f"en-{index + 1:05d}"
         emails = [f"Person{index}.{n}@Example.com" for n in range(3)]
-        data = serialise(mail_body(*emails, batch_id=batch_id))
-        (batches_dir / f"{batch_id}.json").write_bytes(data)
-        entries.append(
-            BatchEntry(
-                batch_id,
-                index,
-                "en",
-                f"{batch_id}.json",
-                hashlib.sha256(data).hexdigest(),
-                len(data),
-                len(emails),
+        requests.append(
+            (
+                emails,
+                lambda batch_id, emails=emails: serialise(mail_body(*emails, batch_id=batch_id)),
             )
         )
-        members += [(email, f"u{index}-{n}", batch_id) for n, email in enumerate(emails)]
-        addresses += emails
-    manifest_sha = hashlib.sha256(json.dumps([e.to_dict() for e in entries]).encode()).hexdigest()
-    manifest = Manifest(
-        "winter_update", "manual__transport", "sendgrid", tuple(entries), manifest_sha
+    run = stage_requests(
+        tmp_path, "winter_update/manual__transport", requests, limiter=NO_LIMIT, retry=FAST_RETRY
     )
-    outbox = Outbox(f"sqlite:///{tmp_path / 'outbox.sqlite'}")
-    outbox.stage(
-        run_key,
-        manifest_sha,
-        [StagedBatch(e.batch_id, e.index, e.locale, e.sha256, e.recipients) for e in entries],
-        members,
-    )
-    guard_every_request(run_key, manifest, batches_dir, outbox)
-    yield Staged(run_key, manifest, batches_dir, outbox, addresses)
-    outbox.dispose()
+    yield run
+    run.outbox.dispose()
 
 
 @pytest.mark.parametrize(

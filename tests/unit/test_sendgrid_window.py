@@ -16,22 +16,19 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from mailroom.batches import BatchEntry, Manifest, serialise
+from mailroom.batches import serialise
 from mailroom.checks.envelope_guard import GuardedBody
-from mailroom.delivery.outbox import FINAL_STATES, BatchState, Outbox, StagedBatch
+from mailroom.delivery.outbox import BatchState
 from mailroom.delivery.rate import RateLimiter, RetryPolicy
-from mailroom.delivery.shards import send_shard
 from mailroom.delivery.transports.base import Delivery, Transport
 from mailroom.delivery.transports.sendgrid import SendGridSettings, SendGridTransport
 from mailroom.errors import TransportError
 from sendgrid_dev import Faults, SendGridDevServer, accepted_recipients
-from support.runs import guard_every_request, shared_in
+from support.runs import Staged, stage_requests
 
 pytestmark = pytest.mark.unit
 
@@ -72,72 +69,23 @@ def body_for(batch_id: str, emails: list[str]) -> bytes:
     )
 
 
-@dataclass
-class Staged:
-    run_key: str
-    manifest: Manifest
-    batches_dir: Path
-    outbox: Outbox
-    addresses: list[str]
-
-    def send(self, transport: Transport, **kwargs: Any) -> dict[str, Any]:
-        return send_shard(
-            run_key=self.run_key,
-            manifest=self.manifest,
-            shared=shared_in(self.manifest, self.batches_dir),
-            batches_dir=self.batches_dir,
-            shard_index=0,
-            shard_count=1,
-            transport=transport,
-            outbox=self.outbox,
-            limiter=kwargs.pop("limiter", NO_LIMIT),
-            retry=kwargs.pop("retry", FAST_RETRY),
-            max_in_flight=kwargs.pop("max_in_flight", WINDOW),
-            **kwargs,
-        )
-
-    def accounted(self) -> dict[str, dict[str, int]]:
-        """staged = sent + failed + unknown + halted, nothing left staged or sending."""
-        counts = self.outbox.counts(self.run_key)
-        assert counts[BatchState.STAGED] == {"batches": 0, "recipients": 0}
-        assert counts[BatchState.SENDING] == {"batches": 0, "recipients": 0}
-        assert sum(counts[s]["recipients"] for s in FINAL_STATES) == len(self.addresses)
-        return counts
-
-    def states(self) -> dict[str, BatchState]:
-        return {b: r.state for b, r in self.outbox.states(self.run_key).items()}
-
-
 @pytest.fixture
 def staged(tmp_path: Path) -> Iterator[Staged]:
     """BATCHES frozen requests of two recipients each, staged and cleared by the guard's pass."""
-    run_key = "winter_update/manual__window"
-    batches_dir = tmp_path / "batches"
-    batches_dir.mkdir()
-    entries, members, addresses = [], [], []
+    requests = []
     for index in range(BATCHES):
-        batch_id = f"en-{index + 1:05d}"
         emails = [f"p{index}.{n}@example.com" for n in range(2)]
-        data = body_for(batch_id, emails)
-        (batches_dir / f"{batch_id}.json").write_bytes(data)
-        digest = hashlib.sha256(data).hexdigest()
-        entries.append(
-            BatchEntry(batch_id, index, "en", f"{batch_id}.json", digest, len(data), len(emails))
-        )
-        members += [(email, f"u{index}-{n}", batch_id) for n, email in enumerate(emails)]
-        addresses += emails
-    manifest_sha = hashlib.sha256(json.dumps([e.to_dict() for e in entries]).encode()).hexdigest()
-    manifest = Manifest("winter_update", "manual__window", "sendgrid", tuple(entries), manifest_sha)
-    outbox = Outbox(f"sqlite:///{tmp_path / 'outbox.sqlite'}")
-    outbox.stage(
-        run_key,
-        manifest_sha,
-        [StagedBatch(e.batch_id, e.index, e.locale, e.sha256, e.recipients) for e in entries],
-        members,
+        requests.append((emails, lambda batch_id, emails=emails: body_for(batch_id, emails)))
+    run = stage_requests(
+        tmp_path,
+        "winter_update/manual__window",
+        requests,
+        limiter=NO_LIMIT,
+        retry=FAST_RETRY,
+        max_in_flight=WINDOW,
     )
-    guard_every_request(run_key, manifest, batches_dir, outbox)
-    yield Staged(run_key, manifest, batches_dir, outbox, addresses)
-    outbox.dispose()
+    yield run
+    run.outbox.dispose()
 
 
 @pytest.fixture
