@@ -189,7 +189,7 @@ class SmtpTransport(Transport):
         make = self._maker(body_sha256, body)
         cleared = self._cleared.setdefault(body_sha256, [None] * len(body["personalizations"]))
         for index, email in todo:
-            message = self._guarded_message(make, body, index, email, None)
+            message = self._guarded_message(make, index, email, None)
             cleared[index] = hashlib.sha256(message.data).digest()
 
     def _deliver(self, guarded: GuardedBody) -> Delivery:
@@ -243,7 +243,7 @@ class SmtpTransport(Transport):
             for start in range(0, len(todo), size):
                 # Made (and held to its cleared digest) while the chunk before is on the wire.
                 chunk = [
-                    self._guarded_message(make, body, i, e, cleared[i] if reproducible else None)
+                    self._guarded_message(make, i, e, cleared[i] if reproducible else None)
                     for i, e in todo[start : start + size]
                 ]
                 if in_flight is not None:
@@ -293,16 +293,18 @@ class SmtpTransport(Transport):
             )
         raise TransportError(f"{total - states[BatchState.SENT]} of {total} not sent ({summary})")
 
-    def _maker(
-        self, body_sha256: str, body: Mapping[str, Any]
-    ) -> Callable[[int, str], tuple[str, bytes, list[str]]]:
-        """How this body's messages are made: (personalization index, sender) → (Message-ID,
-        bytes, names of the headers set). Spliced from the body's template, the same bytes
-        every time for this transport; or by the builder this transport was given."""
+    def _maker(self, body_sha256: str, body: Mapping[str, Any]) -> _Maker:
+        """How this body's messages are made: personalization index → (Message-ID, bytes,
+        names of the headers set). Spliced from the body's template, the same bytes every time
+        for this transport; or by the builder this transport was given. The sender is checked
+        here, once per body."""
+        sender = str((body.get("from") or {}).get("email") or "")
+        if not is_valid_single_address(sender):
+            raise EnvelopeViolation("the sender is not exactly one valid address")
         builder = self._build_message
         if builder is not None:
 
-            def build(index: int, sender: str) -> tuple[str, bytes, list[str]]:
+            def build(index: int) -> tuple[str, str, bytes, list[str]]:
                 message_id = make_msgid(domain=sender.rpartition("@")[2])
                 msg = builder(body, index, message_id)
                 try:
@@ -311,7 +313,7 @@ class SmtpTransport(Transport):
                     raise EnvelopeViolation(
                         f"personalization {index}: cannot serialise: {exc}"
                     ) from exc
-                return message_id, data, list(msg.keys())
+                return sender, message_id, data, list(msg.keys())
 
             return build
         seed = self._seeds.get(body_sha256)
@@ -319,27 +321,19 @@ class SmtpTransport(Transport):
             seed = self._seeds[body_sha256] = TemplateSeed.new()
         template = MessageTemplate(body, seed=seed)
 
-        def splice(index: int, sender: str) -> tuple[str, bytes, list[str]]:
+        def splice(index: int) -> tuple[str, str, bytes, list[str]]:
             message_id = seed.message_id(index, sender.rpartition("@")[2])
             data, names = template.message(index, message_id)
-            return message_id, data, names
+            return sender, message_id, data, names
 
         return splice
 
     def _guarded_message(
-        self,
-        make: Callable[[int, str], tuple[str, bytes, list[str]]],
-        body: Mapping[str, Any],
-        index: int,
-        email: str,
-        cleared: bytes | None,
+        self, make: _Maker, index: int, email: str, cleared: bytes | None
     ) -> GuardedMessage:
         """The message of personalization ``index``, cleared: its SHA-256 is ``cleared`` (the
         digest of the message the MIME guard passed), or, without one, the guard passes it."""
-        sender = str((body.get("from") or {}).get("email") or "")
-        if not is_valid_single_address(sender):
-            raise EnvelopeViolation("the sender is not exactly one valid address")
-        message_id, data, header_names = make(index, sender)
+        sender, message_id, data, header_names = make(index)
         if cleared is None:
             self._guard.check(data, [email], email, header_names)
         elif hashlib.sha256(data).digest() != cleared:
@@ -575,6 +569,9 @@ def _connect_failure(where: str, exc: Exception) -> TransportError:
         )
     return TransportError(f"SMTP server {where}: {type(exc).__name__}: {exc}")
 
+
+# How one body's messages are made: index → (sender, Message-ID, bytes, header names).
+_Maker = Callable[[int], tuple[str, str, bytes, list[str]]]
 
 # One connection's share of a chunk: (position in the chunk, outcome) for each of its messages,
 # and the error that stopped it (its remaining messages then certainly not sent).
