@@ -922,7 +922,7 @@ def test_a_server_offering_pipelining_gets_each_transaction_in_two_writes(
     from smtp_sink import SmtpSink
 
     writes: Counter[str] = Counter()
-    real_send = smtp_module._Connection.send
+    real_queue = smtp_module._Connection.queue
 
     def counting(conn: Any, data: Any) -> None:
         if isinstance(data, bytes) and data.startswith(b"MAIL FROM:"):
@@ -930,9 +930,9 @@ def test_a_server_offering_pipelining_gets_each_transaction_in_two_writes(
             writes["MAIL+RCPT+DATA" if grouped else "MAIL"] += 1
         elif isinstance(data, bytes) and data.endswith(b"\r\n.\r\n"):
             writes["message"] += 1
-        real_send(conn, data)
+        real_queue(conn, data)
 
-    monkeypatch.setattr(smtp_module._Connection, "send", counting)
+    monkeypatch.setattr(smtp_module._Connection, "queue", counting)
     run = stage_run(12)
     with SmtpSink(stats_file=tmp_path / "sink.json") as sink:
         transport = SmtpTransport(
@@ -1310,6 +1310,72 @@ def test_preflight_sends_nothing_and_refuses_what_send_would_refuse(
 
     assert server.handler.received == []
     assert server.handler.rcpt_attempts == Counter()
+
+
+def test_a_slow_answer_on_one_connection_does_not_hold_up_the_others(
+    smtp_server: Callable[..., Server], stage_run: Callable[..., Run]
+) -> None:
+    """The connections of a shard are driven from one thread: while the first waits for a
+    slow answer, the second sends its whole share."""
+    server = smtp_server()
+    run = stage_run(6)
+    first = run.people[0].email  # connection 0 sends people 0, 2, 4; connection 1 people 1, 3, 5
+    server.handler.slow_answers[first] = 1.0
+
+    result = send(run, transport_for(server, chunk_size=6), max_in_flight=2)
+
+    assert result["states"] == {BatchState.SENT: 1}
+    order = [r.rcpt_tos[0] for r in server.handler.received]
+    waited_for = order.index(run.people[2].email)  # connection 0's next, after the slow answer
+    assert {run.people[k].email for k in (1, 3, 5)} <= set(order[:waited_for])
+
+
+@pytest.mark.parametrize("security", ["none", "tls"])
+def test_messages_larger_than_the_socket_buffers_leave_whole_over_several_connections(
+    security: str,
+    smtp_server: Callable[..., Server],
+    stage_run: Callable[..., Run],
+    certificate: tuple[Path, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A message the socket takes in pieces (written as the connection can take it, in the
+    clear and over TLS) arrives whole, each to its own recipient with their own values."""
+    from mailroom.delivery.transports import smtp as smtp_module
+
+    start = smtp_module._Connection.start_transactions
+
+    def small_send_buffer(conn: Any) -> None:  # as on a slow link: the socket takes a little
+        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+        start(conn)
+
+    monkeypatch.setattr(smtp_module._Connection, "start_transactions", small_send_buffer)
+    tls = security == "tls"
+    server = smtp_server(ssl_context=server_tls(certificate)) if tls else smtp_server()
+    run = stage_run(4)
+    body = request_body(run.people)
+    long_html = "".join(f"<p>{n:06d} for %%first_name|html%% {'x' * 90}</p>\n" for n in range(8_000))
+    body["content"][1]["value"] = long_html
+    data = serialise(body)
+    approved = ApprovedManifest("m" * 64, frozenset({sha256_hex(data)}), shared_of(data))
+    transport = transport_for(
+        server, security=security, ssl_context=client_tls(certificate) if tls else None
+    )
+    transport.in_flight = 2
+
+    with transport:
+        transport.send(data, approved)
+
+    assert len(server.handler.received) == 4
+    for person in run.people:
+        (received,) = server.handler.to(person.email)
+        assert len(received.data) > 800_000
+        message = email.message_from_bytes(received.data, policy=email_policy.default)
+        part = cast(EmailMessage, message).get_body(("html",))
+        assert part is not None
+        name = html.escape(person.substitutions()["%%first_name%%"])
+        assert part.get_content().replace("\r\n", "\n") == long_html.replace(
+            "%%first_name|html%%", name
+        )
 
 
 def test_a_line_break_in_a_substituted_subject_is_refused(

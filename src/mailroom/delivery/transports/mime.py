@@ -39,6 +39,7 @@ from email.headerregistry import Address
 from email.message import EmailMessage
 from email.parser import BytesParser
 from email.utils import formatdate
+from itertools import pairwise
 from typing import Any
 
 from mailroom.addresses import is_valid_single_address
@@ -266,13 +267,7 @@ def _encoded_lines(
     sniff_qp = sum(len(q) - q.count("\r\n") for q in qps[:10]) + len(head)
     sniff_base64 = 4 * ((sum(map(len, head)) + 2 * len(head) + 2) // 3) + 1
     if sniff_qp > sniff_base64:
-        data = b"\r\n".join(lines) + b"\r\n"
-        step = maxlen // 4 * 3
-        encoded = b"".join(
-            binascii.b2a_base64(data[i : i + step])[:-1] + b"\r\n"
-            for i in range(0, len(data), step)
-        )
-        return "base64", encoded
+        return "base64", _base64_lines(b"\r\n".join(lines) + b"\r\n", maxlen)
     return "quoted-printable", ("\r\n".join(qps) + "\r\n").encode("ascii")
 
 
@@ -328,8 +323,8 @@ def quoted_printable_line(line: bytes, maxlen: int) -> str:
 class _PartTemplate:
     """One content part of a body, ready for each personalization's substitutions: its lines as
     the package splits them (CR, LF, CRLF), and, for each set of substitution keys, which lines
-    hold one. Only those lines are substituted and encoded per message; the others are encoded
-    once (their quoted-printable kept with the template's). A value or key holding a line break
+    hold one (``_Plan``). Only those lines are substituted and encoded per message, and put
+    between the others, which are joined and encoded once. A value or key holding a line break
     (it would move the lines) takes the whole-text path, ``_encoded``."""
 
     def __init__(self, text: str, qp_lines: dict[bytes, str]) -> None:
@@ -341,52 +336,100 @@ class _PartTemplate:
             self._lines: list[bytes] | None = None  # refused per message, as the package does
         else:
             self._lines = raw.splitlines()
-        self._plans: dict[tuple[str, ...], tuple[list[int], list[str], int]] = {}
-        self._static_qps: list[str] | None = None
+        self._plans: dict[tuple[str, ...], _Plan] = {}
 
     def encoded(self, substitutions: Mapping[str, Any]) -> tuple[str, bytes]:
         """``_encoded(apply_substitutions(text, substitutions))``, made line by line."""
         keys = tuple(substitutions)
         if (
-            self._lines is None
+            not self._lines
             or any(not isinstance(v, str) or "\r" in v or "\n" in v for v in substitutions.values())
             or any("\r" in k or "\n" in k for k in keys)
         ):
             return _encoded(apply_substitutions(self.text, substitutions), self._qp_lines)
         if (plan := self._plans.get(keys)) is None:
-            plan = self._plan(keys)
-        dynamic, sources, static_longest = plan
+            plan = _Plan(self._lines, keys)
+            if len(self._plans) < 16:
+                self._plans[keys] = plan
         try:
-            made = [apply_substitutions(s, substitutions).encode("utf-8") for s in sources]
+            made = [apply_substitutions(s, substitutions).encode("utf-8") for s in plan.sources]
         except UnicodeEncodeError:  # refused as the whole text is: the same words, position
             return _encoded(apply_substitutions(self.text, substitutions), self._qp_lines)
-        lines = list(self._lines)
-        for i, line in zip(dynamic, made, strict=True):
-            lines[i] = line
-        longest = max(static_longest, max(map(len, made), default=0))
-        if longest <= (MESSAGE_POLICY.max_line_length or 78):
-            return _encoded_lines(lines, self._qp_lines, longest=longest)
-        if self._static_qps is None:
-            self._static_qps = [_quoted_printable(line, {}) for line in self._lines]
-        qps = list(self._static_qps)
-        for i, line in zip(dynamic, made, strict=True):
-            qps[i] = _quoted_printable(line, self._qp_lines)
-        return _encoded_lines(lines, self._qp_lines, longest=longest, qps=qps)
-
-    def _plan(self, keys: tuple[str, ...]) -> tuple[list[int], list[str], int]:
-        """The lines holding a key (their indexes and text) and the longest of the others."""
-        assert self._lines is not None
-        present = [k.encode("utf-8", "surrogatepass") for k in keys if k]
-        dynamic = [i for i, line in enumerate(self._lines) if any(k in line for k in present)]
-        static = set(range(len(self._lines))) - set(dynamic)
-        plan = (
-            dynamic,
-            [self._lines[i].decode("utf-8") for i in dynamic],
-            max((len(self._lines[i]) for i in static), default=0),
+        maxlen = MESSAGE_POLICY.max_line_length or 78
+        longest = max(plan.static_longest, max(map(len, made), default=0))
+        if longest <= maxlen:
+            data = plan.join(plan.raw, [line + b"\r\n" for line in made])
+            ascii_only = plan.raw_ascii and all(line.isascii() for line in made)
+            return ("7bit" if ascii_only else "8bit"), data
+        qps = [_quoted_printable(line, self._qp_lines) for line in made]
+        static_qp, static_head_qp = plan.quoted_printable()
+        head = plan.head_dynamic
+        sniff_qp = (
+            static_head_qp + sum(len(q) - q.count("\r\n") for q in qps[:head]) + plan.head_count
         )
-        if len(self._plans) < 16:
-            self._plans[keys] = plan
-        return plan
+        head_octets = plan.static_head_octets + sum(map(len, made[:head]))
+        sniff_base64 = 4 * ((head_octets + 2 * plan.head_count + 2) // 3) + 1
+        if sniff_qp > sniff_base64:
+            data = plan.join(plan.raw, [line + b"\r\n" for line in made])
+            return "base64", _base64_lines(data, maxlen)
+        return "quoted-printable", plan.join(static_qp, [q.encode("ascii") + b"\r\n" for q in qps])
+
+
+class _Plan:
+    """A part's lines for one set of substitution keys: the lines holding a key (``dynamic``,
+    their text in ``sources``) and, between them, the others joined once, each with its CRLF
+    (``raw``, and ``quoted_printable()`` when a message needs that encoding); and what the
+    encoding choice reads of the first ten lines that does not change per message."""
+
+    def __init__(self, lines: list[bytes], keys: tuple[str, ...]) -> None:
+        present = [k.encode("utf-8", "surrogatepass") for k in keys if k]
+        self.lines = lines
+        self.dynamic = [i for i, line in enumerate(lines) if any(k in line for k in present)]
+        self.sources = [lines[i].decode("utf-8") for i in self.dynamic]
+        dynamic = set(self.dynamic)
+        static = [i for i in range(len(lines)) if i not in dynamic]
+        self.static_longest = max((len(lines[i]) for i in static), default=0)
+        self.raw = self._segments([line + b"\r\n" for line in lines])
+        self.raw_ascii = all(lines[i].isascii() for i in static)
+        self.head_count = min(10, len(lines))
+        self.head_dynamic = sum(1 for i in self.dynamic if i < 10)
+        self.static_head_octets = sum(len(lines[i]) for i in static if i < 10)
+        self._qp: tuple[list[bytes], int] | None = None
+
+    def _segments(self, pieces: list[bytes]) -> list[bytes]:
+        """The pieces of the lines between the dynamic ones, joined: one more than those."""
+        bounds = [-1, *self.dynamic, len(pieces)]
+        return [b"".join(pieces[a + 1 : b]) for a, b in pairwise(bounds)]
+
+    def quoted_printable(self) -> tuple[list[bytes], int]:
+        """The static lines quoted-printable (joined as ``raw``), and the quoted-printable
+        length the encoding choice counts of the static ones among the first ten."""
+        if self._qp is None:
+            qps = [
+                quoted_printable_line(line, MESSAGE_POLICY.max_line_length or 78)
+                for line in self.lines
+            ]
+            dynamic = set(self.dynamic)
+            head = sum(len(q) - q.count("\r\n") for i, q in enumerate(qps[:10]) if i not in dynamic)
+            self._qp = self._segments([(q + "\r\n").encode("ascii") for q in qps]), head
+        return self._qp
+
+    @staticmethod
+    def join(segments: list[bytes], made: list[bytes]) -> bytes:
+        """The segments with each made line put between them, in order."""
+        pieces = [segments[0]]
+        for line, segment in zip(made, segments[1:], strict=True):
+            pieces += (line, segment)
+        return b"".join(pieces)
+
+
+def _base64_lines(data: bytes, maxlen: int) -> bytes:
+    """``data`` in base64 as the package writes a part: lines of ``maxlen // 4 * 3`` octets
+    encoded, each ending in CRLF (one encoding of the whole, cut into those lines: the octets per
+    line are a multiple of three, so the pieces encode alike)."""
+    width = maxlen // 4 * 4
+    encoded = binascii.b2a_base64(data, newline=False)
+    return b"".join(encoded[i : i + width] + b"\r\n" for i in range(0, len(encoded), width))
 
 
 @dataclass(frozen=True)
@@ -462,7 +505,6 @@ class MessageTemplate:
             else:
                 lines.append(_render("Message-ID", message_id))
             names += ["Subject", "Date", "Message-ID"]
-            counts = Counter(n.lower() for n in names)
             for key, raw in headers.items():
                 name, value = str(key), str(raw)
                 if not _FIELD_NAME.fullmatch(name):
@@ -471,13 +513,13 @@ class MessageTemplate:
                     lines.append(self._kept_raw(name, value))
                 else:
                     max_count = MESSAGE_POLICY.header_max_count(name)
-                    if max_count and counts[name.lower()] >= max_count:
+                    lowered = name.lower()
+                    if max_count and sum(n.lower() == lowered for n in names) >= max_count:
                         raise ValueError(
                             f"There may be at most {max_count} {name} headers in a message"
                         )
                     lines.append(self._kept(name, value))
                 names.append(name)
-                counts[name.lower()] += 1
             text_cte, text_data = (
                 (None, b"") if self._text is None else self._text.encoded(substitutions)
             )
@@ -612,14 +654,15 @@ class MimeGuard:
         self, data: bytes, rcpt: Sequence[str], recipient: str, header_names: Iterable[str]
     ) -> None:
         envelope = _one_envelope_recipient(rcpt, recipient)
-        # Every CR in a CRLF and every LF in one: no bare CR or LF (counted, not searched).
-        line_ends = data.count(b"\r\n")
-        if data.count(b"\r") != line_ends or data.count(b"\n") != line_ends:
+        # Every CR in a CRLF and every LF in one: none is left once the lines are cut at CRLF.
+        lines = data.split(b"\r\n")
+        rest = b"".join(lines)
+        if b"\r" in rest or b"\n" in rest:
             raise EnvelopeViolation("the message has a bare CR or LF (a line break smuggled in)")
         head, separator, _ = data.partition(b"\r\n\r\n")
         if not separator:
             raise EnvelopeViolation("the message has no end of its header section")
-        if max(map(len, data.split(b"\r\n"))) > MAX_LINE_LENGTH:
+        if max(map(len, lines)) > MAX_LINE_LENGTH:
             raise EnvelopeViolation(f"the message has a line over {MAX_LINE_LENGTH} characters")
         fields: list[list[bytes]] = []
         for n, line in enumerate(head.split(b"\r\n")):

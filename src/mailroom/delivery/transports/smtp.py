@@ -22,7 +22,10 @@ Recipients are recorded in chunks (``SmtpSettings.chunk_size``, default 100): on
 marks a chunk's recipients ``sending``, then its messages go out, spread over the shard's
 connections (``Transport.in_flight``, the campaign's ``max_in_flight``), each connection sending
 its share in order with ``MAIL``/``RCPT``/``DATA`` in one write where the server offers
-``PIPELINING`` (RFC 2920), and one transaction records the chunk's outcomes. A worker killed
+``PIPELINING`` (RFC 2920), and one transaction records the chunk's outcomes. The connections
+are driven from one thread without blocking: each one's next step is taken as soon as its
+answer is in, and while no answer is in, the next chunk is made (threads, one per connection,
+spent more on handing Python's interpreter lock back and forth than they saved). A worker killed
 at any point leaves at most that one chunk ``sending`` (then ``unknown``: never resent
 automatically, the operator settles it); everything recorded before it stays as recorded.
 
@@ -38,15 +41,16 @@ import hashlib
 import json
 import logging
 import re
+import select
 import smtplib
 import socket
 import ssl
-from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from email.utils import make_msgid
-from typing import Any
+from typing import Any, TypeVar
 
 from mailroom.addresses import is_valid_single_address, mask, mask_addresses
 from mailroom.checks.envelope_guard import GuardedBody
@@ -79,6 +83,8 @@ MAX_CONNECTIONS = 32
 # Messages in a row whose answer was lost after DATA before the batch stops (the server or the
 # network is failing: going on would only make more recipients 'unknown').
 MAX_UNKNOWN_IN_A_ROW = 3
+# The longest answer line read (smtplib's own limit).
+_MAX_REPLY_LINE = 8192
 
 
 @dataclass(frozen=True)
@@ -158,8 +164,6 @@ class SmtpTransport(Transport):
         self._ssl_context = ssl_context
         self._build_message = build_message
         self._conns: dict[int, _Connection] = {}
-        self._pool: ThreadPoolExecutor | None = None
-        self._pool_size = 0
         self._guard = MimeGuard()
         # Per body this transport has made messages of: how to make them again the same (its
         # template's date, boundary and Message-IDs), and the SHA-256 of each message the MIME
@@ -238,33 +242,35 @@ class SmtpTransport(Transport):
                 )
 
         size = self.settings.chunk_size
-        in_flight: list[Future[_Share]] | None = None
-        try:
-            for start in range(0, len(todo), size):
-                # Made (and held to its cleared digest) while the chunk before is on the wire.
-                chunk = [
-                    self._guarded_message(make, i, e, cleared[i] if reproducible else None)
-                    for i, e in todo[start : start + size]
-                ]
-                if in_flight is not None:
-                    shares, in_flight = in_flight, None
-                    record(*_collect(shares))
-                if reason := ledger.stop_reason():
-                    raise SendHalted(reason)
-                # A refused connection raises here, before anything of the chunk is marked.
-                self._open(min(max(self.in_flight, 1), len(chunk)))
-                begun = ledger.begin([m.rcpt for m in chunk])
-                if skipped := sum(m.rcpt.lower() not in begun for m in chunk):
-                    log.warning(
-                        "request %s: %d recipient(s) not free to send; skipped", batch, skipped
-                    )
-                in_flight = self._transmit([m for m in chunk if m.rcpt.lower() in begun])
-            if in_flight is not None:
-                shares, in_flight = in_flight, None
-                record(*_collect(shares))
-        finally:
-            if in_flight is not None:  # an error while a chunk was on the wire: record it too
-                ledger.finish(_collect(in_flight)[0])
+        parts = [todo[start : start + size] for start in range(0, len(todo), size)]
+
+        def making(part: Sequence[tuple[int, str]], into: list[GuardedMessage]) -> Iterator[None]:
+            """Make (and hold to its cleared digest) each message of ``part``, one per step."""
+            for i, e in part:
+                into.append(self._guarded_message(make, i, e, cleared[i] if reproducible else None))
+                yield None
+
+        chunk: list[GuardedMessage] = []
+        for _ in making(parts[0] if parts else [], chunk):
+            pass
+        for k in range(len(parts)):
+            if reason := ledger.stop_reason():
+                raise SendHalted(reason)
+            # A refused connection raises here, before anything of the chunk is marked.
+            self._open(min(max(self.in_flight, 1), len(chunk)))
+            begun = ledger.begin([m.rcpt for m in chunk])
+            if skipped := sum(m.rcpt.lower() not in begun for m in chunk):
+                log.warning("request %s: %d recipient(s) not free to send; skipped", batch, skipped)
+            # The next chunk is made while this one is on the wire (whenever no answer is in).
+            following: list[GuardedMessage] = []
+            steps = making(parts[k + 1] if k + 1 < len(parts) else [], following)
+            shares, unmade = self._transmit([m for m in chunk if m.rcpt.lower() in begun], steps)
+            record(*_collect(shares))
+            if unmade is not None:
+                raise unmade
+            for _ in steps:
+                pass
+            chunk = following
         log.info(
             "request %s: %d message(s) sent, %d failed, %d unknown now; %d already on record",
             batch,
@@ -343,23 +349,93 @@ class SmtpTransport(Transport):
         return GuardedMessage(sender, email, data, message_id)
 
     # the chunk over the connections -----------------------------------------------------------
-    def _transmit(self, messages: Sequence[GuardedMessage]) -> list[Future[_Share]]:
-        """Start sending a chunk's messages, each connection its share in order; collect the
-        outcomes with ``_collect``."""
+    def _transmit(
+        self, messages: Sequence[GuardedMessage], idle: Iterator[None] | None
+    ) -> tuple[list[_Share], Exception | None]:
+        """Send a chunk's messages, each connection its share in order, all from this thread:
+        every connection's next step is taken as soon as its answer is in. While no answer is
+        in, a step of ``idle`` is taken (the next chunk is made); the error that stopped
+        ``idle``, if any, is returned beside every share's outcomes."""
         lanes = min(max(self.in_flight, 1), len(messages))
-        if self._pool is None or self._pool_size < lanes:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True)
-            self._pool = ThreadPoolExecutor(max(lanes, 1), thread_name_prefix="smtp")
-            self._pool_size = max(lanes, 1)
         positioned = list(enumerate(messages))
-        return [self._pool.submit(self._lane, k, positioned[k::lanes]) for k in range(lanes)]
+        running = {k: self._lane(k, positioned[k::lanes]) for k in range(lanes)}
+        shares: dict[int, _Share] = {}
+        waiting: dict[int, _Connection] = {}
+        timeout = self.settings.timeout_seconds
 
-    def _lane(self, lane: int, messages: Sequence[tuple[int, GuardedMessage]]) -> _Share:
+        def advance(lane: int, reply: _Reply | None = None, error: OSError | None = None) -> None:
+            """Run ``lane`` until it waits for an answer not yet in, or is done."""
+            steps = running[lane]
+            while True:
+                try:
+                    if error is not None:
+                        conn = steps.throw(error)
+                    else:
+                        conn = next(steps) if reply is None else steps.send(reply)
+                except StopIteration as done:
+                    shares[lane] = done.value
+                    return
+                reply, error = None, None
+                try:
+                    conn.flush()
+                    reply = conn.next_reply()
+                except OSError as exc:
+                    error = exc
+                    continue
+                if reply is None:
+                    conn.deadline = time.monotonic() + timeout
+                    waiting[lane] = conn
+                    return
+
+        for lane in running:
+            advance(lane)
+        unmade: Exception | None = None
+        while waiting:
+            readable = {conn.socket(): lane for lane, conn in waiting.items()}
+            writable = [conn.socket() for conn in waiting.values() if conn.unsent]
+            wait = 0.0 if idle is not None else _until(min(c.deadline for c in waiting.values()))
+            ready, can_write, _ = select.select(list(readable), writable, [], wait)
+            if not ready and not can_write:
+                if idle is not None:
+                    try:
+                        next(idle)
+                    except StopIteration:
+                        idle = None
+                    except Exception as exc:  # the next chunk is refused: this one still ends
+                        unmade, idle = exc, None
+                    continue
+                for lane, conn in list(waiting.items()):
+                    if conn.deadline <= time.monotonic():
+                        del waiting[lane]
+                        advance(lane, error=TimeoutError("timed out waiting for the answer"))
+                continue
+            for sock in can_write:
+                lane = readable[sock]
+                try:
+                    waiting[lane].flush()
+                except OSError as exc:
+                    del waiting[lane]
+                    advance(lane, error=exc)
+            for sock in ready:
+                lane = readable[sock]
+                if (read := waiting.get(lane)) is None:
+                    continue
+                try:
+                    reply = read.receive()
+                except OSError as exc:
+                    del waiting[lane]
+                    advance(lane, error=exc)
+                    continue
+                if reply is not None:
+                    del waiting[lane]
+                    advance(lane, reply=reply)
+        return [shares[k] for k in sorted(shares)], unmade
+
+    def _lane(self, lane: int, messages: Sequence[tuple[int, GuardedMessage]]) -> _Steps[_Share]:
         outcomes: list[tuple[int, RecipientOutcome]] = []
         for n, (position, message) in enumerate(messages):
             try:
-                state, detail = self._send_one(lane, message)
+                state, detail = yield from self._send_one(lane, message)
             except TransportError as exc:
                 # Certainly not accepted: this one and the rest of this connection's share.
                 outcomes.append(
@@ -375,7 +451,7 @@ class SmtpTransport(Transport):
         return outcomes, None
 
     # one message ------------------------------------------------------------------------------
-    def _send_one(self, lane: int, message: GuardedMessage) -> tuple[BatchState, str]:
+    def _send_one(self, lane: int, message: GuardedMessage) -> _Steps[tuple[BatchState, str]]:
         """Send one guarded message over connection ``lane``: (``sent``, Message-ID),
         (``failed``, reply) for a 5xx to this recipient, (``unknown``, why) when the answer was
         lost after the final ``.``. Raises TransportError for a 4xx or anything that refuses
@@ -383,9 +459,11 @@ class SmtpTransport(Transport):
         for attempt in (1, 2):
             conn = self._connection(lane)
             try:
-                where, code, reply = conn.transaction(message.mail_from, message.rcpt, message.data)
+                where, code, reply = yield from conn.transaction(
+                    message.mail_from, message.rcpt, message.data
+                )
             except OSError as exc:  # lost connection, timeout (SMTPServerDisconnected too)
-                delivered_whole = conn.message_sent
+                delivered_whole = conn.delivered_whole
                 self._drop(lane)
                 if delivered_whole:
                     return (
@@ -454,6 +532,7 @@ class SmtpTransport(Transport):
             if isinstance(exc, Exception):
                 raise _connect_failure(where, exc) from None
             raise
+        conn.start_transactions()
         return conn
 
     def _drop(self, lane: int) -> None:
@@ -470,18 +549,19 @@ class SmtpTransport(Transport):
                 pass
             finally:
                 self._drop(lane)
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
 
 
 class _Connection(smtplib.SMTP):
-    """``smtplib.SMTP`` that can start with TLS ("SMTPS"), sends one transaction with
-    ``MAIL``/``RCPT``/``DATA`` in one write where the server offers ``PIPELINING``, and knows
-    whether the current message went out whole, final ``.`` included: a connection lost after
+    """``smtplib.SMTP`` that can start with TLS ("SMTPS"), and, once set up (greeting, EHLO,
+    STARTTLS, AUTH through ``smtplib``), runs its transactions without blocking: a transaction
+    is a generator that queues its commands and yields this connection whenever it needs the
+    next answer, which the transport's loop sends in when it is in. ``MAIL``/``RCPT``/``DATA``
+    go in one write where the server offers ``PIPELINING``. It knows whether the current
+    message went out whole, final ``.`` included (``delivered_whole``): a connection lost after
     that is an unknown outcome, before it the server cannot have accepted the message."""
 
     message_sent = False
+    deadline = 0.0
 
     def __init__(
         self,
@@ -494,6 +574,10 @@ class _Connection(smtplib.SMTP):
         self._tls_context = tls_context
         super().__init__(local_hostname=local_hostname, timeout=timeout)
         self._host = host  # for TLS server-name checks; connect() does not set it
+        self._out = bytearray()
+        self._in = bytearray()
+        self._lines: list[bytes] = []
+        self._replies: deque[_Reply] = deque()
 
     def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
         sock: socket.socket = super()._get_socket(host, port, timeout)  # type: ignore[misc]
@@ -501,23 +585,25 @@ class _Connection(smtplib.SMTP):
             sock = self._tls_context.wrap_socket(sock, server_hostname=self._host)
         return sock
 
-    def transaction(self, mail_from: str, rcpt: str, data: bytes) -> tuple[str, int, bytes]:
+    # the transaction --------------------------------------------------------------------------
+    def transaction(self, mail_from: str, rcpt: str, data: bytes) -> _Steps[tuple[str, int, bytes]]:
         """One message to one recipient: ``("", 250, reply)`` when the server took it, else
         where it was refused (``MAIL FROM``, ``RCPT TO``, ``DATA``), the code and the reply.
-        Raises ``OSError`` when the connection is lost (``message_sent`` says whether the final
-        ``.`` had gone out)."""
+        Raises ``OSError`` when the connection is lost (``delivered_whole`` says whether the
+        final ``.`` had gone out)."""
         self.message_sent = False
         size = f" SIZE={len(data)}" if self.has_extn("size") else ""
         commands = (f"MAIL FROM:<{mail_from}>{size}", f"RCPT TO:<{rcpt}>", "DATA")
         accepted = ((250,), (250, 251), (354,))
-        replies: list[tuple[int, bytes]] = []
+        replies: list[_Reply] = []
         if self.has_extn("pipelining"):
-            self.send("".join(f"{c}\r\n" for c in commands).encode("ascii"))
-            replies = [self.getreply() for _ in commands]
+            self.queue("".join(f"{c}\r\n" for c in commands).encode("ascii"))
+            for _ in commands:
+                replies.append((yield self))
         else:
             for command, ok in zip(commands, accepted, strict=True):
-                self.send(f"{command}\r\n".encode("ascii"))
-                replies.append(self.getreply())
+                self.queue(f"{command}\r\n".encode("ascii"))
+                replies.append((yield self))
                 if replies[-1][0] not in ok:
                     break
         for where, ok, (code, reply) in zip(
@@ -526,26 +612,114 @@ class _Connection(smtplib.SMTP):
             if code not in ok:
                 if replies[-1][0] == 354 and len(replies) == 3:
                     # A server that took DATA all the same: end the (empty) message.
-                    self.send(b".\r\n")
-                    self.getreply()
+                    self.queue(b".\r\n")
+                    yield self
                 if code != 421:
-                    self._reset()
+                    try:
+                        self.queue(b"RSET\r\n")
+                        yield self
+                    except OSError:
+                        self.close()
                 return where, code, reply
         if data.startswith(b".") or b"\n." in data:  # RFC 5321 4.5.2: a leading dot doubled
             data = _DOT_AT_LINE_START.sub(b"..", data)
-        self.send(data + b".\r\n")
+        self.queue(data + b".\r\n")
         self.message_sent = True
-        code, reply = self.getreply()
+        code, reply = yield self
         return ("" if code == 250 else "DATA"), code, reply
 
-    def _reset(self) -> None:
-        try:
-            self.rset()
-        except (smtplib.SMTPException, OSError):
+    @property
+    def delivered_whole(self) -> bool:
+        """The current message, final ``.`` included, was handed to the network."""
+        return self.message_sent and not self._out
+
+    # the bytes --------------------------------------------------------------------------------
+    def start_transactions(self) -> None:
+        """From here on this connection is read and written without blocking."""
+        if self.sock is not None:
+            self.sock.setblocking(False)
+
+    def queue(self, data: bytes) -> None:
+        """Bytes to write (``flush``)."""
+        self._out += data
+
+    def socket(self) -> socket.socket:
+        """The open socket (a connection waited on is open: a lost one is thrown in)."""
+        if self.sock is None:
+            raise smtplib.SMTPServerDisconnected("the connection is closed")
+        return self.sock
+
+    @property
+    def unsent(self) -> bool:
+        return bool(self._out)
+
+    def flush(self) -> None:
+        """Write what the socket takes now of what is queued; raise ``OSError`` when lost."""
+        if self.sock is None:
+            raise smtplib.SMTPServerDisconnected("the connection is closed")
+        while self._out:
+            try:
+                sent = self.sock.send(self._out)
+            except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                return
+            del self._out[:sent]
+
+    def next_reply(self) -> _Reply | None:
+        """The next whole answer already read, if any."""
+        return self._replies.popleft() if self._replies else None
+
+    def receive(self) -> _Reply | None:
+        """Read what has come in; the next whole answer, if one is in now. Raises ``OSError``
+        when the connection is lost, an answer line is too long or not an answer."""
+        sock = self.sock
+        if sock is None:
+            raise smtplib.SMTPServerDisconnected("the connection is closed")
+        while True:
+            try:
+                data = sock.recv(65536)
+            except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                break
+            if not data:
+                self.close()
+                raise smtplib.SMTPServerDisconnected("Connection unexpectedly closed")
+            self._in += data
+            # TLS may hold more decrypted bytes than one read gave: the socket would not say.
+            if not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
+                break
+        self._parse()
+        return self.next_reply()
+
+    def _parse(self) -> None:
+        """Whole answers out of what was read, as ``smtplib.SMTP.getreply`` reads them."""
+        while (end := self._in.find(b"\n")) >= 0:
+            line = bytes(self._in[: end + 1])
+            del self._in[: end + 1]
+            if len(line) > _MAX_REPLY_LINE:
+                self.close()
+                raise smtplib.SMTPResponseException(500, "Line too long.")
+            self._lines.append(line[4:].strip(b" \t\r\n"))
+            try:
+                code = int(line[:3])
+            except ValueError:
+                code = -1
+            if code == -1 or line[3:4] != b"-":
+                self._replies.append((code, b"\n".join(self._lines)))
+                self._lines = []
+        if len(self._in) > _MAX_REPLY_LINE:
             self.close()
+            raise smtplib.SMTPResponseException(500, "Line too long.")
+
+    def quit(self) -> tuple[int, bytes]:
+        if self.sock is not None:
+            self.sock.settimeout(self.timeout)  # smtplib's own calls block again
+        return super().quit()
 
 
 _DOT_AT_LINE_START = re.compile(rb"(?m)^\.")
+
+
+def _until(deadline: float) -> float:
+    return max(0.0, deadline - time.monotonic())
 
 
 def _connect_failure(where: str, exc: Exception) -> TransportError:
@@ -573,20 +747,24 @@ def _connect_failure(where: str, exc: Exception) -> TransportError:
 # How one body's messages are made: index → (sender, Message-ID, bytes, header names).
 _Maker = Callable[[int], tuple[str, str, bytes, list[str]]]
 
+# An SMTP answer: its code and its text.
+_Reply = tuple[int, bytes]
+# Steps of work over connections: each yield is the connection whose next answer is needed, sent
+# back in when it is in (or its loss thrown in); the generator's value is the result.
+_T = TypeVar("_T")
+_Steps = Generator[_Connection, _Reply, _T]
+
 # One connection's share of a chunk: (position in the chunk, outcome) for each of its messages,
 # and the error that stopped it (its remaining messages then certainly not sent).
 _Share = tuple[list[tuple[int, RecipientOutcome]], TransportError | None]
 
 
-def _collect(
-    shares: Sequence[Future[_Share]],
-) -> tuple[list[RecipientOutcome], TransportError | None]:
+def _collect(shares: Sequence[_Share]) -> tuple[list[RecipientOutcome], TransportError | None]:
     """Every message's outcome in the chunk's order, and the first error that stopped a
     connection's share."""
     ordered: dict[int, RecipientOutcome] = {}
     error: TransportError | None = None
-    for future in shares:
-        outcomes, stopped = future.result()
+    for outcomes, stopped in shares:
         ordered.update(outcomes)
         error = error or stopped
     return [ordered[n] for n in sorted(ordered)], error
