@@ -40,7 +40,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 import select
 import smtplib
 import socket
@@ -621,9 +620,10 @@ class _Connection(smtplib.SMTP):
                     except OSError:
                         self.close()
                 return where, code, reply
-        if data.startswith(b".") or b"\n." in data:  # RFC 5321 4.5.2: a leading dot doubled
-            data = _DOT_AT_LINE_START.sub(b"..", data)
-        self.queue(data + b".\r\n")
+        # RFC 5321 4.5.2: a dot that starts a line is doubled (every line ends in CRLF: the
+        # MIME guard let no bare CR or LF through).
+        data = data.replace(b"\n.", b"\n..")
+        self.queue(b"." + data + b".\r\n" if data.startswith(b".") else data + b".\r\n")
         self.message_sent = True
         code, reply = yield self
         return ("" if code == 250 else "DATA"), code, reply
@@ -713,9 +713,6 @@ class _Connection(smtplib.SMTP):
         if self.sock is not None:
             self.sock.settimeout(self.timeout)  # smtplib's own calls block again
         return super().quit()
-
-
-_DOT_AT_LINE_START = re.compile(rb"(?m)^\.")
 
 
 def _until(deadline: float) -> float:
