@@ -50,6 +50,7 @@ SECRET = b"bench-secret"
 NAIVE_SAMPLE = 2000
 STAGES = (
     "extract",
+    "extract_sqlalchemy",
     "extract_pg",
     "validate",
     "render",
@@ -702,6 +703,27 @@ def run_stage(stage: str, work: Path, context: dict[str, Any]) -> dict[str, Any]
         outcome = pipeline.extract_audience(run, sql_url=sql_url)
         extra = {"counts": outcome}
         rows, unit = outcome["extracted"], "users read"
+    elif stage == "extract_sqlalchemy":
+        from mailroom.audience.extract import extract_audience
+
+        # The same extract through the reader every database had before ADBC, to files of its
+        # own; they must be the extract stage's byte for byte.
+        folder = work / "extract_sqlalchemy"
+        folder.mkdir(exist_ok=True)
+        sql_url = (work / "users_url").read_text()
+        counts = extract_audience(
+            run.spec(),
+            sql_url=sql_url,
+            snapshot=folder / staging.snapshot.name,
+            suppressed_out=folder / staging.suppressed.name,
+            reader="sqlalchemy",
+        ).to_dict()
+        same = all(
+            (folder / path.name).read_bytes() == path.read_bytes()
+            for path in (staging.snapshot, staging.suppressed)
+        )
+        extra = {"counts": counts, "same_files_as_extract": same}
+        rows, unit = counts["extracted"], "users read"
     elif stage == "validate":
         outcome = pipeline.validate_audience(run)
         rows, unit = outcome["total"], "audience rows"

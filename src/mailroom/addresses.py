@@ -102,6 +102,12 @@ def _ascii_domain(domain: str) -> str:
         return domain.lower()
 
 
+def ascii_domain(domain: str) -> str:
+    """What ``normalise`` writes after the "@" for ``domain`` (the text after the last "@",
+    trimmed, as a person reads it): for callers that split addresses column-wise."""
+    return _ascii_domain(domain)
+
+
 @lru_cache(maxsize=4096)
 def _library_accepts_domain(domain: str) -> bool:
     """Whether the library accepts an address at ``domain`` (asked with a one-letter local

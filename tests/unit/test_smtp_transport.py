@@ -1353,7 +1353,9 @@ def test_messages_larger_than_the_socket_buffers_leave_whole_over_several_connec
     server = smtp_server(ssl_context=server_tls(certificate)) if tls else smtp_server()
     run = stage_run(4)
     body = request_body(run.people)
-    long_html = "".join(f"<p>{n:06d} for %%first_name|html%% {'x' * 90}</p>\n" for n in range(8_000))
+    long_html = "".join(
+        f"<p>{n:06d} for %%first_name|html%% {'x' * 90}</p>\n" for n in range(8_000)
+    )
     body["content"][1]["value"] = long_html
     data = serialise(body)
     approved = ApprovedManifest("m" * 64, frozenset({sha256_hex(data)}), shared_of(data))

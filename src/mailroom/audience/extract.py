@@ -13,23 +13,32 @@ wrappers people write around an address (``Name <a@x>``, ``mailto:a@x``, ``a@x;`
 cannot be read as one address is not guessed at: it is counted (``suppressions_unreadable``) and
 listed, by row number and masked value, in ``suppressions_unreadable.csv`` next to the snapshot,
 so an operator can fix the list before approving.
+
+A SQLite or PostgreSQL audience is read through ADBC (``adbc_source``) and normalised
+column-wise in Arrow (``arrow_addresses``); any other database, and anything ADBC would not read
+as SQLAlchemy does, is read through SQLAlchemy and normalised with pandas. Both give the same
+snapshot, counts and errors.
 """
 
 from __future__ import annotations
 
 import csv
 import logging
+import queue
 import re
+import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Container, Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mailroom.addresses import (
@@ -41,6 +50,9 @@ from mailroom.addresses import (
     readable,
     single_address,
 )
+from mailroom.audience.adbc_source import AdbcTarget, NotExact, adbc_target, text_chunks
+from mailroom.audience.arrow_addresses import address_keys as arrow_address_keys
+from mailroom.audience.arrow_addresses import sendable
 from mailroom.campaign_spec import CampaignSpec
 from mailroom.errors import AudienceError
 
@@ -109,6 +121,9 @@ class Suppressions:
     unreadable: list[UnreadableSuppression]
 
 
+Reader = Literal["auto", "adbc", "sqlalchemy"]
+
+
 def extract_audience(
     spec: CampaignSpec,
     *,
@@ -116,6 +131,7 @@ def extract_audience(
     snapshot: Path,
     suppressed_out: Path | None = None,
     unreadable_suppressions_out: Path | None = None,
+    reader: Reader = "auto",
 ) -> ExtractCounts:
     """Write the audience snapshot for ``spec`` to ``snapshot`` and return what was dropped.
 
@@ -126,74 +142,35 @@ def extract_audience(
     ``unreadable_suppressions_out`` (by default ``suppressions_unreadable.csv`` next to the
     snapshot) lists the suppression rows that are not one address; it is always written, with
     its header only when there are none, so a run folder never holds a stale one.
+
+    ``reader`` is how an audience query is read: ``auto`` through ADBC for SQLite and
+    PostgreSQL, else (and wherever ADBC would read a value differently) through SQLAlchemy;
+    ``sqlalchemy`` always through SQLAlchemy; ``adbc`` through ADBC or an ``AudienceError``
+    saying why not. The suppression list is read through SQLAlchemy.
     """
     read = _read_suppressions(spec, sql_url)
-    suppressions = read.reasons
     _write_unreadable(
         unreadable_suppressions_out or snapshot.with_name(UNREADABLE_SUPPRESSIONS_FILE),
         read.unreadable,
     )
     schema = snapshot_schema(spec.fields)
-    seen: set[str] = set()
-    extracted = duplicates = defaulted = kept = 0
-    suppressed: Counter[str] = Counter()
-    locales = set(spec.locales)
-
-    snapshot.parent.mkdir(parents=True, exist_ok=True)
-    tmp = snapshot.with_suffix(".parquet.tmp")
-    with ExitStack() as files:
-        writer = files.enter_context(pq.ParquetWriter(tmp, schema))
-        left_out_writer = (
-            files.enter_context(pq.ParquetWriter(_tmp(suppressed_out), SUPPRESSED_SCHEMA))
-            if suppressed_out is not None
-            else None
+    tally = None
+    query = spec.audience.query
+    if reader != "sqlalchemy" and query and sql_url:
+        tally = _through_adbc(
+            spec, query, sql_url, read.reasons, schema, snapshot, suppressed_out, reader
         )
-        for chunk in _read_audience_chunks(spec, sql_url):
-            extracted += len(chunk)
-            chunk = _normalise_chunk(chunk, schema)
-            keys = address_keys(chunk["email"])
-            reasons = keys.map(suppressions)
-            is_suppressed = reasons.notna()
-            suppressed.update(reasons[is_suppressed].tolist())
-            if left_out_writer is not None and is_suppressed.any():
-                left_out_writer.write_table(
-                    pa.table(
-                        {
-                            "user_id": chunk.loc[is_suppressed, "user_id"].tolist(),
-                            "email": keys[is_suppressed].tolist(),
-                        },
-                        schema=SUPPRESSED_SCHEMA,
-                    )
-                )
-            chunk, keys = chunk[~is_suppressed], keys[~is_suppressed]
-
-            # Membership row by row: ``isin(seen)`` would rebuild a hash table of every address
-            # seen so far for each chunk, quadratic in the audience.
-            earlier = pd.Series([k in seen for k in keys], index=keys.index, dtype=bool)
-            is_duplicate = keys.notna() & (keys.duplicated() | earlier)
-            duplicates += int(is_duplicate.sum())
-            chunk, keys = chunk[~is_duplicate], keys[~is_duplicate]
-            seen.update(keys.dropna().tolist())
-
-            unknown = ~chunk["locale"].isin(locales)
-            if unknown.any():
-                chunk.loc[unknown, "locale"] = chunk.loc[unknown, "locale"].map(
-                    lambda v: _locale_match(v, locales, spec.default_locale)
-                )
-                defaulted += int(unknown.sum())
-            kept += len(chunk)
-            writer.write_table(pa.Table.from_pandas(chunk, schema=schema, preserve_index=False))
-            log.info("extract: %d rows read, %d kept so far", extracted, kept)
-    tmp.replace(snapshot)
-    if suppressed_out is not None:
-        _tmp(suppressed_out).replace(suppressed_out)
+    if tally is None:
+        tally = _Tally()
+        chunks = _pandas_chunks(spec, sql_url, read.reasons, schema, tally)
+        _write_snapshot(snapshot, suppressed_out, schema, chunks, tally)
     counts = ExtractCounts(
-        extracted=extracted,
-        suppressed=sum(suppressed.values()),
-        suppressed_by_reason=dict(sorted(suppressed.items())),
-        duplicates=duplicates,
-        locale_defaulted=defaulted,
-        kept=kept,
+        extracted=tally.extracted,
+        suppressed=sum(tally.suppressed.values()),
+        suppressed_by_reason=dict(sorted(tally.suppressed.items())),
+        duplicates=tally.duplicates,
+        locale_defaulted=tally.defaulted,
+        kept=tally.kept,
         suppressions_unreadable=len(read.unreadable),
     )
     if read.unreadable:
@@ -206,21 +183,299 @@ def extract_audience(
     return counts
 
 
-def _normalise_chunk(chunk: pd.DataFrame, schema: pa.Schema) -> pd.DataFrame:
-    missing = [c for c in schema.names if c not in chunk.columns]
+@dataclass
+class _Tally:
+    """What one pass over the audience has counted so far, and the address keys it has kept."""
+
+    extracted: int = 0
+    duplicates: int = 0
+    defaulted: int = 0
+    kept: int = 0
+    suppressed: Counter[str] = field(default_factory=Counter)
+    seen: set[str] = field(default_factory=set)
+
+
+@dataclass(frozen=True)
+class _Kept:
+    """One chunk's outcome: the rows kept, in the snapshot's schema, and who was left out for a
+    suppression (``None`` when nobody was)."""
+
+    rows: pa.Table
+    left_out: pa.Table | None
+
+
+def _write_snapshot(
+    snapshot: Path,
+    suppressed_out: Path | None,
+    schema: pa.Schema,
+    chunks: Iterator[_Kept],
+    tally: _Tally,
+) -> None:
+    """Write each chunk as it comes (in a thread of its own, while the next one is made: Parquet
+    encodes without the GIL), then move the files into place whole."""
+    snapshot.parent.mkdir(parents=True, exist_ok=True)
+    tmp = snapshot.with_suffix(".parquet.tmp")
+    with ExitStack() as files:
+        writer = files.enter_context(pq.ParquetWriter(tmp, schema))
+        left_out_writer = (
+            files.enter_context(pq.ParquetWriter(_tmp(suppressed_out), SUPPRESSED_SCHEMA))
+            if suppressed_out is not None
+            else None
+        )
+
+        def write(chunk: _Kept) -> None:
+            if left_out_writer is not None and chunk.left_out is not None:
+                left_out_writer.write_table(chunk.left_out)
+            writer.write_table(chunk.rows)
+
+        with _Behind(write) as behind:
+            for chunk in chunks:
+                behind.hand(chunk)
+                log.info("extract: %d rows read, %d kept so far", tally.extracted, tally.kept)
+    tmp.replace(snapshot)
+    if suppressed_out is not None:
+        _tmp(suppressed_out).replace(suppressed_out)
+
+
+class _Behind:
+    """Calls ``function`` on each item handed over, in order, in a thread of its own, one item
+    behind the caller; an error it raises is raised to the caller at the next hand-over or on
+    leaving the ``with`` (which waits for the last item)."""
+
+    def __init__(self, function: Callable[[_Kept], None]) -> None:
+        self._function = function
+        self._items: queue.Queue[_Kept | None] = queue.Queue(maxsize=1)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="extract-write", daemon=True)
+
+    def _run(self) -> None:
+        while (item := self._items.get()) is not None:
+            if self._error is None:
+                try:
+                    self._function(item)
+                except BaseException as exc:  # raised to the caller
+                    self._error = exc
+
+    def hand(self, item: _Kept) -> None:
+        self._raise()
+        self._items.put(item)
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def __enter__(self) -> _Behind:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._items.put(None)
+        self._thread.join()
+        if exc_info[0] is None:
+            self._raise()
+
+
+def _through_adbc(
+    spec: CampaignSpec,
+    query: str,
+    sql_url: str,
+    suppressions: dict[str, str],
+    schema: pa.Schema,
+    snapshot: Path,
+    suppressed_out: Path | None,
+    reader: Reader,
+) -> _Tally | None:
+    """The snapshot written from ADBC's record batches; ``None`` (nothing kept of this pass)
+    when ADBC cannot read the audience as SQLAlchemy would, unless ``reader`` insists."""
+    tally = _Tally()
+    try:
+        target = adbc_target(sql_url)
+        log.info("extract: reading the audience through ADBC (%s)", target.driver)
+        chunks = _arrow_chunks(spec, query, target, suppressions, schema, tally)
+        _write_snapshot(snapshot, suppressed_out, schema, chunks, tally)
+    except (NotExact, pa.ArrowException) as exc:
+        # An Arrow error here is a limit of the column-wise path (a chunk's text over 2 GiB):
+        # the SQLAlchemy reader has none.
+        why = str(exc) if isinstance(exc, NotExact) else f"Arrow failed ({type(exc).__name__})"
+        if reader == "adbc":
+            raise AudienceError(
+                f"the audience cannot be read exactly through ADBC: {why}"
+            ) from None
+        log.info("extract: reading the audience through SQLAlchemy instead: %s", why)
+        return None
+    return tally
+
+
+def _pandas_chunks(
+    spec: CampaignSpec,
+    sql_url: str | None,
+    suppressions: dict[str, str],
+    schema: pa.Schema,
+    tally: _Tally,
+) -> Iterator[_Kept]:
+    """The audience read through SQLAlchemy (or from its file), normalised with pandas."""
+    locales = set(spec.locales)
+    seen = tally.seen
+    for chunk in _read_audience_chunks(spec, sql_url):
+        tally.extracted += len(chunk)
+        chunk = _normalise_chunk(chunk, schema)
+        keys = address_keys(chunk["email"])
+        reasons = keys.map(suppressions)
+        is_suppressed = reasons.notna()
+        tally.suppressed.update(reasons[is_suppressed].tolist())
+        left_out = None
+        if is_suppressed.any():
+            left_out = pa.table(
+                {
+                    # As the snapshot reads it (``from_pandas``): a NULL user id among
+                    # integers is NaN here, and null there.
+                    "user_id": pa.array(
+                        chunk.loc[is_suppressed, "user_id"], pa.string(), from_pandas=True
+                    ),
+                    "email": keys[is_suppressed].tolist(),
+                },
+                schema=SUPPRESSED_SCHEMA,
+            )
+        chunk, keys = chunk[~is_suppressed], keys[~is_suppressed]
+
+        # Membership row by row: ``isin(seen)`` would rebuild a hash table of every address
+        # seen so far for each chunk, quadratic in the audience.
+        earlier = pd.Series([k in seen for k in keys], index=keys.index, dtype=bool)
+        is_duplicate = keys.notna() & (keys.duplicated() | earlier)
+        tally.duplicates += int(is_duplicate.sum())
+        chunk, keys = chunk[~is_duplicate], keys[~is_duplicate]
+        seen.update(keys.dropna().tolist())
+
+        unknown = ~chunk["locale"].isin(locales)
+        if unknown.any():
+            chunk.loc[unknown, "locale"] = chunk.loc[unknown, "locale"].map(
+                lambda v: _locale_match(v, locales, spec.default_locale)
+            )
+            tally.defaulted += int(unknown.sum())
+        tally.kept += len(chunk)
+        rows = pa.Table.from_pandas(chunk, schema=schema, preserve_index=False)
+        yield _Kept(rows, left_out)
+
+
+def _arrow_chunks(
+    spec: CampaignSpec,
+    query: str,
+    target: AdbcTarget,
+    suppressions: dict[str, str],
+    schema: pa.Schema,
+    tally: _Tally,
+) -> Iterator[_Kept]:
+    """The audience read through ADBC, normalised column-wise: ``_pandas_chunks``, value for
+    value."""
+    locales = set(spec.locales)
+    for chunk in text_chunks(target, query, tuple(schema.names), CHUNK_ROWS):
+        tally.extracted += chunk.rows
+        _require_columns(schema, chunk.columns)
+        columns = {name: _text_array(chunk.columns[name]) for name in schema.names}
+        columns["email"] = sendable(columns["email"])
+        columns["locale"], unknown = _arrow_locales(columns["locale"], locales, spec.default_locale)
+        keys = arrow_address_keys(columns["email"])
+        distinct = set(keys.to_pylist())
+        distinct.discard(None)
+
+        left_out = None
+        drop = None
+        hits = suppressions.keys() & distinct if suppressions else set()
+        if hits:
+            drop = pc.is_in(keys, value_set=pa.array(sorted(hits), pa.string()))
+            suppressed_keys = keys.filter(drop)
+            tally.suppressed.update(suppressions[k] for k in suppressed_keys.to_pylist())
+            left_out = pa.table(
+                {"user_id": columns["user_id"].filter(drop), "email": suppressed_keys},
+                schema=SUPPRESSED_SCHEMA,
+            )
+            keys = pc.if_else(drop, pa.scalar(None, pa.string()), keys)  # no part in dedupe
+            distinct -= hits
+        repeated = _repeated(keys, distinct, tally.seen)
+        if repeated is not None:
+            tally.duplicates += pc.sum(repeated).as_py()
+            drop = repeated if drop is None else pc.or_(drop, repeated)
+
+        rows = pa.table(columns, schema=schema)
+        if drop is not None:
+            keep = pc.invert(drop)
+            rows, unknown = rows.filter(keep), unknown.filter(keep)
+        tally.defaulted += pc.sum(unknown).as_py() or 0
+        tally.kept += rows.num_rows
+        yield _Kept(rows, left_out)
+
+
+def _arrow_locales(values: pa.Array, locales: set[str], default: str) -> tuple[pa.Array, pa.Array]:
+    """Each row's locale as the snapshot holds it (normalised, else its language, else the
+    campaign's default), and whether it was not one of ``locales`` as given: once per distinct
+    value."""
+    encoded = pc.dictionary_encode(values)
+    normalised = [_normalise_locale(v) for v in encoded.dictionary.to_pylist()]
+    unknown = [n not in locales for n in normalised]
+    final = [
+        _locale_match(n, locales, default) if u else n
+        for n, u in zip(normalised, unknown, strict=True)
+    ]
+    return (
+        pc.fill_null(pc.take(pa.array(final, pa.string()), encoded.indices), default),
+        pc.fill_null(pc.take(pa.array(unknown, pa.bool_()), encoded.indices), True),
+    )
+
+
+def _repeated(keys: pa.Array, distinct: set[str], seen: set[str]) -> pa.Array | None:
+    """Which rows repeat the key of an earlier row, in this chunk or in an earlier one (whose
+    keys are in ``seen``, to which this chunk's, ``distinct``, are added); ``None`` when none
+    does. Rows without a key repeat nothing."""
+    earlier = seen & distinct
+    seen |= distinct
+    if not earlier and len(distinct) == len(keys) - keys.null_count:
+        return None
+    present = keys.is_valid()
+    valid = np.flatnonzero(present.to_numpy(zero_copy_only=False))
+    codes = pc.dictionary_encode(keys).indices.to_numpy(zero_copy_only=False)
+    _, first = np.unique(codes[valid], return_index=True)
+    repeated = np.ones(len(keys), dtype=bool)
+    repeated[valid[first]] = False
+    result = pa.array(repeated)
+    if earlier:
+        again = pc.is_in(keys, value_set=pa.array(sorted(earlier), pa.string()))
+        result = pc.or_(result, pc.fill_null(again, False))
+    return pc.and_(result, present)
+
+
+def _require_columns(schema: pa.Schema, columns: Container[str]) -> None:
+    missing = [c for c in schema.names if c not in columns]
     if missing:
         raise AudienceError(f"audience source lacks required column(s): {', '.join(missing)}")
+
+
+def _normalise_chunk(chunk: pd.DataFrame, schema: pa.Schema) -> pd.DataFrame:
+    _require_columns(schema, chunk.columns)
     out = pd.DataFrame(index=chunk.index)
     for column in schema.names:
-        values = chunk[column]
-        if pd.api.types.infer_dtype(values, skipna=True) not in _TEXT_ONLY:
-            # BLOBs (bytes) as text: bytes that are not UTF-8 become U+FFFD, which validation
-            # quarantines naming the column, rather than failing the extract for everyone.
-            values = values.map(_as_text)
-        out[column] = values.where(values.isna(), values.astype(str)).astype(object)
+        out[column] = _text_series(chunk[column])
     out["email"] = _sendable(out["email"])
     out["locale"] = out["locale"].map(_normalise_locale)
     return out.reset_index(drop=True)
+
+
+def _text_series(values: pd.Series) -> pd.Series:
+    """A column of a source as the snapshot's text: ``str`` of each value, missing kept."""
+    if pd.api.types.infer_dtype(values, skipna=True) not in _TEXT_ONLY:
+        # BLOBs (bytes) as text: bytes that are not UTF-8 become U+FFFD, which validation
+        # quarantines naming the column, rather than failing the extract for everyone.
+        values = values.map(_as_text)
+    return values.where(values.isna(), values.astype(str)).astype(object)
+
+
+def _text_array(values: pa.Array | list[object]) -> pa.Array:
+    """A column ``adbc_source`` read: text already, or the DB-API driver's values, made text as
+    ``_text_series`` makes a column the SQLAlchemy reader built (and its chunk built the same
+    way, a frame of row tuples)."""
+    if isinstance(values, pa.Array):
+        return values
+    column = pd.DataFrame([(v,) for v in values], columns=["value"])["value"]
+    return pa.array(_text_series(column), type=pa.string(), from_pandas=True)
 
 
 _TEXT_ONLY = frozenset({"string", "empty", "integer", "floating", "mixed-integer-float", "boolean"})
