@@ -47,10 +47,15 @@ from sendgrid_dev.faults import (
     scheduled_fault,
 )
 from sendgrid_dev.rendering import render_personalization
-from sendgrid_dev.schema import mail_send_validator
+from sendgrid_dev.schema import mail_send_is_valid, mail_send_validator
 from sendgrid_dev.store import AcceptedRecord, MessageStore, open_store
 from sendgrid_dev.tls import make_certificate
-from sendgrid_dev.validation import is_sandbox, iter_recipient_addresses, validate_mail_send
+from sendgrid_dev.validation import (
+    count_recipients,
+    is_sandbox,
+    iter_recipient_addresses,
+    validate_mail_send,
+)
 
 MAIL_SEND_PATH = "/v3/mail/send"
 # An idle keep-alive connection holds a thread; this bounds how long a vanished client keeps it.
@@ -223,6 +228,20 @@ class _App:
 
 def _error_body(message: str, field: str | None = None) -> dict[str, Any]:
     return {"errors": [{"message": message, "field": field, "help": None}]}
+
+
+def _utf8_text(raw: bytes) -> str | None:
+    """``raw`` decoded, when ``json.loads(raw)`` would decode it as plain UTF-8 and it is that:
+    ``json.loads`` then parses this text to the same value (it decodes with surrogatepass, which
+    only matters for bytes that are not UTF-8), and the store need not decode the bytes again.
+    None for anything else (a BOM, UTF-16 or UTF-32, bytes that are not UTF-8), which
+    ``json.loads`` is given as bytes, as always."""
+    if json.detect_encoding(raw) != "utf-8":
+        return None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
 
 
 class _RequestHandler(BaseHTTPRequestHandler):
@@ -411,8 +430,9 @@ class _RequestHandler(BaseHTTPRequestHandler):
             )
             return
 
+        text = _utf8_text(raw)
         try:
-            body = json.loads(raw)
+            body = json.loads(raw if text is None else text)
         except (ValueError, RecursionError):
             traffic.count("rejected")
             self._send_json(400, _error_body("Bad Request: the body is not valid JSON"))
@@ -427,10 +447,8 @@ class _RequestHandler(BaseHTTPRequestHandler):
             self._send(200)
             return
 
-        record = self.app.store.append(body, len(raw), raw)
-        traffic.count_accepted(
-            len(body["personalizations"]), sum(1 for _ in iter_recipient_addresses(body))
-        )
+        record = self.app.store.append(body, len(raw), raw, utf8=text is not None)
+        traffic.count_accepted(len(body["personalizations"]), count_recipients(body))
         if drop_due(sequence, faults):
             traffic.count("dropped_after_accept")
             self.close_connection = True
@@ -724,6 +742,7 @@ class SendGridDevServer:
         # Compiled before the port is bound, once per process: a missing or unreadable OpenAPI
         # document stops the start, and no request waits for it.
         mail_send_validator()
+        mail_send_is_valid()
         context = self._make_tls() if self._tls else None
         self._store = open_store(self._data_dir)
         app = _App(self._traffic, self._store, self._api_key, self._latency)

@@ -40,20 +40,23 @@ def _new_record(body: dict[str, Any], size: int) -> AcceptedRecord:
     }
 
 
-def _encode(record: AcceptedRecord, raw: bytes | None = None) -> bytes:
+def _encode(record: AcceptedRecord, raw: bytes | None = None, *, utf8: bool = False) -> bytes:
     """One JSONL line. ``raw``: the request's own bytes, which parsed to ``record["body"]``:
     written as they came when they are one line of UTF-8 (reading the line back parses them
-    again, to the same body), which spares encoding a large body a second time."""
-    if raw is not None and _one_utf8_line(raw):
+    again, to the same body), which spares encoding a large body a second time. ``utf8``: the
+    caller already decoded ``raw`` as UTF-8, so that need not be done again here."""
+    if raw is not None and _one_utf8_line(raw, utf8=utf8):
         head = {k: v for k, v in record.items() if k != "body"}
         encoded = json.dumps(head, ensure_ascii=False, separators=(",", ":")).encode()
         return encoded[:-1] + b',"body":' + raw.strip(b" \t") + b"}\n"
     return json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
 
 
-def _one_utf8_line(raw: bytes) -> bool:
+def _one_utf8_line(raw: bytes, *, utf8: bool = False) -> bool:
     if b"\n" in raw or b"\r" in raw or raw.startswith(b"\xef\xbb\xbf"):
         return False
+    if utf8:
+        return True
     try:
         raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -65,8 +68,11 @@ class MessageStore(Protocol):
     """What the server needs from a place that keeps accepted requests, oldest first."""
 
     def append(
-        self, body: dict[str, Any], size: int, raw: bytes | None = None
-    ) -> AcceptedRecord: ...
+        self, body: dict[str, Any], size: int, raw: bytes | None = None, *, utf8: bool = False
+    ) -> AcceptedRecord:
+        """Keep ``body`` (``size`` bytes as received). ``raw``: the request's bytes, when they
+        are what ``body`` was parsed from; ``utf8``: and they decoded as UTF-8."""
+        ...
 
     def count(self) -> int: ...
 
@@ -87,7 +93,9 @@ class MemoryStore:
         self._records: list[AcceptedRecord] = []
         self._positions: dict[str, int] = {}
 
-    def append(self, body: dict[str, Any], size: int, raw: bytes | None = None) -> AcceptedRecord:
+    def append(
+        self, body: dict[str, Any], size: int, raw: bytes | None = None, *, utf8: bool = False
+    ) -> AcceptedRecord:
         record = _new_record(body, size)
         with self._lock:
             self._positions[record["message_id"]] = len(self._records)
@@ -155,10 +163,13 @@ class JsonlStore:
             start += len(line)
         return complete
 
-    def append(self, body: dict[str, Any], size: int, raw: bytes | None = None) -> AcceptedRecord:
-        """``raw``: the request's bytes, when they are what ``body`` was parsed from."""
+    def append(
+        self, body: dict[str, Any], size: int, raw: bytes | None = None, *, utf8: bool = False
+    ) -> AcceptedRecord:
+        """``raw``: the request's bytes, when they are what ``body`` was parsed from; ``utf8``:
+        and they decoded as UTF-8."""
         record = _new_record(body, size)
-        line = _encode(record, raw)
+        line = _encode(record, raw, utf8=utf8)
         with self._lock:
             self._writer.write(line)
             self._writer.flush()

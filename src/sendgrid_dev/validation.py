@@ -13,6 +13,13 @@ body is checked in two layers, and errs on the strict side of what is documented
    text/html, ``reply_to`` or ``reply_to_list`` but not both.
 
 Limits come from ``mailroom.checks.limits``, which every part of Mailroom reads.
+
+Both layers are first asked only whether anything is wrong, the way a body that is fine is
+answered fastest: the schema by its compiled predicate (``schema.mail_send_is_valid``), the rules
+by ``_documented_rules_hold``. Only a no (or an exception on the way) has the full layers run,
+and every error an answer carries comes from them alone, so the fast questions change how soon a
+valid body is taken, never what any body is told (``tests/unit/test_sendgrid_openapi.py`` holds
+the two paths to the same answers).
 """
 
 import contextlib
@@ -28,7 +35,7 @@ from mailroom.checks.limits import (
     MAX_SUBSTITUTIONS_BYTES,
     SENDGRID_RESERVED_HEADERS,
 )
-from sendgrid_dev.schema import mail_send_validator
+from sendgrid_dev.schema import mail_send_is_valid, mail_send_validator
 
 # "Mail Send limitations": to.name, cc.name and bcc.name cannot include ";" or ",".
 FORBIDDEN_NAME_CHARACTERS = frozenset(";,")
@@ -87,11 +94,30 @@ class _Errors:
 
 def validate_mail_send(body: object) -> list[FieldError]:
     """What is wrong with ``body`` (up to ``MAX_REPORTED_ERRORS``); empty if SendGrid would take
-    it. The schema's errors if it has any, otherwise the documented rules' errors."""
+    it. The schema's errors if it has any, otherwise the documented rules' errors.
+
+    ``body`` is what ``json.loads`` made of a request. The answer is ``validate_in_full``'s; a
+    body both quick questions find nothing wrong with is answered without the full layers."""
+    if not mail_send_is_valid()(body):
+        errors = list(islice(schema_errors(body), MAX_REPORTED_ERRORS))
+        if errors:
+            return errors
+    assert isinstance(body, dict)  # the schema's root is an object
+    if _documented_rules_hold(body):
+        return []
+    return _documented_rule_errors(body)
+
+
+def validate_in_full(body: object) -> list[FieldError]:
+    """``validate_mail_send`` without its quick questions: both layers, always in full."""
     errors = list(islice(schema_errors(body), MAX_REPORTED_ERRORS))
     if errors:
         return errors
     assert isinstance(body, dict)  # the schema's root is an object
+    return _documented_rule_errors(body)
+
+
+def _documented_rule_errors(body: dict[str, Any]) -> list[FieldError]:
     collected = _Errors()
     with contextlib.suppress(_TooManyErrors):
         _check_documented_rules(body, collected)
@@ -174,7 +200,13 @@ def _check_documented_rules(body: dict[str, Any], errors: _Errors) -> None:
             errors,
         )
         _check_custom_args(personalization.get("custom_args"), f"{path}.custom_args", errors)
+    _check_message_rules(body, personalizations, errors)
 
+
+def _check_message_rules(
+    body: dict[str, Any], personalizations: list[dict[str, Any]], errors: _Errors
+) -> None:
+    """The rules of the message as a whole, beside its personalizations."""
     if "reply_to" in body and "reply_to_list" in body:
         errors.add("Use either reply_to or reply_to_list, not both.", "reply_to")
     if body.get("reply_to_list") == []:
@@ -182,10 +214,9 @@ def _check_documented_rules(body: dict[str, Any], errors: _Errors) -> None:
     has_template = "template_id" in body
     if has_template and not body["template_id"]:
         errors.add("The template_id must be a non-empty string.", "template_id")
-    every_personalization_has_subject = bool(personalizations) and all(
-        "subject" in p for p in personalizations
-    )
-    if "subject" not in body and not (has_template or every_personalization_has_subject):
+    if "subject" not in body and not (
+        has_template or (bool(personalizations) and all("subject" in p for p in personalizations))
+    ):
         errors.add(
             "The subject is required. You can get around this requirement if you use a template"
             " with a subject defined or if every personalization has a subject defined.",
@@ -276,6 +307,79 @@ def _check_size(
         )
 
 
+def _documented_rules_hold(body: dict[str, Any]) -> bool:
+    """Whether ``_check_documented_rules`` would find nothing wrong with ``body``, one the schema
+    accepted: the same rules asked as one yes or no, with no field path made and the addresses
+    told apart by one set. An exception on the way is a no: the full rules then raise it
+    themselves, or first answer with the errors they find before reaching it, as they did."""
+    try:
+        return _personalizations_hold(body["personalizations"]) and _message_rules_hold(body)
+    except Exception:
+        return False
+
+
+def _personalizations_hold(personalizations: list[dict[str, Any]]) -> bool:
+    if not personalizations:
+        return False
+    addresses: set[str] = set()
+    total = 0
+    for personalization in personalizations:
+        for kind in RECIPIENT_KINDS:
+            recipients = personalization.get(kind)
+            if recipients is None:
+                continue
+            if not recipients:
+                return False
+            total += len(recipients)
+            for recipient in recipients:
+                name = recipient.get("name")
+                if name and not FORBIDDEN_NAME_CHARACTERS.isdisjoint(name):
+                    return False
+                addresses.add(recipient["email"].lower())
+        headers = personalization.get("headers")
+        if headers and not _headers_hold(headers):
+            return False
+        substitutions = personalization.get("substitutions")
+        if substitutions and _utf8_size_of_strings(substitutions) > MAX_SUBSTITUTIONS_BYTES:
+            return False
+        custom_args = personalization.get("custom_args")
+        if custom_args and not _custom_args_hold(custom_args):
+            return False
+    # Every address once: as many distinct lower-cased addresses as recipients.
+    return len(addresses) == total <= MAX_RECIPIENTS
+
+
+def _headers_hold(headers: dict[str, Any]) -> bool:
+    for name, value in headers.items():
+        if name.lower() in SENDGRID_RESERVED_HEADERS or not isinstance(value, str):
+            return False
+    return True
+
+
+def _custom_args_hold(custom_args: dict[str, Any]) -> bool:
+    # A value that is not a str (an error of its own) makes the size raise TypeError: a no.
+    return _utf8_size_of_strings(custom_args) <= MAX_CUSTOM_ARGS_BYTES
+
+
+def _utf8_size_of_strings(mapping: dict[str, str]) -> int:
+    """``_utf8_size`` of a mapping whose keys and values are all str, as a parsed JSON body's
+    are (a value that is not one raises TypeError): the keys and values joined, since UTF-8
+    encodes each code point on its own, and only encoded when not ASCII. Raises
+    UnicodeEncodeError wherever ``_utf8_size`` does (a lone surrogate). A str subclass is
+    measured by its characters, not by its ``__str__``; ``json.loads`` makes none."""
+    joined = "".join([*mapping, *mapping.values()])
+    return len(joined) if joined.isascii() else len(joined.encode())
+
+
+def _message_rules_hold(body: dict[str, Any]) -> bool:
+    errors = _Errors()
+    try:
+        _check_message_rules(body, body["personalizations"], errors)
+    except _TooManyErrors:
+        return False
+    return not errors.items
+
+
 def _content_rank(content_type: str) -> int:
     return {_TEXT_PLAIN: 0, _TEXT_HTML: 1}.get(content_type.lower(), 2)
 
@@ -311,6 +415,16 @@ def is_sandbox(body: dict[str, Any]) -> bool:
     """Whether a valid body asks SendGrid to validate only and deliver nothing."""
     sandbox = body.get("mail_settings", {}).get("sandbox_mode", {})
     return sandbox.get("enable") is True
+
+
+def count_recipients(body: dict[str, Any]) -> int:
+    """How many addresses ``iter_recipient_addresses`` yields for a valid body."""
+    return sum(
+        len(personalization.get("to") or ())
+        + len(personalization.get("cc") or ())
+        + len(personalization.get("bcc") or ())
+        for personalization in body.get("personalizations", [])
+    )
 
 
 def iter_recipient_addresses(body: dict[str, Any]) -> Iterator[str]:
