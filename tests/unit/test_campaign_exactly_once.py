@@ -317,6 +317,29 @@ def test_the_resend_option_needs_a_reason() -> None:
         resend_choice("yes", "because")
 
 
+def test_a_claim_counts_only_the_sends_of_runs_of_its_own_campaign(tmp_path: Path) -> None:
+    """A batch holding someone another run of the campaign sent to is failed at its claim;
+    a run of ``winterXupdate`` is no run of ``winter_update`` (``_`` is a LIKE wildcard)."""
+    box = Outbox(f"sqlite:///{tmp_path / 'outbox.sqlite'}")
+    try:
+        batch = StagedBatch("en-00001", 0, "en", "0" * 64, 1)
+        member = [("a@example.com", "u1", "en-00001")]
+        for run_key in ("winterXupdate/r1", "winter_update/r2", "winter_update/r3"):
+            box.stage(run_key, "m" * 64, [batch], member)
+        assert box.claim("winterXupdate/r1", "en-00001")
+        box.finish("winterXupdate/r1", "en-00001", BatchState.SENT)
+        box.end_sending("winterXupdate/r1")
+
+        assert box.claim("winter_update/r2", "en-00001")  # another campaign's send
+        box.finish("winter_update/r2", "en-00001", BatchState.SENT)
+        box.end_sending("winter_update/r2")
+
+        assert not box.claim("winter_update/r3", "en-00001")  # its own campaign's send
+        assert box.states("winter_update/r3")["en-00001"].state == BatchState.FAILED
+    finally:
+        box.dispose()
+
+
 def test_runs_of_a_campaign_are_told_apart_by_their_exact_name(tmp_path: Path) -> None:
     """``winter_update`` is not ``winterXupdate`` (``_`` is a LIKE wildcard, escaped)."""
     box = Outbox(f"sqlite:///{tmp_path / 'outbox.sqlite'}")

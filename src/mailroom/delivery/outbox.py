@@ -41,6 +41,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
+from functools import lru_cache
 from itertools import islice
 from typing import Any, NamedTuple
 
@@ -1306,31 +1307,55 @@ def _still_sending(conn: sa.Connection, run_key: str) -> bool:
 
 def _sent_by_other_runs(conn: sa.Connection, run_key: str, batch_id: str) -> int:
     """How many recipients of a batch another run of the campaign sent to or left in doubt."""
+    return int(
+        conn.execute(
+            _sent_by_other_runs_query(),
+            {
+                "run_key": run_key,
+                "batch_id": batch_id,
+                "runs_of_campaign": _like_prefix(f"{campaign_of(run_key)}/"),
+            },
+        ).scalar_one()
+    )
+
+
+@lru_cache(maxsize=1)
+def _sent_by_other_runs_query() -> sa.Select[int]:
+    """``_sent_by_other_runs``'s query, built once (every claim asks it)."""
     mine = recipients.alias("mine")
     other = recipients.alias("other")
     other_batch = batches.alias("other_batch")
     state = sa.func.coalesce(other.c.state, other_batch.c.state)
-    return int(
-        conn.execute(
-            sa.select(sa.func.count(sa.distinct(mine.c.email_key)))
-            .select_from(
-                mine.join(other, other.c.email_key == mine.c.email_key).join(
-                    other_batch,
-                    sa.and_(
-                        other_batch.c.run_key == other.c.run_key,
-                        other_batch.c.batch_id == other.c.batch_id,
-                    ),
-                )
+    return (
+        sa.select(sa.func.count(sa.distinct(mine.c.email_key)))
+        .select_from(
+            mine.join(other, other.c.email_key == mine.c.email_key).join(
+                other_batch,
+                sa.and_(
+                    other_batch.c.run_key == other.c.run_key,
+                    other_batch.c.batch_id == other.c.batch_id,
+                ),
             )
-            .where(
-                mine.c.run_key == run_key,
-                mine.c.batch_id == batch_id,
-                other.c.run_key != run_key,
-                _runs_of(other.c.run_key, campaign_of(run_key)),
-                state.in_(_TAKEN),
-            )
-        ).scalar_one()
+        )
+        .where(
+            mine.c.run_key == sa.bindparam("run_key"),
+            mine.c.batch_id == sa.bindparam("batch_id"),
+            other.c.run_key != sa.bindparam("run_key"),
+            other.c.run_key.like(sa.bindparam("runs_of_campaign"), escape=_LIKE_ESCAPE),
+            state.in_(_TAKEN),
+        )
     )
+
+
+_LIKE_ESCAPE = "/"
+
+
+def _like_prefix(prefix: str) -> str:
+    """A LIKE pattern for text starting with ``prefix`` (its ``%``, ``_`` and the escape
+    character escaped, as ``startswith(…, autoescape=True)`` escapes them)."""
+    for special in (_LIKE_ESCAPE, "%", "_"):
+        prefix = prefix.replace(special, _LIKE_ESCAPE + special)
+    return prefix + "%"
 
 
 def _campaign_lock(conn: sa.Connection, campaign: str) -> None:
