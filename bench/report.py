@@ -689,15 +689,23 @@ def smtp_notes(entry: dict[str, Any]) -> list[str]:
             f"{both['rows'] / both['seconds']:,.0f} messages/s against "
             f"{send['rows'] / send['seconds']:,.0f} for one, with the sink on the same cores."
         )
+    budget = 2e6 / TARGET_SMTP_PER_SECOND
     text += (
-        f" {TARGET_SMTP_PER_SECOND:,} messages/s on two cores leaves about "
-        f"{2e6 / TARGET_SMTP_PER_SECOND:.0f} µs of CPU per message for everything, the sink "
-        "included; the sink takes about a sixth of that, and the sender's own share is about "
-        "what making each message twice and the MIME guard take in Python here (the profile "
-        "below), before the wire and the outbox. Making each message once would need the "
-        "preflight's bytes kept until they leave (about 9 KB per message: 0.9 GB for this "
-        "shard, on disk or in memory), which is not done."
+        f" {TARGET_SMTP_PER_SECOND:,} messages/s on two cores leaves about {budget:.0f} µs of "
+        "CPU per message for everything, the sink included."
     )
+    both_sink = (servers.get("smtp_send_2") or {}).get("cpu_seconds")
+    if both and both.get("rows") and both.get("cpu_seconds") and both_sink is not None:
+        used = 1e6 * (both["cpu_seconds"] + both_sink) / both["rows"]
+        text += (
+            f" With both shards at once the senders used {per_message(both['cpu_seconds'], both)}"
+            f" and the sink {per_message(both_sink, both)} per message: {used:.0f} µs, "
+            f"{100 * used / budget:.0f} % of that budget, so both cores were busy; making each "
+            "message twice and the MIME guard are most of the sender's share (the profile "
+            "below). Making each message once would need the preflight's bytes kept until "
+            "they leave (about 10 KB per message: about 1 GB for this shard, on disk or in "
+            "memory), which is not done."
+        )
     return ["\n".join(_wrap(text)), "", SMTP_PROFILE, ""]
 
 
@@ -705,13 +713,13 @@ def smtp_notes(entry: dict[str, Any]) -> list[str]:
 # flight, so every call is on one thread; 100,000 users, loopback, 2026-12-06).
 SEND_PROFILE = """\
 Profiled (cProfile, one request in flight so that every call is on one thread, 100,000 users,
-loopback): per request, the outbox's `claim` costs about 7.5 ms of the client's CPU (4.4 ms of
-it `_sent_by_other_runs`, whose SQL is built anew on every call), `finish` 1.8 ms, the check for
-outcomes recorded per recipient 0.8 ms, the halt check 0.7 ms, the SHA-256 of the body against
-the guard pass's clearance 0.5 ms, writing the 600 KB to the socket 3.4 ms (as the bare client
-does); before the first request, reading and checking the run's inputs takes 0.2 to 0.4 s (most
-of it reading the audience's Parquet files again for `shared_audience_data`). The body is not
-parsed again and the batch's recipients are not read again."""
+loopback, before `_sent_by_other_runs` built its SQL once): per request, the outbox's `claim`
+costs about 7.5 ms of the client's CPU (4.4 ms of it `_sent_by_other_runs`), `finish` 1.8 ms,
+the check for outcomes recorded per recipient 0.8 ms, the halt check 0.7 ms, the SHA-256 of the
+body against the guard pass's clearance 0.5 ms, writing the 600 KB to the socket 3.4 ms (as the
+bare client does); before the first request, reading and checking the run's inputs takes 0.2 to
+0.4 s (most of it reading the audience's Parquet files again for `shared_audience_data`). The
+body is not parsed again and the batch's recipients are not read again."""
 
 
 def send_notes(entry: dict[str, Any]) -> list[str]:
@@ -727,14 +735,15 @@ def send_notes(entry: dict[str, Any]) -> list[str]:
 
     server = (servers.get("send") or {}).get("cpu_seconds")
     lines = [
-        "Where the send's time goes. Over loopback the dev server is the bound: one Python "
-        f"process spending {per_request(server)} of CPU per 600 KB request (parsing it, checking "
-        "it against SendGrid's schema and rules, recording it), sharing the machine's "
-        f"{entry['machine']['nproc']} cores with the client and with other work; the send's "
-        f"client used {per_request(send.get('cpu_seconds'))} of CPU per request, the bare "
-        f"client {per_request(bare.get('cpu_seconds'))}, and what the send loses to the bare "
-        "client is that CPU taken from the server, and reading the run's inputs before the "
-        "first request."
+        "Where the send's time goes. Over loopback the client and the dev server share the "
+        f"machine's {entry['machine']['nproc']} cores: the server, one Python process, spent "
+        f"{per_request(server)} of CPU per 600 KB request (parsing it, checking it against "
+        "SendGrid's schema and rules, recording it), the send's client "
+        f"{per_request(send.get('cpu_seconds'))} (the outbox's claim and outcome, the clearance "
+        "check, the limiter, the log, reading the run's inputs before the first request), the "
+        f"bare client {per_request(bare.get('cpu_seconds'))}; what the send loses to the bare "
+        "client is its own CPU, which the server's requests wait for on two cores, and reading "
+        "the run's inputs before the first request."
     ]
     tls, tls_bare = s.get("send_tls"), s.get("post_baseline_tls")
     if tls and tls_bare and legacy:
