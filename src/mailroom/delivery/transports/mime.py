@@ -243,26 +243,12 @@ def _encoded(text: str, qp_lines: dict[bytes, str]) -> tuple[str, bytes]:
     the package encodes it, and kept in ``qp_lines``: a template's lines repeat. The
     quoted-printable length of the first ten lines is summed from those lines (the package
     encodes them with ``\n`` soft breaks where these have CRLF), not encoded again."""
-    return _encoded_lines(text.encode("utf-8").splitlines(), qp_lines)
-
-
-def _encoded_lines(
-    lines: list[bytes],
-    qp_lines: dict[bytes, str],
-    *,
-    longest: int | None = None,
-    qps: list[str] | None = None,
-) -> tuple[str, bytes]:
-    """``_encoded`` from the text's lines (UTF-8, split as ``bytes.splitlines`` splits), given,
-    where the caller knows them, the longest line's length and each line's quoted-printable."""
+    lines = text.encode("utf-8").splitlines()
     maxlen = MESSAGE_POLICY.max_line_length or 78
-    if longest is None:
-        longest = max(map(len, lines), default=0)
-    if longest <= maxlen:
+    if max(map(len, lines), default=0) <= maxlen:
         data = b"\r\n".join(lines) + b"\r\n"
         return ("7bit" if data.isascii() else "8bit"), data
-    if qps is None:
-        qps = [_quoted_printable(line, qp_lines) for line in lines]
+    qps = [_quoted_printable(line, qp_lines) for line in lines]
     head = lines[:10]
     sniff_qp = sum(len(q) - q.count("\r\n") for q in qps[:10]) + len(head)
     sniff_base64 = 4 * ((sum(map(len, head)) + 2 * len(head) + 2) // 3) + 1
