@@ -25,11 +25,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator, FormatChecker
 
-from mailroom.batches import sendgrid_request_body
-from mailroom.campaign_spec import load_campaign
 from mailroom.checks import limits
-from mailroom.content import render_content
-from mailroom.envelopes import envelope_values
 from sendgrid_dev import SendGridDevServer, read_accepted, server, store, validation
 from sendgrid_dev.schema import (
     compile_is_valid,
@@ -43,36 +39,14 @@ from sendgrid_dev.validation import (
     validate_in_full,
     validate_mail_send,
 )
+from support.request_bodies import mailroom_request_body
 
 pytestmark = pytest.mark.unit
-
-REPO = Path(__file__).resolve().parents[2]
-INCLUDE = REPO / "include"
-NAMES = ["Ada", "Bob & Co", "Zoë", "Jürgen", "李", "O'Brien ✨"]
-
-
-@cache
-def _mailroom_body(recipients: int) -> dict[str, Any]:
-    spec = load_campaign(INCLUDE / "campaigns", "winter_update")
-    content = render_content(spec, INCLUDE / "templates", INCLUDE / "translations")["de"]
-    envelopes = []
-    for index in range(recipients):
-        row = {
-            "user_id": f"u{index}",
-            "email": f"u{index}@example.com",
-            "first_name": NAMES[index % len(NAMES)],
-        }
-        substitutions, headers = envelope_values(spec, b"secret", row)
-        envelopes.append(
-            {"email": row["email"], "substitutions": substitutions, "headers": headers}
-        )
-    custom_args = {"mailroom_campaign": spec.name, "mailroom_batch": "de-00001"}
-    return sendgrid_request_body(spec, content, envelopes, custom_args)
 
 
 def mailroom_body(recipients: int = 3) -> dict[str, Any]:
     """A request exactly as Mailroom's standard builder makes it, a copy to change."""
-    return copy.deepcopy(_mailroom_body(recipients))
+    return copy.deepcopy(mailroom_request_body(recipients))
 
 
 def answers(validate: Callable[[object], list[Any]], body: object) -> object:

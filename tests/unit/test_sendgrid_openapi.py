@@ -20,11 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator, FormatChecker
 
-from mailroom.batches import sendgrid_request_body
-from mailroom.campaign_spec import load_campaign
 from mailroom.checks import limits
-from mailroom.content import render_content
-from mailroom.envelopes import envelope_values
 from sendgrid_dev import validate_mail_send
 from sendgrid_dev.schema import (
     DOCUMENT_FILE,
@@ -34,12 +30,12 @@ from sendgrid_dev.schema import (
     mail_send_schema,
     mail_send_validator,
 )
+from support.request_bodies import mailroom_request_body
 
 pytestmark = pytest.mark.unit
 
 REPO = Path(__file__).resolve().parents[2]
 OPENAPI = REPO / "src" / "sendgrid_dev" / "openapi"
-INCLUDE = REPO / "include"
 
 
 def published_request_schema() -> dict[str, Any]:
@@ -168,22 +164,6 @@ def test_the_top_level_custom_args_correction_is_still_needed_and_applied() -> N
     corrected = mail_send_schema(load_document())["properties"]["custom_args"]
     assert corrected["type"] == "object"
     assert corrected["description"].startswith("Values that are specific to the entire send")
-
-
-@cache
-def mailroom_request_body() -> dict[str, Any]:
-    """A request exactly as Mailroom's standard builder makes it, for three recipients."""
-    spec = load_campaign(INCLUDE / "campaigns", "winter_update")
-    content = render_content(spec, INCLUDE / "templates", INCLUDE / "translations")["de"]
-    envelopes = []
-    for index, name in enumerate(["Ada", "Bob & Co", "Zoë"]):
-        row = {"user_id": f"u{index}", "email": f"u{index}@example.com", "first_name": name}
-        substitutions, headers = envelope_values(spec, b"secret", row)
-        envelopes.append(
-            {"email": row["email"], "substitutions": substitutions, "headers": headers}
-        )
-    custom_args = {"mailroom_campaign": spec.name, "mailroom_batch": "de-00001"}
-    return sendgrid_request_body(spec, content, envelopes, custom_args)
 
 
 def test_a_mailroom_request_is_valid_and_the_published_document_disagrees_only_on_custom_args() -> (
