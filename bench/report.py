@@ -16,6 +16,10 @@ TARGET_GATE_SECONDS = 5.0  # "within a few seconds" on 1,000,000 envelopes
 TARGET_SMTP_PER_SECOND = 6_500  # the SMTP send at 100,000 recipients, on this 2-core machine
 TARGET_SMTP_USERS = 100_000
 TARGET_EXTRACT_SECONDS = 1.5  # 1,000,000 users in process
+# Every stage's peak RSS in process, by audience size: flat in the audience size.
+TARGET_STAGE_RSS_MB = {1_000_000: 1.0 * GB, 10_000_000: 1.2 * GB}
+# Trigger to report through Airflow at 1M users with instant approval, by database.
+TARGET_E2E_FAST_SECONDS = {"sqlite": 45, "postgres": 55}
 # The time after approval before the send work (the first guard shard queued to the last send
 # shard done), measured end to end with that code on this machine: (database, users) →
 # (seconds, commit, day). The target is at most half of it.
@@ -194,6 +198,20 @@ def targets_section(in_process: dict[str, Any], e2e: dict[str, Any]) -> list[str
             )
         else:
             rows.append((f"1M end to end under 2 minutes ({db})", "not measured yet", "—"))
+        if db in TARGET_E2E_FAST_SECONDS:
+            limit = TARGET_E2E_FAST_SECONDS[db]
+            b = entry["breakdown"] if entry else None
+            rows.append(
+                (
+                    f"1M end to end < {limit} s ({db}), trigger → report with instant approval",
+                    f"{b['wall_seconds']:.1f} s: work {b['work_seconds']:.1f}, approval "
+                    f"{b['approval_seconds']:.1f}, orchestration {b['orchestration_seconds']:.1f}"
+                    f" (measured {entry.get('started', '?')[:10]})"
+                    if b and entry
+                    else "not measured yet",
+                    _met(b["wall_seconds"] < limit) if b else "—",
+                )
+            )
     if not e2e:
         rows.append(("1M end to end under 2 minutes", "not measured yet (`make bench-e2e`)", "—"))
     big = in_process.get(str(TARGET_USERS))
@@ -287,6 +305,7 @@ def targets_section(in_process: dict[str, Any], e2e: dict[str, Any]) -> list[str
                 )
             )
     rows += extract_targets(in_process)
+    rows += memory_targets(in_process)
     rows += smtp_targets(in_process)
     out = [
         "## Targets: where we stand",
@@ -320,6 +339,47 @@ def extract_targets(in_process: dict[str, Any]) -> list[tuple[str, str, str]]:
                 f"extract of 1M users ≤ {TARGET_EXTRACT_SECONDS} s in process ({database})",
                 f"{ours['seconds']:.2f} s{against}",
                 _met(ours["seconds"] <= TARGET_EXTRACT_SECONDS),
+            )
+        )
+    return rows
+
+
+def memory_targets(in_process: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """Every task stage's peak RSS in process within its size's limit, and how it grows from
+    one size to the next (flat: the same at ten times the audience)."""
+    rows: list[tuple[str, str, str]] = []
+    peaks: dict[int, dict[str, float]] = {}
+    for users, limit in TARGET_STAGE_RSS_MB.items():
+        entry = in_process.get(str(users))
+        if not entry:
+            continue
+        peaks[users] = {
+            n: s["peak_rss_mb"]
+            for n, s in entry["stages"].items()
+            if n in TASK_STAGES and s.get("peak_rss_mb")
+        }
+        if not peaks[users]:
+            continue
+        worst = max(peaks[users], key=peaks[users].__getitem__)
+        over = [STAGE_NAMES.get(n, n) for n, mb in peaks[users].items() if mb > limit]
+        rows.append(
+            (
+                f"every stage's peak RSS ≤ {limit / GB:.1f} GB at {users:,} users in process",
+                f"largest {peaks[users][worst]:,.0f} MB ({STAGE_NAMES.get(worst, worst)})"
+                + (f"; over: {', '.join(over)}" if over else ""),
+                _met(not over),
+            )
+        )
+    small, large = peaks.get(1_000_000), peaks.get(10_000_000)
+    if small and large:
+        growth = {n: large[n] / small[n] for n in large if n in small}
+        worst = max(growth, key=growth.__getitem__)
+        rows.append(
+            (
+                "memory flat in the audience size: each stage's peak RSS at 10M ≤ 1.5× at 1M",
+                f"largest {growth[worst]:.2f}× ({STAGE_NAMES.get(worst, worst)}: "
+                f"{small[worst]:,.0f} → {large[worst]:,.0f} MB)",
+                _met(growth[worst] <= 1.5),
             )
         )
     return rows

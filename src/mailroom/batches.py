@@ -12,7 +12,7 @@ import functools
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,12 +23,15 @@ import pyarrow.parquet as pq
 
 from mailroom.campaign_spec import CampaignSpec
 from mailroom.content import LocaleContent
+from mailroom.envelopes import parquet_in_chunks
 from mailroom.errors import EnvelopeViolation
 from mailroom.json_columns import concatenate, json_strings
 from mailroom.staging import read_json, write_json
 
 log = logging.getLogger(__name__)
 
+# Envelopes read at a time: the freeze holds about this many rows' text, whatever the audience.
+CHUNK_ROWS = 20_000
 Envelope = dict[str, Any]
 BodyBuilder = Callable[
     [CampaignSpec, LocaleContent, Sequence[Envelope], dict[str, str]], dict[str, Any]
@@ -145,10 +148,69 @@ class Manifest:
         return [b for b in self.batches if b.index % shard_count == shard_index]
 
 
-def iter_envelopes_by_locale(envelopes: Path, locale: str, size: int) -> Iterator[list[Envelope]]:
-    table = pq.read_table(envelopes, filters=[("locale", "=", locale)])
-    for offset in range(0, table.num_rows, size):
-        rows = table.slice(offset, size).to_pylist()
+def locale_envelopes(
+    envelopes: Path, locale: str, columns: Sequence[str], chunk_rows: int = CHUNK_ROWS
+) -> Iterator[pa.Table]:
+    """``columns`` of a locale's envelopes, in the file's order, at most ``chunk_rows`` rows at a
+    time: what a reader of one locale holds at once, whatever the audience's size. Only the row
+    groups whose statistics may hold the locale are read (``build_envelopes`` writes one locale
+    per row group, so a reader of one locale skips every other locale's rows)."""
+    parquet = parquet_in_chunks(envelopes)
+    metadata = parquet.metadata
+    where = parquet.schema_arrow.get_field_index("locale")
+    groups: list[int] = []
+    mixed = False
+    for index in range(metadata.num_row_groups):
+        stats = metadata.row_group(index).column(where).statistics
+        if stats is None or not stats.has_min_max:
+            groups.append(index)
+            mixed = True
+        elif stats.min <= locale <= stats.max:
+            groups.append(index)
+            mixed = mixed or stats.min != stats.max or stats.null_count != 0
+    if not groups:
+        return
+    read = list(dict.fromkeys([*columns, "locale"]))
+    for batch in parquet.iter_batches(batch_size=chunk_rows, row_groups=groups, columns=read):
+        rows = pa.Table.from_batches([batch])
+        if mixed:
+            rows = rows.filter(pc.equal(rows.column("locale"), locale))
+        if rows.num_rows:
+            yield rows.select(list(columns))
+
+
+def in_batches(chunks: Iterable[pa.Table], size: int) -> Iterator[pa.Table]:
+    """The rows of ``chunks``, in order, ``size`` at a time (the last table may hold fewer): a
+    locale's requests, however its envelopes were read."""
+    carry: list[pa.Table] = []
+    held = 0
+    for chunk in chunks:
+        start = 0
+        if held:
+            start = min(size - held, chunk.num_rows)
+            carry.append(chunk.slice(0, start))
+            held += start
+            if held < size:
+                continue
+            yield pa.concat_tables(carry)
+            carry, held = [], 0
+        full = start + (chunk.num_rows - start) // size * size
+        for offset in range(start, full, size):
+            yield chunk.slice(offset, size)
+        if full < chunk.num_rows:
+            carry, held = [chunk.slice(full)], chunk.num_rows - full
+    if held:
+        yield pa.concat_tables(carry)
+
+
+def iter_envelopes_by_locale(
+    envelopes: Path, locale: str, size: int, *, chunk_rows: int = CHUNK_ROWS
+) -> Iterator[list[Envelope]]:
+    """A locale's envelopes as dicts (substitutions and headers parsed), ``size`` at a time:
+    the envelopes of each of its requests, in order."""
+    columns = pq.ParquetFile(envelopes).schema_arrow.names
+    for table in in_batches(locale_envelopes(envelopes, locale, columns, chunk_rows), size):
+        rows = table.to_pylist()
         for row in rows:
             row["substitutions"] = json.loads(row["substitutions"])
             row["headers"] = json.loads(row["headers"])
@@ -164,12 +226,15 @@ def freeze_batches(
     batches_dir: Path,
     manifest_path: Path,
     build_body: BodyBuilder = sendgrid_request_body,
+    chunk_rows: int = CHUNK_ROWS,
 ) -> Manifest:
     """Write every request body and the manifest; returns the manifest with its own digest.
 
     With the standard builder the bodies are assembled column-wise (``_spliced_bodies``),
     byte for byte what ``serialise(sendgrid_request_body(...))`` gives; any other builder is
-    called batch by batch.
+    called batch by batch. Either way the envelopes are read ``chunk_rows`` at a time, so what
+    is held at once does not grow with the audience; the bodies are the same whatever the
+    chunk size.
     """
     batches_dir.mkdir(parents=True, exist_ok=True)
     for stale in batches_dir.glob("*.json"):
@@ -182,7 +247,9 @@ def freeze_batches(
 
         bodies: Iterator[tuple[str, bytes, int]]
         if build_body is sendgrid_request_body:
-            bodies = _spliced_bodies(spec, contents[locale], envelopes, locale, custom_args)
+            bodies = _spliced_bodies(
+                spec, contents[locale], envelopes, locale, custom_args, chunk_rows
+            )
         else:
             bodies = (
                 (
@@ -191,7 +258,10 @@ def freeze_batches(
                     len(chunk),
                 )
                 for seq, chunk in enumerate(
-                    iter_envelopes_by_locale(envelopes, locale, spec.batch_size), 1
+                    iter_envelopes_by_locale(
+                        envelopes, locale, spec.batch_size, chunk_rows=chunk_rows
+                    ),
+                    1,
                 )
             )
         for batch_id, data, recipients in bodies:
@@ -229,41 +299,49 @@ def _spliced_bodies(
     envelopes: Path,
     locale: str,
     custom_args: Callable[[str], dict[str, str]],
+    chunk_rows: int = CHUNK_ROWS,
 ) -> Iterator[tuple[str, bytes, int]]:
     """``serialise(sendgrid_request_body(...))`` for each of a locale's batches, spliced from
     the envelopes' own JSON: every personalization is one row's text, every batch's are joined
     by Arrow, and the rest of the body is the standard builder's, serialised with no
     personalization. (Re-serialising the stored JSON gives the same text: it was written with
-    the same escaping and separators; ``tests/unit/test_batches.py`` checks the bytes.)"""
-    table = pq.read_table(
-        envelopes, columns=["email", "substitutions", "headers"], filters=[("locale", "=", locale)]
+    the same escaping and separators; ``tests/unit/test_batches.py`` checks the bytes.) The
+    envelopes are read ``chunk_rows`` at a time; a batch may take rows of two chunks."""
+    personalizations = (
+        pa.table(
+            {
+                "personalization": concatenate(
+                    '{"to":[{"email":',
+                    json_strings(rows.column("email")),
+                    '}],"substitutions":',
+                    rows.column("substitutions").combine_chunks(),
+                    ',"headers":',
+                    rows.column("headers").combine_chunks(),
+                    "}",
+                )
+            }
+        )
+        for rows in locale_envelopes(
+            envelopes, locale, ("email", "substitutions", "headers"), chunk_rows
+        )
     )
-    count = table.num_rows
-    if not count:
-        return
-    personalizations = concatenate(
-        '{"to":[{"email":',
-        json_strings(table.column("email")),
-        '}],"substitutions":',
-        table.column("substitutions").combine_chunks(),
-        ',"headers":',
-        table.column("headers").combine_chunks(),
-        "}",
-    )
-    del table
-    starts = list(range(0, count, spec.batch_size))
-    offsets = pa.array([*starts, count], pa.int32())
-    joined = pc.binary_join(pa.ListArray.from_arrays(offsets, personalizations), ",")
-    del personalizations
-    for seq, (start, text) in enumerate(zip(starts, joined, strict=True), 1):
+    for seq, batch in enumerate(in_batches(personalizations, spec.batch_size), 1):
         batch_id = batch_id_for(locale, seq)
         skeleton = serialise(sendgrid_request_body(spec, content, [], custom_args(batch_id)))
         if not skeleton.startswith(_BODY_HEAD):
             raise EnvelopeViolation("the request body does not start with its personalizations")
         data = b"".join(
-            (_BODY_HEAD[:-1], text.as_buffer().to_pybytes(), b"]", skeleton[len(_BODY_HEAD) :])
+            (_BODY_HEAD[:-1], _joined(batch.column(0)), b"]", skeleton[len(_BODY_HEAD) :])
         )
-        yield batch_id, data, min(spec.batch_size, count - start)
+        yield batch_id, data, batch.num_rows
+
+
+def _joined(texts: pa.ChunkedArray) -> bytes:
+    """The texts, in order, joined by commas."""
+    values = texts.combine_chunks()
+    listed = pa.ListArray.from_arrays(pa.array([0, len(values)], pa.int32()), values)
+    joined: bytes = pc.binary_join(listed, ",")[0].as_buffer().to_pybytes()
+    return joined
 
 
 def load_manifest(manifest_path: Path, expected_sha256: str | None = None) -> Manifest:

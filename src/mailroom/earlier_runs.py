@@ -17,9 +17,13 @@ sent to after this run was built.
 
 from __future__ import annotations
 
+import json
+import sqlite3
+import tempfile
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +103,72 @@ def earliest_reasons(outcomes: Iterable[tuple[str, str, str]]) -> dict[str, tupl
         if before is None or (before[0] == UNKNOWN_EARLIER and reason == ALREADY_SENT):
             found[email] = (reason, run_key)
     return found
+
+
+class EarlierRecipients:
+    """``earliest_reasons`` of ``outcomes`` (the outbox's ``earlier_outcomes``), kept in a
+    scratch SQLite file rather than in memory: a campaign that already reached ten million people
+    has ten million of them, and ``build_envelopes`` asks about one chunk of the audience at a
+    time (``reasons``). The file goes with ``close`` (or the end of a ``with`` block)."""
+
+    def __init__(
+        self,
+        outcomes: Iterable[tuple[str, str, str]],
+        *,
+        directory: Path | None = None,
+        chunk_rows: int = 50_000,
+    ) -> None:
+        self._folder = tempfile.TemporaryDirectory(prefix="mailroom-earlier-", dir=directory)
+        self._db = sqlite3.connect(Path(self._folder.name) / "earlier.sqlite")
+        try:
+            for pragma in ("journal_mode=OFF", "synchronous=OFF", "cache_size=-65536"):
+                self._db.execute(f"PRAGMA {pragma}")
+            # Per address key the earliest reason: "sent" anywhere first, then the first run key.
+            self._db.execute(
+                "CREATE TABLE found (email TEXT PRIMARY KEY, sent INTEGER NOT NULL, "
+                "run_key TEXT NOT NULL) WITHOUT ROWID"
+            )
+            rows = iter(outcomes)
+            while chunk := list(islice(rows, chunk_rows)):
+                self._db.executemany(
+                    "INSERT INTO found VALUES (?, ?, ?) ON CONFLICT (email) DO UPDATE SET "
+                    "sent = excluded.sent, run_key = excluded.run_key "
+                    "WHERE (excluded.sent, found.run_key) > (found.sent, excluded.run_key)",
+                    ((email, int(state == "sent"), key) for email, state, key in chunk),
+                )
+            self._db.commit()
+            self._count = int(self._db.execute("SELECT count(*) FROM found").fetchone()[0])
+        except BaseException:
+            self.close()
+            raise
+
+    def __len__(self) -> int:
+        return self._count
+
+    def reasons(self, keys: Sequence[str]) -> dict[str, tuple[str, str]]:
+        """Why each of ``keys`` (address keys) an earlier run reached is left out, and that run;
+        keys no earlier run reached are not in it."""
+        if not self._count or not keys:
+            return {}
+        found = self._db.execute(
+            "SELECT f.email, f.sent, f.run_key FROM json_each(?) AS k "
+            "CROSS JOIN found AS f ON f.email = k.value",
+            (json.dumps(list(keys)),),
+        )
+        return {
+            email: (ALREADY_SENT if sent else UNKNOWN_EARLIER, run_key)
+            for email, sent, run_key in found
+        }
+
+    def close(self) -> None:
+        self._db.close()
+        self._folder.cleanup()
+
+    def __enter__(self) -> EarlierRecipients:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
 
 
 def write_record(

@@ -12,6 +12,7 @@ import html
 import logging
 import re
 from collections.abc import Mapping
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -22,13 +23,17 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mailroom.campaign_spec import CampaignSpec
+from mailroom.earlier_runs import EarlierRecipients
 from mailroom.json_columns import concatenate, json_objects_of_literals, json_strings
 from mailroom.substitutions import UNSUBSCRIBE_FIELD, substitution_tag
 from mailroom.unsubscribe import token_column, unsubscribe_token
 
 log = logging.getLogger(__name__)
 
-CHUNK_ROWS = 100_000
+# Audience rows made into envelopes at a time, and envelopes written at a time (one row group
+# per locale among them): the build holds about this many rows whatever the audience's size.
+CHUNK_ROWS = 20_000
+ROW_GROUP_ROWS = 100_000
 ENVELOPE_SCHEMA = pa.schema(
     [
         ("user_id", pa.string()),
@@ -39,10 +44,20 @@ ENVELOPE_SCHEMA = pa.schema(
         ("values_sha256", pa.string()),
     ]
 )
+# What a Parquet file read a chunk at a time is read through (``parquet_in_chunks``).
+READ_BUFFER_BYTES = 1 << 20
 _LINE_BREAKS = re.compile(r"[\r\n\u2028\u2029\x85\x0b\x0c]+")
 LIST_UNSUBSCRIBE = "List-Unsubscribe"
 LIST_UNSUBSCRIBE_POST = "List-Unsubscribe-Post"
 ONE_CLICK = "List-Unsubscribe=One-Click"
+
+
+def parquet_in_chunks(path: Path) -> pq.ParquetFile:
+    """``path`` opened for reading a chunk at a time (``iter_batches``) in memory that does not
+    grow with the file: pyarrow's default ``pre_buffer`` reads ahead, and holds, the bytes of
+    every row group the reader is asked for (all of them, for the whole file), and without a
+    read buffer each column is read a whole row group at once (a file may be one row group)."""
+    return pq.ParquetFile(path, pre_buffer=False, buffer_size=READ_BUFFER_BYTES)
 
 
 def clean_value(value: object) -> str:
@@ -240,8 +255,9 @@ def build_envelopes(
     valid_audience: Path,
     out: Path,
     secret: bytes,
-    leave_out: Mapping[str, tuple[str, str]] | None = None,
+    leave_out: Mapping[str, tuple[str, str]] | EarlierRecipients | None = None,
     left_out_out: Path | None = None,
+    chunk_rows: int | None = None,
 ) -> int:
     """Write one envelope row per valid recipient to ``out``; returns how many.
 
@@ -254,18 +270,22 @@ def build_envelopes(
     Each row holds the recipient's substitutions and headers as compact JSON, exactly as a
     request body will carry them, and ``values_sha256`` (``envelope_guard.values_digest`` of
     them), which the outbox keeps so the guard can tell whose values a personalization holds.
-    Rows are written one Parquet row group per locale and chunk, so a reader of one locale
-    skips every other locale's rows; within a locale the audience's order is kept.
+    The audience is read and its envelopes made ``chunk_rows`` at a time (default
+    ``CHUNK_ROWS``), so what is held at once does not grow with the audience. The envelopes
+    wait until about ``ROW_GROUP_ROWS`` of them are made, then go out as one Parquet row group
+    per locale, so a reader of one locale skips every other locale's rows; within a locale the
+    audience's order is kept.
     """
     if not secret:
         raise ValueError("an unsubscribe secret is required to sign unsubscribe links")
-    parquet = pq.ParquetFile(valid_audience)
+    parquet = parquet_in_chunks(valid_audience)
     written = 0
     tmp = out.with_suffix(".parquet.tmp")
     left_tmp = left_out_out.with_suffix(".parquet.tmp") if left_out_out is not None else None
     left_writer = pq.ParquetWriter(left_tmp, LEFT_OUT_SCHEMA) if left_tmp is not None else None
     with pq.ParquetWriter(tmp, ENVELOPE_SCHEMA) as writer:
-        for batch in parquet.iter_batches(batch_size=CHUNK_ROWS):
+        waiting = _ByLocale(writer)
+        for batch in parquet.iter_batches(batch_size=chunk_rows or CHUNK_ROWS):
             rows = pa.Table.from_batches([batch])
             if leave_out:
                 rows = _leave_out(rows, leave_out, left_writer)
@@ -275,22 +295,26 @@ def build_envelopes(
             sub_texts = {k: json_strings(v) for k, v in subs.items()}
             header_texts = {k: json_strings(v) for k, v in headers.items()}
             count = rows.num_rows
-            envelopes = pa.table(
-                {
-                    "user_id": rows.column("user_id").cast(pa.string()),
-                    "email": rows.column("email").cast(pa.string()),
-                    "locale": rows.column("locale").cast(pa.string()),
-                    "substitutions": json_objects_of_literals(sub_texts, count),
-                    "headers": json_objects_of_literals(header_texts, count),
-                    "values_sha256": values_digests(sub_texts, header_texts, count),
-                },
-                schema=ENVELOPE_SCHEMA,
+            waiting.add(
+                pa.table(
+                    {
+                        "user_id": rows.column("user_id").cast(pa.string()),
+                        "email": rows.column("email").cast(pa.string()),
+                        "locale": rows.column("locale").cast(pa.string()),
+                        "substitutions": json_objects_of_literals(sub_texts, count),
+                        "headers": json_objects_of_literals(header_texts, count),
+                        "values_sha256": values_digests(sub_texts, header_texts, count),
+                    },
+                    schema=ENVELOPE_SCHEMA,
+                )
             )
-            locales = envelopes.column("locale")
-            for locale in sorted(pc.unique(locales).to_pylist(), key=str):
-                writer.write_table(envelopes.filter(pc.equal(locales, locale)))
+            del subs, headers, sub_texts, header_texts
             written += count
-            log.info("build_envelopes: %d envelopes", written)
+            if waiting.rows >= ROW_GROUP_ROWS:
+                waiting.write()
+                log.info("build_envelopes: %d envelopes", written)
+        waiting.write()
+    log.info("build_envelopes: %d envelopes", written)
     if left_writer is not None and left_tmp is not None and left_out_out is not None:
         left_writer.close()
         left_tmp.replace(left_out_out)
@@ -298,11 +322,38 @@ def build_envelopes(
     return written
 
 
+class _ByLocale:
+    """Envelopes made but not yet written, and their writer: each ``write`` gives every locale
+    among them one row group, its rows in the order they were made."""
+
+    def __init__(self, writer: pq.ParquetWriter) -> None:
+        self.writer = writer
+        self.tables: list[pa.Table] = []
+        self.rows = 0
+
+    def add(self, table: pa.Table) -> None:
+        self.tables.append(table)
+        self.rows += table.num_rows
+
+    def write(self) -> None:
+        if not self.tables:
+            return
+        envelopes = pa.concat_tables(self.tables)
+        self.tables, self.rows = [], 0
+        locales = envelopes.column("locale")
+        for locale in sorted(pc.unique(locales).to_pylist(), key=str):
+            self.writer.write_table(envelopes.filter(pc.equal(locales, locale)))
+
+
 def _leave_out(
-    rows: pa.Table, leave_out: Mapping[str, tuple[str, str]], writer: pq.ParquetWriter | None
+    rows: pa.Table,
+    leave_out: Mapping[str, tuple[str, str]] | EarlierRecipients,
+    writer: pq.ParquetWriter | None,
 ) -> pa.Table:
     """The rows whose address key is not in ``leave_out``; the others go to ``writer``."""
-    found = [leave_out.get(str(e).lower()) for e in rows.column("email").to_pylist()]
+    keys = [str(e).lower() for e in rows.column("email").to_pylist()]
+    known = leave_out.reasons(keys) if isinstance(leave_out, EarlierRecipients) else leave_out
+    found = [known.get(key) for key in keys]
     left = pa.array([f is not None for f in found], pa.bool_())
     if writer is not None and any(f is not None for f in found):
         taken = [f for f in found if f is not None]
@@ -327,6 +378,8 @@ def values_digests(
 ) -> pa.Array:
     """``envelope_guard.values_digest`` of every row's substitutions and headers, given as JSON
     string literals (``json_strings``)."""
+    if not count:
+        return pa.array([], pa.string())
     canonical = concatenate(
         "[",
         json_objects_of_literals({k: sub_texts[k] for k in sorted(sub_texts)}, count),
@@ -334,7 +387,13 @@ def values_digests(
         json_objects_of_literals({k: header_texts[k] for k in sorted(header_texts)}, count),
         "]",
     )
+    # Each row's bytes hashed where Arrow holds them: no Python copy of every row's text.
+    canonical = canonical.cast(pa.string())
+    offsets = np.frombuffer(canonical.buffers()[1], np.int32)
+    bounds = offsets[canonical.offset : canonical.offset + count + 1].tolist()
+    data = memoryview(canonical.buffers()[2] or b"")
     sha256 = hashlib.sha256
     return pa.array(
-        [sha256(v).hexdigest() for v in canonical.cast(pa.binary()).to_pylist()], pa.string()
+        [sha256(data[start:end]).hexdigest() for start, end in pairwise(bounds)],
+        pa.string(),
     )

@@ -12,7 +12,7 @@ import logging
 import shutil
 from collections import Counter
 from collections.abc import Callable, Iterator
-from itertools import chain, repeat
+from itertools import chain, islice, repeat
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +146,7 @@ def build_envelopes(
     secret: bytes,
     outbox: Outbox | None = None,
     resend: earlier_runs.ResendChoice | None = None,
+    chunk_rows: int | None = None,
 ) -> dict[str, Any]:
     """One envelope per valid recipient, except those another run of the campaign sent to or
     left in doubt (``earlier_runs``; unless ``resend``), as the ``outbox`` records them now.
@@ -153,36 +154,46 @@ def build_envelopes(
     gate's expected count, the guard's members, the approval) on exactly who this run sends to;
     ``left_out.json`` records how many were left out, why, and the resend choice.
 
-    Without an ``outbox`` (a caller with no campaign history) nobody is left out."""
+    Without an ``outbox`` (a caller with no campaign history) nobody is left out. The audience,
+    the earlier recipients and the left out are read ``chunk_rows`` at a time (default
+    ``envelopes.CHUNK_ROWS``): nothing here holds the whole audience at once."""
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     st = run.staging
     choice = resend or earlier_runs.ResendChoice()
-    found = (
-        earlier_runs.earliest_reasons(outbox.earlier_outcomes(run.run_key))
-        if outbox is not None
-        else {}
-    )
+    chunk = chunk_rows or envelopes.CHUNK_ROWS
     left_out_file = earlier_runs.left_out_parquet(st)
     left_out_file.unlink(missing_ok=True)
-    count = envelopes.build_envelopes(
-        run.spec(),
-        valid_audience=st.valid_audience,
-        out=st.envelopes,
-        secret=secret,
-        leave_out=None if choice.resend else found,
-        left_out_out=left_out_file,
-    )
     reasons: Counter[str] = Counter()
     by_run: Counter[str] = Counter()
-    if left_out_file.exists():
-        left = pq.read_table(left_out_file, columns=["reason", "earlier_run"])
-        reasons.update(left.column("reason").to_pylist())
-        by_run.update(left.column("earlier_run").to_pylist())
     would = Counter[str]()
-    if choice.resend and found:
-        emails = pq.read_table(st.valid_audience, columns=["email"]).column("email").to_pylist()
-        would.update(found[key][0] for e in emails if (key := str(e).lower()) in found)
+    with earlier_runs.EarlierRecipients(
+        outbox.earlier_outcomes(run.run_key) if outbox is not None else ()
+    ) as found:
+        count = envelopes.build_envelopes(
+            run.spec(),
+            valid_audience=st.valid_audience,
+            out=st.envelopes,
+            secret=secret,
+            leave_out=None if choice.resend else found,
+            left_out_out=left_out_file,
+            chunk_rows=chunk,
+        )
+        if choice.resend and found:
+            for rows in envelopes.parquet_in_chunks(st.valid_audience).iter_batches(
+                batch_size=chunk, columns=["email"]
+            ):
+                keys = [str(e).lower() for e in rows.column(0).to_pylist()]
+                known = found.reasons(keys)
+                would.update(known[key][0] for key in keys if key in known)
+    if left_out_file.exists():
+        for rows in envelopes.parquet_in_chunks(left_out_file).iter_batches(
+            batch_size=chunk, columns=["reason", "earlier_run"]
+        ):
+            for counter, column in ((reasons, rows.column(0)), (by_run, rows.column(1))):
+                for value in pc.value_counts(column).to_pylist():
+                    counter[value["values"]] += int(value["counts"])
     record = earlier_runs.write_record(
         st,
         choice=choice,
@@ -202,7 +213,9 @@ def build_envelopes(
 
 
 @run_record.stage("freeze_batches")
-def freeze_batches(run: Run, *, outbox: Outbox, build_body: Any = None) -> dict[str, Any]:
+def freeze_batches(
+    run: Run, *, outbox: Outbox, build_body: Any = None, chunk_rows: int = batches.CHUNK_ROWS
+) -> dict[str, Any]:
     """Write the request bodies and manifest, and stage every batch in the outbox.
 
     The outbox also records the digests of the files every request is rebuilt from
@@ -210,13 +223,15 @@ def freeze_batches(run: Run, *, outbox: Outbox, build_body: Any = None) -> dict[
     Who each batch is for follows from the envelopes alone (each locale's, ``batch_size`` at a
     time), so the outbox takes the recipients in a second thread while the bodies are written
     (both mostly outside the GIL: the database, Arrow, hashing, files); the manifest digest and
-    the batches follow, in the same transaction, once frozen.
+    the batches follow, in the same transaction, once frozen. Both read the envelopes
+    ``chunk_rows`` at a time, so neither holds the whole audience nor every personalization at
+    once; the bodies, the manifest and the staged rows are the same whatever the chunk size.
     """
     from concurrent.futures import Future, ThreadPoolExecutor
 
     st = run.staging
     spec = run.spec()
-    plan = _batch_plan(spec, st.envelopes)
+    plan = _batch_plan(spec, st.envelopes, chunk_rows=chunk_rows)
     kwargs = {"build_body": build_body} if build_body is not None else {}
     frozen: Future[tuple[str, list[StagedBatch]]] = Future()
     inputs = run_inputs.input_digests(st, spec.locales)
@@ -226,7 +241,7 @@ def freeze_batches(run: Run, *, outbox: Outbox, build_body: Any = None) -> dict[
         staging = pool.submit(
             outbox.stage_members_first,
             run.run_key,
-            _members_by_envelope(plan, st.envelopes),
+            _members_by_envelope(plan, st.envelopes, chunk_rows=chunk_rows),
             frozen.result,
             inputs,
             resend_reason=resend.reason if resend.resend else None,
@@ -239,6 +254,7 @@ def freeze_batches(run: Run, *, outbox: Outbox, build_body: Any = None) -> dict[
                 contents=load_contents(run),
                 batches_dir=st.batches_dir,
                 manifest_path=st.manifest,
+                chunk_rows=chunk_rows,
                 **kwargs,
             )
             if [(b.batch_id, b.locale, b.recipients) for b in manifest.batches] != plan:
@@ -268,18 +284,22 @@ def freeze_batches(run: Run, *, outbox: Outbox, build_body: Any = None) -> dict[
     return manifest_summary(manifest, run.shard_count)
 
 
-def _batch_plan(spec: CampaignSpec, envelopes: Path) -> list[tuple[str, str, int]]:
+def _batch_plan(
+    spec: CampaignSpec, envelopes: Path, *, chunk_rows: int = batches.CHUNK_ROWS
+) -> list[tuple[str, str, int]]:
     """(batch id, locale, recipients) of every request, in the order they are frozen: each
-    locale's envelopes ``batch_size`` at a time."""
+    locale's envelopes ``batch_size`` at a time. The locales are counted ``chunk_rows``
+    envelopes at a time."""
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
-    counts = {
-        str(row["values"]): int(row["counts"])
-        for row in pc.value_counts(
-            pq.read_table(envelopes, columns=["locale"]).column("locale")
-        ).to_pylist()
-    }
+    from mailroom.envelopes import parquet_in_chunks
+
+    counts: Counter[str] = Counter()
+    for chunk in parquet_in_chunks(envelopes).iter_batches(
+        batch_size=chunk_rows, columns=["locale"]
+    ):
+        for row in pc.value_counts(chunk.column(0)).to_pylist():
+            counts[str(row["values"])] += int(row["counts"])
     plan = []
     for locale in spec.locales:
         count = counts.get(locale, 0)
@@ -289,29 +309,28 @@ def _batch_plan(spec: CampaignSpec, envelopes: Path) -> list[tuple[str, str, int
 
 
 def _members_by_envelope(
-    plan: list[tuple[str, str, int]], envelopes: Path
+    plan: list[tuple[str, str, int]], envelopes: Path, *, chunk_rows: int = batches.CHUNK_ROWS
 ) -> Iterator[tuple[str, str, str, str]]:
     """(email, user id, batch id, values digest) of every recipient, from the envelopes (not from
-    the request bodies): a locale's batches take its envelopes in order, one locale at a time."""
-    import pyarrow.parquet as pq
-
+    the request bodies): a locale's batches take its envelopes in order, one locale at a time,
+    read ``chunk_rows`` at a time (the outbox takes them as they come)."""
     by_locale: dict[str, list[tuple[str, int]]] = {}
     for batch_id, locale, recipients in plan:
         by_locale.setdefault(locale, []).append((batch_id, recipients))
     for locale, locale_batches in by_locale.items():
-        table = pq.read_table(
-            envelopes,
-            columns=["email", "user_id", "values_sha256"],
-            filters=[("locale", "=", locale)],
-        )
         batch_ids = chain.from_iterable(repeat(batch_id, n) for batch_id, n in locale_batches)
-        yield from zip(
-            table.column("email").to_pylist(),
-            table.column("user_id").to_pylist(),
-            batch_ids,
-            table.column("values_sha256").to_pylist(),
-            strict=True,
-        )
+        for rows in batches.locale_envelopes(
+            envelopes, locale, ("email", "user_id", "values_sha256"), chunk_rows
+        ):
+            yield from zip(
+                rows.column("email").to_pylist(),
+                rows.column("user_id").to_pylist(),
+                islice(batch_ids, rows.num_rows),
+                rows.column("values_sha256").to_pylist(),
+                strict=True,
+            )
+        if next(batch_ids, None) is not None:
+            raise ValueError(f"the plan holds more recipients of locale {locale} than envelopes")
 
 
 def manifest_summary(manifest: Manifest, shard_count: int) -> dict[str, Any]:

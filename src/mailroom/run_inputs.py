@@ -14,6 +14,7 @@ spec copy swapped, with the manifest's digests recomputed to match) is refused b
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -47,10 +48,14 @@ def relative(staging: RunStaging, path: Path) -> str:
 
 def input_digests(staging: RunStaging, locales: Sequence[str]) -> dict[str, str]:
     """The SHA-256 of each file the run is rebuilt from, by its path in the run folder."""
-    return {
-        relative(staging, path): sha256_hex(path.read_bytes())
-        for path in rebuilt_from(staging, locales)
-    }
+    return {relative(staging, path): file_sha256(path) for path in rebuilt_from(staging, locales)}
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file, read a block at a time: the audience files grow with the
+    audience, and a digest needs none of it held at once."""
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def content_digest(content: LocaleContent) -> str:
@@ -73,7 +78,7 @@ def check_inputs(staging: RunStaging, recorded: Mapping[str, str], paths: Iterab
             raise EnvelopeViolation(f"{name} is not among the inputs the run was staged from")
         if not path.exists():
             raise EnvelopeViolation(f"{name}, which the run was staged from, is missing")
-        if sha256_hex(path.read_bytes()) != expected:
+        if file_sha256(path) != expected:
             raise EnvelopeViolation(
                 f"{name} is not the file the run was staged from (SHA-256 "
                 f"{expected[:12]}… when staged): the run folder was rewritten after staging"

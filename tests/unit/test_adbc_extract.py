@@ -230,6 +230,62 @@ def test_a_messy_sqlite_audience_reads_the_same_through_adbc(
         compare(SQLITE_SPEC, url, Path(tmp))
 
 
+@settings(
+    max_examples=80, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
+@given(
+    audience=messy_audiences(),
+    rows_per_chunk=st.sampled_from([2, 3, 5]),
+    in_memory=st.sampled_from([0, 1, 3, 6]),
+)
+def test_dedupe_past_the_keys_held_in_memory_leaves_the_same_files(
+    audience: tuple[list[Row], list[tuple[object, object]]], rows_per_chunk: int, in_memory: int
+) -> None:
+    """Past ``SEEN_IN_MEMORY`` keys, the later copies of an address are found on disk after the
+    source is read and left out in one more pass: the same snapshot, suppressed file and
+    counts (duplicates, defaulted locales, kept) as dedupe with every key in memory, through
+    either reader, and no file of the pass left behind."""
+    rows, suppressions = audience
+    with tempfile.TemporaryDirectory() as tmp, pytest.MonkeyPatch.context() as patch:
+        patch.setattr(extract, "CHUNK_ROWS", rows_per_chunk)
+        url = sqlite_db(Path(tmp) / "users.sqlite", rows, suppressions)
+        held = {reader: run(SQLITE_SPEC, url, Path(tmp) / "held", reader) for reader in READERS}
+        patch.setattr(extract, "SEEN_IN_MEMORY", in_memory)
+        for reader in READERS:
+            assert run(SQLITE_SPEC, url, Path(tmp) / "disk", reader) == held[reader]
+
+
+READERS: tuple[extract.Reader, ...] = ("auto", "sqlalchemy")
+
+
+def test_dedupe_on_disk_keeps_the_first_row_of_each_address_across_chunks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rows: list[Row] = [(f"u{i}", f"p{i % 4}@example.com", "P", "en") for i in range(12)]
+    rows += [("u99", "P1@EXAMPLE.COM", "Again", "zz")]
+    url = sqlite_db(tmp_path / "users.sqlite", rows, [])
+    monkeypatch.setattr(extract, "CHUNK_ROWS", 2)
+    monkeypatch.setattr(extract, "SEEN_IN_MEMORY", 1)
+    for reader in READERS:
+        outcome = run(SQLITE_SPEC, url, tmp_path, reader)
+        assert outcome.counts is not None
+        assert outcome.counts["duplicates"] == 9
+        assert outcome.counts["kept"] == 4
+        assert outcome.counts["locale_defaulted"] == 0  # the "zz" row was a copy
+        snapshot = tmp_path / reader / "audience" / "snapshot.parquet"
+        import pyarrow.parquet as pq
+
+        assert pq.read_table(snapshot, columns=["user_id"]).column(0).to_pylist() == [
+            "u0",
+            "u1",
+            "u2",
+            "u3",
+        ]
+        assert sorted(outcome.files) == ["snapshot.parquet", "suppressed.parquet"] or sorted(
+            outcome.files
+        ) == ["snapshot.parquet", "suppressed.parquet", "suppressions_unreadable.csv"]
+
+
 # One row of plain text in every column: no column is all digits, none all NULL.
 PLAIN_ROW: Row = ("zz-plain", "plain@example.com", "Plain", "en")
 _REAL_LOOKING = re.compile(r"-?(?:[0-9]+\.[0-9]+(?:e[+-][0-9]+)?|[Ii]nf|nan)")

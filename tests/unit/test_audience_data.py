@@ -1,9 +1,9 @@
 """Audience data in what every recipient sees: the whole audience (suppressed people too), read
 as a person reads it, and the campaign's own public addresses left out.
 
-The fast path (``People``: Arrow arrays, one scan per lookup) is compared with a plain Python
-reference on generated audiences and texts; a run whose template shows a suppressed person's
-address is refused by the gate and by the guard, each on its own.
+The fast path (``People``: the audience files scanned a batch at a time, one scan per lookup) is
+compared with a plain Python reference on generated audiences and texts; a run whose template
+shows a suppressed person's address is refused by the gate and by the guard, each on its own.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import sqlite3
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -54,7 +55,7 @@ WRITINGS = {
 
 
 def people_of(emails: list[str], user_ids: list[str]) -> People:
-    return People(pa.array(emails, pa.string()), pa.array(user_ids, pa.string()))
+    return People([pa.table({"email": pa.array(emails, pa.string()), "user_id": user_ids})])
 
 
 locals_ = st.text("abcdefghij", min_size=3, max_size=8)
@@ -75,7 +76,8 @@ def test_audience_data_in_finds_exactly_the_audience_addresses_written_in_the_te
     from mailroom.addresses import address_key
 
     keys = [address_key(f"{local}@{domain}") for local, domain in audience]
-    people = people_of([k for k in keys if k], [f"uid-{i:06d}" for i in range(len(keys))])
+    known = [k for k in keys if k]
+    people = people_of(known, [f"uid-{i:06d}" for i in range(len(known))])
     parts = list(filler)
     expected: set[str] = set()
     for index, writing in shown:
@@ -91,7 +93,7 @@ def test_audience_data_in_finds_exactly_the_audience_addresses_written_in_the_te
     from mailroom.addresses import addresses_shown
 
     candidates = addresses_shown(text)
-    assert people.known_addresses(candidates) == candidates & set(people.keys.to_pylist())
+    assert people.known_addresses(candidates) == candidates & set(known)
 
 
 @settings(max_examples=60, deadline=None)
@@ -120,6 +122,34 @@ def test_the_batched_lookup_counts_what_each_text_on_its_own_counts(
         for digest, part in shared.items()
     }
     assert shared_audience_data(SPEC, shared, people) == expected
+
+
+def test_people_are_read_from_their_files_a_batch_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``People.read`` never holds a file whole: the lookups scan it in batches (made tiny here),
+    and give what the same people held in memory give; a missing file adds nobody."""
+    import mailroom.checks.audience_data as audience_data
+
+    monkeypatch.setattr(audience_data, "SCAN_ROWS", 7)
+    emails = [
+        f"Person{i}@Example.com" if i % 3 else f" zo\u00eb{i}@b\u00fccher.example"
+        for i in range(60)
+    ]
+    ids = [f"user-{i:06d}" for i in range(60)]
+    files = [tmp_path / "snapshot.parquet", tmp_path / "suppressed.parquet"]
+    pq.write_table(pa.table({"user_id": ids[:40], "email": emails[:40]}), files[0])
+    pq.write_table(pa.table({"user_id": ids[40:], "email": emails[40:]}), files[1])
+    on_disk = People.read([*files, tmp_path / "missing.parquet"])
+    in_memory = people_of(emails, ids)
+    addresses = {"person1@example.com", "zo\u00eb0@xn--bcher-kva.example", "nobody@example.com"}
+    user_ids = {"user-000059", "user-000001", "user-999999"}
+    assert on_disk.known(addresses, user_ids) == in_memory.known(addresses, user_ids)
+    assert on_disk.known(addresses, user_ids) == (
+        {"person1@example.com", "zo\u00eb0@xn--bcher-kva.example"},
+        {"user-000059", "user-000001"},
+    )
+    assert People.read([]).known(addresses, user_ids) == (set(), set())
 
 
 def test_user_ids_tokens_and_literal_unsubscribe_links_are_audience_data() -> None:

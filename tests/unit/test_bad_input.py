@@ -90,7 +90,7 @@ NAME_LENGTH = "expect_column_value_lengths_to_be_between(first_name)"
 NAME_CONTROL = "expect_column_values_to_not_match_regex(first_name)"
 NAME_VISIBLE = "expect_column_values_to_match_regex(first_name)"
 SUBSTITUTIONS_FIT = "expect_column_values_to_be_in_set(substitutions_fit)"
-USER_ID_UNIQUE = "expect_column_values_to_be_unique(user_id)"
+USER_ID_UNIQUE = "expect_column_values_to_be_in_set(user_id__once_in_audience)"
 DOTS_ONLY = (
     "run id '{0}' would name the run folder '{0}': a name of dots only is, or looks like, the "
     "campaign's folder or the staging root, not a run's own; trigger the run with another run id"

@@ -366,6 +366,8 @@ def test_extract_fails_loudly_on_an_unusable_source(spec: CampaignSpec, tmp_path
 
 # -- validate_audience -----------------------------------------------------------------------------
 
+# An address key more than one row of the audience holds: every copy is quarantined.
+ADDRESS_TWICE = "expect_column_values_to_be_in_set(email_key__once_in_audience)"
 VALID_ROWS = [(f"v{i:02d}", f"person{i}@example.com", f"Name {i}", "en") for i in range(16)]
 # user id → (row, the reason it must be quarantined with)
 INVALID_ROWS: dict[str | None, tuple[tuple[str | None, ...], str]] = {
@@ -389,9 +391,9 @@ INVALID_ROWS: dict[str | None, tuple[tuple[str | None, ...], str]] = {
     # v00's address again: uniqueness holds back both copies, not just the later one.
     "x6": (
         ("x6", "PERSON0@example.com", "Twin", "en"),
-        "expect_column_values_to_be_unique(email_key)",
+        ADDRESS_TWICE,
     ),
-    "v00": (VALID_ROWS[0], "expect_column_values_to_be_unique(email_key)"),
+    "v00": (VALID_ROWS[0], ADDRESS_TWICE),
     None: ((None, "nouid@example.com", "Nobody", "en"), "user_id missing"),
 }
 
@@ -429,7 +431,7 @@ def test_validate_quarantines_invalid_rows_with_a_reason(
         for uid, reason in zip(quarantine["user_id"], quarantine["reason"], strict=True)
     }
     assert reasons == {uid: reason for uid, (_, reason) in INVALID_ROWS.items()}
-    assert outcome.quarantined_by_reason["expect_column_values_to_be_unique(email_key)"] == 2
+    assert outcome.quarantined_by_reason[ADDRESS_TWICE] == 2
     assert sum(outcome.quarantined_by_reason.values()) == 8
     assert outcome.per_locale == {"en": 15}
     # Counts only: the summary must not carry the addresses GX found.

@@ -36,7 +36,7 @@ from mailroom.audience.sample import generate
 from mailroom.batches import load_manifest, serialise, shared_parts
 from mailroom.campaign_spec import CampaignSpec, Unsubscribe, load_campaign
 from mailroom.checks import quality_gate
-from mailroom.checks.quality_gate import bodies
+from mailroom.checks.quality_gate import ONCE_IN_RUN, bodies
 from mailroom.checks.quality_gate.audience import Audience
 from mailroom.checks.quality_gate.regular import RegularShape
 from mailroom.delivery.outbox import Outbox
@@ -368,7 +368,11 @@ def test_both_readers_give_the_same_rows(
     generic_people, generic_requests = explode(run, strict=False)
     pd.testing.assert_frame_equal(strict_people, generic_people)
     pd.testing.assert_frame_equal(strict_requests, generic_requests)
-    assert list(strict_people.columns) == list(quality_gate.PERSONALIZATION_COLUMNS)
+    assert list(strict_people.columns) == [
+        *quality_gate.PERSONALIZATION_FRAME_COLUMNS,
+        "email_key",
+        "audience_row",
+    ]
     assert list(strict_requests.columns) == list(quality_gate.BATCH_COLUMNS)
     if mutation.name in ("clean", "recipients in another order"):  # only the order differs
         assert strict_people["values_match"].all()
@@ -456,13 +460,13 @@ def test_data_docs_of_a_failing_gate_name_the_checks_but_no_address(
         for c in result[part]["checks"]
         if not c["success"]
     }
-    assert {"email", "email_key", "in_audience", "values_match", "digest_matches"} <= failed
+    assert {"email", ONCE_IN_RUN, "in_audience", "values_match", "digest_matches"} <= failed
     assert result["data_docs"] == "gate/data_docs/index.html"
     pages = gate_pages(run)
     assert (run.staging.gate_data_docs / "index.html") in pages
     text = "\n".join(pages.values())
     unescaped = html.unescape(text)
-    for column in ("email_key", "in_audience", "values_match", "digest_matches"):
+    for column in (ONCE_IN_RUN, "in_audience", "values_match", "digest_matches"):
         assert column in text
     validation = next(
         t for p, t in pages.items() if "validations" in p.parts and "envelopes" in p.parts

@@ -695,7 +695,9 @@ def test_the_decoded_text_parses_as_the_bytes_did_and_is_stored_as_they_were(
     raw = _encodings(text)[encoding]
     decoded = server._utf8_text(raw)
 
-    assert answers(json.loads, raw if decoded is None else decoded) == answers(json.loads, raw)
+    # Compared as written: ``NaN`` reads as a float that equals nothing, itself included.
+    once = answers(json.loads, raw if decoded is None else decoded)
+    assert repr(once) == repr(answers(json.loads, raw))
     if decoded is not None:
         assert decoded == raw.decode("utf-8")
         assert store._one_utf8_line(raw, utf8=True) is store._one_utf8_line(raw)
@@ -708,7 +710,9 @@ def test_the_decoded_text_parses_as_the_bytes_did_and_is_stored_as_they_were(
 def test_decoding_once_changes_nothing_for_any_bytes(raw: bytes) -> None:
     decoded = server._utf8_text(raw)
 
-    assert answers(json.loads, raw if decoded is None else decoded) == answers(json.loads, raw)
+    # Compared as written: ``NaN`` reads as a float that equals nothing, itself included.
+    once = answers(json.loads, raw if decoded is None else decoded)
+    assert repr(once) == repr(answers(json.loads, raw))
     if decoded is not None:
         assert store._one_utf8_line(raw, utf8=True) is store._one_utf8_line(raw)
 

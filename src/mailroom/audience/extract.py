@@ -1,7 +1,11 @@
 """extract_audience: read recipients from the source, normalise, drop suppressed and duplicates.
 
 The source is streamed in chunks and written chunk by chunk to a Parquet snapshot, so memory
-stays bounded by the chunk size plus one set of seen addresses.
+stays bounded by the chunk size plus the addresses kept so far for dedupe, and those only up to
+``SEEN_IN_MEMORY`` of them (``_SeenKeys``): past that, every later row's address key goes to a
+file beside the snapshot, DuckDB finds the keys kept twice among them once the source is read,
+and one more pass over the snapshot leaves out the later copies. Either way the first row of an
+address is the one kept.
 
 Dedupe and suppression compare ``addresses.address_key``, the one key of a mailbox: the IDN and
 punycode spellings of one mailbox, its case variants, and a spelling with an invisible character
@@ -26,6 +30,7 @@ import csv
 import logging
 import queue
 import re
+import shutil
 import threading
 from collections import Counter
 from collections.abc import Callable, Container, Iterator
@@ -59,6 +64,8 @@ from mailroom.errors import AudienceError
 log = logging.getLogger(__name__)
 
 CHUNK_ROWS = 100_000
+# Address keys held in a set for dedupe (about 100 bytes each) before the rest is deduped on disk.
+SEEN_IN_MEMORY = 1_000_000
 REQUIRED_COLUMNS = ("user_id", "email", "locale")
 
 
@@ -161,7 +168,7 @@ def extract_audience(
             spec, query, sql_url, read.reasons, schema, snapshot, suppressed_out, reader
         )
     if tally is None:
-        tally = _Tally()
+        tally = _Tally(seen=_SeenKeys(SEEN_IN_MEMORY, snapshot))
         chunks = _pandas_chunks(spec, sql_url, read.reasons, schema, tally)
         _write_snapshot(snapshot, suppressed_out, schema, chunks, tally)
     counts = ExtractCounts(
@@ -183,7 +190,59 @@ def extract_audience(
     return counts
 
 
-@dataclass
+class _SeenKeys:
+    """The address keys of the rows kept so far, for dedupe.
+
+    Up to ``limit`` keys they are held in ``keys``, and every row repeating one of them is left
+    out as it is read. Past it ``keys`` is no longer added to (rows repeating one of its keys
+    are still left out as read), and the key of every row kept from then on, with whether its
+    locale was defaulted, is written to a file beside the snapshot, row for row with the
+    snapshot from row ``frozen_at``: a row there repeating an earlier one of those rows is only
+    found once the source is read (``_leave_out_later_copies``)."""
+
+    def __init__(self, limit: int, snapshot: Path) -> None:
+        self.keys: set[str] = set()
+        self.limit = limit
+        self.frozen_at: int | None = None
+        self.path: Path | None = None
+        self._beside = snapshot
+        self._writer: pq.ParquetWriter | None = None
+
+    def add(
+        self,
+        keys: pa.Array,
+        defaulted: pa.Array,
+        *,
+        rows_before: int,
+        distinct: set[str] | None = None,
+    ) -> None:
+        """The keys (missing for none) of one chunk's kept rows, the snapshot's rows from
+        ``rows_before`` on, and whether each row's locale was defaulted; ``distinct``: those
+        keys as a set, when the caller has it already."""
+        if self.frozen_at is None:
+            if len(self.keys) + len(keys) <= self.limit:
+                if distinct is None:
+                    distinct = {k for k in keys.to_pylist() if k is not None}
+                self.keys |= distinct
+                return
+            self.frozen_at = rows_before
+            self.path = self._beside.with_name(self._beside.name + ".keys")
+            self._writer = pq.ParquetWriter(self.path, _SEEN_SCHEMA)
+        assert self._writer is not None
+        self._writer.write_table(
+            pa.table({"key": keys, "defaulted": defaulted}, schema=_SEEN_SCHEMA)
+        )
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+_SEEN_SCHEMA = pa.schema([("key", pa.string()), ("defaulted", pa.bool_())])
+
+
+@dataclass(kw_only=True)
 class _Tally:
     """What one pass over the audience has counted so far, and the address keys it has kept."""
 
@@ -191,8 +250,8 @@ class _Tally:
     duplicates: int = 0
     defaulted: int = 0
     kept: int = 0
+    seen: _SeenKeys
     suppressed: Counter[str] = field(default_factory=Counter)
-    seen: set[str] = field(default_factory=set)
 
 
 @dataclass(frozen=True)
@@ -228,13 +287,96 @@ def _write_snapshot(
                 left_out_writer.write_table(chunk.left_out)
             writer.write_table(chunk.rows)
 
-        with _Behind(write) as behind:
-            for chunk in chunks:
-                behind.hand(chunk)
-                log.info("extract: %d rows read, %d kept so far", tally.extracted, tally.kept)
+        try:
+            with _Behind(write) as behind:
+                for chunk in chunks:
+                    behind.hand(chunk)
+                    log.info("extract: %d rows read, %d kept so far", tally.extracted, tally.kept)
+        finally:
+            tally.seen.close()
+    if tally.seen.path is not None:
+        try:
+            _leave_out_later_copies(tmp, schema, tally)
+        finally:
+            tally.seen.path.unlink(missing_ok=True)
     tmp.replace(snapshot)
     if suppressed_out is not None:
         _tmp(suppressed_out).replace(suppressed_out)
+
+
+def _leave_out_later_copies(snapshot: Path, schema: pa.Schema, tally: _Tally) -> None:
+    """The snapshot rewritten without the rows repeating the address of an earlier row kept
+    after ``_SeenKeys`` stopped holding keys (only when there is one: DuckDB groups those rows'
+    keys on disk, within a memory limit, to find the keys kept twice)."""
+    import duckdb
+
+    seen = tally.seen
+    assert seen.path is not None
+    assert seen.frozen_at is not None
+    seen.keys.clear()  # every row before ``frozen_at`` is already the only one of its address
+    spill = seen.path.with_name(seen.path.name + ".spill")
+    with duckdb.connect(
+        config={"memory_limit": "256MB", "temp_directory": str(spill), "threads": 2}
+    ) as connection:
+        source = "read_parquet('" + str(seen.path).replace("'", "''") + "')"
+        twice = set(
+            connection.sql(
+                f"SELECT key FROM {source} WHERE key IS NOT NULL GROUP BY key HAVING count(*) > 1"
+            )
+            .to_arrow_table()
+            .column("key")
+            .to_pylist()
+        )
+    shutil.rmtree(spill, ignore_errors=True)
+    if not twice:
+        return
+    log.info("extract: leaving out the later rows of %d address(es) kept twice", len(twice))
+    rewritten = snapshot.with_name(snapshot.name + ".deduped")
+    kept_once: set[str] = set()
+    side = _Rows(pq.ParquetFile(seen.path, pre_buffer=False))
+    row = 0
+    with pq.ParquetWriter(rewritten, schema) as writer:
+        for batch in pq.ParquetFile(snapshot, pre_buffer=False).iter_batches(batch_size=CHUNK_ROWS):
+            rows = pa.Table.from_batches([batch], schema)
+            start = max(seen.frozen_at - row, 0)
+            row += rows.num_rows
+            if start < rows.num_rows:
+                after = side.take(rows.num_rows - start)
+                keep = np.ones(rows.num_rows, dtype=bool)
+                for i, key in enumerate(after.column("key").to_pylist()):
+                    if key in twice:
+                        if key in kept_once:
+                            keep[start + i] = False
+                        kept_once.add(key)
+                dropped = ~keep[start:]
+                defaulted = after.column("defaulted").to_numpy(zero_copy_only=False)
+                tally.duplicates += int(dropped.sum())
+                tally.defaulted -= int((dropped & defaulted).sum())
+                tally.kept -= int(dropped.sum())
+                rows = rows.filter(pa.array(keep))
+            writer.write_table(rows)
+    rewritten.replace(snapshot)
+
+
+class _Rows:
+    """A Parquet file's rows handed out in consecutive slices of any length."""
+
+    def __init__(self, file: pq.ParquetFile) -> None:
+        self._batches = file.iter_batches(batch_size=CHUNK_ROWS)
+        self._pending: list[pa.RecordBatch] = []
+        self._held = 0
+        self._schema = file.schema_arrow
+
+    def take(self, count: int) -> pa.Table:
+        while self._held < count:
+            batch = next(self._batches)
+            self._pending.append(batch)
+            self._held += batch.num_rows
+        table = pa.Table.from_batches(self._pending, self._schema)
+        rest = table.slice(count)
+        self._pending = rest.to_batches()
+        self._held = rest.num_rows
+        return table.slice(0, count)
 
 
 class _Behind:
@@ -287,7 +429,7 @@ def _through_adbc(
 ) -> _Tally | None:
     """The snapshot written from ADBC's record batches; ``None`` (nothing kept of this pass)
     when ADBC cannot read the audience as SQLAlchemy would, unless ``reader`` insists."""
-    tally = _Tally()
+    tally = _Tally(seen=_SeenKeys(SEEN_IN_MEMORY, snapshot))
     try:
         target = adbc_target(sql_url)
         log.info("extract: reading the audience through ADBC (%s)", target.driver)
@@ -340,11 +482,10 @@ def _pandas_chunks(
 
         # Membership row by row: ``isin(seen)`` would rebuild a hash table of every address
         # seen so far for each chunk, quadratic in the audience.
-        earlier = pd.Series([k in seen for k in keys], index=keys.index, dtype=bool)
+        earlier = pd.Series([k in seen.keys for k in keys], index=keys.index, dtype=bool)
         is_duplicate = keys.notna() & (keys.duplicated() | earlier)
         tally.duplicates += int(is_duplicate.sum())
         chunk, keys = chunk[~is_duplicate], keys[~is_duplicate]
-        seen.update(keys.dropna().tolist())
 
         unknown = ~chunk["locale"].isin(locales)
         if unknown.any():
@@ -352,6 +493,11 @@ def _pandas_chunks(
                 lambda v: _locale_match(v, locales, spec.default_locale)
             )
             tally.defaulted += int(unknown.sum())
+        seen.add(
+            pa.array(keys, pa.string(), from_pandas=True),
+            pa.array(unknown, pa.bool_()),
+            rows_before=tally.kept,
+        )
         tally.kept += len(chunk)
         rows = pa.Table.from_pandas(chunk, schema=schema, preserve_index=False)
         yield _Kept(rows, left_out)
@@ -391,7 +537,7 @@ def _arrow_chunks(
             )
             keys = pc.if_else(drop, pa.scalar(None, pa.string()), keys)  # no part in dedupe
             distinct -= hits
-        repeated = _repeated(keys, distinct, tally.seen)
+        repeated = _repeated(keys, distinct, tally.seen.keys)
         if repeated is not None:
             tally.duplicates += pc.sum(repeated).as_py()
             drop = repeated if drop is None else pc.or_(drop, repeated)
@@ -401,6 +547,12 @@ def _arrow_chunks(
             keep = pc.invert(drop)
             rows, unknown = rows.filter(keep), unknown.filter(keep)
         tally.defaulted += pc.sum(unknown).as_py() or 0
+        tally.seen.add(
+            keys if drop is None else keys.filter(pc.invert(drop)),
+            unknown,
+            rows_before=tally.kept,
+            distinct=distinct,
+        )
         tally.kept += rows.num_rows
         yield _Kept(rows, left_out)
 
@@ -424,10 +576,8 @@ def _arrow_locales(values: pa.Array, locales: set[str], default: str) -> tuple[p
 
 def _repeated(keys: pa.Array, distinct: set[str], seen: set[str]) -> pa.Array | None:
     """Which rows repeat the key of an earlier row, in this chunk or in an earlier one (whose
-    keys are in ``seen``, to which this chunk's, ``distinct``, are added); ``None`` when none
-    does. Rows without a key repeat nothing."""
+    keys are in ``seen``); ``None`` when none does. Rows without a key repeat nothing."""
     earlier = seen & distinct
-    seen |= distinct
     if not earlier and len(distinct) == len(keys) - keys.null_count:
         return None
     present = keys.is_valid()
@@ -656,7 +806,7 @@ def _file_chunks(url: str) -> Iterator[pd.DataFrame]:
     path = url.removeprefix("file://")
     try:
         if path.endswith(".parquet"):
-            parquet = pq.ParquetFile(path)
+            parquet = pq.ParquetFile(path, pre_buffer=False)
             for batch in parquet.iter_batches(batch_size=CHUNK_ROWS):
                 yield batch.to_pandas()
         elif path.endswith(".csv"):

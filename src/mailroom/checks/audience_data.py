@@ -5,7 +5,8 @@ rebuilt from the campaign spec and the rendered content, so anything personal in
 with those inputs: a template or catalog holding someone's address, a subject rendered once for
 one recipient, a literal unsubscribe link. Both layers hold the rebuilt shared parts to the run's
 whole audience (``People``: every person the extract read, the suppressed and the quarantined
-included, not only those about to be mailed) and refuse any of:
+included, not only those about to be mailed, read from their files a batch at a time) and refuse
+any of:
 
 * an address of anyone in the audience, read as a person reads it (``addresses.addresses_shown``:
   markup, entities, invisible characters, fullwidth forms, "(at)" spellings, Unicode domains);
@@ -22,7 +23,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,38 +36,64 @@ from mailroom.addresses import address_key, addresses_shown
 from mailroom.campaign_spec import CampaignSpec
 
 MIN_USER_ID_LENGTH = 6
+# Rows of an audience file read at a time by each lookup.
+SCAN_ROWS = 131_072
 # Runs of characters a user id or an unsubscribe token (base64url) is made of.
 _WORDS = re.compile(r"[A-Za-z0-9_\-]+(?:\.[A-Za-z0-9_\-]+)?")
 
 
-@dataclass(frozen=True)
 class People:
-    """Every person the run's extract read: their address keys and their user ids."""
+    """Every person the run's extract read (``sources``: their files, or tables), asked about a
+    handful of candidates at a time without being held: each question is one scan of their
+    address and user id columns, a batch at a time (a file read whole would be two arrays the
+    size of the audience, for a few lookups)."""
 
-    keys: pa.Array
-    user_ids: pa.Array
+    def __init__(self, sources: Sequence[Path | pa.Table] = ()) -> None:
+        self.sources = tuple(sources)
 
     @classmethod
     def read(cls, paths: Iterable[Path]) -> People:
         """The people of the run's audience files (the snapshot, the suppressed); a file that is
         not there adds nobody."""
-        keys: list[pa.Array] = []
-        ids: list[pa.Array] = []
-        for path in paths:
-            if not path.exists():
-                continue
-            table = pq.read_table(path, columns=["user_id", "email"])
-            keys.append(_keys(table.column("email").combine_chunks()))
-            ids.append(pc.cast(table.column("user_id").combine_chunks(), pa.string()))
-        if not keys:
-            return cls(pa.array([], pa.string()), pa.array([], pa.string()))
-        return cls(pa.concat_arrays(keys), pa.concat_arrays(ids))
+        return cls([path for path in paths if path.exists()])
+
+    def known(self, addresses: Iterable[str], user_ids: Iterable[str]) -> tuple[set[str], set[str]]:
+        """Which of the candidate address keys and which of the candidate user ids are
+        someone's, in one scan."""
+        wanted_addresses = pa.array(sorted(set(addresses)), pa.string())
+        wanted_ids = pa.array(sorted(set(user_ids)), pa.string())
+        found_addresses: set[str] = set()
+        found_ids: set[str] = set()
+        columns = [
+            name
+            for name, wanted in (("email", wanted_addresses), ("user_id", wanted_ids))
+            if len(wanted)
+        ]
+        if not columns:
+            return found_addresses, found_ids
+        for batch in self._batches(columns):
+            if len(wanted_addresses):
+                keys = _keys(batch.column("email"))
+                found_addresses |= _present(keys, wanted_addresses)
+            if len(wanted_ids):
+                ids = pc.cast(batch.column("user_id"), pa.string())
+                found_ids |= _present(ids, wanted_ids)
+        return found_addresses, found_ids
 
     def known_addresses(self, candidates: Iterable[str]) -> set[str]:
-        return _present(self.keys, candidates)
+        return self.known(candidates, ())[0]
 
     def known_user_ids(self, candidates: Iterable[str]) -> set[str]:
-        return _present(self.user_ids, candidates)
+        return self.known((), candidates)[1]
+
+    def _batches(self, columns: list[str]) -> Iterator[pa.RecordBatch | pa.Table]:
+        for source in self.sources:
+            if isinstance(source, pa.Table):
+                yield source.select(columns)
+            else:
+                # A page at a time: a row group can be the whole audience.
+                file = pq.ParquetFile(source, buffer_size=1 << 20, pre_buffer=False)
+                yield from file.iter_batches(batch_size=SCAN_ROWS, columns=columns)
 
 
 @dataclass(frozen=True)
@@ -94,11 +121,8 @@ def audience_data_in(text: str, people: People, spec: CampaignSpec) -> int:
     """How many pieces of audience data ``text`` shows (addresses, user ids, unsubscribe tokens
     and literal unsubscribe links); the campaign's public addresses are not counted."""
     found = _candidates(text, spec)
-    return (
-        len(people.known_addresses(found.addresses))
-        + len(people.known_user_ids(found.user_ids))
-        + found.links
-    )
+    addresses, user_ids = people.known(found.addresses, found.user_ids)
+    return len(addresses) + len(user_ids) + found.links
 
 
 def shared_audience_data(
@@ -113,8 +137,10 @@ def shared_audience_data(
         for digest, part in shared.items()
     }
     candidates = {t: _candidates(t, spec) for t in {t for ts in texts.values() for t in ts}}
-    addresses = people.known_addresses(a for c in candidates.values() for a in c.addresses)
-    user_ids = people.known_user_ids(i for c in candidates.values() for i in c.user_ids)
+    addresses, user_ids = people.known(
+        (a for c in candidates.values() for a in c.addresses),
+        (i for c in candidates.values() for i in c.user_ids),
+    )
     shown = {
         t: len(c.addresses & addresses) + len(c.user_ids & user_ids) + c.links
         for t, c in candidates.items()
@@ -160,18 +186,17 @@ def _literal_unsubscribe_links(text: str, spec: CampaignSpec) -> int:
     return len(re.findall(re.escape(prefix) + r"[A-Za-z0-9_\-]", text))
 
 
-def _keys(emails: pa.Array) -> pa.Array:
+def _keys(emails: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
     """``address_key`` of each address (ASCII ones lower-cased by Arrow, the rest in Python)."""
     if len(emails) == 0 or pc.all(pc.string_is_ascii(emails)).as_py() is not False:
         return pc.ascii_lower(pc.utf8_trim_whitespace(emails))
     return pa.array([address_key(e) for e in emails.to_pylist()], pa.string())
 
 
-def _present(values: pa.Array, candidates: Iterable[str]) -> set[str]:
-    """Which candidates are among ``values``: one scan of the values against the few candidates
+def _present(values: pa.Array | pa.ChunkedArray, wanted: pa.Array) -> set[str]:
+    """Which of the ``wanted`` few are among ``values``: one scan of the values against them
     (no hash table of a million values for a handful of lookups)."""
-    wanted = set(candidates)
-    if not wanted or len(values) == 0:
+    if not len(wanted) or not len(values):
         return set()
-    hits = pc.filter(values, pc.is_in(values, value_set=pa.array(sorted(wanted), pa.string())))
-    return set(hits.to_pylist())
+    hits = pc.filter(values, pc.is_in(values, value_set=wanted))
+    return {str(hit) for hit in hits.to_pylist()}

@@ -525,6 +525,13 @@ class LocalAirflow:
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
             "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "5",
             "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
+            # A campaign is a chain of a dozen tasks, each queued only once the scheduler's
+            # loop sees the one before it done: an idle loop waits a quarter of a second for the
+            # next look rather than a whole one (Airflow's default), which is up to 0.75 s less
+            # between every two tasks, for a few more queries of the metadata database.
+            "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": os.environ.get(
+                "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME", "0.25"
+            ),
             # A task whose worker died with it (everything killed, then started again) is
             # failed, and retried, after a minute without heartbeats rather than five (or as
             # the environment sets it).

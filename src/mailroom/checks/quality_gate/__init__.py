@@ -6,18 +6,25 @@ Docs (counts only: an unexpected value here is an address) it leaves with the ru
 nothing of how the bodies were built: expected values are recomputed from the validated audience,
 so a broken body builder cannot vouch for itself.
 
+Its memory does not grow with the audience: the bodies are read a group at a time, the
+audience a locale's rows at a time alongside them (with any address out of place looked up by
+key on disk), the personalization rows are spilled to disk and reach GX ``chunk_rows`` at a
+time, and nobody twice, the one rule about the whole run, is worked out over every row first
+and reaches GX as a column of each. How the rows are cut never changes the verdict or a count.
+
 The package, in reading order:
 
 * ``rules``: what the gate checks, the expectations every personalization row and every
   batch row must meet (SendGrid's limits from ``mailroom.checks.limits``);
 * ``explode``: how those rows are made from the frozen bytes (``bodies`` reads them a group at a
   time; ``regular`` reads the shape Mailroom writes column-wise, ``generic`` any other body;
-  ``rows`` holds the columns);
+  ``rows`` holds the columns) and kept until GX reads them;
 * ``audience``: the validated audience, who may receive and what each one's envelope must carry.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -26,15 +33,23 @@ from typing import Any
 
 from mailroom.campaign_spec import CampaignSpec
 from mailroom.checks.quality_gate import rules
-from mailroom.checks.quality_gate.audience import audience_tokens
-from mailroom.checks.quality_gate.explode import explode_batches
-from mailroom.checks.quality_gate.rows import BATCH_COLUMNS, PERSONALIZATION_COLUMNS
+from mailroom.checks.quality_gate.audience import Audience, audience_tokens
+from mailroom.checks.quality_gate.explode import CHUNK_ROWS, explode_batches, explode_run
+from mailroom.checks.quality_gate.rows import (
+    BATCH_COLUMNS,
+    ONCE_IN_RUN,
+    PERSONALIZATION_COLUMNS,
+    PERSONALIZATION_FRAME_COLUMNS,
+)
 from mailroom.gx_runtime import Suite, summarise, validate_suites
 from mailroom.staging import RunStaging
 
 __all__ = [
     "BATCH_COLUMNS",
+    "CHUNK_ROWS",
+    "ONCE_IN_RUN",
     "PERSONALIZATION_COLUMNS",
+    "PERSONALIZATION_FRAME_COLUMNS",
     "GateResult",
     "check_envelopes",
     "explode_batches",
@@ -54,6 +69,7 @@ def check_envelopes(
     staged: Mapping[str, str],
     audience_data: Mapping[str, int],
     data_docs_dir: Path | None = None,
+    chunk_rows: int = CHUNK_ROWS,
 ) -> GateResult:
     """Validate the frozen batches; unless ``success``, nothing may be sent
     (``pipeline.check_envelopes`` raises ValidationFailed). ``shared``: each batch's shared part
@@ -64,41 +80,51 @@ def check_envelopes(
 
     GX's Data Docs for both suites are written to ``data_docs_dir`` (by default the run's
     ``gate/data_docs``, when the manifest is where a run keeps it), whether the gate passes or
-    not, before this returns.
+    not, before this returns. GX validates the personalization rows ``chunk_rows`` at a time:
+    the verdict and every count are the same whatever their number.
     """
     run = RunStaging(manifest_path.parent.parent)
     if data_docs_dir is None and run.manifest == manifest_path:
         data_docs_dir = run.gate_data_docs
 
-    # Started before Great Expectations is imported (seconds, in a task process of its own):
-    # making the rules imports it.
-    with audience_tokens(spec, secret, valid_audience) as tokens:
-        people_rules = rules.for_personalizations(expected_recipients)
-        batch_rules = rules.for_batches()
-        people, batch_rows = explode_batches(
-            spec,
-            manifest_path=manifest_path,
-            valid_audience=valid_audience,
-            secret=secret,
-            shared=shared,
-            staged=staged,
-            audience_data=audience_data,
-            tokens=tokens,
+    with contextlib.ExitStack() as stack:
+        # The tokens are started, and the audience split by locale, before Great Expectations
+        # is imported (seconds, in a task process of its own): making the rules imports it.
+        with (
+            audience_tokens(spec, secret, valid_audience) as tokens,
+            Audience(spec, secret, valid_audience, tokens) as audience,
+        ):
+            people_rules = rules.for_personalizations(expected_recipients)
+            batch_rules = rules.for_batches()
+            exploded = stack.enter_context(
+                explode_run(
+                    spec,
+                    manifest_path=manifest_path,
+                    audience=audience,
+                    shared=shared,
+                    staged=staged,
+                    audience_data=audience_data,
+                )
+            )
+        people_result, batch_result = validate_suites(
+            [
+                Suite(
+                    name="envelopes",
+                    chunks=exploded.personalization_chunks(chunk_rows),
+                    expectations=people_rules,
+                ),
+                Suite(name="batches", chunks=[exploded.batches], expectations=batch_rules),
+            ],
+            data_docs_dir=data_docs_dir,
         )
-    people_result, batch_result = validate_suites(
-        [
-            Suite(name="envelopes", frame=people, expectations=people_rules),
-            Suite(name="batches", frame=batch_rows, expectations=batch_rules),
-        ],
-        data_docs_dir=data_docs_dir,
-    )
+    batch_rows = exploded.batches
     docs = None
     if data_docs_dir is not None:
         index = data_docs_dir / "index.html"
         docs = str(index.relative_to(run.root)) if index.is_relative_to(run.root) else str(index)
     result = GateResult(
         success=bool(people_result.success and batch_result.success),
-        personalizations=len(people),
+        personalizations=exploded.personalizations,
         batches=len(batch_rows),
         personalization_checks=summarise(people_result),
         request_checks=summarise(batch_result),

@@ -22,8 +22,9 @@ from mailroom.batches import BatchEntry, sha256_hex
 from mailroom.substitutions import LEFTOVER_MARKER, TAG_PATTERN
 
 # Requests parsed together by the strict reader (a few dozen MB); the next group is read and
-# parsed in a second thread while this one is checked.
-CHUNK_BATCHES = 64
+# parsed in a second thread while this one is checked. Twice as many is no faster and holds
+# about 100 MB more.
+CHUNK_BATCHES = 32
 
 
 @dataclass(frozen=True)

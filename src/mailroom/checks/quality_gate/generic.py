@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 
 from mailroom.checks.limits import RESERVED_HEADERS
-from mailroom.checks.quality_gate.audience import Audience, audience_addresses_in
+from mailroom.checks.quality_gate.audience import Audience, Found, audience_addresses_in
 from mailroom.checks.quality_gate.bodies import Group, tags_and_markers
 from mailroom.checks.quality_gate.rows import Columns
 
@@ -63,11 +63,14 @@ def explode_generic(
         first = to[0] if isinstance(to, list) and to else None
         emails.append(_as_text(first.get("email") if isinstance(first, dict) else None))
     keys = pa.array([e.lower() if e is not None else None for e in emails], pa.string())
-    rows = audience.find(keys, audience.hint(entry.locale, len(items)))
-    own = _own_values(audience, rows)
+    found = audience.find(keys, [(entry.locale, len(items))])
+    rows = found.rows
+    own = _own_values(audience, found)
 
     unresolved = recipient_count = 0
-    for item, email, key, row in zip(items, emails, keys.to_pylist(), rows, strict=True):
+    for position, (item, email, key, row) in enumerate(
+        zip(items, emails, keys.to_pylist(), rows, strict=True)
+    ):
         extra = 1 if item is None else len(set(item) - {"to", "substitutions", "headers"})
         item = item or {}
         to = item.get("to")
@@ -85,8 +88,9 @@ def explode_generic(
             n_bcc=n_bcc,
             email=email,
             email_key=key,
+            audience_row=int(row),
             in_audience=bool(row >= 0),
-            values_match=bool(row >= 0) and own.get(int(row)) == (subs, headers),
+            values_match=bool(row >= 0) and own.get(position) == (subs, headers),
             reserved_headers=_reserved(headers),
             unknown_tags=unknown,
             extra_fields=extra,
@@ -118,21 +122,22 @@ def explode_generic(
 
 
 def _own_values(
-    audience: Audience, rows: np.ndarray
+    audience: Audience, found: Found
 ) -> dict[int, tuple[dict[str, str], dict[str, str]]]:
-    """Audience row → (substitutions, headers) as ``envelope_values`` gives them."""
-    found = np.unique(rows[rows >= 0])
-    if not len(found):
+    """Position of each address found → (substitutions, headers) as ``envelope_values`` gives
+    them for its audience row."""
+    where = np.flatnonzero(found.rows >= 0)
+    if not len(where):
         return {}
     subs, headers = audience.values(found)
     sub_lists = {k: v.to_pylist() for k, v in subs.items()}
     header_lists = {k: v.to_pylist() for k, v in headers.items()}
     return {
-        int(row): (
+        int(position): (
             {k: v[i] for k, v in sub_lists.items()},
             {k: v[i] for k, v in header_lists.items()},
         )
-        for i, row in enumerate(found)
+        for i, position in enumerate(where)
     }
 
 

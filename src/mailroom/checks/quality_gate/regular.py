@@ -133,14 +133,13 @@ def explode_regular(
     first = np.cumsum(n_to) - n_to
     email = addresses.take(pa.array(first, mask=n_to == 0)) if len(n_to) else addresses
     email_key = pc.ascii_lower(email)
-    hint = [
-        audience.hint(e.locale, int(n)) for e, n in zip(group.entries, per_request, strict=True)
-    ]
-    rows = audience.find(email_key, np.concatenate(hint))
-    known = rows >= 0
+    found = audience.find(
+        email_key, [(e.locale, int(n)) for e, n in zip(group.entries, per_request, strict=True)]
+    )
+    known = found.rows >= 0
     values_match = known.copy()
     if known.any():
-        own_subs, own_headers = audience.values(rows[known])
+        own_subs, own_headers = audience.values(found)
         everyone = bool(known.all())
         mask = pa.array(known)
         subs, headers = items.field("substitutions"), items.field("headers")
@@ -195,6 +194,7 @@ def explode_regular(
         n_bcc=zeros,
         email=email,
         email_key=email_key,
+        audience_row=found.rows,
         in_audience=known,
         values_match=values_match,
         reserved_headers=zeros,

@@ -1,6 +1,11 @@
-"""The rows the rules judge: the columns of the personalization rows and the batch rows, and
-the two frames gathered a group of bodies at a time (whole arrays from a regular group, single
-rows from any other body)."""
+"""The rows the rules judge: the columns of the personalization rows and the batch rows, gathered
+a group of bodies at a time (whole arrays from a regular group, single rows from any other body).
+
+A group's personalization rows are an Arrow table (``Columns.table``, as ``explode`` spills them);
+what Great Expectations gets is a pandas frame of some of them (``personalization_frame``), where
+the address key gives way to ``ONCE_IN_RUN``: whether no other personalization of the whole run
+has that key, which no chunk of rows can tell on its own (``explode.ExplodedRun`` works it out).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 
 PERSONALIZATION_COLUMNS = (
     "n_to",
@@ -17,6 +21,7 @@ PERSONALIZATION_COLUMNS = (
     "n_bcc",
     "email",
     "email_key",
+    "audience_row",
     "in_audience",
     "values_match",
     "reserved_headers",
@@ -40,10 +45,18 @@ BATCH_COLUMNS = (
     "audience_addresses_shared",
     "audience_data_shared",
 )
+# The run-wide column of the personalization frames: no other personalization of the run has
+# the row's address key (missing where it has none).
+ONCE_IN_RUN = "email_key_once_in_run"
+# The columns of the personalization frames GX validates: the address key and the audience row
+# the address was found at (-1: none) only say who is who, and give way to ``ONCE_IN_RUN``.
+PERSONALIZATION_FRAME_COLUMNS = tuple(
+    ONCE_IN_RUN if name == "email_key" else name
+    for name in PERSONALIZATION_COLUMNS
+    if name != "audience_row"
+)
 _TEXT_COLUMNS = frozenset({"email", "email_key", "batch_id"})
-# Only compared for equality: handed to GX as numbers, equal for equal text (a fraction of the
-# cost of hashing text, which GX does to every column it gets).
-_NUMBERED = frozenset({"email_key"})
+_NO_TEXT = pa.array([], pa.string())
 _BOOL_COLUMNS = frozenset(
     {
         "in_audience",
@@ -84,21 +97,54 @@ class Columns:
                     self.parts[name].append(np.asarray(values, dtype=dtype))
                 self.rows[name] = []
 
-    def frame(self) -> pd.DataFrame:
+    def table(self) -> pa.Table:
+        """Every row gathered, as Arrow (text as ``string``, counts as ``int64``), and none
+        kept."""
         self._flush_rows()
         data: dict[str, Any] = {}
         for name in self.names:
             parts = self.parts[name]
             if name in _TEXT_COLUMNS:
-                joined = pa.concat_arrays(parts) if parts else pa.array([], pa.string())
-                data[name] = _numbered(joined) if name in _NUMBERED else joined.to_pandas()
+                data[name] = pa.concat_arrays([p.cast(pa.string()) for p in parts] or [_NO_TEXT])
             else:
                 dtype = bool if name in _BOOL_COLUMNS else np.int64
-                data[name] = np.concatenate(parts).astype(dtype) if parts else np.array([], dtype)
-        return pd.DataFrame(data)
+                data[name] = pa.array(
+                    np.concatenate(parts).astype(dtype) if parts else np.array([], dtype)
+                )
+            self.parts[name] = []
+        return pa.table(data)
+
+    def frame(self) -> pd.DataFrame:
+        """Every row gathered, as the frame GX validates."""
+        return _frame(self.table())
 
 
-def _numbered(values: pa.Array) -> pd.Series:
-    """Each distinct text as a number (the order it first appears in), missing stays missing."""
-    codes = pc.dictionary_encode(values).indices
-    return pd.Series(codes.to_pandas(types_mapper={pa.int32(): pd.Int64Dtype()}.get), dtype="Int64")
+def personalization_frame(
+    rows: pa.Table, once_in_run: pa.Array, *, with_keys: bool = False
+) -> pd.DataFrame:
+    """Personalization rows (``Columns.table``) as GX validates them, ``once_in_run`` (each
+    row's ``ONCE_IN_RUN``) in place of the address key. ``with_keys`` keeps the key and the
+    audience row too, after the other columns."""
+    checked = rows.drop_columns(["audience_row"])
+    index = checked.schema.get_field_index("email_key")
+    frame = _frame(checked.set_column(index, ONCE_IN_RUN, once_in_run))
+    if with_keys:
+        frame["email_key"] = rows.column("email_key").to_pandas()
+        frame["audience_row"] = rows.column("audience_row").to_numpy()
+    return frame
+
+
+def _frame(rows: pa.Table) -> pd.DataFrame:
+    """Text as Python strings, flags as ``bool`` (``ONCE_IN_RUN`` as Python objects: it can be
+    missing), counts as ``int64``."""
+    data: dict[str, Any] = {}
+    for name in rows.column_names:
+        column = rows.column(name)
+        if name in _TEXT_COLUMNS:
+            data[name] = column.to_pandas()
+        elif name == ONCE_IN_RUN:  # the same dtype whether a chunk misses a key or not
+            data[name] = column.to_pandas().astype(object)
+        else:
+            dtype = bool if name in _BOOL_COLUMNS else np.int64
+            data[name] = column.to_numpy().astype(dtype)
+    return pd.DataFrame(data)

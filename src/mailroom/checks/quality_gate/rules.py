@@ -4,7 +4,9 @@
 columns are in ``rows``); each rule is one Great Expectations expectation on one column: a count
 of what the rule forbids that must be 0, a flag that must be true, a size within SendGrid's limits
 (``mailroom.checks.limits``). ``check_envelopes`` validates the personalization rows as the suite
-``envelopes`` and the batch rows as the suite ``batches``, and any unexpected row fails the run.
+``envelopes``, a chunk of rows at a time, and the batch rows as the suite ``batches``, and any
+unexpected row fails the run. Every rule judges each row alone (or counts the rows), so the
+verdict is the same however the rows are chunked.
 
 GX is imported inside the functions: it costs seconds, and ``check_envelopes`` makes the rules
 while the unsubscribe tokens are being made in a second process.
@@ -16,6 +18,7 @@ from typing import Any
 
 from mailroom.addresses import SINGLE_ADDRESS_PATTERN
 from mailroom.checks.limits import MAX_PERSONALIZATIONS, MAX_RECIPIENTS, MAX_REQUEST_BYTES
+from mailroom.checks.quality_gate.rows import ONCE_IN_RUN
 
 
 def for_personalizations(expected_recipients: int) -> list[Any]:
@@ -32,10 +35,13 @@ def for_personalizations(expected_recipients: int) -> list[Any]:
         gxe.ExpectColumnValuesToBeBetween(column="n_cc", min_value=0, max_value=0),
         gxe.ExpectColumnValuesToBeBetween(column="n_bcc", min_value=0, max_value=0),
         # That address is one valid address, in no other personalization of the run (whatever
-        # its case), and in the validated audience.
+        # its case), and in the validated audience. Nobody twice is a property of the whole
+        # run, which no chunk of rows can judge alone: each row carries it, computed over every
+        # address key of the run (``rows.ONCE_IN_RUN``), and every copy of a repeated address
+        # is unexpected, as a uniqueness check of all the rows at once would count them.
         gxe.ExpectColumnValuesToNotBeNull(column="email"),
         gxe.ExpectColumnValuesToMatchRegex(column="email", regex=SINGLE_ADDRESS_PATTERN),
-        gxe.ExpectColumnValuesToBeUnique(column="email_key"),
+        gxe.ExpectColumnValuesToBeInSet(column=ONCE_IN_RUN, value_set=[True]),
         gxe.ExpectColumnValuesToBeInSet(column="in_audience", value_set=[True]),
         # Its substitutions and headers (the unsubscribe link among them) are the ones
         # recomputed from that address's own audience row.
