@@ -440,6 +440,17 @@ class Outbox:
                         for b in staged
                     ],
                 )
+        self._refresh_statistics()
+
+    def _refresh_statistics(self) -> None:
+        """PostgreSQL plans every claim with its tables' statistics, which right after a run is
+        staged still describe the tables without its recipients: a million of them planned as
+        none made each claim take 0.15 s instead of 0.01 s (two shards waiting on each other's
+        claims: 150 s of a 1M send) until autovacuum got round to them. Taken again here, once
+        per staged run."""
+        if self.engine.dialect.name == "postgresql":
+            with self.engine.begin() as conn:
+                conn.exec_driver_sql(f"ANALYZE {recipients.name}, {batches.name}")
 
     def manifest_sha256(self, run_key: str) -> str | None:
         with self.engine.connect() as conn:
