@@ -258,6 +258,36 @@ def test_dedupe_past_the_keys_held_in_memory_leaves_the_same_files(
 READERS: tuple[extract.Reader, ...] = ("auto", "sqlalchemy")
 
 
+def test_dedupe_on_disk_writes_the_snapshot_dedupe_in_memory_writes_empty_chunks_included(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chunk of which nobody is kept (everyone suppressed) is an empty row group of the
+    snapshot; the pass that leaves out later copies keeps it, so the file is byte for byte the
+    one dedupe in memory writes."""
+    rows: list[Row] = [
+        ("u1", "a@example.com", "A", "en"),
+        ("u2", "b@example.com", "B", "en"),
+        ("u3", "gone@example.com", "G", "en"),
+        ("u4", "left@example.com", "L", "en"),
+        ("u5", "A@EXAMPLE.COM", "A again", "en"),
+        ("u6", "c@example.com", "C", "en"),
+    ]
+    suppressions: list[tuple[object, object]] = [
+        ("gone@example.com", "bounced"),
+        ("left@example.com", None),
+    ]
+    url = sqlite_db(tmp_path / "users.sqlite", rows, suppressions)
+    monkeypatch.setattr(extract, "CHUNK_ROWS", 2)
+    for reader in READERS:
+        held = run(SQLITE_SPEC, url, tmp_path / "held", reader)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(extract, "SEEN_IN_MEMORY", 0)
+            on_disk = run(SQLITE_SPEC, url, tmp_path / "disk", reader)
+        assert held.counts is not None
+        assert held.counts["duplicates"] == 1
+        assert on_disk == held
+
+
 def test_dedupe_on_disk_keeps_the_first_row_of_each_address_across_chunks(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

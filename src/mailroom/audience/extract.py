@@ -336,8 +336,11 @@ def _leave_out_later_copies(snapshot: Path, schema: pa.Schema, tally: _Tally) ->
     side = _Rows(pq.ParquetFile(seen.path, pre_buffer=False))
     row = 0
     with pq.ParquetWriter(rewritten, schema) as writer:
-        for batch in pq.ParquetFile(snapshot, pre_buffer=False).iter_batches(batch_size=CHUNK_ROWS):
-            rows = pa.Table.from_batches([batch], schema)
+        written = pq.ParquetFile(snapshot, pre_buffer=False)
+        # Row group by row group, each one chunk of the source as first written (an empty one
+        # included): the file is the one dedupe in memory writes.
+        for group in range(written.num_row_groups):
+            rows = written.read_row_group(group).cast(schema)
             start = max(seen.frozen_at - row, 0)
             row += rows.num_rows
             if start < rows.num_rows:
