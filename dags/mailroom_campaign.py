@@ -79,7 +79,13 @@ def mailroom_campaign() -> None:
         p = ctx["params"]
         resend = tasks.resend_choice(p)  # before anything is written: a bad choice fails here
         return {
-            **tasks.prepare(p["campaign"], p["dry_run"], int(p["shards"]), ctx["run_id"]),
+            **tasks.prepare(
+                p["campaign"],
+                p["dry_run"],
+                int(p["shards"]),
+                ctx["run_id"],
+                triggered_by=ctx["dag_run"].triggering_user_name,
+            ),
             "resend": resend,
         }
 

@@ -1,5 +1,10 @@
 """Mailroom's Airflow plugin: what Mailroom adds to Airflow itself.
 
+- The campaign console (``mailroom_airflow.console``): its FastAPI app on the API server, a
+  *Campaigns* entry in the navigation, and a *Campaign* tab on every run of the DAG.
+- A listener (``mailroom_airflow.run_notes``) that writes each finished campaign run's outcome
+  into the DAG run's note, so a rejected or timed-out run does not pass for a green one.
+
 Airflow imports every module of this folder by its file name, so this is the only module here;
 the adapters it and the DAG use live in the installed package ``mailroom_airflow``.
 """
@@ -8,6 +13,33 @@ from __future__ import annotations
 
 from airflow.plugins_manager import AirflowPlugin
 
+from mailroom_airflow import run_notes
+from mailroom_airflow.console import CAMPAIGNS_ROUTE, RUN_ROUTE, URL_PREFIX
+
+
+def _console_app() -> object:
+    from mailroom_airflow.console.app import app
+
+    return app
+
 
 class MailroomPlugin(AirflowPlugin):
     name = "mailroom"
+    fastapi_apps = [  # noqa: RUF012 - Airflow's plugin interface
+        {"app": _console_app(), "url_prefix": URL_PREFIX, "name": "Mailroom campaign console"}
+    ]
+    external_views = [  # noqa: RUF012
+        {
+            "name": "Campaigns",
+            "href": f"{URL_PREFIX}/campaigns",
+            "destination": "nav",
+            "url_route": CAMPAIGNS_ROUTE,
+        },
+        {
+            "name": "Campaign",
+            "href": f"{URL_PREFIX}/dags/{{DAG_ID}}/runs/{{RUN_ID}}",
+            "destination": "dag_run",
+            "url_route": RUN_ROUTE,
+        },
+    ]
+    listeners = [run_notes]  # noqa: RUF012

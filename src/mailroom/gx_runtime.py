@@ -3,8 +3,9 @@
 GX is imported inside the functions: it costs seconds to import and only two stages need it.
 ``validate_suites`` (the gate) and ``validate_chunks`` (the audience) validate a suite a chunk
 of rows at a time and merge the chunks' results into one, so no stage holds a whole audience
-in one frame; ``validate_suites`` can leave GX's Data Docs of the merged results in a folder,
-``validate_chunks`` hands each chunk's result (which can name the failing rows) to the caller.
+in one frame; either can leave GX's Data Docs of the merged results (counts only) in a folder
+(``write_data_docs``), and ``validate_chunks`` hands each chunk's result (which can name the
+failing rows) to the caller.
 ``validate_frame`` validates one frame with any expectation.
 
 A chunk is judged alone, so only expectations whose verdict on a row depends on that row alone
@@ -72,38 +73,43 @@ def validate_suites(suites: Sequence[Suite], *, data_docs_dir: Path | None = Non
     docs are written whether the suites pass or not.
     """
     context = _context()
-    building = None
-    if data_docs_dir is not None:
-        building = data_docs_dir.with_name(data_docs_dir.name + ".building")
-        shutil.rmtree(building, ignore_errors=True)
-        context.add_data_docs_site(
-            DATA_DOCS_SITE,
-            {
-                "class_name": "SiteBuilder",
-                "store_backend": {
-                    "class_name": "TupleFilesystemStoreBackend",
-                    "base_directory": str(building.resolve()),
-                },
-                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-            },
-        )
-    results = []
-    for suite in suites:
-        merged = validate_chunks(
+    results = [
+        validate_chunks(
             suite.chunks,
             suite_name=suite.name,
             expectations=suite.expectations,
             context=context,
         )
-        if building is not None:
-            _store(context, merged)
-        results.append(merged)
-    if data_docs_dir is not None and building is not None:
-        # Every stored result at once (one index build rather than one per checkpoint).
-        context.build_data_docs(site_names=[DATA_DOCS_SITE])
-        shutil.rmtree(data_docs_dir, ignore_errors=True)
-        building.replace(data_docs_dir)
+        for suite in suites
+    ]
+    if data_docs_dir is not None:
+        write_data_docs(context, results, data_docs_dir)
     return results
+
+
+def write_data_docs(context: Any, results: Sequence[Any], data_docs_dir: Path) -> None:
+    """GX's own Data Docs site for ``results`` (merged, counts-only results) in
+    ``data_docs_dir``: ``index.html`` and one page per suite and per validation, built in a
+    ``.building`` folder next to it that then replaces whatever ``data_docs_dir`` held."""
+    building = data_docs_dir.with_name(data_docs_dir.name + ".building")
+    shutil.rmtree(building, ignore_errors=True)
+    context.add_data_docs_site(
+        DATA_DOCS_SITE,
+        {
+            "class_name": "SiteBuilder",
+            "store_backend": {
+                "class_name": "TupleFilesystemStoreBackend",
+                "base_directory": str(building.resolve()),
+            },
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+        },
+    )
+    for result in results:
+        _store(context, result)
+    # Every stored result at once (one index build rather than one per checkpoint).
+    context.build_data_docs(site_names=[DATA_DOCS_SITE])
+    shutil.rmtree(data_docs_dir, ignore_errors=True)
+    building.replace(data_docs_dir)
 
 
 def _context() -> Any:
@@ -133,6 +139,7 @@ def validate_chunks(
     index_columns: Sequence[str] = (),
     each: Callable[[pd.DataFrame, Any], None] | None = None,
     context: Any = None,
+    data_docs_dir: Path | None = None,
 ) -> Any:
     """Validate every chunk of rows against the ``ROW_LOCAL`` expectations, then the total
     row count against the ``ON_TOTALS`` ones; returns one ExpectationSuiteValidationResult, the
@@ -144,6 +151,9 @@ def validate_chunks(
     ``each(chunk, result)`` is called with every chunk's own result; with ``index_columns``
     those results name the failing rows of the chunk by those columns (``COMPLETE``), which
     the merged result leaves out: it holds counts only, whatever the run's size.
+
+    With ``data_docs_dir``, GX's Data Docs of the merged result (and of nothing else) are
+    written there (``write_data_docs``) before this returns, whether the suite passes or not.
     """
     import great_expectations as gx
     import pandas as pd
@@ -187,7 +197,10 @@ def validate_chunks(
         totals = batches.get_batch(
             batch_parameters={"dataframe": pd.DataFrame(index=pd.RangeIndex(rows))}
         ).validate(total_suite, result_format=dict(COUNTS_ONLY))
-    return _merged(suite_name, list(expectations), parts, totals)
+    merged = _merged(suite_name, list(expectations), parts, totals)
+    if data_docs_dir is not None:
+        write_data_docs(context, [merged], data_docs_dir)
+    return merged
 
 
 def _split(expectations: Sequence[Any]) -> tuple[list[Any], list[Any]]:

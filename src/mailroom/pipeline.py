@@ -12,6 +12,7 @@ import logging
 import shutil
 from collections import Counter
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from itertools import chain, islice, repeat
 from pathlib import Path
 from typing import Any
@@ -64,9 +65,11 @@ def prepare(
     dry_run: bool,
     working_dir: Path | None = None,
     resolve: Callable[[CampaignSpec], object] | None = None,
+    triggered_by: str | None = None,
 ) -> Run:
     """Check the campaign and freeze a copy of its spec into the run folder (written in
     ``working_dir`` when the folder is on object storage, which the caller then uploads).
+    ``run.json`` records who triggered the run (``triggered_by``), when, and its shard count.
 
     ``resolve``: the caller resolves everything the run will need from outside (the audience's
     connection, the outbox, the transport's connection and key, the unsubscribe secret) for the
@@ -80,7 +83,17 @@ def prepare(
     location = run_location(staging_root, spec.name, run_id)
     root = working_dir or Path(location)
     # Before anything is written: a folder another run id owns, or a frozen run, is refused.
-    run_record.claim_folder(root, campaign=spec.name, run_id=run_id)
+    run_record.claim_folder(
+        root,
+        campaign=spec.name,
+        run_id=run_id,
+        details={
+            "triggered_by": triggered_by,
+            "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "shards": shard_count,
+            "dry_run": dry_run,
+        },
+    )
     staging = RunStaging(root).create()
     run = Run(spec.name, run_id, staging, shard_count, dry_run, location)
     shutil.copyfile(campaign_path(paths.campaigns, campaign), run.spec_copy)
@@ -115,6 +128,7 @@ def validate_audience(run: Run) -> dict[str, Any]:
         valid_out=st.valid_audience,
         quarantine_out=st.quarantine,
         suppressed=st.suppressed,
+        data_docs_dir=st.audience_data_docs,
     )
     write_json(st.audience_validation, outcome.to_dict())
     return {k: v for k, v in outcome.to_dict().items() if k != "gx"}
@@ -575,6 +589,7 @@ def canary_send(run: Run, *, secret: bytes, transport: Transport) -> dict[str, A
 
 
 @run_record.stage("summarise")
-def summarise(run: Run, *, triggered_by: str | None) -> str:
-    """What the approver reads: counts, checks, a preview per locale, the manifest digest."""
-    return summary.summarise(run, triggered_by=triggered_by)
+def summarise(run: Run, *, triggered_by: str | None, console_url: str | None = None) -> str:
+    """What the approver reads: counts, checks, a preview per locale, the manifest digest;
+    ``console_url``: the run's page in the campaign console, linked instead of file paths."""
+    return summary.summarise(run, triggered_by=triggered_by, console_url=console_url)

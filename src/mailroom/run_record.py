@@ -178,12 +178,15 @@ def check_stage(
         )
 
 
-def claim_folder(root: Path, *, campaign: str, run_id: str) -> None:
+def claim_folder(
+    root: Path, *, campaign: str, run_id: str, details: dict[str, Any] | None = None
+) -> None:
     """``prepare``: refuse a folder another run owns or a frozen run, then record this run as
-    the folder's owner (once: the record is never rewritten)."""
+    the folder's owner (once: the record is never rewritten), with ``details`` of the run the
+    console shows (who triggered it, when, over how many shards)."""
     check_stage("prepare", Folder.local(root), campaign=campaign, run_id=run_id)
     if not (root / OWNER).exists():
-        write_json(root / OWNER, owner_record(campaign, run_id))
+        write_json(root / OWNER, {**(details or {}), **owner_record(campaign, run_id)})
 
 
 def mark_frozen(root: Path, *, run_id: str, manifest_sha256: str) -> None:

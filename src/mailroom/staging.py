@@ -98,6 +98,12 @@ class RunStaging:
         return self.audience_dir / "extract.json"
 
     @property
+    def audience_data_docs(self) -> Path:
+        """Great Expectations' Data Docs of the audience validation (``index.html`` inside),
+        kept with the run."""
+        return self.audience_dir / "data_docs"
+
+    @property
     def audience_validation(self) -> Path:
         return self.audience_dir / "validation.json"
 

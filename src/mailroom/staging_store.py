@@ -94,7 +94,10 @@ STAGES: dict[str, StageFiles] = {
         writes=(SNAPSHOT, SUPPRESSED, SUPPRESSIONS_UNREADABLE, EXTRACT_COUNTS),
     ),
     "validate_audience": StageFiles(
-        reads=(SPEC, SNAPSHOT), writes=(VALID, QUARANTINE), last=(VALIDATION,)
+        reads=(SPEC, SNAPSHOT),
+        writes=(VALID, QUARANTINE, _folder(_LAYOUT.audience_data_docs)),
+        last=(VALIDATION,),
+        replaces=(_folder(_LAYOUT.audience_data_docs),),
     ),
     "render_content": StageFiles(reads=(SPEC,), writes=(CONTENT,)),
     "build_envelopes": StageFiles(

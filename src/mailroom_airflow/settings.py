@@ -265,3 +265,25 @@ def _connection(conn_id: str) -> Connection:
             raise _MissingConnection(f"Airflow connection {conn_id!r} is not defined") from exc
         raise
     return conn
+
+
+def lift_halt_variable(run_id: str) -> bool:
+    """Delete the run's halt Variable, if set (the console's resume lifts every halt of the
+    run). Runs in Airflow's API server, which reads and writes Variables directly."""
+    from airflow.models.variable import Variable as StoredVariable
+
+    key = halt_variable_key(run_id)
+    if StoredVariable.get(key, default_var=None) is None:
+        return False
+    StoredVariable.delete(key)
+    return True
+
+
+def console_url(run_id: str) -> str | None:
+    """The run's page of the campaign console in Airflow's UI (``[api] base_url``)."""
+    from airflow.sdk.configuration import conf
+
+    from mailroom_airflow.console import run_view_in_airflow
+
+    base = conf.get("api", "base_url", fallback=None)
+    return run_view_in_airflow(base, run_id) if base else None

@@ -68,7 +68,9 @@ def _outbox() -> Iterator[Outbox]:
         outbox.dispose()
 
 
-def prepare(campaign: str, dry_run: bool, shard_count: int, run_id: str) -> dict[str, Any]:
+def prepare(
+    campaign: str, dry_run: bool, shard_count: int, run_id: str, triggered_by: str | None = None
+) -> dict[str, Any]:
     from mailroom import pipeline, run_record
 
     root = settings.staging_root()
@@ -84,6 +86,7 @@ def prepare(campaign: str, dry_run: bool, shard_count: int, run_id: str) -> dict
             dry_run=dry_run,
             working_dir=folder,
             resolve=lambda spec: settings.resolve(spec, dry_run=dry_run),
+            triggered_by=triggered_by,
         )
         spec = run.spec()
     from mailroom.delivery.outbox import masked_url
@@ -179,7 +182,9 @@ def summarise(prepared: dict[str, Any], triggered_by: str | None) -> str:
     from mailroom import pipeline
 
     with _working(prepared, "summarise") as run:
-        return pipeline.summarise(run, triggered_by=triggered_by)
+        return pipeline.summarise(
+            run, triggered_by=triggered_by, console_url=settings.console_url(run.run_id)
+        )
 
 
 def guard_shard(prepared: dict[str, Any], frozen: dict[str, Any], shard: int) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """The approval gate with real Airflow processes, REST and a real browser.
 
-One local Airflow (api-server, scheduler, dag-processor on SQLite) serves the whole module; every
+The local Airflow of ``support.gate_airflow`` serves every end-to-end test of the package; every
 scenario is its own DAG run of its own test campaign, which sends through its own Airflow
 connection to its own SendGrid-compatible dev server, so "nothing reached the server" is exact.
 """
@@ -9,222 +9,26 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import time
-from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import pytest
-import yaml
 
-from mailroom.audience.sample import SampleAudience, generate
 from mailroom.batches import load_manifest
-from mailroom.cli.airflow_api import AirflowApi, AirflowApiError
+from mailroom.cli.airflow_api import AirflowApiError
 from mailroom.cli.approvals import Approvals
-from mailroom.cli.local_airflow import LocalAirflow, free_port
-from mailroom.cli.main import main as mailroom
-from mailroom.staging import RunStaging
-from sendgrid_dev import SendGridDevServer, accepted_recipients
+from support.gate_airflow import (
+    ARTIFACTS,
+    DAG_ID,
+    FINISHED,
+    GateEnv,
+    chromium,
+    needs_chromium,
+    received,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
-REPO = Path(__file__).resolve().parents[2]
-DAG_ID = "mailroom_campaign"
-USERS = 600
-API_KEY = "SG.e2e-gate"
-ARTIFACTS = Path(os.environ.get("MAILROOM_TEST_ARTIFACTS", REPO / "var" / "test-artifacts"))
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
-FINISHED = {"success", "failed"}
-# Runs nobody answers end by themselves: the module starts them first (test name → campaign).
-BACKGROUND = {
-    "test_no_answer_in_time_counts_as_reject": "gate_timeout",
-    "test_a_run_nobody_else_may_approve_fails_at_the_gate": "gate_nobody",
-}
-
-# Each scenario's campaign: changes to include/campaigns/winter_update.yaml.
-SCENARIOS: dict[str, dict[str, Any]] = {
-    "gate_approve": {"batch_size": 100},
-    "gate_reject": {"batch_size": 100},
-    "gate_timeout": {"batch_size": 100, "response_timeout_hours": 0.004},  # ~14 s
-    "gate_tamper": {"locales": ["en"], "batch_size": 1000},  # one request
-    "gate_nobody": {"approvers": ["analyst"]},
-    "gate_browser": {"batch_size": 200},
-    "gate_clear": {"batch_size": 200},
-    "gate_twice": {"batch_size": 200},
-}
-
-
-@dataclass
-class GateEnv:
-    airflow: LocalAirflow
-    staging_root: Path
-    audience: SampleAudience
-    servers: dict[str, SendGridDevServer]
-    passwords: dict[str, str] = field(default_factory=dict)
-    background: dict[str, str] = field(default_factory=dict)  # campaign → run started early
-
-    def run_of(self, campaign: str, user: str = "analyst") -> str:
-        return self.background.get(campaign) or self.trigger(campaign, user=user)
-
-    def api(self, user: str) -> AirflowApi:
-        return AirflowApi(self.airflow.url, user, self.passwords[user])
-
-    def trigger(self, campaign: str, user: str = "analyst", shards: int = 2) -> str:
-        return self.api(user).trigger(
-            DAG_ID, {"campaign": campaign, "dry_run": False, "shards": shards}
-        )
-
-    def task_states(self, run_id: str) -> dict[str, str]:
-        """Each task's state; a mapped task's differing shard states joined with commas."""
-        states: dict[str, str] = {}
-        for ti in self.api("admin").task_instances(DAG_ID, run_id):
-            key, state = ti["task_id"], ti.get("state") or "none"
-            if key in states and state not in states[key].split(","):
-                state = f"{states[key]},{state}"
-            states[key] = state
-        return states
-
-    def run_state(self, run_id: str) -> str:
-        return str(self.api("admin").dag_run(DAG_ID, run_id)["state"])
-
-    def wait(self, what: str, check: Callable[[], Any], timeout: float = 240) -> Any:
-        deadline = time.monotonic() + timeout
-        while True:
-            value = check()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-            time.sleep(1)
-
-    def wait_at_gate(self, run_id: str) -> None:
-        def parked() -> bool:
-            states = self.task_states(run_id)
-            if self.run_state(run_id) in FINISHED:
-                raise AssertionError(f"run {run_id} ended before the gate: {states}")
-            return states.get("approve") == "awaiting_input"
-
-        self.wait(f"run {run_id} to reach the approval gate", parked)
-
-    def wait_finished(self, run_id: str, timeout: float = 240) -> str:
-        return str(
-            self.wait(
-                f"run {run_id} to finish",
-                lambda: (s := self.run_state(run_id)) in FINISHED and s,
-                timeout=timeout,
-            )
-        )
-
-    def folder(self, campaign: str, run_id: str) -> RunStaging:
-        return RunStaging.for_run(self.staging_root, campaign, run_id)
-
-    def report(self, campaign: str, run_id: str) -> dict[str, Any]:
-        return dict(json.loads(self.folder(campaign, run_id).report.read_text("utf-8")))
-
-    def task_log(self, run_id: str, task_id: str, try_number: int = 1) -> str:
-        data = self.api("admin").request(
-            "GET",
-            f"/dags/{DAG_ID}/dagRuns/{quote(run_id, safe='')}/taskInstances/{task_id}"
-            f"/logs/{try_number}",
-            params={"full_content": True},
-        )
-        content = data.get("content") if isinstance(data, dict) else data
-        if isinstance(content, list):
-            return "\n".join(
-                json.dumps(e, ensure_ascii=False) if isinstance(e, dict) else str(e)
-                for e in content
-            )
-        return str(content)
-
-    def cli(self, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
-        capsys.readouterr()
-        code = mailroom(
-            [
-                "approvals",
-                *args,
-                "--airflow-url",
-                self.airflow.url,
-                "--password-file",
-                str(self.airflow.passwords_file),
-            ]
-        )
-        out = capsys.readouterr()
-        return code, out.out + out.err
-
-
-@pytest.fixture(scope="module")
-def gate(
-    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
-) -> Iterator[GateEnv]:
-    tmp = tmp_path_factory.mktemp("gate")
-    include = tmp / "include"
-    shutil.copytree(REPO / "include", include)
-    base = yaml.safe_load((include / "campaigns" / "winter_update.yaml").read_text("utf-8"))
-    for name, changes in SCENARIOS.items():
-        spec = {**base, **changes, "name": name, "connection_id": f"mailroom_sendgrid_{name}"}
-        (include / "campaigns" / f"{name}.yaml").write_text(yaml.safe_dump(spec), "utf-8")
-    audience = generate(tmp / "users.sqlite", users=USERS)
-    servers = {
-        name: SendGridDevServer(data_dir=tmp / "sendgrid" / name, api_key=API_KEY).start()
-        for name in SCENARIOS
-    }
-    airflow = LocalAirflow(
-        REPO,
-        tmp / "airflow",
-        port=free_port(),
-        extra_env={
-            "MAILROOM_INCLUDE_DIR": str(include),
-            # A failed shard retries at once here, and the gate's timeout is swept every 2 s.
-            "AIRFLOW__CORE__DEFAULT_TASK_RETRY_DELAY": "1",
-            "AIRFLOW__SCHEDULER__TRIGGER_TIMEOUT_CHECK_INTERVAL": "2",
-        },
-    )
-    env = GateEnv(airflow, tmp / "staging", audience, servers)
-    try:
-        airflow.migrate()
-        airflow.import_connections(
-            {
-                "mailroom_users": {"conn_type": "sqlite", "host": str(audience.path)},
-                **{
-                    f"mailroom_sendgrid_{name}": {
-                        "conn_type": "http",
-                        "host": server.url,
-                        "password": API_KEY,
-                    }
-                    for name, server in servers.items()
-                },
-            }
-        )
-        airflow.import_variables(
-            {
-                "mailroom_staging_root": str(env.staging_root),
-                "mailroom_unsubscribe_secret": "e2e-approval-gate",
-                # The triggering analyst is listed too: four eyes must still keep them out.
-                "mailroom_approvers__gate_reject": "analyst,approver",
-            }
-        )
-        airflow.start()
-        airflow.serve_dag(DAG_ID, timeout=180)
-        env.passwords = airflow.passwords()
-        # Scenarios that end by themselves start now and run alongside the others.
-        selected = {item.name for item in request.session.items}
-        for test, campaign in BACKGROUND.items():
-            if test in selected:
-                env.background[campaign] = env.trigger(campaign, user="analyst")
-        yield env
-    finally:
-        airflow.stop()
-        for server in servers.values():
-            server.stop()
-
-
-def _received(server: SendGridDevServer) -> Counter[str]:
-    return Counter(e.lower() for e in accepted_recipients(server.accepted()))
 
 
 def test_approved_run_sends_everyone_exactly_once(
@@ -251,9 +55,9 @@ def test_approved_run_sends_everyone_exactly_once(
     assert "answered Approve by approver" in out
 
     assert gate.wait_finished(run_id) == "success"
-    received = _received(gate.servers["gate_approve"])
-    assert set(received) == gate.audience.expected
-    assert max(received.values()) == 1
+    got = received(gate.servers["gate_approve"])
+    assert set(got) == gate.audience.expected
+    assert max(got.values()) == 1
     report = gate.report("gate_approve", run_id)
     assert report["status"] == "sent"
     assert report["approval"]["decision"] == "approved"
@@ -355,15 +159,10 @@ def test_a_run_nobody_else_may_approve_fails_at_the_gate(gate: GateEnv) -> None:
     assert report["status"] == "not_approved"
 
 
-@pytest.mark.skipif(
-    not (CHROMIUM.exists() and CHROMEDRIVER.exists()) and not os.environ.get("CI"),
-    reason="needs Debian's chromium and chromium-driver (.ci/run installs them; CI never skips)",
-)
+@needs_chromium
 def test_approver_approves_in_the_airflow_ui(
     gate: GateEnv, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
@@ -372,25 +171,9 @@ def test_approver_approves_in_the_airflow_ui(
     gate.wait_at_gate(run_id)
     digest = load_manifest(gate.folder("gate_browser", run_id).manifest).sha256
 
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for arg in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--window-size=1400,1800",
-        "--lang=en-US",
-    ):
-        options.add_argument(arg)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     shot = ARTIFACTS / "approval.png"
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    driver = chromium()
     wait = WebDriverWait(driver, 60)
     try:
         driver.get(f"{gate.airflow.url}/")
@@ -435,9 +218,9 @@ def test_approver_approves_in_the_airflow_ui(
     assert report["approval"]["decision"] == "approved"
     assert report["approval"]["by"] == "approver"
     assert report["status"] == "sent"
-    received = _received(gate.servers["gate_browser"])
-    assert set(received) == gate.audience.expected
-    assert max(received.values()) == 1
+    got = received(gate.servers["gate_browser"])
+    assert set(got) == gate.audience.expected
+    assert max(got.values()) == 1
 
 
 def test_clearing_a_finished_run_resends_nothing_and_changes_no_file(gate: GateEnv) -> None:
@@ -522,4 +305,4 @@ def test_triggering_a_campaign_twice_sends_nothing_twice_unless_asked_with_a_rea
     assert "RESEND requested" in body
     assert reason in body
     assert gate.report("gate_twice", third)["left_out"]["resend_reason"] == reason
-    assert sum(_received(server).values()) == 2 * everyone
+    assert sum(received(server).values()) == 2 * everyone

@@ -14,7 +14,9 @@ from mailroom import pipeline
 from mailroom.audience.sample import generate
 from mailroom.delivery.outbox import Outbox
 from mailroom.delivery.transports.sendgrid import SendGridSettings, SendGridTransport
-from mailroom.pipeline import ProjectPaths
+from mailroom.errors import ValidationFailed
+from mailroom.pipeline import ProjectPaths, Run
+from mailroom.staging import read_json
 from sendgrid_dev import SendGridDevServer, accepted_recipients
 from support.runs import built_run
 
@@ -199,3 +201,118 @@ def test_a_row_whose_substitutions_sendgrid_would_refuse_is_quarantined(
     assert sorted(quarantine["user_id"].str[:2]) == ["u2", "u3"]  # a 6,000-byte user id too
     assert set(quarantine["reason"]) == {"expect_column_values_to_be_in_set(substitutions_fit)"}
     assert (outcome.valid, outcome.quarantined) == (others + 1, 2)
+
+
+# --- Data Docs ---------------------------------------------------------------------------------
+def validated_run(tmp_path: Path, project_paths: ProjectPaths, bad: int) -> Run:
+    """A prepared and extracted run of 100 recipients, ``bad`` of them with a first name GX
+    refuses (a line break before another member's address) and an address it refuses (two in
+    one field): above 5 the audience is over the campaign's limit."""
+    audience = generate(tmp_path / "users.sqlite", users=1)
+    rows = [
+        (f"u{n:08d}", f"user{n}@example.com", "Ann", "en")
+        if n > bad
+        else (
+            f"u{n:08d}",
+            f"a{n}@example.com, b{n}@example.org",
+            f"Ann\nBcc: user{n + 50}@example.com",
+            "en",
+        )
+        for n in range(1, 101)
+    ]
+    with sqlite3.connect(audience.path) as conn:
+        conn.execute("DELETE FROM users")
+        conn.execute("DELETE FROM suppressions")
+        conn.executemany(
+            "INSERT INTO users (user_id, email, first_name, locale) VALUES (?,?,?,?)", rows
+        )
+    run = pipeline.prepare(
+        project_paths,
+        campaign="winter_update",
+        run_id=f"manual__docs_{bad}",
+        staging_root=tmp_path / "staging",
+        shard_count=1,
+        dry_run=False,
+    )
+    pipeline.extract_audience(run, sql_url=audience.url())
+    return run
+
+
+def assert_docs_show_no_address(run: Run) -> str:
+    """Every page of the run's audience Data Docs, which name the audience suite and no
+    address of the snapshot; returns their text."""
+    import html
+
+    docs = run.staging.audience_data_docs
+    assert (docs / "index.html").is_file()
+    pages = {p: p.read_text("utf-8") for p in docs.rglob("*.html")}
+    assert any("validations" in p.parts and "audience" in p.parts for p in pages)
+    text = "\n".join(pages.values())
+    assert "audience" in pages[docs / "index.html"]
+    assert not docs.with_name("data_docs.building").exists()
+    snapshot = pd.read_parquet(run.staging.snapshot)
+    emails = set(snapshot["email"])
+    addresses = emails | {part.strip() for e in emails for part in e.split(",")}
+    addresses |= {a.lower() for a in addresses}
+    assert len(addresses) >= 100
+    unescaped = html.unescape(text)
+    for address in addresses | {"user51@example.com"}:
+        assert address not in text, "the Data Docs show a recipient's address"
+        assert address not in unescaped, "the Data Docs show a recipient's address"
+    return text
+
+
+def test_the_audience_validation_leaves_its_data_docs_with_the_run(
+    tmp_path: Path, project_paths: ProjectPaths
+) -> None:
+    run = validated_run(tmp_path, project_paths, bad=2)  # quarantined, under the limit
+    stale = run.staging.audience_data_docs / "validations" / "stale.html"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("from an earlier attempt")
+
+    summary = pipeline.validate_audience(run)
+
+    assert summary["quarantined"] == 2
+    assert summary["data_docs"] == "audience/data_docs/index.html"
+    record = read_json(run.staging.audience_validation)
+    assert record["data_docs"] == "audience/data_docs/index.html"
+    assert (run.staging.root / record["data_docs"]).is_file()
+    assert not stale.exists()
+    assert_docs_show_no_address(run)
+
+
+def test_a_failing_audience_validation_leaves_its_data_docs_too(
+    tmp_path: Path, project_paths: ProjectPaths
+) -> None:
+    import re
+
+    run = validated_run(tmp_path, project_paths, bad=10)  # 10%: above the campaign's 5%
+
+    with pytest.raises(ValidationFailed, match="failed validation"):
+        pipeline.validate_audience(run)
+
+    text = assert_docs_show_no_address(run)
+    assert re.search(r"(?i)fail", text)
+    readable = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", text))
+    assert re.search(r"email .{0,300}?10 unexpected values found", readable)
+
+
+def test_without_a_data_docs_folder_none_is_written_or_recorded(
+    tmp_path: Path, project_paths: ProjectPaths
+) -> None:
+    from mailroom.audience.validate import validate_audience
+    from mailroom.campaign_spec import load_campaign
+
+    spec = load_campaign(project_paths.campaigns, "winter_update")
+    snapshot = tmp_path / "snapshot.parquet"
+    pd.DataFrame(
+        {"user_id": ["u1"], "email": ["ann@example.com"], "first_name": ["Ann"], "locale": ["en"]}
+    ).to_parquet(snapshot, index=False)
+    outcome = validate_audience(
+        spec,
+        snapshot=snapshot,
+        valid_out=tmp_path / "valid.parquet",
+        quarantine_out=tmp_path / "quarantine.parquet",
+    )
+    assert outcome.data_docs is None
+    assert not list(tmp_path.rglob("*.html"))

@@ -20,13 +20,14 @@ from mailroom import earlier_runs
 from mailroom.addresses import addresses_shown, is_valid_single_address, mask, readable
 from mailroom.batches import load_manifest
 from mailroom.run import Run
-from mailroom.staging import read_json
+from mailroom.staging import read_json, write_json
 from mailroom.substitutions import UNSUBSCRIBE_FIELD, apply_substitutions, substitution_tag
 
 PREVIEW_LINES = 6
 PREVIEW_LINE_CHARS = 160
 MASKED_TOKEN = "MASKED-TOKEN"
 MASKED_VALUE = "[masked: shows an address]"
+SUMMARY_FILE = "summary.json"  # in the run's preview folder
 _MARKDOWN_SPECIAL = re.compile(r"[\\`*_\[\]#~]")
 
 
@@ -39,9 +40,15 @@ def data_docs_index(run: Run) -> Path:
     return run.staging.gate_data_docs / "index.html"
 
 
-def summarise(run: Run, *, triggered_by: str | None) -> str:
-    """The approval page's Markdown for a run (``approval_summary`` rendered)."""
-    return approval_markdown(approval_summary(run, triggered_by=triggered_by))
+def summarise(run: Run, *, triggered_by: str | None, console_url: str | None = None) -> str:
+    """The approval page's Markdown for a run (``approval_summary`` rendered), kept with the
+    previews as ``preview/summary.json`` for the campaign console. ``console_url``: the run's
+    page in the campaign console, which the body links to instead of naming files on a
+    worker."""
+    summary = approval_summary(run, triggered_by=triggered_by)
+    summary["console_url"] = console_url
+    write_json(run.staging.preview_dir / SUMMARY_FILE, summary)
+    return approval_markdown(summary)
 
 
 def approval_summary(run: Run, *, triggered_by: str | None) -> dict[str, Any]:
@@ -265,9 +272,14 @@ def approval_markdown(summary: dict[str, Any]) -> str:
         + (f"; failed: {', '.join(q['checks_failed'])}" if q["checks_failed"] else "")
         + ".",
         "",
-        f"Full report: `{q['result_file']}`"
-        + (f"; Data Docs: `{q['data_docs']}`" if q["data_docs"] else "")
-        + ".",
+        (
+            f"The full report, the Data Docs of both checks and each locale's whole message: "
+            f"[open this run in the campaign console]({summary['console_url']})."
+            if summary.get("console_url")
+            else f"Full report: `{q['result_file']}`"
+            + (f"; Data Docs: `{q['data_docs']}`" if q["data_docs"] else "")
+            + "."
+        ),
         "",
         "### Preview: one real recipient per locale (address masked, unsubscribe token masked)",
     ]
@@ -282,7 +294,10 @@ def approval_markdown(summary: dict[str, Any]) -> str:
             *shown,
             fence,
             "",
-            f"Full message: HTML `{p['html_file']}`, text `{p['text_file']}`.",
+            f"Full message: [HTML and text in the campaign console]"
+            f"({summary['console_url']}#preview-{loc})."
+            if summary.get("console_url")
+            else f"Full message: HTML `{p['html_file']}`, text `{p['text_file']}`.",
         ]
     canary = summary.get("canary")
     if canary:
@@ -303,7 +318,9 @@ def approval_markdown(summary: dict[str, Any]) -> str:
         "whose bytes differ from it is refused. Reject, or no answer within "
         f"{_hours(summary['response_timeout_hours'])}, ends the run with nothing sent.",
         "",
-        f"Run folder: `{summary['staging']}`",
+        f"Campaign console: [{summary['campaign']} / {summary['run_id']}]({summary['console_url']})"
+        if summary.get("console_url")
+        else f"Run folder: `{summary['staging']}`",
     ]
     return "\n".join(lines)
 

@@ -20,6 +20,9 @@ memory limit) rather than from a Python set of every row, which would grow with 
 The valid file keeps the snapshot's row order, and the result, the files and the verdict are
 those one chunk of the whole audience would give.
 
+GX's own Data Docs of the merged result (counts only: never a row's value) can be left with the
+run (``audience/data_docs``), as the gate leaves its own.
+
 A row whose template field shows another audience member's address (a first name holding a
 batch-mate's address) is quarantined here, with that reason: sent, it would show one person's
 address to another, and the guard would refuse its whole batch after approval and halt the run.
@@ -54,6 +57,7 @@ from mailroom.envelopes import substitutions_fit
 from mailroom.errors import ValidationFailed
 from mailroom.gx_runtime import summarise, validate_chunks
 from mailroom.run_keys import RunKeys
+from mailroom.staging import RunStaging
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +77,7 @@ class AudienceValidation:
     quarantined_by_reason: dict[str, int]
     per_locale: dict[str, int]
     gx: dict[str, Any]
+    data_docs: str | None = None  # GX's Data Docs index, relative to the run folder
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -82,6 +87,7 @@ class AudienceValidation:
             "quarantined_by_reason": self.quarantined_by_reason,
             "per_locale": self.per_locale,
             "gx": self.gx,
+            "data_docs": self.data_docs,
         }
 
 
@@ -154,11 +160,17 @@ def validate_audience(
     quarantine_out: Path,
     suppressed: Path | None = None,
     chunk_rows: int = CHUNK_ROWS,
+    data_docs_dir: Path | None = None,
 ) -> AudienceValidation:
     """``suppressed``: the extract's suppressed people. A value showing one of their addresses
     is quarantined too: they are audience members (and the gate holds them to it).
 
-    ``chunk_rows``: how many rows of the snapshot are read, checked and written at a time."""
+    ``chunk_rows``: how many rows of the snapshot are read, checked and written at a time.
+
+    With ``data_docs_dir`` (the run's ``audience/data_docs``), GX's Data Docs of the merged,
+    counts-only result are written there, replacing what was there, whether the audience
+    passes or not (before ValidationFailed is raised); ``data_docs`` is then their index,
+    relative to the run folder when the snapshot is the run's."""
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be at least 1, not {chunk_rows}")
     with RunKeys(ONCE_IN_AUDIENCE) as keys:
@@ -178,6 +190,7 @@ def validate_audience(
             expectations=audience_expectations(spec),
             index_columns=["user_id"],
             each=sorted_rows.add,
+            data_docs_dir=data_docs_dir,
         )
     outcome = AudienceValidation(
         total=sorted_rows.total,
@@ -186,6 +199,7 @@ def validate_audience(
         quarantined_by_reason=dict(sorted(sorted_rows.reasons.items())),
         per_locale=dict(sorted(sorted_rows.locales.items())),
         gx=summarise(result),
+        data_docs=_docs_index(snapshot, data_docs_dir),
     )
     log.info(
         "validate: %d rows, %d valid, %d quarantined %s",
@@ -204,6 +218,18 @@ def validate_audience(
             f"{outcome.quarantined_by_reason}"
         )
     return outcome
+
+
+def _docs_index(snapshot: Path, data_docs_dir: Path | None) -> str | None:
+    """The Data Docs' index as the validation records it: relative to the run folder when the
+    snapshot is the run's (as the gate's), otherwise as given."""
+    if data_docs_dir is None:
+        return None
+    index = data_docs_dir / "index.html"
+    run = RunStaging(snapshot.parent.parent)
+    if run.snapshot == snapshot and index.is_relative_to(run.root):
+        return index.relative_to(run.root).as_posix()
+    return str(index)
 
 
 def _frames(

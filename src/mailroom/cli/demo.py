@@ -20,6 +20,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import requests
 
@@ -209,6 +210,7 @@ class Demo:
             DAG_ID, {"campaign": CAMPAIGN, "dry_run": False, "shards": self.shards}
         )
         say(f"triggered {DAG_ID} run {run_id} as 'analyst'")
+        say(f"watch it in the campaign console: {self.console_url(run_id)}")
         self.run_id = run_id
 
         follower = RunFollower(analyst, run_id, watch=self.watch_airflow)
@@ -301,10 +303,20 @@ class Demo:
         )
         return ok
 
+    def console_url(self, run_id: str | None = None) -> str:
+        """The campaign console in the Airflow UI: the list, or one run's page."""
+        if run_id is None:
+            return f"{self.airflow.url}/plugin/campaigns"
+        return f"{self.airflow.url}/dags/{DAG_ID}/runs/{quote(run_id, safe='')}/plugin/campaign"
+
     def print_access(self, passwords: dict[str, str]) -> None:
         say(
-            f"Airflow UI: {self.airflow.url}  (users: analyst, approver, admin; passwords in "
+            f"Airflow UI: {self.airflow.url}  (users: {', '.join(passwords)}; passwords in "
             f"{self.airflow.passwords_file})"
+        )
+        say(
+            f"campaign console: {self.console_url()} (sign in as operator to halt, resume or "
+            "resend; as viewer to watch only)"
         )
 
     def _unsubscribe_secret(self) -> str:

@@ -47,7 +47,15 @@ from mailroom.cli.airflow_api import AirflowApi
 # The pool the DAG's send shards run in: it bounds how many shards send at once.
 SEND_POOL = "mailroom_send"
 SEND_POOL_DESCRIPTION = "Mailroom send shards: how many send at the same time"
-USERS = {"analyst": "user", "approver": "user", "admin": "admin"}
+# analyst triggers, approver approves, operator watches and steers runs in the campaign console,
+# viewer may only look (Airflow's roles: viewer < user < op < admin).
+USERS = {
+    "analyst": "user",
+    "approver": "user",
+    "operator": "op",
+    "viewer": "viewer",
+    "admin": "admin",
+}
 WORKER_HOSTNAME_ENV = "MAILROOM_WORKER_HOSTNAME"
 COMPONENTS = ("api-server", "scheduler", "dag-processor")
 DEFAULT_PORT = 28080
@@ -486,10 +494,14 @@ class LocalAirflow:
     def passwords(self) -> dict[str, str]:
         if not self.passwords_file.exists():
             self.home.mkdir(parents=True, exist_ok=True)
-            values = {user: secrets.token_urlsafe(12) for user in USERS}
+            self.passwords_file.write_text("{}")
+        values = dict(json.loads(self.passwords_file.read_text()))
+        # A user added since the file was written gets a password of their own.
+        if set(USERS) - set(values):
+            values.update({u: secrets.token_urlsafe(12) for u in USERS if u not in values})
             self.passwords_file.write_text(json.dumps(values, indent=2))
-            self.passwords_file.chmod(0o600)
-        return dict(json.loads(self.passwords_file.read_text()))
+        self.passwords_file.chmod(0o600)
+        return values
 
     def env(self) -> dict[str, str]:
         secret_file = self.home / "secret_key"
@@ -986,6 +998,7 @@ def command_start(airflow: LocalAirflow, *, timeout: float = 240) -> int:
         + (f"; {', '.join(status.running)} already running" if status.running else "")
         + "). Nothing was triggered."
     )
+    print(f"  campaign console: {airflow.url}/plugin/campaigns")
     if demo is not None:
         print(
             f"  `mailroom demo` (pid {demo}) runs this Airflow: it carries on, and stops "

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from mailroom import operator_actions
 from mailroom.cli import run_access
 from mailroom.cli.run_access import RunAccess, RunNotFound
 from mailroom.delivery.outbox import (
@@ -30,6 +31,7 @@ from mailroom.delivery.outbox import (
     UnknownOutboxRevision,
 )
 from mailroom.errors import MailroomError
+from mailroom.staging import is_url, local_path
 
 
 def add_commands(sub: Any) -> None:
@@ -136,20 +138,26 @@ def _act(args: argparse.Namespace, access: RunAccess, outbox: Outbox) -> int:
     run_key = access.run_key
     by = getattr(args, "by", None) or (access.airflow.username if access.airflow else None)
     by = by or getpass.getuser()
+    run_root = _local_folder(access)
     if args.command == "halt":
-        outbox.request_halt(
-            run_key, reason=args.reason, action=OperatorAction(Action.HALT, by, args.reason)
-        )
+        operator_actions.halt(outbox, run_key, by=by, reason=args.reason, run_root=run_root)
         print(f"halt requested for {run_key} by {by}: shards stop before their next request")
     elif args.command == "resume":
         reason = args.reason or "resumed by an operator"
-        outbox.request_halt(run_key, halted=False, action=OperatorAction(Action.RESUME, by, reason))
+        operator_actions.resume(outbox, run_key, by=by, reason=reason, run_root=run_root)
         print(f"halt lifted for {run_key} by {by}")
         _clear_send_tasks(args, access)
     elif args.command == "resend":
         states = [BatchState.UNKNOWN, BatchState.FAILED] if args.failed else [BatchState.UNKNOWN]
         in_doubt = outbox.counts(run_key)[BatchState.UNKNOWN]["recipients"]
-        moved = outbox.requeue(run_key, states, OperatorAction(Action.RESEND, by, args.reason))
+        if args.failed:
+            moved = outbox.requeue(run_key, states, OperatorAction(Action.RESEND, by, args.reason))
+        else:
+            before = outbox.counts(run_key)[BatchState.UNKNOWN]["batches"]
+            operator_actions.resend_unknown(
+                outbox, run_key, by=by, reason=args.reason, run_root=run_root
+            )
+            moved = before
         names = [s.value for s in states]
         print(
             f"{moved} request(s) of {run_key} in {names} are sendable again ({by}: {args.reason})"
@@ -189,6 +197,14 @@ def _act(args: argparse.Namespace, access: RunAccess, outbox: Outbox) -> int:
                 f"({len(entry['requests'])} request(s), {entry['recipients']} recipient(s))"
             )
     return 0
+
+
+def _local_folder(access: RunAccess) -> Path | None:
+    """The run's folder when it is on this machine (its audit trail is written there)."""
+    if not access.run_dir or is_url(access.run_dir):
+        return None
+    folder = local_path(access.run_dir)
+    return folder if folder.is_dir() else None
 
 
 def _unknown_requests(outbox: Outbox, run_key: str) -> list[str]:

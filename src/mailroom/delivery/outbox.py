@@ -121,6 +121,15 @@ recipients = sa.Table(
     sa.Index("ix_mailroom_recipients_batch", "run_key", "batch_id"),
     # Who any run of a campaign sent to, by address (``earlier_outcomes``, ``claim``).
     sa.Index("ix_mailroom_recipients_email", "email_key", "run_key"),
+    # The recipients with a state of their own, and only those (``counts``, ``batch_progress``).
+    sa.Index(
+        "ix_mailroom_recipients_own_state",
+        "run_key",
+        "batch_id",
+        "state",
+        sqlite_where=sa.text("state IS NOT NULL"),
+        postgresql_where=sa.text("state IS NOT NULL"),
+    ),
 )
 # The SHA-256 of each file the run's requests are rebuilt from (``mailroom.run_inputs``), as it
 # was when the run was staged: a run folder rewritten afterwards is told from the approved one.
@@ -224,6 +233,20 @@ class BatchRecord:
     attempts: int
     message_id: str | None
     last_error: str | None
+
+
+@dataclass(frozen=True)
+class BatchProgress:
+    """One batch as the run's progress reads it: where it is, and how many of its recipients
+    are in each state (its own state for all of them, unless some have one of their own)."""
+
+    batch_id: str
+    batch_index: int
+    locale: str
+    state: BatchState
+    recipients: int
+    updated_at: datetime
+    per_state: dict[str, int]
 
 
 @dataclass(frozen=True)
@@ -1134,6 +1157,64 @@ class Outbox:
             out[batch_state]["recipients"] -= int(n)
             out[own_state]["recipients"] += int(n)
         return out
+
+    def last_change(self, run_key: str) -> datetime | None:
+        """When any batch of the run last changed state (None: no batch)."""
+        with self.engine.connect() as conn:
+            last = conn.execute(
+                sa.select(sa.func.max(batches.c.updated_at)).where(batches.c.run_key == run_key)
+            ).scalar_one_or_none()
+        return None if last is None else _aware(last)
+
+    def batch_progress(self, run_key: str) -> list[BatchProgress]:
+        """Every batch of the run, in order, with its recipients per state: two queries, one
+        over the batches and one over the recipients with a state of their own in batches not
+        ``sent`` (a batch ends ``sent`` only when each of its recipients is; the partial index
+        ``ix_mailroom_recipients_own_state`` holds only such recipients), so it reads no row of
+        a recipient who is simply in their batch's state."""
+        batch_rows = sa.select(
+            batches.c.batch_id,
+            batches.c.batch_index,
+            batches.c.locale,
+            batches.c.state,
+            batches.c.recipients,
+            batches.c.updated_at,
+        ).where(batches.c.run_key == run_key)
+        own = (
+            sa.select(recipients.c.batch_id, recipients.c.state, sa.func.count())
+            .where(
+                recipients.c.run_key == run_key,
+                recipients.c.state.is_not(None),
+                recipients.c.batch_id.in_(
+                    sa.select(batches.c.batch_id).where(
+                        batches.c.run_key == run_key, batches.c.state != BatchState.SENT
+                    )
+                ),
+            )
+            .group_by(recipients.c.batch_id, recipients.c.state)
+        )
+        with self.engine.connect() as conn:
+            rows = conn.execute(batch_rows).all()
+            deviations = conn.execute(own).all()
+        out = {
+            row.batch_id: BatchProgress(
+                row.batch_id,
+                int(row.batch_index),
+                row.locale,
+                BatchState(row.state),
+                int(row.recipients),
+                _aware(row.updated_at),
+                {row.state: int(row.recipients)},
+            )
+            for row in rows
+        }
+        for batch_id, state, n in deviations:
+            entry = out.get(batch_id)
+            if entry is None or state == entry.state:
+                continue
+            entry.per_state[entry.state.value] -= int(n)
+            entry.per_state[state] = entry.per_state.get(state, 0) + int(n)
+        return sorted(out.values(), key=lambda b: b.batch_index)
 
     def not_sent(self, run_key: str) -> Iterator[dict[str, Any]]:
         """Every recipient not ``sent``, with the state and error: its own where it has one (a
