@@ -112,6 +112,32 @@ def test_halt_mid_run_then_resume_sends_everyone_once(
     assert max(received.values()) == 1
 
 
+def test_a_halt_that_comes_while_a_shard_waits_for_its_rate_slot_stops_the_next_request(
+    frozen_run: tuple[Run, dict[str, Any], Path], tmp_path: Path, dev_server: SendGridDevServer
+) -> None:
+    """At a slow rate a shard spends most of its time waiting for the run's next slot. A halt
+    asked during that wait stops the request the shard was waiting to send: nothing is
+    claimed once the halt is recorded, and that batch is left halted with the rest."""
+    run, outbox, _ = _fresh(frozen_run, tmp_path)
+
+    class HaltWhileWaiting(SharedRateLimiter):
+        waits = 0
+
+        def acquire(self, recipients: int) -> None:
+            super().acquire(recipients)
+            self.waits += 1
+            if self.waits == 3:  # the operator presses halt while the third request waits
+                outbox.request_halt(run.run_key, reason="pressed during the wait")
+
+    limiter = HaltWhileWaiting(outbox, run.run_key, None, None)
+    result = _shard(run, outbox, dev_server, 0, 1, limiter=limiter)
+
+    assert len(dev_server.accepted()) == 2
+    assert result["states"][BatchState.SENT] == 2
+    assert result["states"][BatchState.HALTED] == result["batches"] - 2
+    assert limiter.waits == 3
+
+
 def test_a_run_pauses_itself_after_consecutive_failures(
     frozen_run: tuple[Run, dict[str, Any], Path], tmp_path: Path
 ) -> None:

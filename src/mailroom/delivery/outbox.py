@@ -552,7 +552,10 @@ class Outbox:
 
     # sending --------------------------------------------------------------------------------
     def claim(self, run_key: str, batch_id: str) -> bool:
-        """``staged|halted → sending``; False when someone else has it or it is done.
+        """``staged|halted → sending``; False when someone else has it or it is done, or when
+        the run is halted: a halt recorded before the claim's transaction stops the request,
+        however long the shard waited for its rate slot since it last looked (on PostgreSQL
+        the run's row is locked, so a halt is ordered before or after each claim).
 
         Campaign-wide, under the campaign's lock (``_campaign_lock``), in the same transaction:
 
@@ -576,6 +579,11 @@ class Outbox:
                 .where(*the_batch, batches.c.state.in_(_SENDABLE))
             ).scalar_one()
             if not sendable:  # someone else has it, it is done, or it is no batch of this run
+                return False
+            halted = conn.execute(
+                sa.select(runs.c.halt_requested).where(runs.c.run_key == run_key).with_for_update()
+            ).scalar_one_or_none()
+            if halted:
                 return False
             holder = conn.execute(
                 sa.select(campaign_sends.c.run_key).where(campaign_sends.c.campaign == campaign)

@@ -252,6 +252,21 @@ def send_shard(
                 log.info("shard %d: %s", shard_index, progress.line())
 
     signal_checked = 0.0
+
+    def stop_if_halted(position: int) -> bool:
+        """When the run is halted, leave this batch and every later one ``halted``."""
+        if not outbox.halt_requested(run_key):
+            return False
+        halted = outbox.halt_remaining(run_key, [b.batch_id for b in mine[position:]])
+        log.warning(
+            "shard %d: %s; %d batch(es) left 'halted'%s",
+            shard_index,
+            outbox.halt_reason(run_key) or "halt requested",
+            halted,
+            f", {window.in_flight} request(s) in flight finish" if window.in_flight else "",
+        )
+        return True
+
     try:
         for position, entry in enumerate(mine):
             record(window.ended(room=True))
@@ -262,15 +277,7 @@ def send_shard(
                 signal_checked = time.monotonic()
                 if reason := halt_signal():
                     outbox.request_halt(run_key, reason=reason)
-            if outbox.halt_requested(run_key):
-                halted = outbox.halt_remaining(run_key, [b.batch_id for b in mine[position:]])
-                log.warning(
-                    "shard %d: %s; %d batch(es) left 'halted'%s",
-                    shard_index,
-                    outbox.halt_reason(run_key) or "halt requested",
-                    halted,
-                    f", {window.in_flight} request(s) in flight finish" if window.in_flight else "",
-                )
+            if stop_if_halted(position):
                 break
             if entry.batch_id in settled:
                 progress.skipped += 1
@@ -282,6 +289,9 @@ def send_shard(
             limiter.acquire(entry.recipients)
             pause.wait()
             if not outbox.claim(run_key, entry.batch_id):
+                # A halt that came while the shard waited for its slot refuses the claim.
+                if stop_if_halted(position):
+                    break
                 progress.skipped += 1
                 continue
             window.submit(
