@@ -10,7 +10,9 @@ the report) and the outbox's (a halt, the batches still to send), never Airflow'
 - ``sending``: approved, with requests still to send; ``halted``: an operator (or a refusal)
   halted it;
 - ``sent``: everyone staged was sent; ``incomplete``: it ended with some failed, unknown or
-  halted.
+  halted;
+- ``failed``: it ended without an answer at the gate (nobody could be asked, or a stage before
+  it failed after the freeze): nothing was sent.
 
 ``run_progress`` counts the run's recipients and requests per state, overall, per shard and per
 locale, from the outbox's batch rows (one row a request, so about a thousand at a million
@@ -21,7 +23,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -44,6 +45,7 @@ SENDING = "sending"
 HALTED = "halted"
 SENT = "sent"
 INCOMPLETE = "incomplete"
+FAILED = "failed"
 RUN_STATES = (
     AWAITING_APPROVAL,
     SENDING,
@@ -53,10 +55,11 @@ RUN_STATES = (
     REJECTED,
     TIMED_OUT,
     FAILED_GATE,
+    FAILED,
     PREPARING,
 )
 # States in which nothing moves unless someone acts: the console stops refreshing.
-SETTLED = (SENT, INCOMPLETE, REJECTED, TIMED_OUT, FAILED_GATE, HALTED)
+SETTLED = (SENT, INCOMPLETE, REJECTED, TIMED_OUT, FAILED_GATE, FAILED, HALTED)
 BATCH_STATES = ("staged", "sending", "sent", "failed", "unknown", "halted")
 # The window the current rate is measured over.
 RATE_WINDOW = timedelta(seconds=30)
@@ -157,6 +160,8 @@ def run_state(run: RunFolder, outbox: Outbox | None) -> str:
     gate = run.json("gate/result.json")
     if gate is not None and not gate.get("success"):
         return FAILED_GATE
+    if latest_report(run) is not None:  # reconcile ran, and nobody answered the gate
+        return FAILED
     if gate is not None and run.folder.has(FROZEN):
         return AWAITING_APPROVAL
     return PREPARING
@@ -277,13 +282,27 @@ def data_docs_file(run_root: Path, check: str, rel: str) -> Path | None:
     return target
 
 
-def not_sent_sample(rows: Iterator[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
-    """The first ``limit`` not-sent rows as a page shows them: the address masked."""
+def not_sent_sample(run: RunFolder, outbox: Outbox | None, limit: int) -> list[dict[str, Any]]:
+    """The first ``limit`` staged recipients not sent, in request order, as a page shows them
+    (the address masked). Only the first requests holding any are read, not every recipient of
+    the run: at a million staged that would be a sort of a million rows per page."""
+    if outbox is None or outbox.manifest_sha256(run.run_key) is None:
+        return []
+    wanted: list[str] = []
+    found = 0
+    for batch in outbox.batch_progress(run.run_key):
+        unsent = batch.recipients - batch.per_state.get("sent", 0)
+        if unsent > 0:
+            wanted.append(batch.batch_id)
+            found += unsent
+        if found >= limit:
+            break
     out: list[dict[str, Any]] = []
-    for row in rows:
+    for row in outbox.not_sent(run.run_key, wanted) if wanted else ():
         if len(out) >= limit:
             break
-        out.append({**row, "email": mask(str(row.get("email") or ""))})
+        shown = {k: v for k, v in row.items() if k != "email_key"}
+        out.append({**shown, "email": mask(str(row.get("email_key") or ""))})
     return out
 
 
@@ -303,6 +322,8 @@ def run_note(run: RunFolder, outbox: Outbox | None) -> str | None:
         )
     if state == FAILED_GATE:
         return "FAILED GATE: the data-quality gate refused the frozen batches; nobody was asked."
+    if state == FAILED:
+        return "NOT APPROVED: the run ended before anyone answered the approval; nothing was sent."
     counts = _counts(outbox, run.run_key)
     if state in (SENT, INCOMPLETE, HALTED) and counts:
         sent = counts["sent"]["recipients"]

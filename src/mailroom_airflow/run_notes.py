@@ -5,7 +5,7 @@ sent), which looks like a sent one in the grid. When a run of the campaign DAG f
 scheduler calls this listener, which reads the run's folder and outbox
 (``mailroom.campaign_runs.run_note``) and writes the outcome into the run's note: "REJECTED by
 … at …: nothing was sent.", "TIMED OUT …", "FAILED GATE …", "SENT: 600 of 600 …",
-"INCOMPLETE …". A note someone wrote by hand is kept.
+"INCOMPLETE …", "NOT APPROVED …". A note someone wrote by hand is kept.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from mailroom_airflow.console import DAG_ID
 
 log = logging.getLogger(__name__)
 # What this listener's notes start with: a note that does not is a person's, and is kept.
-OUTCOMES = ("REJECTED", "TIMED OUT", "FAILED GATE", "SENT", "INCOMPLETE", "HALTED")
+OUTCOMES = ("REJECTED", "TIMED OUT", "FAILED GATE", "NOT APPROVED", "SENT", "INCOMPLETE", "HALTED")
 
 
 @hookimpl

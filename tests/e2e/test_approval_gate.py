@@ -22,6 +22,7 @@ from support.gate_airflow import (
     ARTIFACTS,
     DAG_ID,
     FINISHED,
+    Console,
     GateEnv,
     chromium,
     needs_chromium,
@@ -113,6 +114,13 @@ def test_no_answer_in_time_counts_as_reject(gate: GateEnv) -> None:
     assert states["approve"] == "success"  # the default answer, Reject, after the timeout
     assert states["send_shard"] == "skipped"
     assert "campaign TIMED_OUT: TIMED OUT without an answer" in gate.task_log(run_id, "reconcile")
+    # The run is green in Airflow; its note and the campaign console say what happened.
+    note = gate.wait(
+        "the run's note", lambda: gate.api("admin").dag_run(DAG_ID, run_id).get("note")
+    )
+    assert note.startswith("TIMED OUT: nobody answered the approval in time"), note
+    listed = Console(gate, "viewer").get("/api/runs").json()
+    assert {r["run_id"]: r["state"] for r in listed}[run_id] == "timed out"
 
 
 def test_a_batch_changed_after_the_summary_is_refused_before_any_request(gate: GateEnv) -> None:
@@ -157,6 +165,12 @@ def test_a_run_nobody_else_may_approve_fails_at_the_gate(gate: GateEnv) -> None:
     assert gate.servers["gate_nobody"].stats().received == 0
     report = gate.report("gate_nobody", run_id)
     assert report["status"] == "not_approved"
+    listed = Console(gate, "viewer").get("/api/runs?campaign=gate_nobody").json()
+    assert [(r["run_id"], r["state"]) for r in listed] == [(run_id, "failed")]
+    note = gate.wait(
+        "the run's note", lambda: gate.api("admin").dag_run(DAG_ID, run_id).get("note")
+    )
+    assert note.startswith("NOT APPROVED"), note
 
 
 @needs_chromium

@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
+import requests
 import yaml
 
 from mailroom.audience.sample import SampleAudience, generate
@@ -226,6 +227,34 @@ def gate_airflow(tmp: Path, selected: set[str]) -> Iterator[GateEnv]:
 
 def received(server: SendGridDevServer) -> Counter[str]:
     return Counter(e.lower() for e in accepted_recipients(server.accepted()))
+
+
+class Console:
+    """The console's HTTP surface as one user sees it (None: nobody signed in)."""
+
+    def __init__(self, gate: GateEnv, user: str | None) -> None:
+        self.base = f"{gate.airflow.url}/mailroom"
+        self.session = requests.Session()
+        self.token = ""
+        if user is not None:
+            answer = requests.post(
+                f"{gate.airflow.url}/auth/token",
+                json={"username": user, "password": gate.passwords[user]},
+                timeout=30,
+            )
+            answer.raise_for_status()
+            self.token = answer.json()["access_token"]
+            self.session.headers["Authorization"] = f"Bearer {self.token}"
+
+    def get(self, path: str) -> requests.Response:
+        return self.session.get(f"{self.base}{path}", timeout=30)
+
+    def act(self, run_id: str, action: str, reason: str = "e2e check") -> requests.Response:
+        return self.session.post(
+            f"{self.base}/api/dags/{DAG_ID}/runs/{quote(run_id, safe='')}/actions/{action}",
+            json={"reason": reason, "confirm": True},
+            timeout=60,
+        )
 
 
 # The browser tests run wherever Chromium is; CI installs it, and never skips them.

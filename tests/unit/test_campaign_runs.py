@@ -77,6 +77,10 @@ def test_a_runs_state_follows_its_folder_and_outbox_through_its_life(
     write_json(folder / "gate" / "result.json", {"success": True})
     write_json(folder / "frozen.json", {"run_id": RUN_ID, "manifest_sha256": "f" * 64})
     assert run_state(the_run(root), outbox) == "awaiting approval"
+    write_json(folder / "report.json", {"status": "not_approved"})  # nobody could be asked
+    assert run_state(the_run(root), outbox) == "failed"
+    assert str(campaign_runs.run_note(the_run(root), outbox)).startswith("NOT APPROVED")
+    (folder / "report.json").unlink()
     write_json(folder / "approval.json", {"decision": "approved", "by": "approver", "at": "T"})
     assert run_state(the_run(root), outbox) == "sending"
     outbox.request_halt(RUN_KEY, reason="checking")
@@ -137,6 +141,14 @@ def test_progress_counts_recipients_and_requests_per_state_shard_and_locale(
     assert p["locales"]["de"]["recipients"]["halted"] == 10
     assert (p["sent"], p["total"], p["percent"]) == (14, 60, 23.3)
     assert p["rate_per_second"] > 0
+
+    # The page's sample of who was not sent: in request order, masked, sent people left out.
+    sample = campaign_runs.not_sent_sample(the_run(root), outbox, 8)
+    assert [row["batch_id"] for row in sample] == ["de-00001"] * 6 + ["en-00002"] * 2
+    assert {row["email"] for row in sample[:6]} == {"p***@example.com"}
+    assert {row["state"] for row in sample[:6]} == {"failed", "unknown", "sending"}
+    assert all("@example.com" not in str(v) or "***" in str(v) for r in sample for v in r.values())
+    assert len(campaign_runs.not_sent_sample(the_run(root), outbox, 1000)) == 46
 
 
 def test_a_run_is_found_only_by_its_own_id_however_the_name_is_spelt(root: Path) -> None:
@@ -200,12 +212,13 @@ def test_operator_actions_are_recorded_in_the_outbox_and_the_runs_audit_trail(
     with pytest.raises(ActionRefused, match="not staged"):
         operator_actions.halt(outbox, "other/run", by="olga", reason="x", run_root=folder)
 
-    operator_actions.halt(outbox, RUN_KEY, by="olga", reason="wrong footer", run_root=folder)
-    assert outbox.halt_requested(RUN_KEY)
-    with pytest.raises(ActionRefused, match="already halted"):
-        operator_actions.halt(outbox, RUN_KEY, by="ivan", reason="again", run_root=folder)
     assert outbox.claim(RUN_KEY, "en-00000")
     outbox.finish(RUN_KEY, "en-00000", BatchState.UNKNOWN, error="lost")
+    operator_actions.halt(outbox, RUN_KEY, by="olga", reason="wrong footer", run_root=folder)
+    assert outbox.halt_requested(RUN_KEY)
+    assert not outbox.claim(RUN_KEY, "de-00001")  # nothing is claimed once halted
+    with pytest.raises(ActionRefused, match="already halted"):
+        operator_actions.halt(outbox, RUN_KEY, by="ivan", reason="again", run_root=folder)
     with pytest.raises(ActionRefused, match="resume it first"):
         operator_actions.resend_unknown(outbox, RUN_KEY, by="olga", reason="go", run_root=folder)
     operator_actions.resume(outbox, RUN_KEY, by="ivan", reason="footer fine", run_root=folder)

@@ -1224,9 +1224,12 @@ class Outbox:
             entry.per_state[state] = entry.per_state.get(state, 0) + int(n)
         return sorted(out.values(), key=lambda b: b.batch_index)
 
-    def not_sent(self, run_key: str) -> Iterator[dict[str, Any]]:
-        """Every recipient not ``sent``, with the state and error: its own where it has one (a
-        batch sent one message per recipient), else its batch's."""
+    def not_sent(
+        self, run_key: str, batch_ids: Sequence[str] | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """Every recipient not ``sent`` (of these batches only, when given), with the state and
+        error: its own where it has one (a batch sent one message per recipient), else its
+        batch's."""
         state = sa.func.coalesce(recipients.c.state, batches.c.state)
         error = sa.case(
             (recipients.c.state.is_(None), batches.c.last_error), else_=recipients.c.last_error
@@ -1243,6 +1246,8 @@ class Outbox:
             .where(recipients.c.run_key == run_key, state != BatchState.SENT)
             .order_by(batches.c.batch_index, recipients.c.email_key)
         )
+        if batch_ids is not None:
+            query = query.where(recipients.c.batch_id.in_(batch_ids))
         with self.engine.connect() as conn:
             for row in conn.execute(query):
                 yield dict(row._mapping)

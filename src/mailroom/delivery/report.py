@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -80,21 +81,16 @@ def reconcile(
     not_sent_csv.parent.mkdir(parents=True, exist_ok=True)
     with not_sent_csv.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["user_id", "email", "state", "reason"])
-        if quarantine is not None and quarantine.exists():
-            for row in pd.read_parquet(quarantine).itertuples():
-                # A missing user id or address is an empty cell, never "nan" or "None".
-                writer.writerow([_cell(row.user_id), _cell(row.email), "quarantined", row.reason])
-                rows += 1
-        if left_out_rows is not None and left_out_rows.exists():
-            for row in pd.read_parquet(left_out_rows).itertuples():
-                writer.writerow([row.user_id, row.email, row.reason, _left_out_reason(row)])
-                rows += 1
-        if outbox is not None and manifest is not None:
-            for item in outbox.not_sent(run_key):
-                reason = item["last_error"] or _default_reason(item["state"], approval)
-                writer.writerow([item["user_id"], item["email_key"], item["state"], reason])
-                rows += 1
+        writer.writerow(NOT_SENT_COLUMNS)
+        for row in not_sent_rows(
+            run_key,
+            outbox=outbox if manifest is not None else None,
+            approval=approval,
+            quarantine=quarantine,
+            left_out_rows=left_out_rows,
+        ):
+            writer.writerow(row)
+            rows += 1
     report["not_sent_file"] = str(not_sent_csv)
     report["not_sent_rows"] = rows
 
@@ -160,6 +156,33 @@ def _nobody_staged(left: dict[str, int]) -> str:
         + ", ".join(parts)
         + "); trigger with resend_to_earlier_recipients and a resend_reason to send to them again"
     )
+
+
+NOT_SENT_COLUMNS = ("user_id", "email", "state", "reason")
+
+
+def not_sent_rows(
+    run_key: str,
+    *,
+    outbox: Outbox | None,
+    approval: dict[str, Any],
+    quarantine: Path | None,
+    left_out_rows: Path | None,
+) -> Iterator[list[Any]]:
+    """Who did not get the message and why (``NOT_SENT_COLUMNS``): the quarantined, those left
+    out because an earlier run of the campaign reached them, then every staged recipient not
+    ``sent``; as ``not_sent.csv`` holds them and the console's download streams them."""
+    if quarantine is not None and quarantine.exists():
+        for row in pd.read_parquet(quarantine).itertuples():
+            # A missing user id or address is an empty cell, never "nan" or "None".
+            yield [_cell(row.user_id), _cell(row.email), "quarantined", row.reason]
+    if left_out_rows is not None and left_out_rows.exists():
+        for row in pd.read_parquet(left_out_rows).itertuples():
+            yield [row.user_id, row.email, row.reason, _left_out_reason(row)]
+    if outbox is not None:
+        for item in outbox.not_sent(run_key):
+            reason = item["last_error"] or _default_reason(item["state"], approval)
+            yield [item["user_id"], item["email_key"], item["state"], reason]
 
 
 def _left_out_reason(row: Any) -> str:

@@ -42,12 +42,14 @@ from fastapi.responses import (
 from jinja2 import Environment, PackageLoader, select_autoescape
 from pydantic import BaseModel, Field
 
-from mailroom import campaign_runs, operator_actions
+from mailroom import campaign_runs, earlier_runs, operator_actions
 from mailroom.addresses import mask
 from mailroom.campaign_runs import RunFolder
+from mailroom.delivery import report
 from mailroom.delivery.outbox import Outbox
 from mailroom.errors import MailroomError
-from mailroom.staging import is_url, local_path
+from mailroom.run_record import APPROVAL_FILE
+from mailroom.staging import RunStaging, is_url, local_path
 from mailroom_airflow import settings
 from mailroom_airflow.console import DAG_ID, URL_PREFIX
 
@@ -122,15 +124,8 @@ def campaigns_page(request: Request, campaign: str = "", state: str = "") -> HTM
 def run_page(request: Request, dag_id: str, run_id: str, user: GetUserDep) -> HTMLResponse:
     run = _run(dag_id, run_id)
     outbox = shared_outbox()
-    root = _local_root(run)
     staged = outbox.manifest_sha256(run.run_key) is not None
     history = outbox.actions(run.run_key) if staged else []
-    not_sent = campaign_runs.not_sent_sample(
-        ({"email": row["email_key"], **row} for row in outbox.not_sent(run.run_key))
-        if staged
-        else iter(()),
-        NOT_SENT_ON_PAGE,
-    )
     return _page(
         "run.html",
         request,
@@ -142,8 +137,7 @@ def run_page(request: Request, dag_id: str, run_id: str, user: GetUserDep) -> HT
             for loc in campaign_runs.approved_content(run)["locales"]
         },
         history=history,
-        audit=operator_actions.audit_trail(root) if root else [],
-        not_sent=[{k: v for k, v in row.items() if k != "email_key"} for row in not_sent],
+        not_sent=campaign_runs.not_sent_sample(run, outbox, NOT_SENT_ON_PAGE),
         quarantined=_quarantined(run),
         csrf=_csrf_token(request),
         can_edit=_allowed(user, "PUT"),
@@ -171,7 +165,7 @@ def data_docs(dag_id: str, run_id: str, check: str, rel: str) -> Response:
     """A file of a check's Great Expectations Data Docs, from the run's folder only."""
     run = _run(dag_id, run_id)
     root = _local_root(run)
-    path = campaign_runs.data_docs_file(root, check, rel) if root else None
+    path = campaign_runs.data_docs_file(root, check, rel)
     if path is None:
         raise HTTPException(404, "no such Data Docs file")
     return FileResponse(path, headers=_framed(DOCS_POLICY))
@@ -184,31 +178,31 @@ def not_sent_csv(dag_id: str, run_id: str, user: GetUserDep) -> StreamingRespons
     outbox = shared_outbox()
     log.info("console: %s downloads the not-sent list of %s", user.get_name(), run.run_key)
 
-    def rows() -> Iterator[str]:
+    root = _local_root(run)
+    staging = RunStaging(root)
+    rows = report.not_sent_rows(
+        run.run_key,
+        outbox=outbox if outbox.manifest_sha256(run.run_key) is not None else None,
+        approval=run.json(APPROVAL_FILE) or {},
+        quarantine=staging.quarantine,
+        left_out_rows=earlier_runs.left_out_parquet(staging),
+    )
+
+    def lines() -> Iterator[str]:
         buffer = io.StringIO()
         writer = csv.writer(buffer)
-        writer.writerow(["user_id", "email", "state", "reason"])
-        for row in _quarantined_rows(run):
+        writer.writerow(report.NOT_SENT_COLUMNS)
+        for row in rows:
             writer.writerow(row)
-        if outbox.manifest_sha256(run.run_key) is not None:
-            for item in outbox.not_sent(run.run_key):
-                writer.writerow(
-                    [
-                        item["user_id"],
-                        item["email_key"],
-                        item["state"],
-                        item["last_error"] or f"batch {item['state']}",
-                    ]
-                )
-                if buffer.tell() > 64_000:
-                    yield buffer.getvalue()
-                    buffer.seek(0)
-                    buffer.truncate()
+            if buffer.tell() > 64_000:
+                yield buffer.getvalue()
+                buffer.seek(0)
+                buffer.truncate()
         yield buffer.getvalue()
 
     name = f"{run.campaign}-{run.owner.get('folder', 'run')}-not-sent.csv"
     return StreamingResponse(
-        rows(),
+        lines(),
         media_type="text/csv; charset=utf-8",
         headers={
             "Content-Disposition": f'attachment; filename="{name}"',
@@ -323,7 +317,7 @@ def _run(dag_id: str, run_id: str) -> RunFolder:
     return run
 
 
-def _local_root(run: RunFolder) -> Path | None:
+def _local_root(run: RunFolder) -> Path:
     return Path(run.folder.where)
 
 
@@ -338,23 +332,10 @@ def _run_list(campaign: str, state: str) -> list[dict[str, Any]]:
     return sorted(runs, key=lambda r: r["started_at"] or "", reverse=True)
 
 
-def _quarantined_rows(run: RunFolder) -> Iterator[list[Any]]:
-    root = _local_root(run)
-    path = root / "audience" / "quarantine.parquet" if root else None
-    if path is None or not path.exists():
-        return
-    import pyarrow.parquet as pq
-
-    for batch in pq.ParquetFile(path).iter_batches(columns=["user_id", "email", "reason"]):
-        for row in batch.to_pylist():
-            yield [row["user_id"] or "", row["email"] or "", "quarantined", row["reason"]]
-
-
 def _quarantined(run: RunFolder) -> dict[str, int]:
     """How many rows validation quarantined, per reason (column-wise: no row is read out)."""
-    root = _local_root(run)
-    path = root / "audience" / "quarantine.parquet" if root else None
-    if path is None or not path.exists():
+    path = RunStaging(_local_root(run)).quarantine
+    if not path.exists():
         return {}
     import pyarrow.parquet as pq
 
