@@ -108,12 +108,12 @@ class ActionBody(BaseModel):
 
 @app.get("/campaigns", response_class=HTMLResponse, dependencies=[can_read_runs])
 def campaigns_page(request: Request, campaign: str = "", state: str = "") -> HTMLResponse:
-    runs = _run_list(campaign, state)
+    every = _run_list("", "")
     return _page(
         "campaigns.html",
         request,
-        runs=runs,
-        campaigns=sorted({r["campaign"] for r in _run_list("", "")}),
+        runs=[r for r in every if _matches(r, campaign, state)],
+        campaigns=sorted({r["campaign"] for r in every}),
         states=campaign_runs.RUN_STATES,
         campaign=campaign,
         state=state,
@@ -211,7 +211,7 @@ def not_sent_csv(dag_id: str, run_id: str, user: GetUserDep) -> StreamingRespons
     )
 
 
-@app.get("/static/{name}")
+@app.get("/static/{name}", dependencies=[can_read_runs])
 def static(name: str) -> FileResponse:
     path = _STATIC / name
     if name not in {p.name for p in _STATIC.iterdir()}:
@@ -324,12 +324,12 @@ def _local_root(run: RunFolder) -> Path:
 def _run_list(campaign: str, state: str) -> list[dict[str, Any]]:
     outbox = shared_outbox()
     runs = [campaign_runs.run_overview(r, outbox) for r in campaign_runs.find_runs(_staging_root())]
-    runs = [
-        r
-        for r in runs
-        if (not campaign or r["campaign"] == campaign) and (not state or r["state"] == state)
-    ]
+    runs = [r for r in runs if _matches(r, campaign, state)]
     return sorted(runs, key=lambda r: r["started_at"] or "", reverse=True)
+
+
+def _matches(run: dict[str, Any], campaign: str, state: str) -> bool:
+    return (not campaign or run["campaign"] == campaign) and (not state or run["state"] == state)
 
 
 def _quarantined(run: RunFolder) -> dict[str, int]:
@@ -377,15 +377,23 @@ def _check_same_site(request: Request) -> None:
         raise HTTPException(403, "a request from another site")
 
 
+def _api_server_root() -> str:
+    """This API server as it listens (``[api] port``, TLS when ``[api] ssl_cert`` is set), not
+    the address the browser used: behind a proxy or a published port that one may not reach
+    back here."""
+    from airflow.configuration import conf
+
+    scheme = "https" if conf.get("api", "ssl_cert", fallback="") else "http"
+    return f"{scheme}://127.0.0.1:{conf.getint('api', 'port', fallback=8080)}"
+
+
 def _clear_send_tasks(request: Request, run_id: str) -> dict[str, Any]:
     """Clear the run's send_shard and reconcile tasks through Airflow's REST API, as the user
     who asked (Airflow checks their permission again)."""
     auth = request.headers.get("authorization")
     if not auth:
         auth = f"Bearer {request.cookies.get(SESSION_COOKIE, '')}"
-    base = str(request.base_url).rstrip("/")
-    if base.endswith(URL_PREFIX):
-        base = base[: -len(URL_PREFIX)]
+    base = _api_server_root()
     try:
         answer = httpx.post(
             f"{base}/api/v2/dags/{DAG_ID}/clearTaskInstances",
