@@ -9,7 +9,7 @@ USERS ?= 10000
 export PYTHONPATH := $(CURDIR)/src:$(CURDIR)/dags
 
 .DEFAULT_GOAL := help
-.PHONY: help venv demo airflow airflow-stop airflow-status test test-unit test-dag test-integration test-e2e test-distributed lint typecheck check lock lock-check translations dev-server clean bench bench-e2e
+.PHONY: help venv demo airflow airflow-stop airflow-status test test-unit test-dag test-integration test-e2e test-distributed lint typecheck check lock lock-check translations dev-server clean bench bench-e2e bench-console
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -105,6 +105,10 @@ bench: $(STAMP) ## Benchmarks: stages and baselines on 100,000 users -> BENCHMAR
 
 bench-e2e: $(STAMP) ## Benchmarks: trigger to report through Airflow on SQLite and PostgreSQL (E2E_USERS="N ...", E2E_DB=sqlite) -> BENCHMARKS.md
 	$(BIN)/python bench/e2e_airflow.py --users $(E2E_USERS) --db $(E2E_DB)
+
+CONSOLE_USERS ?= 100000 1000000
+bench-console: $(STAMP) ## Benchmarks: the campaign console's run view mid-send, SQLite and PostgreSQL (CONSOLE_USERS="N ...") -> BENCHMARKS.md
+	$(BIN)/python bench/run.py --stage console --users $(CONSOLE_USERS)
 
 clean: ## Remove the virtualenv, the demo's Airflow home and staging
 	rm -rf $(VENV) .airflow var

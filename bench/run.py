@@ -17,6 +17,11 @@ what its stage needs first, then times only the stage call and reports its own p
 
 ``--e2e`` then runs the whole DAG through a real Airflow at those sizes (``e2e_airflow.py``).
 
+``--stage console [--users N ...] [--no-postgres]`` measures the campaign console's run view
+instead (``console_view.py``: ms per answer against ``Outbox.counts``, printed as a table); it is
+not part of the full run: it keeps its figures under ``console`` in ``results.json`` and writes
+``BENCHMARKS.md`` again with them (``make bench-console``).
+
 The figures go to ``bench/results.json`` (raw; the latest run of each size and kind kept) and
 ``BENCHMARKS.md`` (``report.py``: method, machine, tables, ratios, targets). These machines are
 shared and noisy: read the ratios measured within one run, not the absolute seconds.
@@ -74,6 +79,9 @@ STAGES = (
     "smtp_bare_aiosmtpd",
     "naive_baseline",
 )
+# Not a stage of the full run (nor of --skip): the campaign console's run view, measured on a
+# synthetic mid-send run of its own by ``console_view.py`` when asked for with --stage.
+CONSOLE_STAGE = "console"
 # Above this many users the sends (through the dev server and the SMTP sink: the whole run,
 # a few at a time) are measured end to end through Airflow rather than in process, and the
 # bare gate (which holds every body and recipient at once: 2.8 GB at 1M) is not run.
@@ -187,9 +195,23 @@ def main() -> int:
         "--report", action="store_true", help="only regenerate BENCHMARKS.md from results.json"
     )
     parser.add_argument("--work", type=Path, default=None, help="default: var/bench/<users>")
-    parser.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)
+    parser.add_argument("--stage", choices=(*STAGES, CONSOLE_STAGE), help=argparse.SUPPRESS)
     parser.add_argument("--context", default="{}", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.stage == CONSOLE_STAGE:
+        import console_view
+
+        dbs = ["sqlite"] if args.no_postgres else list(console_view.DBS)
+        work = (args.work or REPO / "var" / "bench" / "console").resolve()
+        code = console_view.main(
+            ["--users", *map(str, args.users or [100_000]), "--db", *dbs, "--work", str(work)]
+        )
+        if code == 0:
+            results = load_results()
+            results["console"] = json.loads((work / "console.json").read_text())
+            save_results(results)
+            print(f"wrote {REPORT.name} and bench/{RESULTS.name}")
+        return code
     if args.stage:
         print(json.dumps(run_stage(args.stage, args.work.resolve(), json.loads(args.context))))
         return 0

@@ -136,8 +136,11 @@ def latest_report(run: RunFolder) -> dict[str, Any] | None:
     return dict(report) if report is not None else None
 
 
-def run_state(run: RunFolder, outbox: Outbox | None) -> str:
-    """The run's state, as the module docstring defines it."""
+def run_state(
+    run: RunFolder, outbox: Outbox | None, batches: list[BatchProgress] | None = None
+) -> str:
+    """The run's state, as the module docstring defines it (``batches``: the run's
+    ``Outbox.batch_progress`` when the caller has read it already)."""
     approval = run.json(APPROVAL_FILE) or {}
     decision = approval.get("decision")
     if decision == "rejected":
@@ -145,7 +148,7 @@ def run_state(run: RunFolder, outbox: Outbox | None) -> str:
     if decision == "timed_out":
         return TIMED_OUT
     if decision == "approved":
-        counts = _counts(outbox, run.run_key)
+        counts = _counts(batches if batches is not None else _batches(outbox, run.run_key))
         if counts is None:
             return SENDING
         if outbox is not None and outbox.halt_requested(run.run_key):
@@ -170,15 +173,16 @@ def run_state(run: RunFolder, outbox: Outbox | None) -> str:
 def run_overview(run: RunFolder, outbox: Outbox | None) -> dict[str, Any]:
     """One line of the campaign list: the run, its state, who did what when, sent of total."""
     approval = run.json(APPROVAL_FILE) or {}
-    counts = _counts(outbox, run.run_key)
+    batches = _batches(outbox, run.run_key)
+    counts = _counts(batches)
     total = sum(c["recipients"] for c in counts.values()) if counts else None
     started = run.owner.get("started_at")
-    ended = _ended_at(run, approval, outbox)
+    ended = _ended_at(run, approval, batches)
     return {
         "campaign": run.campaign,
         "run_id": run.run_id,
         "run_key": run.run_key,
-        "state": run_state(run, outbox),
+        "state": run_state(run, outbox, batches),
         "triggered_by": run.owner.get("triggered_by"),
         "decision": approval.get("decision"),
         "decided_by": approval.get("by"),
@@ -198,7 +202,8 @@ def run_progress(
     """Recipients and requests per state overall, per shard and per locale; the current rate
     (recipients a second over the last ``RATE_WINDOW``) and the ETA of what is still to send."""
     now = now or datetime.now(UTC)
-    rows = outbox.batch_progress(run.run_key) if outbox is not None else []
+    batches = _batches(outbox, run.run_key)
+    rows = batches or []
     shard_count = max(1, min(int(run.owner.get("shards") or 1), max(len(rows), 1)))
     overall = _zero()
     shards = [_zero() for _ in range(shard_count)]
@@ -223,7 +228,7 @@ def run_progress(
     if first_sent is not None:
         window = min(window, max((now - first_sent).total_seconds(), 1.0))
     rate = recent / window if recent else 0.0
-    state = run_state(run, outbox)
+    state = run_state(run, outbox, batches)
     return {
         "run_key": run.run_key,
         "state": state,
@@ -324,7 +329,7 @@ def run_note(run: RunFolder, outbox: Outbox | None) -> str | None:
         return "FAILED GATE: the data-quality gate refused the frozen batches; nobody was asked."
     if state == FAILED:
         return "NOT APPROVED: the run ended before anyone answered the approval; nothing was sent."
-    counts = _counts(outbox, run.run_key)
+    counts = _counts(_batches(outbox, run.run_key))
     if state in (SENT, INCOMPLETE, HALTED) and counts:
         sent = counts["sent"]["recipients"]
         total = sum(c["recipients"] for c in counts.values())
@@ -336,20 +341,35 @@ def run_note(run: RunFolder, outbox: Outbox | None) -> str | None:
     return None
 
 
-def _counts(outbox: Outbox | None, run_key: str) -> dict[str, dict[str, int]] | None:
+def _batches(outbox: Outbox | None, run_key: str) -> list[BatchProgress] | None:
+    """The run's batches with their recipients per state; None when it is not staged."""
     if outbox is None or outbox.manifest_sha256(run_key) is None:
         return None
-    return outbox.counts(run_key)
+    return outbox.batch_progress(run_key)
 
 
-def _ended_at(run: RunFolder, approval: dict[str, Any], outbox: Outbox | None) -> str | None:
+def _counts(batches: list[BatchProgress] | None) -> dict[str, dict[str, int]] | None:
+    """Batches and recipients per state, as ``Outbox.counts`` gives them, from the batches'
+    own counts (one read of the outbox serves the state, the totals and the progress)."""
+    if batches is None:
+        return None
+    out = {s: {"batches": 0, "recipients": 0} for s in BATCH_STATES}
+    for batch in batches:
+        out[batch.state.value]["batches"] += 1
+        for state, n in batch.per_state.items():
+            out[state]["recipients"] += n
+    return out
+
+
+def _ended_at(
+    run: RunFolder, approval: dict[str, Any], batches: list[BatchProgress] | None
+) -> str | None:
     """When a finished run last changed: its last request's outcome, or the answer that ended
     it (a rejection, a timeout); None while it is not finished."""
     if latest_report(run) is None:
         return None
-    last = outbox.last_change(run.run_key) if outbox is not None else None
-    if last is not None and approval.get("decision") == "approved":
-        return last.isoformat()
+    if batches and approval.get("decision") == "approved":
+        return max(b.updated_at for b in batches).isoformat()
     return str(approval.get("at") or "") or None
 
 
