@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections import Counter
 from typing import Any
 from urllib.parse import quote
 
@@ -137,6 +138,47 @@ def test_the_console_api_needs_a_login_edit_permission_for_actions_and_known_nam
     assert listed[run_id]["state"] == "rejected"
     assert listed[run_id]["decided_by"] == "approver"
     assert gate.servers["console_api"].stats().received == 0
+
+
+def test_an_operator_resends_the_unknown_requests_through_the_console_api(gate: GateEnv) -> None:
+    """Answers lost after the server accepted two requests leave them unknown; the operator's
+    explicit resend sends exactly those again (their recipients get it twice, as the action
+    warns), clears the run's send tasks through Airflow, and the run ends sent."""
+    from sendgrid_dev.faults import Faults
+
+    server = gate.servers["console_unknown"]
+    server.set_faults(Faults(drop_after_accept_every=3))
+    run_id = gate.trigger("console_unknown", shards=1)
+    gate.wait_at_gate(run_id)
+    time.sleep(2)  # an answer within ~1 s of awaiting_input can fail the task (Airflow 3.3.2)
+    gate.api("approver").answer(DAG_ID, run_id, "approve", "Approve")
+    assert gate.wait_finished(run_id) == "failed"  # reconcile: incomplete, two unknown
+    viewer, operator = Console(gate, "viewer"), Console(gate, "operator")
+    progress = viewer.get(f"/api{run_path(run_id)}/progress").json()
+    assert progress["state"] == "incomplete"
+    assert progress["overall"]["requests"]["unknown"] == 2
+    unknown = progress["overall"]["recipients"]["unknown"]
+    first_time = Counter(received(server))
+    server.set_faults(Faults())
+
+    assert viewer.act(run_id, "resend-unknown").status_code == 403
+    answer = operator.act(run_id, "resend-unknown", "checked the activity feed: not delivered")
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["cleared"]["ok"] is True
+    assert answer.json()["action"]["by"] == "operator"
+    assert gate.wait_finished(run_id) == "success"
+
+    got = received(server)
+    twice = {a for a, n in got.items() if n == 2}
+    assert len(twice) == unknown  # exactly the unknown requests' recipients, once more
+    assert set(got) == set(first_time)
+    assert max(got.values()) == 2
+    assert operator.act(run_id, "resend-unknown").status_code == 409  # nothing unknown now
+    note = gate.wait(
+        "the run's note",
+        lambda: (n := gate.api("admin").dag_run(DAG_ID, run_id).get("note")) and "SENT" in n and n,
+    )
+    assert note.startswith("SENT"), note
 
 
 @needs_chromium

@@ -59,6 +59,8 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     # watch it, halt it and resume it; and one run that is left at the gate.
     "console_steer": {"batch_size": 20, "rate": {"requests_per_second": 1}},
     "console_api": {"batch_size": 200},
+    # Six requests of 100; the dev server loses the answer to two of them (unknown).
+    "console_unknown": {"batch_size": 100, "locales": ["en"]},
 }
 
 
