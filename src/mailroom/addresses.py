@@ -184,12 +184,32 @@ def single_address(raw: object) -> str:
     return text
 
 
+def suppression_address(raw: object) -> tuple[str, str]:
+    """The address a suppression entry spells (``single_address``) and its ``address_key``:
+    what a suppression is matched by, wherever it is kept (a campaign's suppression source, the
+    outbox's suppression list), so that both read an entry alike. Raises ``UnreadableAddress``."""
+    address = single_address(raw)
+    key = address_key(address)
+    if key is None:  # pragma: no cover - single_address has checked it has a key
+        raise UnreadableAddress("no address (nothing before or after the @)")
+    return address, key
+
+
 def mask(address: str) -> str:
     """``j***@example.com``: enough for an operator to tell cases apart, not to harvest."""
     local, sep, domain = address.rpartition("@")
     if not sep:
         return "***"
     return f"{local[:1]}***@{domain}"
+
+
+def mask_value(value: object) -> str:
+    """What an operator is shown of a value that should have been an address and may not be
+    one (an unreadable suppression entry): ``mask`` of its text, whitespace collapsed; ``***``
+    for anything else that is not empty."""
+    if isinstance(value, str):
+        return mask(" ".join(value.split())) if value.strip() else ""
+    return "" if value is None or (isinstance(value, float) and value != value) else "***"
 
 
 _ANY_ADDRESS = re.compile(r"[^\s<>\"',;:()\[\]]+@[^\s<>\"',;:()\[\]]+")

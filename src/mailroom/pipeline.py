@@ -108,12 +108,18 @@ def prepare(
 
 
 @run_record.stage("extract_audience")
-def extract_audience(run: Run, *, sql_url: str | None) -> dict[str, Any]:
+def extract_audience(
+    run: Run, *, sql_url: str | None, outbox: Outbox | None = None
+) -> dict[str, Any]:
+    """The audience snapshot, without the campaign's suppressions nor, given the ``outbox``,
+    anyone on its suppression list (``Outbox.suppressed_keys``: every campaign's). Without an
+    ``outbox`` (a caller with no suppression list) only the campaign's own apply."""
     counts = extract.extract_audience(
         run.spec(),
         sql_url=sql_url,
         snapshot=run.staging.snapshot,
         suppressed_out=run.staging.suppressed,
+        outbox_suppressions=outbox.suppressed_keys() if outbox is not None else None,
     )
     write_json(run.staging.extract_counts, counts.to_dict())
     return counts.to_dict()

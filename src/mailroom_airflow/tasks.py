@@ -103,10 +103,10 @@ def prepare(
 def extract_audience(prepared: dict[str, Any]) -> dict[str, Any]:
     from mailroom import pipeline
 
-    with _working(prepared, "extract_audience") as run:
+    with _outbox() as outbox, _working(prepared, "extract_audience") as run:
         conn_id = run.spec().audience.connection_id
         return pipeline.extract_audience(
-            run, sql_url=settings.sql_url(conn_id) if conn_id else None
+            run, sql_url=settings.sql_url(conn_id) if conn_id else None, outbox=outbox
         )
 
 

@@ -38,6 +38,7 @@ OUTBOX_TABLES = (
     "mailroom_run_inputs",
     "mailroom_run_resends",
     "mailroom_runs",
+    "mailroom_suppressions",
 )
 # One batch of the earlier release's run in each state, with what the row said.
 EARLIER_BATCHES = {

@@ -18,6 +18,11 @@ cannot be read as one address is not guessed at: it is counted (``suppressions_u
 listed, by row number and masked value, in ``suppressions_unreadable.csv`` next to the snapshot,
 so an operator can fix the list before approving.
 
+The outbox's suppression list (``Outbox.suppressed_keys``: whoever unsubscribed, bounced or
+was suppressed by an operator, for every campaign) is applied with the campaign's own: its keys
+are address keys already. Where both hold a person, the campaign's reason is the one counted;
+the list's reasons are counted as ``list:<reason>``, so the approver can tell them apart.
+
 A SQLite or PostgreSQL audience is read through ADBC (``adbc_source``) and normalised
 column-wise in Arrow (``arrow_addresses``); any other database, and anything ADBC would not read
 as SQLAlchemy does, is read through SQLAlchemy and normalised with pandas. Both give the same
@@ -33,7 +38,7 @@ import re
 import shutil
 import threading
 from collections import Counter
-from collections.abc import Callable, Container, Iterator
+from collections.abc import Callable, Container, Iterator, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -49,11 +54,11 @@ import pyarrow.parquet as pq
 from mailroom.addresses import (
     UnreadableAddress,
     address_key,
-    mask,
     mask_addresses,
+    mask_value,
     normalise,
     readable,
-    single_address,
+    suppression_address,
 )
 from mailroom.audience.adbc_source import AdbcTarget, NotExact, adbc_target, text_chunks
 from mailroom.audience.arrow_addresses import address_keys as arrow_address_keys
@@ -106,13 +111,15 @@ def snapshot_schema(fields: tuple[str, ...]) -> pa.Schema:
 SUPPRESSED_SCHEMA = pa.schema([("user_id", pa.string()), ("email", pa.string())])
 UNREADABLE_SUPPRESSIONS_FILE = "suppressions_unreadable.csv"
 UNREADABLE_COLUMNS = ("row", "reason", "value_masked")
+# How the outbox's suppression list's reasons are counted, beside the campaign's own.
+LIST_REASON_PREFIX = "list:"
 
 
 @dataclass(frozen=True)
 class UnreadableSuppression:
     """A suppression row that is not one address. ``row`` is its position in the suppression
     source, 1 for the first data row (the CSV line after the header, the first row the query
-    returns); ``value_masked`` is ``addresses.mask`` of the value: enough to find the row, not
+    returns); ``value_masked`` is ``addresses.mask_value`` of it: enough to find the row, not
     to read an address off the run folder."""
 
     row: int
@@ -139,6 +146,7 @@ def extract_audience(
     suppressed_out: Path | None = None,
     unreadable_suppressions_out: Path | None = None,
     reader: Reader = "auto",
+    outbox_suppressions: Mapping[str, str] | None = None,
 ) -> ExtractCounts:
     """Write the audience snapshot for ``spec`` to ``snapshot`` and return what was dropped.
 
@@ -154,8 +162,13 @@ def extract_audience(
     PostgreSQL, else (and wherever ADBC would read a value differently) through SQLAlchemy;
     ``sqlalchemy`` always through SQLAlchemy; ``adbc`` through ADBC or an ``AudienceError``
     saying why not. The suppression list is read through SQLAlchemy.
+
+    ``outbox_suppressions`` is the outbox's suppression list (address key → reason), left out
+    too and counted by reason as ``list:<reason>``.
     """
     read = _read_suppressions(spec, sql_url)
+    for key, reason in (outbox_suppressions or {}).items():
+        read.reasons.setdefault(key, f"{LIST_REASON_PREFIX}{reason}")
     _write_unreadable(
         unreadable_suppressions_out or snapshot.with_name(UNREADABLE_SUPPRESSIONS_FILE),
         read.unreadable,
@@ -728,12 +741,11 @@ def _read_suppressions(spec: CampaignSpec, sql_url: str | None) -> Suppressions:
         for value, reason in zip(frame["email"].tolist(), reasons, strict=True):
             row += 1
             try:
-                key = address_key(single_address(value))
+                _, key = suppression_address(value)
             except UnreadableAddress as exc:
-                unreadable.append(UnreadableSuppression(row, str(exc), _masked(value)))
+                unreadable.append(UnreadableSuppression(row, str(exc), mask_value(value)))
                 continue
-            if key is not None:  # always: single_address has checked it has a key
-                result[key] = _reason(reason)
+            result[key] = _reason(reason)
     return Suppressions(result, unreadable)
 
 
@@ -742,13 +754,6 @@ def _reason(value: object) -> str:
     if value is None or (isinstance(value, float) and value != value) or not str(value).strip():
         return "suppressed"
     return str(value).strip()
-
-
-def _masked(value: object) -> str:
-    """What an operator is shown of an unreadable suppression value: masked when it is text."""
-    if isinstance(value, str):
-        return mask(" ".join(value.split())) if value.strip() else ""
-    return "" if value is None or (isinstance(value, float) and value != value) else "***"
 
 
 def _write_unreadable(path: Path, rows: list[UnreadableSuppression]) -> None:

@@ -30,10 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--airflow-home", type=Path, help="the local Airflow's home folder")
     demo.add_argument("--airflow-port", type=int, default=28080)
 
-    from mailroom.cli import approvals, operations
+    from mailroom.cli import approvals, operations, suppressions
 
     approvals.add_parser(sub)
     operations.add_commands(sub)
+    suppressions.add_parser(sub)
 
     fetch = sub.add_parser(
         "fetch-run",
@@ -92,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         return operations.run_command(args, _repo_root())
     if args.command == "outbox":
         return operations.run_outbox_command(args)
+    if args.command == "suppressions":
+        return suppressions.run_command(args)
     if args.command == "fetch-run":
         from mailroom.staging_store import RunStore, StagingError, safe_location
 

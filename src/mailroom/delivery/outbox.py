@@ -22,6 +22,11 @@ to keep in step. ``claim`` takes the campaign's lock and its sending slot (one r
 campaign sends at a time: ``CampaignBusy``) and refuses a batch holding anyone another run of
 the campaign sent to since, unless the run was staged with a resend reason.
 
+The suppression list (``Suppression``) is who no campaign may send to, by address key: every
+run's ``extract_audience`` leaves them out (``suppressed_keys``) beside the campaign's own
+suppression source. Adding a person already on it keeps the first record, so an import or a
+provider's event may be replayed; ``mailroom suppressions`` keeps it.
+
 The tables below are this release's schema; the database gets it from the Alembic revisions in
 ``outbox_migrations``, run when an ``Outbox`` opens (or by ``mailroom outbox upgrade``): a new
 database is created by them, an outbox of an earlier release is upgraded in place, one at a time
@@ -47,6 +52,7 @@ from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 
+from mailroom.addresses import UnreadableAddress, mask, mask_value, suppression_address
 from mailroom.delivery import outbox_migrations
 from mailroom.delivery.outbox_migrations import SchemaUpgrade as SchemaUpgrade
 from mailroom.delivery.outbox_migrations import UnknownOutboxRevision as UnknownOutboxRevision
@@ -174,6 +180,19 @@ operator_actions = sa.Table(
     sa.Column("counts_after", sa.Text, nullable=False),
     sa.Index("ix_mailroom_operator_actions_run", "run_key", "id"),
 )
+# The suppression list (``Suppression``): one row per mailbox, by its ``addresses.address_key``.
+suppressions = sa.Table(
+    "mailroom_suppressions",
+    metadata,
+    sa.Column("email_key", sa.String(320), primary_key=True),
+    # The address as it was given (unwrapped), for operators.
+    sa.Column("email", sa.String(320), nullable=False),
+    sa.Column("reason", sa.String(64), nullable=False),
+    sa.Column("source", sa.String(64), nullable=False),
+    sa.Column("detail", sa.Text),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("created_by", sa.String(250)),
+)
 
 
 class Action(StrEnum):
@@ -200,6 +219,66 @@ class OperatorAction:
             raise ValueError("an operator action needs who did it")
         if not self.reason.strip():
             raise ValueError(f"{self.action.value} needs a reason")
+
+
+@dataclass(frozen=True)
+class Suppression:
+    """One person on the suppression list: their address, why (``unsubscribed``, ``bounced``,
+    ``spam_report``, ``manual``…), where it came from (``cli``, ``import``…), and optionally
+    more detail, when and by whom (the outbox sets ``created_at`` when not given).
+
+    ``email`` is matched by its address key, so any spelling of the mailbox is the same person.
+    ``reason`` and ``source`` are counted by (the approval summary, ``mailroom suppressions
+    list``), so each is one line of at most 64 characters."""
+
+    email: str
+    reason: str
+    source: str
+    detail: str | None = None
+    created_by: str | None = None
+    created_at: datetime | None = None
+
+    def __post_init__(self) -> None:
+        _require_line("reason", self.reason, _LABEL_CHARS)
+        _require_line("source", self.source, _LABEL_CHARS)
+        if self.created_by is not None and self.created_by.strip():
+            _require_line("created_by", self.created_by, _BY_CHARS)
+
+
+_LABEL_CHARS = 64
+_BY_CHARS = 250
+_ADDRESS_CHARS = 320
+# Suppression entries read and inserted at a time (all of them in one transaction).
+_SUPPRESS_CHUNK = 10_000
+
+
+def _require_line(what: str, value: object, limit: int) -> None:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"a suppression needs a {what}")
+    if len(value.strip()) > limit or not value.strip().isprintable():
+        raise ValueError(f"a suppression's {what} is one line of at most {limit} characters")
+
+
+class SuppressionRefused(ValueError):
+    """An address the suppression list does not take (not one address, or too long to store).
+    The message names its row (its position among the entries given, 1 for the first) and
+    shows the value masked: it may be someone's address, and ends up in logs and terminals."""
+
+
+def listed_address(email: object, row: int | None = None) -> tuple[str, str]:
+    """The address a suppression entry spells and its address key (``suppression_address``),
+    as the suppression list stores and looks it up; ``SuppressionRefused`` naming ``row`` (when
+    there is one) and the masked value when it is not one address or is too long to store."""
+    where = f"row {row}: " if row is not None else ""
+    try:
+        address, key = suppression_address(email)
+    except UnreadableAddress as exc:
+        raise SuppressionRefused(f"{where}{exc} ({mask_value(email)})") from None
+    if max(len(address), len(key)) > _ADDRESS_CHARS:
+        raise SuppressionRefused(
+            f"{where}longer than {_ADDRESS_CHARS} characters ({mask(address)})"
+        )
+    return address, key
 
 
 class NothingToSettle(Exception):
@@ -1245,6 +1324,78 @@ class Outbox:
             for row in conn.execute(query):
                 yield dict(row._mapping)
 
+    # suppressions ---------------------------------------------------------------------------
+    def suppress(self, entries: Iterable[Suppression]) -> int:
+        """Put ``entries`` on the suppression list, in one transaction; returns how many were
+        new. A person already on it (in any spelling: by address key), or given twice, keeps
+        the first record: adding them again changes nothing and is not an error, so an import
+        or a provider's event may be replayed.
+
+        An entry that is not one address (``addresses.suppression_address``, as the extract
+        reads a campaign's suppressions) is refused with ``SuppressionRefused`` naming its row
+        and masked value, never guessed at, and nothing of ``entries`` is added."""
+        now = _now()
+        added = 0
+        rows = iter(enumerate(entries, start=1))
+        with self.engine.begin() as conn:
+            while chunk := list(islice(rows, _SUPPRESS_CHUNK)):
+                values: dict[str, dict[str, Any]] = {}
+                for row, entry in chunk:
+                    address, key = listed_address(entry.email, row)
+                    values.setdefault(
+                        key,
+                        {
+                            "email_key": key,
+                            "email": address,
+                            "reason": entry.reason.strip(),
+                            "source": entry.source.strip(),
+                            "detail": entry.detail or None,
+                            "created_at": _aware(entry.created_at or now),
+                            "created_by": entry.created_by.strip() if entry.created_by else None,
+                        },
+                    )
+                added += _insert_new_suppressions(conn, list(values.values()))
+        return added
+
+    def unsuppress(self, emails: Iterable[str]) -> int:
+        """Take these people off the suppression list (each by address key, in any spelling),
+        in one transaction; returns how many were on it. An entry that is not one address is
+        refused as ``suppress`` refuses it, and nobody is taken off."""
+        keys = sorted({listed_address(email, row)[1] for row, email in enumerate(emails, start=1)})
+        removed = 0
+        with self.engine.begin() as conn:
+            for start in range(0, len(keys), 1000):
+                result = conn.execute(
+                    suppressions.delete().where(
+                        suppressions.c.email_key.in_(keys[start : start + 1000])
+                    )
+                )
+                removed += int(result.rowcount or 0)
+        return removed
+
+    def suppression(self, email: str) -> Suppression | None:
+        """The suppression list's record of ``email`` (by address key: in any spelling), or
+        None; ``SuppressionRefused`` when it is not one address."""
+        _, key = listed_address(email)
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(suppressions).where(suppressions.c.email_key == key)
+            ).one_or_none()
+        return None if row is None else _suppression_of(row)
+
+    def suppressions(self) -> Iterator[Suppression]:
+        """Everyone on the suppression list, by address key."""
+        query = sa.select(suppressions).order_by(suppressions.c.email_key)
+        with self.engine.connect() as conn:
+            for row in conn.execution_options(stream_results=True, yield_per=10_000).execute(query):
+                yield _suppression_of(row)
+
+    def suppressed_keys(self) -> dict[str, str]:
+        """The suppression list as the extract applies it: address key → reason."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(suppressions.c.email_key, suppressions.c.reason))
+            return {key: reason for key, reason in rows}
+
     def _move(
         self,
         run_key: str,
@@ -1364,6 +1515,51 @@ def _requeue(
         now=now,
     )
     return moved
+
+
+def _insert_new_suppressions(conn: sa.Connection, rows: list[dict[str, Any]]) -> int:
+    """Insert the suppression rows whose address key is not on the list yet; returns how many.
+    SQLite and PostgreSQL skip the others in the INSERT itself (``ON CONFLICT DO NOTHING``: a
+    concurrent writer of the same person is not an error either); other databases are asked
+    first."""
+    if not rows:
+        return 0
+    name = conn.dialect.name
+    if name in {"sqlite", "postgresql"}:
+        from sqlalchemy.dialects import postgresql, sqlite
+
+        insert = sqlite.insert if name == "sqlite" else postgresql.insert
+        statement = (
+            insert(suppressions)
+            .on_conflict_do_nothing(index_elements=[suppressions.c.email_key])
+            .returning(suppressions.c.email_key)
+        )
+        return len(conn.execute(statement, rows).all())
+    present: set[str] = set()
+    keys = [r["email_key"] for r in rows]
+    for start in range(0, len(keys), 1000):
+        present.update(
+            conn.execute(
+                sa.select(suppressions.c.email_key).where(
+                    suppressions.c.email_key.in_(keys[start : start + 1000])
+                )
+            ).scalars()
+        )
+    new = [r for r in rows if r["email_key"] not in present]
+    if new:
+        conn.execute(suppressions.insert(), new)
+    return len(new)
+
+
+def _suppression_of(row: Any) -> Suppression:
+    return Suppression(
+        email=row.email,
+        reason=row.reason,
+        source=row.source,
+        detail=row.detail,
+        created_by=row.created_by,
+        created_at=_aware(row.created_at),
+    )
 
 
 def _aware(moment: datetime) -> datetime:
