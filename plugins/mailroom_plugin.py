@@ -11,22 +11,33 @@ the adapters it and the DAG use live in the installed package ``mailroom_airflow
 
 from __future__ import annotations
 
+from typing import Any
+
 from airflow.plugins_manager import AirflowPlugin
 
 from mailroom_airflow import run_notes
 from mailroom_airflow.console import CAMPAIGNS_ROUTE, RUN_ROUTE, URL_PREFIX
 
 
-def _console_app() -> object:
-    from mailroom_airflow.console.app import app
+class _Console:
+    """The console's ASGI app, imported on its first request. Every Airflow process loads this
+    plugin (a task process does, for listeners and macros), and the app pulls in Airflow's API
+    server security, pandas and the outbox: about a second that only the API server needs."""
 
-    return app
+    @property
+    def app(self) -> Any:
+        from mailroom_airflow.console.app import app
+
+        return app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.app(scope, receive, send)
 
 
 class MailroomPlugin(AirflowPlugin):
     name = "mailroom"
     fastapi_apps = [  # noqa: RUF012 - Airflow's plugin interface
-        {"app": _console_app(), "url_prefix": URL_PREFIX, "name": "Mailroom campaign console"}
+        {"app": _Console(), "url_prefix": URL_PREFIX, "name": "Mailroom campaign console"}
     ]
     external_views = [  # noqa: RUF012
         {

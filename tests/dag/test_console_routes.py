@@ -59,7 +59,7 @@ def test_the_plugin_registers_the_console_its_views_and_the_run_notes() -> None:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     plugin = module.MailroomPlugin
-    assert [a["app"] for a in plugin.fastapi_apps] == [app]
+    assert [a["app"].app for a in plugin.fastapi_apps] == [app]
     assert {(v["destination"], v["url_route"]) for v in plugin.external_views} == {
         ("nav", "campaigns"),
         ("dag_run", "campaign"),
