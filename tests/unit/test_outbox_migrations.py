@@ -33,11 +33,13 @@ RUN = "winter_update/manual__2026-01-05"
 OUTBOX_TABLES = (
     "mailroom_batches",
     "mailroom_campaign_sends",
+    "mailroom_delivery_events",
     "mailroom_operator_actions",
     "mailroom_recipients",
     "mailroom_run_inputs",
     "mailroom_run_resends",
     "mailroom_runs",
+    "mailroom_soft_bounces",
     "mailroom_suppressions",
 )
 # One batch of the earlier release's run in each state, with what the row said.

@@ -54,6 +54,7 @@ import sqlalchemy as sa
 
 from mailroom.addresses import UnreadableAddress, mask, mask_value, suppression_address
 from mailroom.delivery import outbox_migrations
+from mailroom.delivery.delivery_events import OUTCOMES, PROVIDER, DeliveryEvent
 from mailroom.delivery.outbox_migrations import SchemaUpgrade as SchemaUpgrade
 from mailroom.delivery.outbox_migrations import UnknownOutboxRevision as UnknownOutboxRevision
 
@@ -110,6 +111,8 @@ batches = sa.Table(
     # The digest of the body the envelope guard cleared before any request of the run left
     # (``shards.guard_shard``); a shard sends nothing while any batch of its run lacks it.
     sa.Column("guarded_sha256", sa.String(64)),
+    # A provider event without the run's custom args is matched by its request's message id.
+    sa.Index("ix_mailroom_batches_message_id", "message_id"),
 )
 recipients = sa.Table(
     "mailroom_recipients",
@@ -127,6 +130,8 @@ recipients = sa.Table(
     sa.Index("ix_mailroom_recipients_batch", "run_key", "batch_id"),
     # Who any run of a campaign sent to, by address (``earlier_outcomes``, ``claim``).
     sa.Index("ix_mailroom_recipients_email", "email_key", "run_key"),
+    # Who an unsubscribe link was made for (``unsubscribed_address``).
+    sa.Index("ix_mailroom_recipients_user", "user_id", "run_key"),
     # The recipients with a state of their own, and only those (``counts``, ``batch_progress``).
     sa.Index(
         "ix_mailroom_recipients_own_state",
@@ -193,6 +198,37 @@ suppressions = sa.Table(
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("created_by", sa.String(250)),
 )
+# What the provider reported after it accepted a request (``delivery_events.DeliveryEvent``):
+# one row per event, by the provider's own event id, so a retried or repeated event is kept
+# once. ``run_key``, ``batch_id`` and ``locale`` are set when the event is a recipient's of a
+# request of a run in this outbox (else NULL: kept, and counted nowhere).
+delivery_events = sa.Table(
+    "mailroom_delivery_events",
+    metadata,
+    sa.Column("event_id", sa.String(100), primary_key=True),
+    sa.Column("provider", sa.String(16), nullable=False),
+    sa.Column("event", sa.String(32), nullable=False),
+    sa.Column("outcome", sa.String(16)),
+    sa.Column("email_key", sa.String(320)),
+    sa.Column("run_key", sa.String(250)),
+    sa.Column("batch_id", sa.String(64)),
+    sa.Column("locale", sa.String(16)),
+    sa.Column("message_id", sa.String(128)),
+    sa.Column("reason", sa.Text),
+    sa.Column("occurred_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Index("ix_mailroom_delivery_events_run", "run_key", "outcome", "locale"),
+    sa.Index("ix_mailroom_delivery_events_recipient", "run_key", "email_key"),
+)
+# Soft bounces (``deferred``, ``blocked``) in a row per address; a delivery sets it back to 0.
+soft_bounces = sa.Table(
+    "mailroom_soft_bounces",
+    metadata,
+    sa.Column("email_key", sa.String(320), primary_key=True),
+    sa.Column("in_a_row", sa.Integer, nullable=False),
+    sa.Column("last_reason", sa.Text),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
 
 
 class Action(StrEnum):
@@ -203,6 +239,8 @@ class Action(StrEnum):
     RESEND = "resend"
     HALT = "halt"
     RESUME = "resume"
+    # Not an operator's: the provider's events showed it accepted requests left unknown.
+    SETTLE_BY_EVENTS = "settle_by_events"
 
 
 @dataclass(frozen=True)
@@ -852,6 +890,8 @@ class Outbox:
         with the requests, the recipients and the counts before and after (``actions``).
         """
         with self.engine.begin() as conn:
+            # Requests the provider's events show it accepted are not sent again.
+            self._settle_from_events(conn, run_key)
             before = self._counts(conn, run_key)
             affected = _affected(conn, run_key, states, None)
             moved = _requeue(conn, run_key, states, None)
@@ -874,6 +914,7 @@ class Outbox:
             raise NothingToSettle("name at least one request (batch id) to settle")
         unknown = (BatchState.UNKNOWN,)
         with self.engine.begin() as conn:
+            self._settle_from_events(conn, run_key)
             before = self._counts(conn, run_key)
             affected = _affected(conn, run_key, unknown, wanted)
             missing = [b for b in wanted if b not in affected]
@@ -1396,6 +1437,188 @@ class Outbox:
             rows = conn.execute(sa.select(suppressions.c.email_key, suppressions.c.reason))
             return {key: reason for key, reason in rows}
 
+    # provider events -------------------------------------------------------------------------
+    def record_delivery_events(
+        self, events: Sequence[DeliveryEvent], *, soft_bounce_limit: int = 3
+    ) -> EventsRecorded:
+        """Keep a webhook body's events and act on the new ones, in one transaction: either all
+        of it is on record (and the provider may be answered 2xx) or none of it.
+
+        An event already kept (by its event id: providers retry, and repeat themselves) changes
+        nothing. Each new one is matched to the recipient it is about: by the run and request
+        its custom args name, else by its request's message id, and then by address within that
+        request. A new event then puts its address on the suppression list when it says so
+        (``DeliveryEvent.suppression_reason``), counts a soft bounce in a row (a delivery sets
+        the count back; at ``soft_bounce_limit`` in a row the address is suppressed as
+        ``soft_bounced``), and settles the requests left ``unknown`` that the provider shows it
+        accepted (``SETTLE_BY_EVENTS``, in the run's history)."""
+        if soft_bounce_limit < 1:
+            raise ValueError("soft_bounce_limit must be at least 1")
+        unique = list({e.event_id: e for e in reversed(events)}.values())[::-1]
+        now = _now()
+        with self.engine.begin() as conn:
+            if conn.dialect.name == "sqlite":
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            where = _match_events(conn, unique)
+            rows = [
+                {
+                    "event_id": e.event_id,
+                    "provider": PROVIDER,
+                    "event": e.event,
+                    "outcome": e.outcome.value if e.outcome and e.event_id in where else None,
+                    "email_key": e.email_key,
+                    "run_key": where[e.event_id][0] if e.event_id in where else None,
+                    "batch_id": where[e.event_id][1] if e.event_id in where else None,
+                    "locale": where[e.event_id][2] if e.event_id in where else None,
+                    "message_id": e.message_id,
+                    "reason": e.reason,
+                    "occurred_at": e.occurred_at,
+                    "received_at": now,
+                }
+                for e in unique
+            ]
+            kept = _insert_new_events(conn, rows)
+            new = [e for e in unique if e.event_id in kept]
+            suppress: dict[str, dict[str, Any]] = {}
+            for e in new:
+                reason = e.suppression_reason
+                if reason and e.email_key:
+                    suppress.setdefault(e.email_key, _provider_suppression(e, reason, now))
+            for e, reason in _count_soft_bounces(conn, new, soft_bounce_limit, now):
+                suppress.setdefault(e.email_key or "", _provider_suppression(e, reason, now))
+            suppressed = _insert_new_suppressions(conn, list(suppress.values()))
+            proven = sorted(
+                {where[e.event_id][0] for e in new if e.proves_acceptance and e.event_id in where}
+            )
+            settled = sum(self._settle_from_events(conn, run_key) for run_key in proven)
+        return EventsRecorded(
+            received=len(events),
+            new=len(new),
+            matched=sum(1 for e in new if e.event_id in where),
+            suppressed=suppressed,
+            settled_requests=settled,
+        )
+
+    def _settle_from_events(self, conn: sa.Connection, run_key: str) -> int:
+        """Settle as sent the run's ``unknown`` requests the provider's events show it accepted
+        (``processed``, ``delivered``, ``dropped``, ``bounce`` for any of their recipients: a
+        request is taken whole or not at all), recorded as ``SETTLE_BY_EVENTS``; how many."""
+        query = (
+            sa.select(
+                delivery_events.c.batch_id,
+                sa.func.count(sa.distinct(delivery_events.c.email_key)),
+                sa.func.min(delivery_events.c.message_id),
+            )
+            .select_from(delivery_events.join(batches, _event_of_batch()))
+            .where(
+                delivery_events.c.run_key == run_key,
+                delivery_events.c.event.in_(sorted(_ACCEPTANCE_EVENTS)),
+                batches.c.state == BatchState.UNKNOWN,
+            )
+            .group_by(delivery_events.c.batch_id)
+        )
+        proven = {str(b): (int(n), m) for b, n, m in conn.execute(query)}
+        if not proven:
+            return 0
+        before = self._counts(conn, run_key)
+        affected = _affected(conn, run_key, (BatchState.UNKNOWN,), sorted(proven))
+        now = _now()
+        for batch_id, (shown, message_id) in proven.items():
+            note = (
+                f"settled as sent: {PROVIDER} reported it accepted the request "
+                f"({shown} recipient(s) with events)"
+            )
+            _set_state(
+                conn,
+                recipients,
+                (recipients.c.run_key == run_key, recipients.c.batch_id == batch_id),
+                (BatchState.UNKNOWN,),
+                BatchState.SENT,
+                error=note,
+                now=now,
+            )
+            _set_state(
+                conn,
+                batches,
+                (batches.c.run_key == run_key, batches.c.batch_id == batch_id),
+                (BatchState.UNKNOWN,),
+                BatchState.SENT,
+                message_id=message_id,
+                error=note,
+                now=now,
+            )
+        total = sum(n for n, _ in proven.values())
+        reason = (
+            f"{PROVIDER} events show it accepted {len(proven)} request(s) left unknown "
+            f"({total} recipient(s) with events): they are not sent again"
+        )
+        self._record(
+            conn,
+            run_key,
+            OperatorAction(Action.SETTLE_BY_EVENTS, f"{PROVIDER} events", reason),
+            affected,
+            before,
+        )
+        log.info("%s: %s", run_key, reason)
+        return len(proven)
+
+    def delivery_feedback(self, run_key: str) -> dict[str, dict[str, int]]:
+        """What the provider reported for the run's recipients, per locale: how many recipients
+        each ``delivery_events.Outcome`` (every outcome present, 0 when none; a recipient
+        delivered who then complained counts in both)."""
+        query = (
+            sa.select(
+                delivery_events.c.locale,
+                delivery_events.c.outcome,
+                sa.func.count(sa.distinct(delivery_events.c.email_key)),
+            )
+            .where(delivery_events.c.run_key == run_key, delivery_events.c.outcome.is_not(None))
+            .group_by(delivery_events.c.locale, delivery_events.c.outcome)
+        )
+        with self.engine.connect() as conn:
+            found = conn.execute(query).all()
+        feedback: dict[str, dict[str, int]] = {}
+        for locale, outcome, n in found:
+            feedback.setdefault(str(locale), dict.fromkeys(OUTCOMES, 0))[str(outcome)] = int(n)
+        return {locale: feedback[locale] for locale in sorted(feedback)}
+
+    def provider_outcomes(self, run_key: str) -> dict[str, tuple[str, str | None]]:
+        """address key → (outcome, the provider's reason) of the run's recipients the provider
+        bounced or dropped (their latest such event): they did not get the message."""
+        query = (
+            sa.select(
+                delivery_events.c.email_key,
+                delivery_events.c.outcome,
+                delivery_events.c.reason,
+            )
+            .where(
+                delivery_events.c.run_key == run_key,
+                delivery_events.c.outcome.in_(["bounced", "dropped"]),
+            )
+            .order_by(delivery_events.c.occurred_at, delivery_events.c.event_id)
+        )
+        with self.engine.connect() as conn:
+            return {str(k): (str(o), r) for k, o, r in conn.execute(query)}
+
+    def unsubscribed_address(self, campaign: str, user_id: str) -> str | None:
+        """The address key the campaign's newest run to stage ``user_id`` sent to (the mailbox
+        their unsubscribe link came to); ``None`` when no run of it staged them."""
+        query = (
+            sa.select(recipients.c.email_key)
+            .select_from(recipients.join(runs, runs.c.run_key == recipients.c.run_key))
+            .where(recipients.c.user_id == user_id, _runs_of(recipients.c.run_key, campaign))
+            .order_by(runs.c.created_at.desc(), recipients.c.run_key.desc())
+            .limit(1)
+        )
+        with self.engine.connect() as conn:
+            return conn.execute(query).scalar_one_or_none()
+
+    def has_campaign(self, campaign: str) -> bool:
+        """Whether any run of ``campaign`` was staged in this outbox."""
+        query = sa.select(runs.c.run_key).where(_runs_of(runs.c.run_key, campaign)).limit(1)
+        with self.engine.connect() as conn:
+            return conn.execute(query).first() is not None
+
     def _move(
         self,
         run_key: str,
@@ -1515,6 +1738,169 @@ def _requeue(
         now=now,
     )
     return moved
+
+
+@dataclass(frozen=True)
+class EventsRecorded:
+    """What ``record_delivery_events`` did with a webhook body: events in it, new ones (the
+    rest were kept before), new ones matched to a recipient of a run, addresses newly
+    suppressed, and ``unknown`` requests settled as sent."""
+
+    received: int
+    new: int
+    matched: int
+    suppressed: int
+    settled_requests: int
+
+
+_ACCEPTANCE_EVENTS = frozenset({"processed", "delivered", "dropped", "bounce"})
+# Events inserted per statement (each of 12 columns: well within SQLite's 32,766 variables).
+_EVENTS_CHUNK = 1000
+
+
+def _event_of_batch() -> Any:
+    return sa.and_(
+        batches.c.run_key == delivery_events.c.run_key,
+        batches.c.batch_id == delivery_events.c.batch_id,
+    )
+
+
+def _match_events(
+    conn: sa.Connection, events: Sequence[DeliveryEvent]
+) -> dict[str, tuple[str, str, str]]:
+    """event id → (run key, batch id, locale) of the events about a recipient of a request in
+    this outbox: the request their custom args name (else the one with their message id), and
+    their address among its recipients."""
+    named: set[tuple[str, str]] = set()
+    message_ids: set[str] = set()
+    for e in events:
+        if e.run_key and e.batch_id:
+            named.add((e.run_key, e.batch_id))
+        elif e.message_id:
+            message_ids.add(e.message_id)
+    locale_of: dict[tuple[str, str], str] = {}
+    by_message_id: dict[str, tuple[str, str]] = {}
+    for chunk in _chunks(sorted(named)):
+        query = sa.select(batches.c.run_key, batches.c.batch_id, batches.c.locale).where(
+            sa.tuple_(batches.c.run_key, batches.c.batch_id).in_(chunk)
+        )
+        for run_key, batch_id, locale in conn.execute(query):
+            locale_of[(run_key, batch_id)] = locale
+    for chunk in _chunks(sorted(message_ids)):
+        with_ids = sa.select(
+            batches.c.run_key, batches.c.batch_id, batches.c.locale, batches.c.message_id
+        ).where(batches.c.message_id.in_(chunk))
+        for row in conn.execute(with_ids):
+            locale_of[(row.run_key, row.batch_id)] = row.locale
+            by_message_id[row.message_id] = (row.run_key, row.batch_id)
+    candidates: dict[str, tuple[str, str, str]] = {}  # event id -> run key, batch id, address
+    for e in events:
+        if e.run_key and e.batch_id:
+            request: tuple[str, str] | None = (e.run_key, e.batch_id)
+        else:
+            request = by_message_id.get(e.message_id or "")
+        if request is not None and request in locale_of and e.email_key:
+            candidates[e.event_id] = (request[0], request[1], e.email_key)
+    batch_of: dict[tuple[str, str], str] = {}
+    for chunk in _chunks(sorted({(run_key, key) for run_key, _, key in candidates.values()})):
+        members = sa.select(
+            recipients.c.run_key, recipients.c.email_key, recipients.c.batch_id
+        ).where(sa.tuple_(recipients.c.run_key, recipients.c.email_key).in_(chunk))
+        for member in conn.execute(members):
+            batch_of[(member.run_key, member.email_key)] = member.batch_id
+    return {
+        event_id: (run_key, batch_id, locale_of[(run_key, batch_id)])
+        for event_id, (run_key, batch_id, key) in candidates.items()
+        if batch_of.get((run_key, key)) == batch_id
+    }
+
+
+def _chunks(items: list[Any], size: int = 500) -> Iterator[list[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _insert_new_events(conn: sa.Connection, rows: list[dict[str, Any]]) -> set[str]:
+    """Insert the event rows whose event id is not kept yet; the ids of those inserted."""
+    kept: set[str] = set()
+    name = conn.dialect.name
+    for start in range(0, len(rows), _EVENTS_CHUNK):
+        chunk = rows[start : start + _EVENTS_CHUNK]
+        if name in {"sqlite", "postgresql"}:
+            from sqlalchemy.dialects import postgresql, sqlite
+
+            insert = sqlite.insert if name == "sqlite" else postgresql.insert
+            statement = (
+                insert(delivery_events)
+                .on_conflict_do_nothing(index_elements=[delivery_events.c.event_id])
+                .returning(delivery_events.c.event_id)
+            )
+            kept.update(conn.execute(statement, chunk).scalars())
+            continue
+        present = set(
+            conn.execute(
+                sa.select(delivery_events.c.event_id).where(
+                    delivery_events.c.event_id.in_([r["event_id"] for r in chunk])
+                )
+            ).scalars()
+        )
+        new = [r for r in chunk if r["event_id"] not in present]
+        if new:
+            conn.execute(delivery_events.insert(), new)
+        kept.update(r["event_id"] for r in new)
+    return kept
+
+
+def _count_soft_bounces(
+    conn: sa.Connection, events: Sequence[DeliveryEvent], limit: int, now: datetime
+) -> list[tuple[DeliveryEvent, str]]:
+    """Count the soft bounces in a row of each address of ``events`` (in the order they
+    happened; a delivery sets the count back to 0); the (last soft bounce, reason) of each
+    address that reached ``limit``."""
+    story: dict[str, list[DeliveryEvent]] = {}
+    for e in sorted(events, key=lambda e: (e.occurred_at, e.event_id)):
+        if e.email_key and (e.soft_bounce or e.event == "delivered"):
+            story.setdefault(e.email_key, []).append(e)
+    if not story:
+        return []
+    keys = sorted(story)
+    counts: dict[str, int] = {}
+    for start in range(0, len(keys), 500):
+        query = sa.select(soft_bounces.c.email_key, soft_bounces.c.in_a_row).where(
+            soft_bounces.c.email_key.in_(keys[start : start + 500])
+        )
+        counts.update({k: int(n) for k, n in conn.execute(query)})
+    reached: list[tuple[DeliveryEvent, str]] = []
+    for key in keys:
+        had = counts.get(key)
+        n = had or 0
+        last: DeliveryEvent | None = None
+        for e in story[key]:
+            n = 0 if e.event == "delivered" else n + 1
+            last = e if e.soft_bounce else last
+        values = {"in_a_row": n, "last_reason": last.reason if last else None, "updated_at": now}
+        if had is None:
+            conn.execute(soft_bounces.insert().values(email_key=key, **values))
+        else:
+            conn.execute(
+                soft_bounces.update().where(soft_bounces.c.email_key == key).values(**values)
+            )
+        if n >= limit and last is not None:
+            reached.append((last, "soft_bounced"))
+    return reached
+
+
+def _provider_suppression(e: DeliveryEvent, reason: str, now: datetime) -> dict[str, Any]:
+    detail = f"{e.event}" + (f": {e.reason}" if e.reason else "")
+    return {
+        "email_key": e.email_key,
+        "email": e.email_key,
+        "reason": reason,
+        "source": PROVIDER,
+        "detail": detail[:1000],
+        "created_at": now,
+        "created_by": None,
+    }
 
 
 def _insert_new_suppressions(conn: sa.Connection, rows: list[dict[str, Any]]) -> int:
