@@ -186,15 +186,17 @@ def code_text() -> str:
 
 # --- services, images, commands --------------------------------------------------------------
 def test_the_expected_services_exist() -> None:
-    expected = AIRFLOW_SERVICES | set(THIRD_PARTY) | {"sendgrid-dev"}
+    expected = AIRFLOW_SERVICES | set(THIRD_PARTY) | {"sendgrid-dev", "mailroom-feedback"}
     assert expected <= set(services()), expected - set(services())
 
 
-@pytest.mark.parametrize("name", sorted(AIRFLOW_SERVICES | set(THIRD_PARTY) | {"sendgrid-dev"}))
+@pytest.mark.parametrize(
+    "name", sorted(AIRFLOW_SERVICES | set(THIRD_PARTY) | {"sendgrid-dev", "mailroom-feedback"})
+)
 def test_every_service_has_an_image_or_build(name: str) -> None:
     service = services()[name]
     assert service.get("image") or service.get("build"), name
-    if name in AIRFLOW_SERVICES or name == "sendgrid-dev":
+    if name in AIRFLOW_SERVICES or name in {"sendgrid-dev", "mailroom-feedback"}:
         # Our image: built from ./Dockerfile, tagged so every service runs the same build.
         assert service.get("build") in (".", {"context": "."}), name
         assert interpolate(service["image"]) == env_example()["MAILROOM_IMAGE"]
@@ -256,6 +258,57 @@ def test_dev_server_runs_the_project_console_script() -> None:
     # The connection's default host is this service.
     host = urlparse(environment("airflow-init")["SENDGRID_API_HOST"])
     assert (host.hostname, host.port) == ("sendgrid-dev", 3030)
+
+
+def test_feedback_service_runs_the_mailroom_cli_on_its_own_with_what_it_reads(
+    tmp_path: Path,
+) -> None:
+    import argparse
+    import tomllib
+
+    from mailroom.cli import feedback
+    from mailroom.feedback.service import FeedbackSettings, create_app
+    from mailroom.feedback.webhook_signature import PUBLIC_KEY_ENV
+    from mailroom.unsubscribe import SECRETS_ENV, UnsubscribeKeys
+
+    service = services()["mailroom-feedback"]
+    entrypoint = as_args(service["entrypoint"])
+    assert entrypoint[:2] == ["/usr/bin/dumb-init", "--"]
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts[entrypoint[2]] == "mailroom.cli.main:main"
+    parser = argparse.ArgumentParser()
+    feedback.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(as_args(service["command"]))
+    assert (args.command, args.feedback_command, args.host) == ("feedback", "serve", "0.0.0.0")
+    assert not args.accept_unsigned_webhooks
+    env = environment("mailroom-feedback")
+    assert {SECRETS_ENV, PUBLIC_KEY_ENV, "MAILROOM_OUTBOX_URL"} <= set(env)
+    assert all(key in code_text() for key in env)
+    # The outbox Airflow writes to.
+    outbox = urlparse(env["MAILROOM_OUTBOX_URL"])
+    airflow_outbox = _connection_args("mailroom_outbox")
+    assert (outbox.hostname, outbox.path.lstrip("/")) == ("postgres", airflow_outbox["conn_schema"])
+    # Airflow signs links with the first of the keys the service verifies with.
+    assert env[SECRETS_ENV] == environment("airflow-init")[SECRETS_ENV]
+    # Published on the host's loopback only, and health-checked on a route the app serves.
+    [published] = interpolate(service["ports"])
+    assert published.startswith("127.0.0.1:")
+    assert published.endswith(f":{args.port}")
+    health = as_args(service["healthcheck"]["test"])
+    assert health[-1] == f"http://localhost:{args.port}/healthz"
+    app = create_app(
+        FeedbackSettings(
+            outbox_url=f"sqlite:///{tmp_path / 'outbox.sqlite'}",
+            unsubscribe_keys=UnsubscribeKeys.parse("compose-test-key"),
+            webhook_signature=None,
+            unsigned_webhooks=True,
+        )
+    )
+    assert "/healthz" in {getattr(route, "path", None) for route in app.routes}
+    app.state.outbox.dispose()
+    # Never part of Airflow: it neither mounts Airflow's volumes nor sets Airflow's settings.
+    assert not service.get("volumes")
+    assert not any(key.startswith("AIRFLOW") for key in env)
 
 
 @pytest.mark.parametrize("name", sorted(THIRD_PARTY))
@@ -548,7 +601,8 @@ def test_secrets_have_no_defaults_and_stay_out_of_git_and_images() -> None:
         "AIRFLOW_API_SECRET_KEY",
         "AIRFLOW_JWT_SECRET",
         "SENDGRID_API_KEY",
-        "MAILROOM_UNSUBSCRIBE_SECRET",
+        "MAILROOM_UNSUBSCRIBE_SECRETS",
+        "MAILROOM_SENDGRID_WEBHOOK_PUBLIC_KEY",
         "AIRFLOW_ANALYST_PASSWORD",
         "AIRFLOW_APPROVER_PASSWORD",
         "AIRFLOW_ADMIN_PASSWORD",
