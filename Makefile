@@ -9,7 +9,7 @@ USERS ?= 10000
 export PYTHONPATH := $(CURDIR)/src:$(CURDIR)/dags
 
 .DEFAULT_GOAL := help
-.PHONY: help venv demo airflow airflow-stop airflow-status test test-unit test-dag test-integration test-e2e test-distributed lint typecheck check lock lock-check translations dev-server clean bench bench-e2e bench-console
+.PHONY: help venv demo airflow airflow-stop airflow-status test test-unit test-dag test-integration test-e2e test-distributed lint typecheck check lock lock-check translations dev-server clean bench bench-e2e bench-console bench-feedback
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -109,6 +109,10 @@ bench-e2e: $(STAMP) ## Benchmarks: trigger to report through Airflow on SQLite a
 CONSOLE_USERS ?= 100000 1000000
 bench-console: $(STAMP) ## Benchmarks: the campaign console's run view mid-send, SQLite and PostgreSQL (CONSOLE_USERS="N ...") -> BENCHMARKS.md
 	$(BIN)/python bench/run.py --stage console --users $(CONSOLE_USERS)
+
+FEEDBACK_RECIPIENTS ?= 200000
+bench-feedback: $(STAMP) ## Benchmarks: SendGrid's Event Webhook into the outbox through `mailroom feedback serve`, SQLite and PostgreSQL (FEEDBACK_RECIPIENTS=N) -> BENCHMARKS.md
+	$(BIN)/python bench/run.py --stage feedback --users $(FEEDBACK_RECIPIENTS)
 
 clean: ## Remove the virtualenv, the demo's Airflow home and staging
 	rm -rf $(VENV) .airflow var

@@ -51,7 +51,6 @@ import pstats
 import re
 import shutil
 import statistics
-import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -703,22 +702,15 @@ SOURCES = (
 
 
 def sources() -> dict[str, str]:
-    """The SHA-256 (first 12 hex digits) of each file the run view's answers come from."""
-    import hashlib
+    from services import source_digests
 
-    return {p: hashlib.sha256((REPO / p).read_bytes()).hexdigest()[:12] for p in SOURCES}
+    return source_digests(REPO, SOURCES)
 
 
 def machine() -> dict[str, Any]:
-    import sqlalchemy
+    from services import machine_facts
 
-    return {
-        "nproc": os.cpu_count(),
-        "loadavg": [round(x, 2) for x in os.getloadavg()],
-        "python": sys.version.split()[0],
-        "sqlalchemy": sqlalchemy.__version__,
-        "at": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
+    return machine_facts()
 
 
 def print_entry(entry: dict[str, Any]) -> None:

@@ -22,6 +22,11 @@ instead (``console_view.py``: ms per answer against ``Outbox.counts``, printed a
 not part of the full run: it keeps its figures under ``console`` in ``results.json`` and writes
 ``BENCHMARKS.md`` again with them (``make bench-console``).
 
+``--stage feedback [--users N] [--no-postgres]`` measures ``mailroom feedback serve`` taking
+SendGrid's Event Webhook instead (``feedback_ingest.py``: events per second into an outbox of a
+run of N recipients, default 200,000, read against the parse and the in-process record); it too
+keeps its figures under its own key, ``feedback`` (``make bench-feedback``).
+
 The figures go to ``bench/results.json`` (raw; the latest run of each size and kind kept) and
 ``BENCHMARKS.md`` (``report.py``: method, machine, tables, ratios, targets). These machines are
 shared and noisy: read the ratios measured within one run, not the absolute seconds.
@@ -82,6 +87,8 @@ STAGES = (
 # Not a stage of the full run (nor of --skip): the campaign console's run view, measured on a
 # synthetic mid-send run of its own by ``console_view.py`` when asked for with --stage.
 CONSOLE_STAGE = "console"
+# Nor this: SendGrid's Event Webhook through the feedback service (``feedback_ingest.py``).
+FEEDBACK_STAGE = "feedback"
 # Above this many users the sends (through the dev server and the SMTP sink: the whole run,
 # a few at a time) are measured end to end through Airflow rather than in process, and the
 # bare gate (which holds every body and recipient at once: 2.8 GB at 1M) is not run.
@@ -170,7 +177,7 @@ IMPORTS = {
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--users", type=int, nargs="*", default=[100_000])
+    parser.add_argument("--users", type=int, nargs="*", default=None, help="default: 100,000")
     parser.add_argument("--e2e", type=int, nargs="*", default=[], metavar="USERS")
     parser.add_argument("--e2e-db", nargs="+", default=["sqlite", "postgres"])
     parser.add_argument("--naive-sample", type=int, default=NAIVE_SAMPLE)
@@ -195,7 +202,9 @@ def main() -> int:
         "--report", action="store_true", help="only regenerate BENCHMARKS.md from results.json"
     )
     parser.add_argument("--work", type=Path, default=None, help="default: var/bench/<users>")
-    parser.add_argument("--stage", choices=(*STAGES, CONSOLE_STAGE), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--stage", choices=(*STAGES, CONSOLE_STAGE, FEEDBACK_STAGE), help=argparse.SUPPRESS
+    )
     parser.add_argument("--context", default="{}", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.stage == CONSOLE_STAGE:
@@ -212,13 +221,28 @@ def main() -> int:
             save_results(results)
             print(f"wrote {REPORT.name} and bench/{RESULTS.name}")
         return code
+    if args.stage == FEEDBACK_STAGE:
+        import feedback_ingest
+
+        dbs = ["sqlite"] if args.no_postgres else list(feedback_ingest.DBS)
+        work = (args.work or REPO / "var" / "bench" / "feedback").resolve()
+        recipients = (args.users or [feedback_ingest.RECIPIENTS])[-1]
+        code = feedback_ingest.main(
+            ["--recipients", str(recipients), "--db", *dbs, "--work", str(work)]
+        )
+        if code == 0:
+            results = load_results()
+            results["feedback"] = json.loads((work / "feedback.json").read_text())
+            save_results(results)
+            print(f"wrote {REPORT.name} and bench/{RESULTS.name}")
+        return code
     if args.stage:
         print(json.dumps(run_stage(args.stage, args.work.resolve(), json.loads(args.context))))
         return 0
     if args.report:
         save_results(load_results())
         return 0
-    for users in args.users:
+    for users in args.users or [100_000]:
         work = (args.work or REPO / "var" / "bench" / str(users)).resolve()
         drive(
             users,

@@ -148,8 +148,9 @@ def postgres_available() -> str | None:
 
 
 @contextlib.contextmanager
-def fresh_database(prefix: str) -> Iterator[str]:
-    """A new, empty database on the local PostgreSQL; dropped on the way out."""
+def fresh_database(prefix: str, template: str | None = None) -> Iterator[str]:
+    """A new database on the local PostgreSQL, empty or a copy of ``template`` (which nobody
+    may be connected to); dropped on the way out."""
     import psycopg2
 
     name = f"{prefix}_{uuid.uuid4().hex[:10]}"
@@ -159,12 +160,37 @@ def fresh_database(prefix: str) -> Iterator[str]:
     admin.autocommit = True
     try:
         with admin.cursor() as cur:
-            cur.execute(f'CREATE DATABASE "{name}"')
+            copied = f' TEMPLATE "{template}"' if template else ""
+            cur.execute(f'CREATE DATABASE "{name}"{copied}')
         yield name
     finally:
         with admin.cursor() as cur:
             cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.close()
+
+
+def source_digests(repo: Path, paths: tuple[str, ...]) -> dict[str, str]:
+    """The SHA-256 (first 12 hex digits) of each file a benchmark's figures depend on: one that
+    changes during a run makes its figures mixed."""
+    import hashlib
+
+    return {p: hashlib.sha256((repo / p).read_bytes()).hexdigest()[:12] for p in paths}
+
+
+def machine_facts(**versions: str) -> dict[str, Any]:
+    """Where a benchmark ran: cores, load, Python and SQLAlchemy (and ``versions``), when."""
+    from datetime import UTC, datetime
+
+    import sqlalchemy
+
+    return {
+        "nproc": os.cpu_count(),
+        "loadavg": [round(x, 2) for x in os.getloadavg()],
+        "python": sys.version.split()[0],
+        "sqlalchemy": sqlalchemy.__version__,
+        **versions,
+        "at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
 
 
 def copy_users_to_postgres(users_sqlite: Path, database: str) -> int:

@@ -16,7 +16,10 @@ the report) and the outbox's (a halt, the batches still to send), never Airflow'
 
 ``run_progress`` counts the run's recipients and requests per state, overall, per shard and per
 locale, from the outbox's batch rows (one row a request, so about a thousand at a million
-recipients), and the current rate and ETA. Every address shown is masked.
+recipients), and the current rate and ETA; and, per locale, what the provider reported after it
+accepted the requests (``delivery_feedback``: delivered, bounced, dropped, complained,
+unsubscribed; one grouped query over its events). Every address shown is masked, in the
+provider's reasons too.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mailroom.addresses import mask
+from mailroom.addresses import mask, mask_addresses
 from mailroom.errors import MailroomError
 from mailroom.run_record import APPROVAL_FILE, FROZEN, OWNER, Folder
 from mailroom.staging import run_folder_name
@@ -230,6 +233,7 @@ def run_progress(
     rate = recent / window if recent else 0.0
     state = run_state(run, outbox, batches)
     return {
+        "delivery_feedback": _delivery_feedback(outbox, run.run_key, locales if rows else None),
         "run_key": run.run_key,
         "state": state,
         "settled": state in SETTLED,
@@ -244,6 +248,18 @@ def run_progress(
         "halt_reason": outbox.halt_reason(run.run_key) if outbox is not None and rows else None,
         "at": now.isoformat(),
     }
+
+
+def _delivery_feedback(
+    outbox: Outbox | None, run_key: str, locales: dict[str, Any] | None
+) -> dict[str, Any]:
+    """Per locale of the run (``locales``; None: the run is not staged) and in total, how many
+    recipients the provider reported delivered, bounced, dropped, complained, unsubscribed."""
+    from mailroom.delivery import feedback_report
+
+    if outbox is None or locales is None:
+        return feedback_report.shaped({})
+    return feedback_report.section(outbox, run_key, locales)
 
 
 def approved_content(run: RunFolder) -> dict[str, Any]:
@@ -288,8 +304,9 @@ def data_docs_file(run_root: Path, check: str, rel: str) -> Path | None:
 
 
 def not_sent_sample(run: RunFolder, outbox: Outbox | None, limit: int) -> list[dict[str, Any]]:
-    """The first ``limit`` staged recipients not sent, in request order, as a page shows them
-    (the address masked). Only the first requests holding any are read, not every recipient of
+    """The first ``limit`` staged recipients not sent, in request order, then the first
+    ``limit`` the provider bounced or dropped (``_provider_sample``), as a page shows them (the
+    address masked). Only the first requests holding any are read, not every recipient of
     the run: at a million staged that would be a sort of a million rows per page."""
     if outbox is None or outbox.manifest_sha256(run.run_key) is None:
         return []
@@ -308,7 +325,25 @@ def not_sent_sample(run: RunFolder, outbox: Outbox | None, limit: int) -> list[d
             break
         shown = {k: v for k, v in row.items() if k != "email_key"}
         out.append({**shown, "email": mask(str(row.get("email_key") or ""))})
-    return out
+    return out + _provider_sample(outbox, run.run_key, limit)
+
+
+def _provider_sample(outbox: Outbox, run_key: str, limit: int) -> list[dict[str, Any]]:
+    """The first ``limit`` recipients the provider bounced or dropped after it accepted their
+    request, in request order, as ``not_sent_sample`` shows them: state ``bounced`` or
+    ``dropped``, the provider's reason as the error (any address in it masked too)."""
+    from mailroom.delivery import feedback_report
+
+    return [
+        {
+            "user_id": row["user_id"],
+            "email": mask(str(row["email_key"] or "")),
+            "batch_id": row["batch_id"],
+            "state": row["state"],
+            "last_error": mask_addresses(feedback_report.reason_text(row["reason"])),
+        }
+        for row in feedback_report.not_delivered(outbox, run_key, limit=limit)
+    ]
 
 
 def run_note(run: RunFolder, outbox: Outbox | None) -> str | None:

@@ -26,7 +26,7 @@ from mailroom.campaign_spec import CampaignSpec
 from mailroom.earlier_runs import EarlierRecipients
 from mailroom.json_columns import concatenate, json_objects_of_literals, json_strings
 from mailroom.substitutions import UNSUBSCRIBE_FIELD, substitution_tag
-from mailroom.unsubscribe import token_column, unsubscribe_token
+from mailroom.unsubscribe import token_column, token_length, unsubscribe_token
 
 log = logging.getLogger(__name__)
 
@@ -160,8 +160,8 @@ def substitutions_bytes(spec: CampaignSpec, rows: pa.Table) -> pa.Array:
     """For every row: the size SendGrid holds against ``MAX_SUBSTITUTIONS_BYTES`` (keys plus
     values, in UTF-8) of the substitutions ``envelope_values`` will give it, computed without
     the secret. The validation quarantines a row over the limit, so no request fails at the
-    provider after approval. Exact: a token's length depends on the user id alone (its base64
-    and a signature of fixed length), and a token is URL- and HTML-safe."""
+    provider after approval. Exact: a token's length depends on the campaign and the user id's
+    length alone (``unsubscribe.token_length``), and a token is URL- and HTML-safe."""
     count = rows.num_rows
     fixed = 0
     total: Any = pa.array(np.zeros(count, np.int64))
@@ -177,9 +177,8 @@ def substitutions_bytes(spec: CampaignSpec, rows: pa.Table) -> pa.Array:
     fixed += len("".join(html.escape(piece, quote=True) for piece in url_pieces).encode())
     ids = pc.cast(rows.column("user_id"), pa.string()) if "user_id" in rows.column_names else None
     id_bytes = pc.fill_null(pc.binary_length(ids), 0) if ids is not None else pa.array([0] * count)
-    # base64 without padding of n bytes: ceil(4n / 3) characters; then "." and 22 more.
-    token = pc.add(pc.divide(pc.add(pc.multiply(id_bytes, 4), 2), 3), 1 + _SIGNATURE_CHARS)
-    tokens = pc.multiply(pc.cast(token, pa.int64()), 2 * (len(url_pieces) - 1))
+    token = pa.array(token_length(spec.name, id_bytes.to_numpy().astype(np.int64)))
+    tokens = pc.multiply(token, 2 * (len(url_pieces) - 1))
     result = pc.add(pc.add(total, tokens), fixed)
     return result.combine_chunks() if isinstance(result, pa.ChunkedArray) else result
 
@@ -205,10 +204,6 @@ def substitutions_fit(spec: CampaignSpec, rows: pa.Table, limit: int) -> pa.Arra
     result = fits.to_numpy(zero_copy_only=False).copy()
     result[rows_near.to_numpy()] = exact.to_numpy(zero_copy_only=False)
     return pa.array(result)
-
-
-# The signature part of an unsubscribe token: 16 bytes of HMAC-SHA256 in unpadded base64.
-_SIGNATURE_CHARS = 22
 
 
 def _around(pieces: list[str], tokens: pa.Array, count: int) -> pa.Array:

@@ -21,6 +21,9 @@ from mailroom.errors import MailroomError
 from mailroom.staging import write_json
 
 AUDIT_DIR = "audit"
+# How the history (the console's, ``mailroom status``'s) names an action that is not an
+# operator's: the provider's events showed it accepted requests left unknown.
+ACTION_LABELS = {Action.SETTLE_BY_EVENTS.value: "settled from SendGrid's events"}
 
 
 class ActionRefused(MailroomError):
@@ -69,6 +72,11 @@ def resend_unknown(
         )
     outbox.requeue(run_key, [BatchState.UNKNOWN], action)
     return _audited(outbox, run_key, run_root)
+
+
+def action_label(action: str) -> str:
+    """An action of the run's history as the console and ``mailroom status`` show it."""
+    return ACTION_LABELS.get(action, action)
 
 
 def _staged(outbox: Outbox, run_key: str) -> None:

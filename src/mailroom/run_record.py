@@ -38,7 +38,13 @@ states, is rewritten. Per stage:
 - ``reconcile``: the first final report stands. ``report.json`` and ``not_sent.csv`` are written
   once; a later reconcile that finds the same report writes nothing. One that finds the outbox
   moved on (an operator resumed a halted run, or resent the unknown) writes its report next to
-  the first, as ``reports/<n>.json`` and ``reports/<n>.not_sent.csv``, never over it.
+  the first, as ``reports/<n>.json`` and ``reports/<n>.not_sent.csv``, never over it. The
+  provider's events alone (the report's ``delivery_feedback``, the bounced and dropped in its
+  ``not_sent`` rows) are not the outbox moving on: they keep arriving after the run.
+- Not a stage: ``delivery_feedback.json`` and ``delivery_feedback.not_sent.csv`` are the one
+  pair of files rewritten in a frozen run's folder (``mailroom status`` rewrites them whole, by
+  ``os.replace``: ``report.refresh_delivery_feedback``). They are a view of the provider's
+  events as the outbox holds them now, not a record of the run: the outbox is.
 - Any stage not named here is refused once the run is frozen: a new stage must say what it may do.
 
 On object storage the Airflow task checks the folder's objects (and the outbox) before it makes
@@ -291,12 +297,11 @@ def keep_first_report(run: Run, result: dict[str, Any], not_sent: Path) -> dict[
         else (reports / f"{n}.json", reports / f"{n}.not_sent.csv")
     )
     on_disk = latest.read_bytes()
-    same_rows = latest_rows.exists() and latest_rows.read_bytes() == not_sent.read_bytes()
     before = json.loads(on_disk)
     as_latest = {**result, **{k: before[k] for k in ("not_sent_file", "amends") if k in before}}
-    if same_rows and json_bytes(as_latest) == on_disk:
+    if _same_outcome(as_latest, on_disk, latest_rows, not_sent):
         log.info("report: unchanged since %s; nothing written", run.where(latest))
-        return dict(json.loads(on_disk))
+        return dict(before)
     amended = reports / f"{n + 1}.json"
     rows = reports / f"{n + 1}.not_sent.csv"
     reports.mkdir(parents=True, exist_ok=True)
@@ -312,3 +317,20 @@ def keep_first_report(run: Run, result: dict[str, Any], not_sent: Path) -> dict[
         run.where(amended),
     )
     return result
+
+
+def _same_outcome(result: dict[str, Any], on_disk: bytes, rows_on_disk: Path, rows: Path) -> bool:
+    """Whether a report (and its ``not_sent`` rows) says what the one on disk says. What the
+    provider's events change alone (``delivery_feedback``, the bounced and dropped at the end of
+    the rows) is not a new report: those events go on arriving after the run, and
+    ``delivery_feedback.json`` has them (``report.refresh_delivery_feedback``)."""
+    if not rows_on_disk.exists():
+        return False
+    written = json_bytes(result)
+    if written == on_disk and rows_on_disk.read_bytes() == rows.read_bytes():
+        return True
+    from mailroom.delivery import report
+
+    return report.equation_view(json.loads(written)) == report.equation_view(
+        json.loads(on_disk)
+    ) and report.equation_rows(rows_on_disk.read_bytes()) == report.equation_rows(rows.read_bytes())

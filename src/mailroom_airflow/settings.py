@@ -14,7 +14,7 @@ from urllib.parse import quote
 
 from airflow.sdk import Connection, Variable
 
-from mailroom.errors import MailroomError
+from mailroom.errors import MailroomError, ValidationFailed
 from mailroom.run import ProjectPaths
 from mailroom.staging import is_url, local_path
 
@@ -105,14 +105,20 @@ def outbox_url() -> str:
 
 
 def unsubscribe_secret() -> bytes:
-    from mailroom.unsubscribe import check_secret
+    """The secret new unsubscribe links are signed with: the first of the Variable's list, in
+    the format of ``MAILROOM_UNSUBSCRIBE_SECRETS`` (newest first, separated by commas or line
+    breaks), so the same list can be pasted into both; the older ones only verify."""
+    from mailroom.unsubscribe import UnsubscribeKeys
 
     secret = Variable.get("mailroom_unsubscribe_secret", default=None)
     if not secret or not str(secret).strip():
         raise MailroomError(
             "Airflow Variable 'mailroom_unsubscribe_secret' is not set: it signs unsubscribe links"
         )
-    return check_secret(str(secret).encode("utf-8"))
+    try:
+        return UnsubscribeKeys.parse(str(secret)).newest
+    except ValidationFailed as exc:
+        raise MailroomError(f"Airflow Variable 'mailroom_unsubscribe_secret': {exc}") from None
 
 
 def resolve(spec: CampaignSpec, *, dry_run: bool) -> None:

@@ -35,6 +35,8 @@ REPO = Path(__file__).resolve().parents[2]
 DAG_ID = "mailroom_campaign"
 USERS = 600
 API_KEY = "SG.e2e-gate"
+# Airflow signs unsubscribe links with it; the feedback service verifies them with it.
+UNSUBSCRIBE_SECRET = "e2e-approval-gate"
 ARTIFACTS = Path(os.environ.get("MAILROOM_TEST_ARTIFACTS", REPO / "var" / "test-artifacts"))
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -61,6 +63,10 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "console_api": {"batch_size": 200},
     # Six requests of 100; the dev server loses the answer to two of them (unknown).
     "console_unknown": {"batch_size": 100, "locales": ["en"]},
+    # The feedback loop: a campaign whose bounces, complaints and unsubscribes the second, to
+    # the same audience, leaves out.
+    "feedback_first": {"batch_size": 100},
+    "feedback_second": {"batch_size": 100},
 }
 
 
@@ -72,6 +78,12 @@ class GateEnv:
     servers: dict[str, SendGridDevServer]
     passwords: dict[str, str] = field(default_factory=dict)
     background: dict[str, str] = field(default_factory=dict)  # campaign → run started early
+
+    @property
+    def outbox_url(self) -> str:
+        """The outbox every run writes to: SQLite in the staging root (no mailroom_outbox
+        connection is defined)."""
+        return f"sqlite:///{self.staging_root / 'outbox.sqlite'}"
 
     def run_of(self, campaign: str, user: str = "analyst") -> str:
         return self.background.get(campaign) or self.trigger(campaign, user=user)
@@ -208,7 +220,7 @@ def gate_airflow(tmp: Path, selected: set[str]) -> Iterator[GateEnv]:
         airflow.import_variables(
             {
                 "mailroom_staging_root": str(env.staging_root),
-                "mailroom_unsubscribe_secret": "e2e-approval-gate",
+                "mailroom_unsubscribe_secret": UNSUBSCRIBE_SECRET,
                 # The triggering analyst is listed too: four eyes must still keep them out.
                 "mailroom_approvers__gate_reject": "analyst,approver",
             }

@@ -155,8 +155,17 @@ def test_people_are_read_from_their_files_a_batch_at_a_time(
 def test_user_ids_tokens_and_literal_unsubscribe_links_are_audience_data() -> None:
     people = people_of(["ann@example.com"], ["u00000042"])
     assert audience_data_in("Your account u00000042 is ready", people, SPEC) == 1
+    # A token shows nobody's id, and whose it is cannot be told without the secret: any token is
+    # someone's, in or out of this audience, of this campaign or another.
     token = unsubscribe_token(b"any secret", SPEC.name, "u00000042")
-    assert audience_data_in(f"ref {token}", people, SPEC) >= 1
+    assert audience_data_in(f"ref {token}.", people, SPEC) == 1
+    assert audience_data_in(f"ref {token} and {token}", people_of([], []), SPEC) == 1
+    other = unsubscribe_token(b"another secret", "spring-sale", "ユーザー42")
+    assert audience_data_in(f"(see {other})", people_of([], []), SPEC) == 1
+    # Dotted words that are not one: a version, a host name, a file name.
+    assert (
+        audience_data_in("v1.2.3 at mail.example-exchange.test, report.2026.pdf", people, SPEC) == 0
+    )
     prefix = SPEC.unsubscribe.url_template.split("{token}")[0]
     assert audience_data_in(f"Leave: {prefix}abc", people_of([], []), SPEC) == 1
     # Short ids, the tag itself and the unsubscribe page without a token are not.

@@ -265,3 +265,72 @@ def test_the_dag_run_note_says_rejected_timed_out_or_how_many_were_sent(
     assert campaign_runs.run_note(the_run(root), outbox) == (
         "INCOMPLETE: 50 of 60 recipients sent."
     )
+
+
+def test_progress_and_the_not_sent_sample_show_what_the_provider_reported(
+    root: Path, outbox: Outbox
+) -> None:
+    """After the provider accepted the requests: per locale, delivered / bounced / dropped /
+    complained / unsubscribed (every locale of the run, 0 when it has no event yet); the
+    bounced and dropped in the sample, masked, the provider's reason with any address in it
+    masked too; and the requests the events settled, named in the history."""
+    from support.provider_events import event, record
+
+    write_json(
+        root / CAMPAIGN / "manual__2026-12-06T10_00_00_00_00" / "approval.json",
+        {"decision": "approved", "by": "ann", "at": "T"},
+    )
+    for b in BATCHES[:5]:
+        assert outbox.claim(RUN_KEY, b.batch_id)
+        outbox.finish(RUN_KEY, b.batch_id, BatchState.SENT, message_id=f"m{b.batch_index}")
+    assert outbox.claim(RUN_KEY, "de-00005")
+    outbox.finish(RUN_KEY, "de-00005", BatchState.UNKNOWN, error="lost")
+    zero = {"delivered": 0, "bounced": 0, "dropped": 0, "complained": 0, "unsubscribed": 0}
+    before = run_progress(the_run(root), outbox)["delivery_feedback"]
+    assert before["per_locale"] == {"de": zero, "en": zero}
+    assert before["in_equation"] is False
+
+    reason = "550 5.1.1 <p0-1@example.com>: Recipient address rejected"
+    record(
+        outbox,
+        *(event(RUN_KEY, "en-00000", f"p0-{n}@example.com", "delivered") for n in range(3, 10)),
+        event(RUN_KEY, "en-00000", "p0-1@example.com", "bounce", reason=reason),
+        event(RUN_KEY, "en-00000", "p0-2@example.com", "dropped", reason="Bounced Address"),
+        event(RUN_KEY, "de-00001", "p1-0@example.com", "delivered"),
+        event(RUN_KEY, "de-00001", "p1-0@example.com", "spamreport"),
+        event(RUN_KEY, "de-00003", "p3-0@example.com", "unsubscribe"),
+        event(RUN_KEY, "de-00005", "p5-0@example.com", "processed"),  # settles de-00005
+    )
+
+    p = run_progress(the_run(root), outbox)
+    assert p["delivery_feedback"]["per_locale"] == {
+        "de": {**zero, "delivered": 1, "complained": 1, "unsubscribed": 1},
+        "en": {**zero, "delivered": 7, "bounced": 1, "dropped": 1},
+    }
+    assert p["delivery_feedback"]["total"] == {
+        "delivered": 8,
+        "bounced": 1,
+        "dropped": 1,
+        "complained": 1,
+        "unsubscribed": 1,
+    }
+    assert p["sent"] == 60  # bounced and dropped stay counted as sent
+    json.dumps(p)
+
+    sample = campaign_runs.not_sent_sample(the_run(root), outbox, 50)
+    assert [(r["user_id"], r["email"], r["state"], r["last_error"]) for r in sample] == [
+        (
+            "u0-1",
+            "p***@example.com",
+            "bounced",
+            "550 5.1.1 <p***@example.com>: Recipient address rejected",
+        ),
+        ("u0-2", "p***@example.com", "dropped", "Bounced Address"),
+    ]
+    assert [r["batch_id"] for r in sample] == ["en-00000", "en-00000"]
+    assert len(campaign_runs.not_sent_sample(the_run(root), outbox, 1)) == 1
+
+    [settled] = outbox.actions(RUN_KEY)
+    assert settled["action"] == "settle_by_events"
+    assert operator_actions.action_label(settled["action"]) == "settled from SendGrid's events"
+    assert operator_actions.action_label("halt") == "halt"

@@ -339,3 +339,27 @@ def test_events_about_nobody_of_this_outbox_are_kept_and_counted_nowhere(
 def test_a_malformed_body_is_refused_whole(body: bytes, says: str) -> None:
     with pytest.raises(EventsRefused, match=says):
         parse_sendgrid_events(body)
+
+
+def test_a_one_click_unsubscribe_suppresses_and_counts_in_the_newest_run_once(
+    outbox: Outbox, run: tuple[str, str]
+) -> None:
+    campaign, run_id = run
+    stage(outbox, campaign, run_id, BatchState.SENT)
+    newer = f"{run_id}-again"
+    outbox.stage(
+        f"{campaign}/{newer}",
+        "m" * 64,
+        [StagedBatch("de-00000", 0, "de", "c" * 64, 1)],
+        [(addr(campaign, "DE1"), "u-de1", "de-00000")],
+        resend_reason="a second run for the test",
+    )
+    assert outbox.record_unsubscribe(campaign, "u-nobody") is None
+    for _ in range(2):
+        assert outbox.record_unsubscribe(campaign, "u-de1") == f"{campaign}/{newer}"
+    assert outbox.delivery_feedback(f"{campaign}/{newer}")["de"]["unsubscribed"] == 1
+    assert outbox.delivery_feedback(f"{campaign}/{run_id}") == {}
+    found = outbox.suppression(addr(campaign, "de1"))
+    assert found is not None
+    assert (found.reason, found.source) == ("unsubscribed", "one_click")
+    assert outbox.record_unsubscribe("another_campaign", "u-de1") is None

@@ -10,13 +10,14 @@ personalization is refused.
 
 from __future__ import annotations
 
+import base64
 import html
 import string
 from functools import cache
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import unquote
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -159,7 +160,23 @@ def envelopes_of(audience: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def token_in(url: str) -> str:
-    return parse_qs(urlsplit(url).query)["token"][0]
+    """The token of a link made from the campaign's URL template."""
+    before, _, after = spec().unsubscribe.url_template.partition("{token}")
+    assert url.startswith(before)
+    assert url.endswith(after)
+    return unquote(url[len(before) : len(url) - len(after)])
+
+
+def spliced(tag_of: str, ciphertext_of: str) -> str:
+    """A token with the SIV tag of one and the ciphertext of another."""
+
+    def sealed(token: str) -> bytes:
+        part = token.rpartition(".")[2]
+        return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+
+    mixed = sealed(tag_of)[:16] + sealed(ciphertext_of)[16:]
+    prefix = tag_of.rpartition(".")[0]
+    return f"{prefix}.{base64.urlsafe_b64encode(mixed).decode().rstrip('=')}"
 
 
 # --- properties -------------------------------------------------------------------------------
@@ -197,11 +214,13 @@ def test_unsubscribe_tokens_verify_only_for_their_own_user_and_campaign(
         assert verify_unsubscribe_token(b"another-secret", name, token) is None
         tokens[row["user_id"]] = token
     assert len(set(tokens.values())) == len(tokens)
-    # Another user's id with this user's signature never verifies.
+    # Another user's SIV tag with this user's ciphertext never verifies, either way round.
     ids = list(tokens)
     for a, b in pairwise(ids):
-        forged = f"{tokens[b].partition('.')[0]}.{tokens[a].partition('.')[2]}"
-        assert verify_unsubscribe_token(SECRET, name, forged) is None
+        for forged in (spliced(tokens[a], tokens[b]), spliced(tokens[b], tokens[a])):
+            assert verify_unsubscribe_token(SECRET, name, forged) is None
+        # Nor does another user's token for this user: each is its owner's alone.
+        assert verify_unsubscribe_token(SECRET, name, tokens[b]) != a
 
 
 @SETTINGS

@@ -90,7 +90,7 @@ def test_the_html_variant_is_escaped_and_the_plain_one_is_not(spec: CampaignSpec
         "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; O&#x27;Brien"
     )
     assert "&amp;" not in subs[UNSUB_TAG]
-    assert subs[UNSUB_HTML_TAG].startswith("https://example-exchange.test/unsubscribe?token=")
+    assert subs[UNSUB_HTML_TAG].startswith("https://example-exchange.test/u/")
 
 
 def test_each_envelope_has_its_own_one_click_unsubscribe(spec: CampaignSpec) -> None:
@@ -98,7 +98,7 @@ def test_each_envelope_has_its_own_one_click_unsubscribe(spec: CampaignSpec) -> 
     other, other_headers = envelope_values(spec, SECRET, row(user_id="u2"))
 
     url = subs[UNSUB_TAG]
-    token = unquote(url.split("token=", 1)[1])
+    token = unquote(url.rsplit("/u/", 1)[1])
     assert verify_unsubscribe_token(SECRET, spec.name, token) == "u1"
     # RFC 8058: an HTTPS URI in List-Unsubscribe plus the one-click POST marker.
     assert set(headers) == {"List-Unsubscribe", "List-Unsubscribe-Post"}
@@ -126,25 +126,32 @@ def test_unsubscribe_tokens_round_trip(user_id: str) -> None:
 
 
 def _tampered(token: str) -> dict[str, str]:
-    uid, _, sig = token.partition(".")
-    other = unsubscribe_token(SECRET, "winter_update", "u2")
-    flipped = sig[:-1] + ("A" if sig[-1] != "A" else "B")
+    kid, campaign, sealed = [*token.split("."), "", ""][:3]
+    other = unsubscribe_token(SECRET, "winter_update", "u2").rpartition(".")[2]
+    flipped = sealed[:-1] + ("A" if sealed[-1:] != "A" else "B")
+    # The SIV tag is the first 16 bytes of the seal (21 characters and 2 bits): another
+    # user's tag with this user's ciphertext.
+    tag_swapped = other[:21] + sealed[21:]
     return {
-        "flipped signature": f"{uid}.{flipped}",
-        "another user's id": f"{other.partition('.')[0]}.{sig}",
-        "no signature": uid,
-        "empty signature": f"{uid}.",
+        "flipped seal": f"{kid}.{campaign}.{flipped}",
+        "another user's tag": f"{kid}.{campaign}.{tag_swapped}",
+        "another campaign": f"{kid}.summer_sale.{sealed}",
+        "another key id": f"{'A' if kid[:1] != 'A' else 'B'}{kid[1:]}.{campaign}.{sealed}",
+        "no seal": f"{kid}.{campaign}",
+        "empty seal": f"{kid}.{campaign}.",
+        "a part too many": f"{token}.{sealed}",
         "truncated": token[:-3],
         "extended": token + "AA",
         "empty": "",
         "garbage": "not a token",
-        "non-ASCII signature": f"{uid}.{sig[:-1]}é",
-        "non-ASCII id": f"ü.{sig}",
-        "bad base64 id": f"@@@.{sig}",
+        "non-ASCII seal": f"{kid}.{campaign}.{sealed[:-1]}é",
+        "non-ASCII campaign": f"{kid}.wïnter_update.{sealed}",
+        "bad base64 seal": f"{kid}.{campaign}.@@@{sealed[3:]}",
+        "padded seal": f"{token}==",
     }
 
 
-@pytest.mark.parametrize("case", list(_tampered("x.y")))
+@pytest.mark.parametrize("case", list(_tampered("x.y.z")))
 def test_a_tampered_unsubscribe_token_is_rejected(case: str) -> None:
     token = unsubscribe_token(SECRET, "winter_update", "u1")
     assert verify_unsubscribe_token(SECRET, "winter_update", _tampered(token)[case]) is None

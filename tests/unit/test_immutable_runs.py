@@ -244,3 +244,43 @@ def test_a_run_that_failed_before_its_freeze_may_run_again(
         "run_id": "manual__retry",
     }
     outbox.dispose()
+
+
+def test_provider_events_after_the_report_make_no_later_report_and_go_beside_it(
+    tmp_path: Path,
+    paths: ProjectPaths,
+    audience: SampleAudience,
+    dev_server: SendGridDevServer,
+) -> None:
+    """SendGrid's events keep arriving after reconcile: a reconcile run again writes nothing
+    for them (the outbox did not move on), and ``refresh_delivery_feedback`` writes them into
+    ``delivery_feedback.json`` and ``delivery_feedback.not_sent.csv`` only."""
+    from mailroom.batches import load_manifest
+    from mailroom.delivery import report
+    from support.provider_events import event, record
+
+    run, outbox, _ = complete_run(tmp_path, paths, audience, dev_server)
+    first = pipeline.reconcile(run, outbox=outbox, approval=read_json(run.staging.approval))
+    before = folder_digest(run.staging.root)
+    batch = load_manifest(run.staging.manifest).batches[0]
+    bounced, delivered = sorted(outbox.batch_members(run.run_key, batch.batch_id))[:2]
+    got = record(
+        outbox,
+        event(run.run_key, batch.batch_id, bounced, "bounce", reason="550 5.1.1 unknown user"),
+        event(run.run_key, batch.batch_id, delivered, "delivered"),
+    )
+    assert got.matched == 2
+
+    assert pipeline.reconcile(run, outbox=outbox, approval=read_json(run.staging.approval)) == first
+    assert folder_digest(run.staging.root) == before
+
+    feedback = report.refresh_delivery_feedback(outbox, run.run_key, run.staging.root)
+    assert feedback["total"]["bounced"] == 1
+    assert feedback["total"]["delivered"] == 1
+    after = folder_digest(run.staging.root)
+    assert {k: v for k, v in after.items() if not k.startswith("delivery_feedback")} == before
+    assert set(after) - set(before) == {
+        "delivery_feedback.json",
+        "delivery_feedback.not_sent.csv",
+    }
+    outbox.dispose()

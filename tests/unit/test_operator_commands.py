@@ -218,3 +218,66 @@ def test_without_an_outbox_or_an_airflow_the_command_says_what_to_give(
         find_run(args, tmp_path)
     with pytest.raises(RunNotFound, match="is not <campaign>/<run id>"):
         find_run(argparse.Namespace(**{**vars(args), "run_key": "manual__x"}), tmp_path)
+
+
+def test_status_shows_and_writes_what_the_provider_reported_after_accepting(
+    outbox_url: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """SendGrid's events settle the unknown request and bounce its recipient: ``status``
+    prints the per-locale table and the settlement's label, and rewrites
+    ``delivery_feedback.json`` and its not-sent list in the run's local folder, never
+    ``report.json``."""
+    from mailroom.cli import run_access
+    from mailroom.delivery import report
+    from mailroom.staging import write_json
+    from support.provider_events import event, record
+
+    folder = tmp_path / "staging" / "winter_update" / "manual__ops"
+    write_json(folder / "run.json", {"campaign": "winter_update", "run_id": "manual__ops"})
+    write_json(folder / "approval.json", {"decision": "approved", "by": "approver"})
+    write_json(folder / "report.json", {"status": "incomplete"})
+    report_bytes = (folder / "report.json").read_bytes()
+    monkeypatch.setattr(
+        run_access,
+        "find_run",
+        lambda args, repo: run_access.RunAccess(RUN, outbox_url, str(folder), None),
+    )
+    outbox = Outbox(outbox_url)
+    record(
+        outbox,
+        event(RUN, "en-00001", "a@example.com", "processed"),
+        event(RUN, "en-00001", "a@example.com", "bounce", reason="550 5.1.1 unknown user"),
+    )
+    outbox.dispose()
+
+    assert main(["status", RUN, "--outbox-url", outbox_url]) == 0
+    out = capsys.readouterr().out
+    assert "settled from SendGrid's events by sendgrid events" in out
+    assert "after the provider accepted it (sendgrid's events; separate from the equation" in out
+    assert "  locale  delivered  bounced  dropped  complained  unsubscribed" in out
+    assert "  en              0        1        0           0             0" in out
+    assert "  total           0        1        0           0             0" in out
+    assert str(folder / report.FEEDBACK_FILE) in out
+    assert "a@example.com" not in out
+    written = json.loads((folder / report.FEEDBACK_FILE).read_bytes())
+    assert written["per_locale"]["en"]["bounced"] == 1
+    rows = (folder / report.FEEDBACK_NOT_SENT_FILE).read_text("utf-8").splitlines()
+    assert rows == [
+        "user_id,email,state,reason",
+        "u2,b@example.com,staged,batch staged",
+        "u1,a@example.com,bounced,550 5.1.1 unknown user",
+    ]
+    assert (folder / "report.json").read_bytes() == report_bytes
+
+
+def test_status_without_the_run_folder_still_shows_the_table(
+    outbox_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["status", RUN, "--outbox-url", outbox_url]) == 0
+    out = capsys.readouterr().out
+    assert "after the provider accepted it" in out
+    assert "  no event yet" in out
+    assert "the run's folder is not on this machine: delivery_feedback.json is not written" in out

@@ -40,6 +40,7 @@ OUTBOX_TABLES = (
     "mailroom_run_resends",
     "mailroom_runs",
     "mailroom_soft_bounces",
+    "mailroom_suppression_removals",
     "mailroom_suppressions",
 )
 # One batch of the earlier release's run in each state, with what the row said.

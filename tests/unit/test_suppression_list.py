@@ -104,12 +104,28 @@ def test_unsuppress_takes_people_off_in_any_spelling(outbox: Outbox) -> None:
             Suppression("zoe@bücher.example", "manual", "cli"),
         ]
     )
-    assert (
-        outbox.unsuppress(["ＡＮＮ@example.com", "zoe@xn--bcher-kva.example", "nobody@example.com"])
-        == 2
-    )
+    spellings = ["ＡＮＮ@example.com", "zoe@xn--bcher-kva.example", "nobody@example.com"]
+    assert outbox.unsuppress(spellings, by="olga", why="asked to be mailed again") == 2
     assert outbox.suppressed_keys() == {}
-    assert outbox.unsuppress(["ann@example.com"]) == 0
+    assert outbox.unsuppress(["ann@example.com"], by="olga", why="again") == 0
+    [removal] = outbox.suppression_removals("Ann@Example.com")
+    assert {k: v for k, v in removal.items() if k != "removed_at"} == {
+        "reason": "bounced",
+        "source": "cli",
+        "removed_by": "olga",
+        "why": "asked to be mailed again",
+    }
+    assert outbox.suppression_removals("nobody@example.com") == []
+
+
+@pytest.mark.parametrize(("by", "why"), [("", "a reason"), ("olga", ""), ("olga", "  ")])
+def test_taking_someone_off_needs_who_and_why_and_takes_nobody_off_without(
+    outbox: Outbox, by: str, why: str
+) -> None:
+    outbox.suppress([Suppression("ann@example.com", "spam_report", "sendgrid")])
+    with pytest.raises(ValueError, match=r"who removes it|needs a reason"):
+        outbox.unsuppress(["ann@example.com"], by=by, why=why)
+    assert outbox.suppressed_keys() == {"ann@example.com": "spam_report"}
 
 
 @pytest.mark.parametrize(
@@ -133,7 +149,7 @@ def test_an_entry_that_is_not_one_address_is_refused_by_row_and_nothing_is_added
     assert "bob@example.org" not in str(refused.value)
     assert outbox.suppressed_keys() == {}
     with pytest.raises(SuppressionRefused, match=why):
-        outbox.unsuppress(["keep@example.com", value])
+        outbox.unsuppress(["keep@example.com", value], by="olga", why="test")
 
 
 @pytest.mark.parametrize(
@@ -216,11 +232,25 @@ def test_add_remove_and_list_show_addresses_masked(
     assert "ann@" not in out
     assert "bob@" not in out
 
-    assert cli(url, "remove", "Ann@Example.com", "carl@example.com") == 0
+    with pytest.raises(SystemExit) as refused:  # no --reason
+        cli(url, "remove", "Ann@Example.com", "carl@example.com")
+    assert refused.value.code == 2
+    assert "--reason" in capsys.readouterr().err
+    assert outbox.suppressed_keys() == {"ann@example.com": "manual", "bob@example.org": "manual"}
+    assert (
+        cli(
+            url, "remove", "Ann@Example.com", "carl@example.com", "--reason", "asked", "--by", "ida"
+        )
+        == 0
+    )
     out = capsys.readouterr().out
-    assert "1 taken off" in out
+    assert "1 taken off the suppression list by ida" in out
     assert "not on the list: c***@example.com" in out
     assert outbox.suppressed_keys() == {"bob@example.org": "manual"}
+    assert cli(url, "check", "ann@example.com") == 1
+    out = capsys.readouterr().out
+    assert "by ida: asked (was manual, source cli)" in out
+    assert "ann@" not in out
 
 
 def test_add_refuses_every_unreadable_argument_and_adds_nothing(

@@ -14,14 +14,13 @@ any of:
   data, even when staff are on the list;
 * a user id of anyone in the audience (ids shorter than ``MIN_USER_ID_LENGTH`` are left out:
   "42" in a text is not evidence of anyone);
-* an unsubscribe token of anyone in the audience, or a literal unsubscribe link (the campaign's
-  unsubscribe URL with a token in it rather than the substitution tag).
+* an unsubscribe token (``<key id>.<campaign>.<sealed user id>``: whose it is cannot be read
+  without the secret, so any text of that shape is one), or a literal unsubscribe link (the
+  campaign's unsubscribe URL with a token in it rather than the substitution tag).
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -38,8 +37,14 @@ from mailroom.campaign_spec import CampaignSpec
 MIN_USER_ID_LENGTH = 6
 # Rows of an audience file read at a time by each lookup.
 SCAN_ROWS = 131_072
-# Runs of characters a user id or an unsubscribe token (base64url) is made of.
+# Runs of characters a user id is made of.
 _WORDS = re.compile(r"[A-Za-z0-9_\-]+(?:\.[A-Za-z0-9_\-]+)?")
+# An unsubscribe token (``unsubscribe.unsubscribe_token``): a key id of 6 base64url characters, a
+# campaign name, and the sealed user id (a 16-byte SIV tag and more: 22 characters at least).
+_TOKEN = re.compile(
+    r"(?<![A-Za-z0-9_\-])[A-Za-z0-9_\-]{6}\.[a-z0-9][a-z0-9_\-]{0,63}\.[A-Za-z0-9_\-]{22,}"
+    r"(?![A-Za-z0-9_\-])"
+)
 
 
 class People:
@@ -98,7 +103,8 @@ class People:
 
 @dataclass(frozen=True)
 class _Candidates:
-    """What a text could show of someone: address keys, user ids, and literal links."""
+    """What a text could show of someone: address keys, user ids, and literal links and
+    unsubscribe tokens (each someone's, whoever it is)."""
 
     addresses: frozenset[str]
     user_ids: frozenset[str]
@@ -109,11 +115,10 @@ def _candidates(text: str, spec: CampaignSpec) -> _Candidates:
     words = {w for w in _WORDS.findall(text) if len(w) >= MIN_USER_ID_LENGTH}
     ids = {w for w in words if "." not in w}
     ids |= {part for w in words if "." in w for part in w.split(".")}
-    ids |= {uid for uid in (_token_user_id(w) for w in words) if uid}
     return _Candidates(
         addresses=frozenset(addresses_shown(text) - spec.public_addresses),
         user_ids=frozenset(i for i in ids if len(i) >= MIN_USER_ID_LENGTH),
-        links=_literal_unsubscribe_links(text, spec),
+        links=_literal_unsubscribe_links(text, spec) + len(set(_TOKEN.findall(text))),
     )
 
 
@@ -170,17 +175,6 @@ def _strings(value: Any) -> Iterable[str]:
     elif isinstance(value, list):
         for v in value:
             yield from _strings(v)
-
-
-def _token_user_id(word: str) -> str | None:
-    """The user id an unsubscribe token (``<base64url user id>.<signature>``) names."""
-    uid, dot, signature = word.partition(".")
-    if not dot or not uid or not signature:
-        return None
-    try:
-        return base64.urlsafe_b64decode(uid + "=" * (-len(uid) % 4)).decode("utf-8")
-    except (binascii.Error, ValueError, UnicodeDecodeError):
-        return None
 
 
 def _literal_unsubscribe_links(text: str, spec: CampaignSpec) -> int:

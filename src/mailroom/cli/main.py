@@ -30,11 +30,13 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--airflow-home", type=Path, help="the local Airflow's home folder")
     demo.add_argument("--airflow-port", type=int, default=28080)
 
-    from mailroom.cli import approvals, operations, suppressions
+    from mailroom.cli import approvals, feedback, operations, suppressions, unsubscribe_link
 
     approvals.add_parser(sub)
     operations.add_commands(sub)
     suppressions.add_parser(sub)
+    feedback.add_parser(sub)
+    unsubscribe_link.add_parser(sub)
 
     fetch = sub.add_parser(
         "fetch-run",
@@ -95,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         return operations.run_outbox_command(args)
     if args.command == "suppressions":
         return suppressions.run_command(args)
+    if args.command == "feedback":
+        return feedback.run_command(args)
+    if args.command == "unsubscribe-link":
+        return unsubscribe_link.run_command(args, _repo_root())
     if args.command == "fetch-run":
         from mailroom.staging_store import RunStore, StagingError, safe_location
 

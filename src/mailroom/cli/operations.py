@@ -22,6 +22,7 @@ from typing import Any
 from mailroom import operator_actions
 from mailroom.cli import run_access
 from mailroom.cli.run_access import RunAccess, RunNotFound
+from mailroom.delivery import feedback_report
 from mailroom.delivery.outbox import (
     Action,
     BatchState,
@@ -36,7 +37,12 @@ from mailroom.staging import is_url, local_path
 
 def add_commands(sub: Any) -> None:
     for name, text in (
-        ("status", "counts of a run's batches and recipients per state, and its history"),
+        (
+            "status",
+            "counts of a run's batches and recipients per state, its history, and what the "
+            "provider reported after accepting it (rewriting delivery_feedback.json in a run "
+            "folder on this machine)",
+        ),
         ("halt", "stop every shard of a run before its next request"),
         ("resume", "lift a halt so cleared shards send the halted batches"),
         (
@@ -192,15 +198,59 @@ def _act(args: argparse.Namespace, access: RunAccess, outbox: Outbox) -> int:
     if history:
         print("history:")
         for entry in history:
+            label = operator_actions.action_label(entry["action"])
             print(
-                f"  {entry['at']} {entry['action']} by {entry['by']}: {entry['reason']} "
+                f"  {entry['at']} {label} by {entry['by']}: {entry['reason']} "
                 f"({len(entry['requests'])} request(s), {entry['recipients']} recipient(s))"
             )
+    if args.command == "status":
+        return _delivery_feedback(outbox, run_key, run_root)
+    return 0
+
+
+def _delivery_feedback(outbox: Outbox, run_key: str, run_root: Path | None) -> int:
+    """``mailroom status``: what the provider reported after it accepted the requests, per
+    locale; with the run's folder on this machine, ``delivery_feedback.json`` and
+    ``delivery_feedback.not_sent.csv`` in it are brought up to date first."""
+    from mailroom.delivery import report  # pandas: only for the command that writes it
+
+    if run_root is None:
+        feedback = feedback_report.section(outbox, run_key)
+    else:
+        try:
+            feedback = report.refresh_delivery_feedback(outbox, run_key, run_root)
+        except OSError as exc:
+            print(
+                f"mailroom status: cannot write the delivery feedback into {run_root}: {exc}",
+                file=sys.stderr,
+            )
+            return 1
+    print(
+        f"after the provider accepted it ({feedback['provider']}'s events; separate from the "
+        "equation above: these recipients count as sent):"
+    )
+    if feedback["per_locale"] or any(feedback["total"].values()):
+        for line in feedback_report.table(feedback):
+            print(line)
+    else:
+        print("  no event yet")
+    if run_root is None:
+        print(
+            "  the run's folder is not on this machine: delivery_feedback.json is not written "
+            "(the report's delivery_feedback is as it was at reconcile)"
+        )
+    else:
+        print(
+            f"  written to {run_root / report.FEEDBACK_FILE}; who did not get it, the bounced "
+            f"and dropped included ({feedback['listed_in_not_sent']:,} of "
+            f"{feedback['not_sent_rows']:,}): {feedback['not_sent_file']}"
+        )
     return 0
 
 
 def _local_folder(access: RunAccess) -> Path | None:
-    """The run's folder when it is on this machine (its audit trail is written there)."""
+    """The run's folder when it is on this machine (its audit trail and delivery feedback are
+    written there)."""
     if not access.run_dir or is_url(access.run_dir):
         return None
     folder = local_path(access.run_dir)

@@ -71,6 +71,12 @@ def add_parser(sub: Any) -> None:
         help="take addresses off the list: campaigns may send to them again",
     )
     remove.add_argument("emails", nargs="+", metavar="EMAIL")
+    remove.add_argument(
+        "--reason",
+        required=True,
+        help="why they may be mailed again (recorded with who and when, and the record removed)",
+    )
+    remove.add_argument("--by", help="who is removing them (default: the login name)")
     load = actions.add_parser(
         "import",
         parents=[common],
@@ -155,8 +161,12 @@ def _remove(outbox: Outbox, args: argparse.Namespace, name: str) -> int:
     if refused:
         return _report_refused(name, refused, "nobody was taken off")
     absent = [email for email in args.emails if outbox.suppression(email) is None]
-    removed = outbox.unsuppress(args.emails)
-    print(f"{removed} taken off the suppression list: campaigns may send to them again")
+    by = args.by or getpass.getuser()
+    removed = outbox.unsuppress(args.emails, by=by, why=args.reason)
+    print(
+        f"{removed} taken off the suppression list by {by}: campaigns may send to them again "
+        "(`mailroom suppressions check EMAIL` shows who removed them and why)"
+    )
     if absent:
         print(f"not on the list: {', '.join(mask(listed_address(e)[0]) for e in absent)}")
     return 0
@@ -213,6 +223,12 @@ def _check(outbox: Outbox, args: argparse.Namespace, name: str) -> int:
         return 2
     if entry is None:
         print(f"not suppressed: {mask(listed_address(args.email)[0])}")
+        for removal in outbox.suppression_removals(args.email):
+            print(
+                f"  taken off {removal['removed_at'].isoformat(timespec='seconds')} by "
+                f"{removal['removed_by']}: {removal['why']} (was {removal['reason']}, source "
+                f"{removal['source']})"
+            )
         return 1
     when = entry.created_at.isoformat(timespec="seconds") if entry.created_at else "-"
     print(

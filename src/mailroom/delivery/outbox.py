@@ -36,13 +36,17 @@ when several tasks open it at once, and a database a newer release upgraded is r
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
 import json
 import logging
+import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -197,6 +201,20 @@ suppressions = sa.Table(
     sa.Column("detail", sa.Text),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("created_by", sa.String(250)),
+)
+# Who took someone off the suppression list, when and why, with the record that was removed:
+# sending again to someone who complained or bounced is a decision someone answers for.
+suppression_removals = sa.Table(
+    "mailroom_suppression_removals",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("email_key", sa.String(320), nullable=False),
+    sa.Column("reason", sa.String(64), nullable=False),
+    sa.Column("source", sa.String(64), nullable=False),
+    sa.Column("removed_by", sa.String(250), nullable=False),
+    sa.Column("why", sa.Text, nullable=False),
+    sa.Column("removed_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Index("ix_mailroom_suppression_removals_email", "email_key", "id"),
 )
 # What the provider reported after it accepted a request (``delivery_events.DeliveryEvent``):
 # one row per event, by the provider's own event id, so a retried or repeated event is kept
@@ -1398,21 +1416,69 @@ class Outbox:
                 added += _insert_new_suppressions(conn, list(values.values()))
         return added
 
-    def unsuppress(self, emails: Iterable[str]) -> int:
+    def unsuppress(self, emails: Iterable[str], *, by: str, why: str) -> int:
         """Take these people off the suppression list (each by address key, in any spelling),
-        in one transaction; returns how many were on it. An entry that is not one address is
-        refused as ``suppress`` refuses it, and nobody is taken off."""
+        in one transaction, recording who did it, why, and the record taken off
+        (``suppression_removals``); returns how many were on it. An entry that is not one
+        address is refused as ``suppress`` refuses it, and nobody is taken off."""
+        _require_line("who removes it", by, _BY_CHARS)
+        if not isinstance(why, str) or not why.strip():
+            raise ValueError("taking someone off the suppression list needs a reason")
         keys = sorted({listed_address(email, row)[1] for row, email in enumerate(emails, start=1)})
+        now = _now()
         removed = 0
         with self.engine.begin() as conn:
-            for start in range(0, len(keys), 1000):
-                result = conn.execute(
+            for chunk in _chunks(keys, 1000):
+                gone = conn.execute(
+                    sa.select(
+                        suppressions.c.email_key, suppressions.c.reason, suppressions.c.source
+                    ).where(suppressions.c.email_key.in_(chunk))
+                ).all()
+                if not gone:
+                    continue
+                conn.execute(
                     suppressions.delete().where(
-                        suppressions.c.email_key.in_(keys[start : start + 1000])
+                        suppressions.c.email_key.in_([key for key, _, _ in gone])
                     )
                 )
-                removed += int(result.rowcount or 0)
+                conn.execute(
+                    suppression_removals.insert(),
+                    [
+                        {
+                            "email_key": key,
+                            "reason": reason,
+                            "source": source,
+                            "removed_by": by.strip(),
+                            "why": why.strip(),
+                            "removed_at": now,
+                        }
+                        for key, reason, source in gone
+                    ],
+                )
+                removed += len(gone)
         return removed
+
+    def suppression_removals(self, email: str) -> list[dict[str, Any]]:
+        """Every time ``email`` (in any spelling) was taken off the suppression list, oldest
+        first: the reason and source it had, who removed it, why and when."""
+        _, key = listed_address(email)
+        query = (
+            sa.select(suppression_removals)
+            .where(suppression_removals.c.email_key == key)
+            .order_by(suppression_removals.c.id)
+        )
+        with self.engine.connect() as conn:
+            rows = [dict(row._mapping) for row in conn.execute(query)]
+        return [
+            {
+                "reason": row["reason"],
+                "source": row["source"],
+                "removed_by": row["removed_by"],
+                "why": row["why"],
+                "removed_at": _aware(row["removed_at"]),
+            }
+            for row in rows
+        ]
 
     def suppression(self, email: str) -> Suppression | None:
         """The suppression list's record of ``email`` (by address key: in any spelling), or
@@ -1456,27 +1522,30 @@ class Outbox:
             raise ValueError("soft_bounce_limit must be at least 1")
         unique = list({e.event_id: e for e in reversed(events)}.values())[::-1]
         now = _now()
-        with self.engine.begin() as conn:
+        with _one_body_at_a_time(self.engine), self.engine.begin() as conn:
             if conn.dialect.name == "sqlite":
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
             where = _match_events(conn, unique)
-            rows = [
-                {
-                    "event_id": e.event_id,
-                    "provider": PROVIDER,
-                    "event": e.event,
-                    "outcome": e.outcome.value if e.outcome and e.event_id in where else None,
-                    "email_key": e.email_key,
-                    "run_key": where[e.event_id][0] if e.event_id in where else None,
-                    "batch_id": where[e.event_id][1] if e.event_id in where else None,
-                    "locale": where[e.event_id][2] if e.event_id in where else None,
-                    "message_id": e.message_id,
-                    "reason": e.reason,
-                    "occurred_at": e.occurred_at,
-                    "received_at": now,
-                }
-                for e in unique
-            ]
+            # In event id order: two bodies holding the same events (a retry posted while the
+            # first is still being kept) take their rows' locks in the same order.
+            rows = []
+            for e in sorted(unique, key=_event_id):
+                found = where.get(e.event_id)
+                outcome = e.outcome if found is not None else None
+                rows.append(
+                    (
+                        e.event_id,
+                        PROVIDER,
+                        e.event,
+                        outcome.value if outcome is not None else None,
+                        e.email_key,
+                        *(found if found is not None else (None, None, None)),
+                        e.message_id,
+                        e.reason,
+                        e.occurred_at,
+                        now,
+                    )
+                )
             kept = _insert_new_events(conn, rows)
             new = [e for e in unique if e.event_id in kept]
             suppress: dict[str, dict[str, Any]] = {}
@@ -1486,7 +1555,7 @@ class Outbox:
                     suppress.setdefault(e.email_key, _provider_suppression(e, reason, now))
             for e, reason in _count_soft_bounces(conn, new, soft_bounce_limit, now):
                 suppress.setdefault(e.email_key or "", _provider_suppression(e, reason, now))
-            suppressed = _insert_new_suppressions(conn, list(suppress.values()))
+            suppressed = _insert_new_suppressions(conn, [suppress[key] for key in sorted(suppress)])
             proven = sorted(
                 {where[e.event_id][0] for e in new if e.proves_acceptance and e.event_id in where}
             )
@@ -1503,6 +1572,18 @@ class Outbox:
         """Settle as sent the run's ``unknown`` requests the provider's events show it accepted
         (``processed``, ``delivered``, ``dropped``, ``bounce`` for any of their recipients: a
         request is taken whole or not at all), recorded as ``SETTLE_BY_EVENTS``; how many."""
+        # Almost always none: the run's few batch rows say so before its events are read.
+        unknown = (
+            conn.execute(
+                sa.select(batches.c.batch_id).where(
+                    batches.c.run_key == run_key, batches.c.state == BatchState.UNKNOWN
+                )
+            )
+            .scalars()
+            .all()
+        )
+        if not unknown:
+            return 0
         query = (
             sa.select(
                 delivery_events.c.batch_id,
@@ -1512,6 +1593,7 @@ class Outbox:
             .select_from(delivery_events.join(batches, _event_of_batch()))
             .where(
                 delivery_events.c.run_key == run_key,
+                delivery_events.c.batch_id.in_(sorted(unknown)),
                 delivery_events.c.event.in_(sorted(_ACCEPTANCE_EVENTS)),
                 batches.c.state == BatchState.UNKNOWN,
             )
@@ -1603,21 +1685,57 @@ class Outbox:
     def unsubscribed_address(self, campaign: str, user_id: str) -> str | None:
         """The address key the campaign's newest run to stage ``user_id`` sent to (the mailbox
         their unsubscribe link came to); ``None`` when no run of it staged them."""
-        query = (
-            sa.select(recipients.c.email_key)
-            .select_from(recipients.join(runs, runs.c.run_key == recipients.c.run_key))
-            .where(recipients.c.user_id == user_id, _runs_of(recipients.c.run_key, campaign))
-            .order_by(runs.c.created_at.desc(), recipients.c.run_key.desc())
-            .limit(1)
-        )
         with self.engine.connect() as conn:
-            return conn.execute(query).scalar_one_or_none()
+            found = _newest_recipient(conn, campaign, user_id)
+        return None if found is None else found.email_key
 
-    def has_campaign(self, campaign: str) -> bool:
-        """Whether any run of ``campaign`` was staged in this outbox."""
-        query = sa.select(runs.c.run_key).where(_runs_of(runs.c.run_key, campaign)).limit(1)
-        with self.engine.connect() as conn:
-            return conn.execute(query).first() is not None
+    def record_unsubscribe(self, campaign: str, user_id: str) -> str | None:
+        """A one-click unsubscribe from ``campaign``'s link for ``user_id``, in one transaction:
+        the address its newest run sent them to goes on the suppression list (``unsubscribed``,
+        source ``one_click``; someone already on it keeps their record), and that run counts
+        them as unsubscribed in its locale (``delivery_feedback``), once however often they
+        click. Returns the run's key; ``None`` (and nothing recorded) when no run of the
+        campaign staged the user."""
+        now = _now()
+        with self.engine.begin() as conn:
+            found = _newest_recipient(conn, campaign, user_id)
+            if found is None:
+                return None
+            digest = hashlib.sha256(f"{found.run_key}\0{found.email_key}".encode()).hexdigest()
+            _insert_new_events(
+                conn,
+                [
+                    (
+                        f"{ONE_CLICK}:{digest[:40]}",
+                        ONE_CLICK,
+                        "unsubscribe",
+                        "unsubscribed",
+                        found.email_key,
+                        found.run_key,
+                        found.batch_id,
+                        found.locale,
+                        None,
+                        None,
+                        now,
+                        now,
+                    )
+                ],
+            )
+            _insert_new_suppressions(
+                conn,
+                [
+                    {
+                        "email_key": found.email_key,
+                        "email": found.email_key,
+                        "reason": "unsubscribed",
+                        "source": ONE_CLICK,
+                        "detail": f"one-click unsubscribe from {found.run_key}",
+                        "created_at": now,
+                        "created_by": None,
+                    }
+                ],
+            )
+        return str(found.run_key)
 
     def _move(
         self,
@@ -1756,6 +1874,46 @@ class EventsRecorded:
 _ACCEPTANCE_EVENTS = frozenset({"processed", "delivered", "dropped", "bounce"})
 # Events inserted per statement (each of 12 columns: well within SQLite's 32,766 variables).
 _EVENTS_CHUNK = 1000
+# A ``delivery_events`` row as ``record_delivery_events`` makes it: a tuple in this order.
+_EVENT_COLUMNS = (
+    "event_id",
+    "provider",
+    "event",
+    "outcome",
+    "email_key",
+    "run_key",
+    "batch_id",
+    "locale",
+    "message_id",
+    "reason",
+    "occurred_at",
+    "received_at",
+)
+# Addresses looked up per statement when events are matched to recipients.
+_MATCH_CHUNK = 1000
+
+
+def _event_id(e: DeliveryEvent) -> str:
+    return e.event_id
+
+
+# SQLite takes one writer at a time, and one that finds the database locked sleeps and tries
+# again (for up to its timeout, in growing steps): the service's threads keeping bodies at the
+# same time queue here instead, each starting as soon as the one before commits.
+_BODY_LOCKS: weakref.WeakKeyDictionary[sa.Engine, threading.Lock] = weakref.WeakKeyDictionary()
+_BODY_LOCKS_GUARD = threading.Lock()
+
+
+def _one_body_at_a_time(engine: sa.Engine) -> AbstractContextManager[Any]:
+    """The lock ``record_delivery_events`` holds around its transaction on SQLite (one per
+    engine: per outbox in this process); nothing elsewhere."""
+    if engine.dialect.name != "sqlite":
+        return contextlib.nullcontext()
+    with _BODY_LOCKS_GUARD:
+        lock = _BODY_LOCKS.get(engine)
+        if lock is None:
+            lock = _BODY_LOCKS[engine] = threading.Lock()
+    return lock
 
 
 def _event_of_batch() -> Any:
@@ -1763,6 +1921,29 @@ def _event_of_batch() -> Any:
         batches.c.run_key == delivery_events.c.run_key,
         batches.c.batch_id == delivery_events.c.batch_id,
     )
+
+
+# Where a one-click unsubscribe came from, as the suppression list and the events record it.
+ONE_CLICK = "one_click"
+
+
+def _newest_recipient(conn: sa.Connection, campaign: str, user_id: str) -> Any:
+    """(run key, address key, batch id, locale) of ``user_id`` in the newest run of
+    ``campaign`` that staged them (by the index of recipients by user id), or None."""
+    query = (
+        sa.select(
+            recipients.c.run_key, recipients.c.email_key, recipients.c.batch_id, batches.c.locale
+        )
+        .select_from(
+            recipients.join(runs, runs.c.run_key == recipients.c.run_key).join(
+                batches, _same_batch()
+            )
+        )
+        .where(recipients.c.user_id == user_id, _runs_of(recipients.c.run_key, campaign))
+        .order_by(runs.c.created_at.desc(), recipients.c.run_key.desc())
+        .limit(1)
+    )
+    return conn.execute(query).first()
 
 
 def _match_events(
@@ -1774,8 +1955,9 @@ def _match_events(
     named: set[tuple[str, str]] = set()
     message_ids: set[str] = set()
     for e in events:
-        if e.run_key and e.batch_id:
-            named.add((e.run_key, e.batch_id))
+        run_key = e.run_key
+        if run_key and e.batch_id:
+            named.add((run_key, e.batch_id))
         elif e.message_id:
             message_ids.add(e.message_id)
     locale_of: dict[tuple[str, str], str] = {}
@@ -1793,21 +1975,30 @@ def _match_events(
         for row in conn.execute(with_ids):
             locale_of[(row.run_key, row.batch_id)] = row.locale
             by_message_id[row.message_id] = (row.run_key, row.batch_id)
+    if not locale_of:
+        return {}
     candidates: dict[str, tuple[str, str, str]] = {}  # event id -> run key, batch id, address
+    addresses: dict[str, set[str]] = {}  # run key -> the addresses to look up in it
     for e in events:
-        if e.run_key and e.batch_id:
-            request: tuple[str, str] | None = (e.run_key, e.batch_id)
+        run_key = e.run_key
+        if run_key and e.batch_id:
+            request: tuple[str, str] | None = (run_key, e.batch_id)
         else:
             request = by_message_id.get(e.message_id or "")
         if request is not None and request in locale_of and e.email_key:
             candidates[e.event_id] = (request[0], request[1], e.email_key)
+            addresses.setdefault(request[0], set()).add(e.email_key)
+    # By run: the recipients' primary key (run key, address) with one run key and a list of
+    # addresses, which every database answers from that index (a list of (run key, address)
+    # pairs PostgreSQL may plan as a scan of the run's recipients).
     batch_of: dict[tuple[str, str], str] = {}
-    for chunk in _chunks(sorted({(run_key, key) for run_key, _, key in candidates.values()})):
-        members = sa.select(
-            recipients.c.run_key, recipients.c.email_key, recipients.c.batch_id
-        ).where(sa.tuple_(recipients.c.run_key, recipients.c.email_key).in_(chunk))
-        for member in conn.execute(members):
-            batch_of[(member.run_key, member.email_key)] = member.batch_id
+    for run_key in sorted(addresses):
+        for chunk in _chunks(sorted(addresses[run_key]), _MATCH_CHUNK):
+            members = sa.select(recipients.c.email_key, recipients.c.batch_id).where(
+                recipients.c.run_key == run_key, recipients.c.email_key.in_(chunk)
+            )
+            for email_key, batch_id in conn.execute(members):
+                batch_of[(run_key, email_key)] = batch_id
     return {
         event_id: (run_key, batch_id, locale_of[(run_key, batch_id)])
         for event_id, (run_key, batch_id, key) in candidates.items()
@@ -1820,35 +2011,132 @@ def _chunks(items: list[Any], size: int = 500) -> Iterator[list[Any]]:
         yield items[start : start + size]
 
 
-def _insert_new_events(conn: sa.Connection, rows: list[dict[str, Any]]) -> set[str]:
-    """Insert the event rows whose event id is not kept yet; the ids of those inserted."""
+def _insert_new_events(conn: sa.Connection, rows: list[tuple[Any, ...]]) -> set[str]:
+    """Insert the event rows (tuples in ``_EVENT_COLUMNS`` order) whose event id is not kept
+    yet; the ids of those inserted. Written for the driver, not through SQLAlchemy's
+    ``insert()``, which spends more time on a thousand rows' parameters than the database
+    spends storing them: on PostgreSQL through psycopg2 the rows are copied (``COPY``) into a
+    temporary table of the session and inserted from there, elsewhere on SQLite and PostgreSQL
+    one ``INSERT … ON CONFLICT DO NOTHING RETURNING`` of up to ``_EVENTS_CHUNK`` rows; other
+    databases are asked which ids they hold first."""
     kept: set[str] = set()
-    name = conn.dialect.name
-    for start in range(0, len(rows), _EVENTS_CHUNK):
-        chunk = rows[start : start + _EVENTS_CHUNK]
-        if name in {"sqlite", "postgresql"}:
-            from sqlalchemy.dialects import postgresql, sqlite
-
-            insert = sqlite.insert if name == "sqlite" else postgresql.insert
+    dialect = conn.dialect
+    marks = {"qmark": "?", "format": "%s", "pyformat": "%s"}.get(dialect.paramstyle)
+    if not rows:
+        return kept
+    if dialect.name == "postgresql" and dialect.driver == "psycopg2":
+        return _copy_new_events(conn, rows)
+    if dialect.name in {"sqlite", "postgresql"} and marks is not None:
+        as_stored = [_bind_processor(delivery_events.c[name], dialect) for name in _EVENT_COLUMNS]
+        row_marks = "(" + ", ".join([marks] * len(_EVENT_COLUMNS)) + ")"
+        for start in range(0, len(rows), _EVENTS_CHUNK):
+            chunk = rows[start : start + _EVENTS_CHUNK]
+            columns: list[Any] = list(zip(*chunk, strict=True))
+            for i, process in enumerate(as_stored):
+                if process is not None:  # once per distinct value: a body's times repeat
+                    stored = {value: process(value) for value in set(columns[i])}
+                    columns[i] = [stored[value] for value in columns[i]]
+            params = tuple(value for row in zip(*columns, strict=True) for value in row)
             statement = (
-                insert(delivery_events)
-                .on_conflict_do_nothing(index_elements=[delivery_events.c.event_id])
-                .returning(delivery_events.c.event_id)
+                f"INSERT INTO {delivery_events.name} ({', '.join(_EVENT_COLUMNS)}) "
+                f"VALUES {', '.join([row_marks] * len(chunk))} "
+                "ON CONFLICT (event_id) DO NOTHING RETURNING event_id"
             )
-            kept.update(conn.execute(statement, chunk).scalars())
-            continue
+            kept.update(conn.exec_driver_sql(statement, params).scalars())
+        return kept
+    for start in range(0, len(rows), _EVENTS_CHUNK):
+        given = [
+            dict(zip(_EVENT_COLUMNS, r, strict=True)) for r in rows[start : start + _EVENTS_CHUNK]
+        ]
         present = set(
             conn.execute(
                 sa.select(delivery_events.c.event_id).where(
-                    delivery_events.c.event_id.in_([r["event_id"] for r in chunk])
+                    delivery_events.c.event_id.in_([r["event_id"] for r in given])
                 )
             ).scalars()
         )
-        new = [r for r in chunk if r["event_id"] not in present]
+        new = [r for r in given if r["event_id"] not in present]
         if new:
             conn.execute(delivery_events.insert(), new)
         kept.update(r["event_id"] for r in new)
     return kept
+
+
+# The session's temporary table ``_copy_new_events`` copies a body's events into; emptied at
+# the end of every transaction that used it.
+_EVENTS_IN = "mailroom_delivery_events_in"
+
+
+def _copy_new_events(conn: sa.Connection, rows: list[tuple[Any, ...]]) -> set[str]:
+    """``_insert_new_events`` on PostgreSQL through psycopg2: the rows copied into the session's
+    temporary table (``COPY … FROM STDIN``, text format), then ``INSERT … SELECT … ON CONFLICT
+    DO NOTHING RETURNING`` in event id order."""
+    columns = ", ".join(_EVENT_COLUMNS)
+    conn.exec_driver_sql(
+        f"CREATE TEMPORARY TABLE IF NOT EXISTS {_EVENTS_IN} "
+        f"(LIKE {delivery_events.name}) ON COMMIT DELETE ROWS"
+    )
+    statement = f"COPY {_EVENTS_IN} ({columns}) FROM STDIN"
+    dbapi = conn.dialect.loaded_dbapi
+    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    try:
+        cursor.copy_expert(statement, io.StringIO(_copy_text(rows)))
+    except dbapi.Error as exc:
+        # As SQLAlchemy raises it for an INSERT: callers handle one kind of error.
+        raise sa.exc.DBAPIError.instance(statement, None, exc, dbapi.Error) from exc
+    finally:
+        cursor.close()
+    inserted = conn.exec_driver_sql(
+        f"INSERT INTO {delivery_events.name} ({columns}) SELECT {columns} FROM {_EVENTS_IN} "
+        "ORDER BY event_id ON CONFLICT (event_id) DO NOTHING RETURNING event_id"
+    )
+    return set(inserted.scalars())
+
+
+def _copy_text(rows: list[tuple[Any, ...]]) -> str:
+    r"""Rows in ``COPY``'s text format: tab-separated, ``\N`` for None, ``str()`` of the rest
+    (a datetime as PostgreSQL reads it). Values are written as they are when none of them holds
+    a backslash, tab or line break (the counts of those in the whole text show it: events'
+    texts are single printable lines); otherwise every value is escaped."""
+    text: dict[Any, str] = {None: "\\N"}
+
+    def as_text(value: Any) -> str:
+        found = text.get(value)
+        if found is None:
+            found = text[value] = str(value)
+        return found
+
+    lines = ["\t".join([v if type(v) is str else as_text(v) for v in row]) for row in rows]
+    plain = "\n".join(lines) + "\n"
+    width = len(rows[0]) if rows else 0
+    if (
+        plain.count("\t") == (width - 1) * len(rows)
+        and plain.count("\n") == len(rows)
+        and "\r" not in plain
+        and plain.count("\\") == sum(row.count(None) for row in rows)
+    ):
+        return plain
+    return "".join(
+        "\t".join(
+            "\\N"
+            if v is None
+            else str(v)
+            .replace("\\", "\\\\")
+            .replace("\t", "\\t")
+            .replace("\n", "\\n")
+            .replace("\r", "\\r")
+            for v in row
+        )
+        + "\n"
+        for row in rows
+    )
+
+
+def _bind_processor(column: sa.Column[Any], dialect: sa.Dialect) -> Callable[[Any], Any] | None:
+    """What SQLAlchemy does to a value of ``column`` before it goes to the driver (SQLite keeps
+    a datetime as text in SQLAlchemy's own format), so a statement written for the driver stores
+    what SQLAlchemy's would."""
+    return column.type.dialect_impl(dialect).bind_processor(dialect)
 
 
 def _count_soft_bounces(
@@ -1856,7 +2144,13 @@ def _count_soft_bounces(
 ) -> list[tuple[DeliveryEvent, str]]:
     """Count the soft bounces in a row of each address of ``events`` (in the order they
     happened; a delivery sets the count back to 0); the (last soft bounce, reason) of each
-    address that reached ``limit``."""
+    address that reached ``limit``.
+
+    SQLite and PostgreSQL do it in one upsert (of up to ``_EVENTS_CHUNK`` addresses) written
+    for the driver, ``RETURNING`` the count it left: an address a delivery set back gets the
+    soft bounces since, the others add theirs to the count kept. Another body's events for the
+    same address, kept at the same time, wait for the row rather than fail. Other databases
+    are asked for the counts first, then written a row at a time."""
     story: dict[str, list[DeliveryEvent]] = {}
     for e in sorted(events, key=lambda e: (e.occurred_at, e.event_id)):
         if e.email_key and (e.soft_bounce or e.event == "delivered"):
@@ -1864,28 +2158,73 @@ def _count_soft_bounces(
     if not story:
         return []
     keys = sorted(story)
-    counts: dict[str, int] = {}
-    for start in range(0, len(keys), 500):
-        query = sa.select(soft_bounces.c.email_key, soft_bounces.c.in_a_row).where(
-            soft_bounces.c.email_key.in_(keys[start : start + 500])
-        )
-        counts.update({k: int(n) for k, n in conn.execute(query)})
-    reached: list[tuple[DeliveryEvent, str]] = []
+    # address -> (set back by a delivery, soft bounces since, the last soft bounce)
+    told: dict[str, tuple[bool, int, DeliveryEvent | None]] = {}
     for key in keys:
-        had = counts.get(key)
-        n = had or 0
+        reset, n = False, 0
         last: DeliveryEvent | None = None
         for e in story[key]:
-            n = 0 if e.event == "delivered" else n + 1
+            if e.event == "delivered":
+                reset, n = True, 0
+            else:
+                n += 1
             last = e if e.soft_bounce else last
-        values = {"in_a_row": n, "last_reason": last.reason if last else None, "updated_at": now}
-        if had is None:
-            conn.execute(soft_bounces.insert().values(email_key=key, **values))
-        else:
-            conn.execute(
-                soft_bounces.update().where(soft_bounces.c.email_key == key).values(**values)
+        told[key] = (reset, n, last)
+    dialect = conn.dialect
+    marks = {"qmark": "?", "format": "%s", "pyformat": "%s"}.get(dialect.paramstyle)
+    counts: dict[str, int] = {}
+    if dialect.name in {"sqlite", "postgresql"} and marks is not None:
+        as_stored = _bind_processor(soft_bounces.c.updated_at, dialect)
+        updated_at = as_stored(now) if as_stored is not None else now
+        table = soft_bounces.name
+        # One statement for every address, in key order (two bodies kept at the same time take
+        # their rows in one order): the count is what the body says, plus what was kept for
+        # the addresses no delivery set back.
+        rows = [
+            (key, n, last.reason if last else None, updated_at)
+            for key, (_, n, last) in told.items()
+        ]
+        for start in range(0, len(rows), _EVENTS_CHUNK):
+            chunk = rows[start : start + _EVENTS_CHUNK]
+            adding = [key for key, *_ in chunk if not told[key][0]]
+            in_a_row = "excluded.in_a_row"
+            if adding:
+                in_a_row += (
+                    f" + CASE WHEN excluded.email_key IN ({', '.join([marks] * len(adding))}) "
+                    f"THEN {table}.in_a_row ELSE 0 END"
+                )
+            statement = (
+                f"INSERT INTO {table} (email_key, in_a_row, last_reason, updated_at) "
+                f"VALUES {', '.join([f'({marks}, {marks}, {marks}, {marks})'] * len(chunk))} "
+                f"ON CONFLICT (email_key) DO UPDATE SET in_a_row = {in_a_row}, "
+                "last_reason = excluded.last_reason, updated_at = excluded.updated_at "
+                "RETURNING email_key, in_a_row"
             )
-        if n >= limit and last is not None:
+            params = (*(value for row in chunk for value in row), *adding)
+            counts.update({k: int(n) for k, n in conn.exec_driver_sql(statement, params)})
+    else:
+        had: dict[str, int] = {}
+        for start in range(0, len(keys), 500):
+            query = sa.select(soft_bounces.c.email_key, soft_bounces.c.in_a_row).where(
+                soft_bounces.c.email_key.in_(keys[start : start + 500])
+            )
+            had.update({k: int(n) for k, n in conn.execute(query)})
+        for key, (reset, n, last) in told.items():
+            counts[key] = n if reset else had.get(key, 0) + n
+            values = {
+                "in_a_row": counts[key],
+                "last_reason": last.reason if last else None,
+                "updated_at": now,
+            }
+            if key not in had:
+                conn.execute(soft_bounces.insert().values(email_key=key, **values))
+            else:
+                conn.execute(
+                    soft_bounces.update().where(soft_bounces.c.email_key == key).values(**values)
+                )
+    reached: list[tuple[DeliveryEvent, str]] = []
+    for key, (_, _, last) in told.items():
+        if counts[key] >= limit and last is not None:
             reached.append((last, "soft_bounced"))
     return reached
 

@@ -138,6 +138,8 @@ def run_page(request: Request, dag_id: str, run_id: str, user: GetUserDep) -> HT
         },
         history=history,
         not_sent=campaign_runs.not_sent_sample(run, outbox, NOT_SENT_ON_PAGE),
+        not_sent_limit=NOT_SENT_ON_PAGE,
+        action_label=operator_actions.action_label,
         quarantined=_quarantined(run),
         csrf=_csrf_token(request),
         can_edit=_allowed(user, "PUT"),
@@ -173,7 +175,8 @@ def data_docs(dag_id: str, run_id: str, check: str, rel: str) -> Response:
 
 @app.get("/dags/{dag_id}/runs/{run_id}/not-sent.csv", dependencies=[can_edit])
 def not_sent_csv(dag_id: str, run_id: str, user: GetUserDep) -> StreamingResponse:
-    """Who did not get the message and why, addresses in full: edit permission only."""
+    """Who did not get the message and why, addresses in full: edit permission only. Those the
+    provider bounced or dropped after accepting their request come last, with its reason."""
     run = _run(dag_id, run_id)
     outbox = shared_outbox()
     log.info("console: %s downloads the not-sent list of %s", user.get_name(), run.run_key)

@@ -3,6 +3,7 @@
 "use strict";
 
 const STATES = ["staged", "sending", "sent", "failed", "unknown", "halted"];
+const OUTCOMES = ["delivered", "bounced", "dropped", "complained", "unsubscribed"];
 const fmt = (n) => Number(n).toLocaleString("en-US");
 
 function duration(seconds) {
@@ -52,7 +53,43 @@ function render(p) {
   for (const [loc, part] of Object.entries(p.locales)) {
     fillRow(document.querySelector(`[data-table=locales] [data-row="${loc}"]`), part, "recipients");
   }
+  renderFeedback(p.delivery_feedback);
   field("refreshing").textContent = p.settled ? "" : "· refreshing every 2 s";
+}
+
+// "After the provider accepted it": one row per locale, then the total; a locale that was not
+// on the page yet gets its row (built with textContent only).
+function renderFeedback(fb) {
+  const table = document.querySelector("[data-table=feedback]");
+  if (!table || !fb) return;
+  const body = table.querySelector("tbody");
+  for (const [loc, counts] of Object.entries(fb.per_locale)) {
+    let row = [...body.rows].find((r) => r.dataset.row === loc);
+    if (!row) {
+      row = body.insertRow();
+      row.dataset.row = loc;
+      const head = document.createElement("th");
+      head.textContent = loc;
+      row.appendChild(head);
+      for (const outcome of OUTCOMES) {
+        const cell = row.insertCell();
+        cell.className = "num";
+        cell.dataset.outcome = outcome;
+      }
+    }
+    fillOutcomes(row, counts);
+  }
+  fillOutcomes(table.querySelector("tfoot [data-row=total]"), fb.total);
+  const empty = field("feedback-empty");
+  if (empty) empty.hidden = OUTCOMES.some((o) => fb.total[o] > 0);
+}
+
+function fillOutcomes(row, counts) {
+  if (!row) return;
+  for (const cell of row.querySelectorAll("[data-outcome]")) {
+    const value = counts[cell.dataset.outcome];
+    if (value !== undefined) cell.textContent = fmt(value);
+  }
 }
 
 async function refresh(root) {

@@ -1,4 +1,5 @@
-"""What the provider reports after a send, and who an unsubscribe link was for.
+"""What the provider reports after a send, who an unsubscribe link was for, and who took
+someone off the suppression list.
 
 Revision ID: 0007
 Revises: 0006
@@ -8,6 +9,8 @@ Revises: 0006
   address key it was matched to (NULL when it is no recipient's of this outbox), its outcome
   (delivered, bounced, dropped, complained, unsubscribed) and the provider's reason;
 - ``mailroom_soft_bounces``: soft bounces in a row per address key;
+- ``mailroom_suppression_removals``: who took someone off the suppression list, when, why, and
+  the reason and source the record had;
 - indexes: recipients by user id (a one-click unsubscribe names the user), batches by message id
   (an event without the run's custom args names its request's ``X-Message-Id``).
 """
@@ -56,6 +59,21 @@ def upgrade() -> None:
         sa.Column("last_reason", sa.Text),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
     )
+    op.create_table(
+        "mailroom_suppression_removals",
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("email_key", sa.String(320), nullable=False),
+        sa.Column("reason", sa.String(64), nullable=False),
+        sa.Column("source", sa.String(64), nullable=False),
+        sa.Column("removed_by", sa.String(250), nullable=False),
+        sa.Column("why", sa.Text, nullable=False),
+        sa.Column("removed_at", sa.DateTime(timezone=True), nullable=False),
+    )
+    op.create_index(
+        "ix_mailroom_suppression_removals_email",
+        "mailroom_suppression_removals",
+        ["email_key", "id"],
+    )
     op.create_index("ix_mailroom_recipients_user", "mailroom_recipients", ["user_id", "run_key"])
     op.create_index("ix_mailroom_batches_message_id", "mailroom_batches", ["message_id"])
 
@@ -63,5 +81,6 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_index("ix_mailroom_batches_message_id", table_name="mailroom_batches")
     op.drop_index("ix_mailroom_recipients_user", table_name="mailroom_recipients")
+    op.drop_table("mailroom_suppression_removals")
     op.drop_table("mailroom_soft_bounces")
     op.drop_table("mailroom_delivery_events")
