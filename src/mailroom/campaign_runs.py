@@ -342,7 +342,7 @@ def _provider_sample(outbox: Outbox, run_key: str, limit: int) -> list[dict[str,
             "state": row["state"],
             "last_error": mask_addresses(feedback_report.reason_text(row["reason"])),
         }
-        for row in feedback_report.not_delivered(outbox, run_key, limit=limit)
+        for row in outbox.not_delivered(run_key, limit=limit)
     ]
 
 

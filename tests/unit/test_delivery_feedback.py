@@ -139,7 +139,7 @@ def test_reconcile_reports_what_the_provider_said_apart_from_the_equation(
     ]
     assert result["not_sent_rows"] == 4
     # The same as the outbox's own reading of the events.
-    assert outbox.provider_outcomes(RUN_KEY) == {
+    assert {r["email_key"]: (r["state"], r["reason"]) for r in outbox.not_delivered(RUN_KEY)} == {
         "bob@example.com": ("bounced", USER_UNKNOWN),
         "cem@example.com": ("dropped", "Bounced Address"),
     }
@@ -214,6 +214,11 @@ def test_refresh_writes_the_feedback_as_it_is_now_beside_the_report_never_over_i
         ["u-fay", "fay@example.com", "bounced", "550 gone"],
     ]
     assert on_disk["not_sent_rows"] == 3
+    # The request left unknown is settled from the events, and the file says so.
+    [settled] = on_disk["settled_by_events"]
+    assert (settled["requests"], settled["recipients"]) == (["en-2"], 2)
+    assert "accepted 1 request(s)" in settled["reason"]
+    assert " unknown 0 " in f" {on_disk['equation']} "
     # report.json and not_sent.csv are written once: untouched.
     assert {name: (root / name).read_bytes() for name in first} == first
     # Nothing else is left in the folder (no temporary file).
@@ -345,14 +350,12 @@ def test_the_feedback_and_the_bounced_and_dropped_read_the_same_on_postgresql(
         }
         listed = [
             (r["user_id"], r["batch_id"], r["state"], r["reason"])
-            for r in feedback_report.not_delivered(box, run_key)
+            for r in box.not_delivered(run_key)
         ]
         assert listed == [
             ("u-bob", "en-0", "bounced", "550 two"),
             ("u-cem", "de-1", "dropped", "Bounced Address"),
         ]
-        assert [r["user_id"] for r in feedback_report.not_delivered(box, run_key, limit=1)] == [
-            "u-bob"
-        ]
+        assert [r["user_id"] for r in box.not_delivered(run_key, limit=1)] == ["u-bob"]
     finally:
         box.dispose()

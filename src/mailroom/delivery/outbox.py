@@ -1664,23 +1664,54 @@ class Outbox:
             feedback.setdefault(str(locale), dict.fromkeys(OUTCOMES, 0))[str(outcome)] = int(n)
         return {locale: feedback[locale] for locale in sorted(feedback)}
 
-    def provider_outcomes(self, run_key: str) -> dict[str, tuple[str, str | None]]:
-        """address key → (outcome, the provider's reason) of the run's recipients the provider
-        bounced or dropped (their latest such event): they did not get the message."""
+    def not_delivered(self, run_key: str, *, limit: int | None = None) -> Iterator[dict[str, Any]]:
+        """The run's recipients the provider bounced or dropped after accepting their request,
+        in request order: ``user_id``, ``email_key``, ``batch_id``, ``state`` (``bounced`` or
+        ``dropped``: the outcome of their latest such event) and the provider's ``reason`` (or
+        None). Only recipients the outbox holds as ``sent``: anyone else is listed by their own
+        state already (``not_sent``)."""
+        ev = delivery_events
+        latest = (
+            sa.select(
+                ev.c.email_key,
+                ev.c.outcome,
+                ev.c.reason,
+                sa.func.row_number()
+                .over(
+                    partition_by=ev.c.email_key,
+                    order_by=(ev.c.occurred_at.desc(), ev.c.event_id.desc()),
+                )
+                .label("n"),
+            )
+            .where(ev.c.run_key == run_key, ev.c.outcome.in_(NOT_DELIVERED))
+            .subquery()
+        )
+        state = sa.func.coalesce(recipients.c.state, batches.c.state)
         query = (
             sa.select(
-                delivery_events.c.email_key,
-                delivery_events.c.outcome,
-                delivery_events.c.reason,
+                recipients.c.user_id,
+                recipients.c.email_key,
+                batches.c.batch_id,
+                latest.c.outcome.label("state"),
+                latest.c.reason,
             )
-            .where(
-                delivery_events.c.run_key == run_key,
-                delivery_events.c.outcome.in_(["bounced", "dropped"]),
+            .select_from(
+                latest.join(
+                    recipients,
+                    sa.and_(
+                        recipients.c.run_key == run_key,
+                        recipients.c.email_key == latest.c.email_key,
+                    ),
+                ).join(batches, _same_batch())
             )
-            .order_by(delivery_events.c.occurred_at, delivery_events.c.event_id)
+            .where(latest.c.n == 1, state == BatchState.SENT)
+            .order_by(batches.c.batch_index, recipients.c.email_key)
         )
+        if limit is not None:
+            query = query.limit(limit)
         with self.engine.connect() as conn:
-            return {str(k): (str(o), r) for k, o, r in conn.execute(query)}
+            for row in conn.execute(query):
+                yield dict(row._mapping)
 
     def unsubscribed_address(self, campaign: str, user_id: str) -> str | None:
         """The address key the campaign's newest run to stage ``user_id`` sent to (the mailbox
@@ -1923,6 +1954,8 @@ def _event_of_batch() -> Any:
     )
 
 
+# The outcomes after which the recipient did not get the message (``not_delivered``).
+NOT_DELIVERED = ("bounced", "dropped")
 # Where a one-click unsubscribe came from, as the suppression list and the events record it.
 ONE_CLICK = "one_click"
 

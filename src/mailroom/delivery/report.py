@@ -39,7 +39,7 @@ import pandas as pd
 from mailroom import earlier_runs
 from mailroom.batches import Manifest, load_manifest
 from mailroom.delivery import feedback_report
-from mailroom.delivery.outbox import FINAL_STATES, BatchState, Outbox
+from mailroom.delivery.outbox import FINAL_STATES, Action, BatchState, Outbox
 from mailroom.earlier_runs import ALREADY_SENT, REASONS, UNKNOWN_EARLIER
 from mailroom.errors import MailroomError
 from mailroom.staging import RunStaging, json_bytes, read_json
@@ -225,7 +225,7 @@ def not_sent_rows(
         for item in outbox.not_sent(run_key):
             reason = item["last_error"] or _default_reason(item["state"], approval)
             yield [item["user_id"], item["email_key"], item["state"], reason]
-        for item in feedback_report.not_delivered(outbox, run_key):
+        for item in outbox.not_delivered(run_key):
             reason = feedback_report.reason_text(item["reason"])
             yield [item["user_id"], item["email_key"], item["state"], reason]
 
@@ -295,6 +295,14 @@ def refresh_delivery_feedback(
         "refreshed_at": (now or datetime.now(UTC)).isoformat(),
         "run": run_key,
     }
+    if staged and manifest is not None:
+        # The requests SendGrid's events settled after the report: the equation moved.
+        feedback["equation"] = equation(outbox.counts(run_key), manifest.recipients)
+        feedback["settled_by_events"] = [
+            {k: entry[k] for k in ("at", "requests", "recipients", "reason")}
+            for entry in outbox.actions(run_key)
+            if entry["action"] == Action.SETTLE_BY_EVENTS.value
+        ]
     with _replacing(run_root / FEEDBACK_FILE) as fh:
         fh.write(json_bytes(feedback))
     return feedback

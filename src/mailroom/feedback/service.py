@@ -100,7 +100,8 @@ def create_app(settings: FeedbackSettings, outbox: Outbox | None = None) -> Star
         campaign, _ = found
         return _page(
             "Unsubscribe",
-            f"<p>Stop receiving <b>{html.escape(campaign)}</b> emails?</p>"
+            "<p>Stop receiving our emails? This link came with "
+            f"<b>{html.escape(campaign)}</b>; unsubscribing stops every campaign.</p>"
             '<form method="post"><input type="hidden" name="List-Unsubscribe" '
             'value="One-Click"><button type="submit">Unsubscribe</button></form>',
         )
@@ -121,7 +122,7 @@ def create_app(settings: FeedbackSettings, outbox: Outbox | None = None) -> Star
         log.info("one-click unsubscribe from %s", run_key)
         return _page(
             "Unsubscribed",
-            "<p>You are unsubscribed. You will not get these emails any more.</p>",
+            "<p>You are unsubscribed. You will not get our campaign emails any more.</p>",
         )
 
     async def sendgrid_events(request: Request) -> Response:
