@@ -227,7 +227,7 @@ def _delivery_feedback(outbox: Outbox, run_key: str, run_root: Path | None) -> i
             return 1
     print(
         f"after the provider accepted it ({feedback['provider']}'s events; separate from the "
-        "equation above: these recipients count as sent):"
+        "equation above: these recipients count as sent; unsubscribed includes one-click):"
     )
     if feedback["per_locale"] or any(feedback["total"].values()):
         for line in feedback_report.table(feedback):
