@@ -28,6 +28,19 @@ API_KEY = "SG.bench-key"
 
 
 # --- the campaign without a rate limit -----------------------------------------------------------
+def stop_group(process: subprocess.Popen[Any], timeout: float = 30) -> None:
+    """SIGTERM a process started in a session of its own and its group; SIGKILL what is left
+    after ``timeout`` seconds."""
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
 def unlimited_spec(text: str) -> str:
     """The campaign YAML with its campaign-wide ``rate`` removed, so a send measures the pipeline
     and the server instead of the pacing (everything else unchanged)."""
@@ -101,14 +114,8 @@ class DevServer:
         return result
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        if self.process is not None:
+            stop_group(self.process)
 
     def __enter__(self) -> DevServer:
         return self.start()

@@ -112,11 +112,10 @@ def create_app(settings: FeedbackSettings, outbox: Outbox | None = None) -> Star
         except (_TooLarge, ClientDisconnect):
             return _page("Unsubscribe", "<p>That request was too large.</p>", status=413)
         token = request.path_params["token"]
-        found = await run_in_threadpool(_recipient, box, keys, token)
-        if found is None:
-            return _refused()
-        campaign, user_id = found
-        run_key = await run_in_threadpool(box.record_unsubscribe, campaign, user_id)
+        verified = _verified(keys, token)
+        # The outbox finds whom the token was made for and records them in one transaction;
+        # None: no run of that campaign staged them.
+        run_key = await run_in_threadpool(box.record_unsubscribe, *verified) if verified else None
         if run_key is None:
             return _refused()
         log.info("one-click unsubscribe from %s", run_key)
@@ -213,12 +212,15 @@ def create_app(settings: FeedbackSettings, outbox: Outbox | None = None) -> Star
 def _recipient(box: Outbox, keys: UnsubscribeKeys, token: str) -> tuple[str, str] | None:
     """(campaign, user id) a token was made for, ``None`` when it does not verify with any key,
     or names a campaign or user this outbox never sent to."""
-    if len(token) > _MAX_TOKEN_CHARS:
-        return None
-    verified = keys.verify(token)
+    verified = _verified(keys, token)
     if verified is None or box.unsubscribed_address(*verified) is None:
         return None
     return verified
+
+
+def _verified(keys: UnsubscribeKeys, token: str) -> tuple[str, str] | None:
+    """(campaign, user id) of a token that verifies with one of ``keys``, else None."""
+    return None if len(token) > _MAX_TOKEN_CHARS else keys.verify(token)
 
 
 def _ping(box: Outbox) -> None:
